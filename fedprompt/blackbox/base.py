@@ -1,0 +1,71 @@
+"""The black-box LLM interface every method talks to: text in, label scores or labels out.
+
+A caller formats its inputs itself (template + prompt + example) and sends them with the candidate label
+strings; the service returns, per input, the log-probability of each candidate continuation, or, in
+"labels-only" mode (what FedDTPT assumes a service gives), only the index of the best one. Every call
+is accounted: requests, queries (inputs scored), tokens, and bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass
+class Usage:
+    """Cumulative cost of calls to a black box (per client, per API key, or per round)."""
+
+    requests: int = 0
+    queries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def add(self, other: "Usage") -> "Usage":
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+        return self
+
+    def minus(self, earlier: "Usage") -> "Usage":
+        """The usage accrued since ``earlier`` (a snapshot taken with ``copy``)."""
+        return Usage(**{k: v - getattr(earlier, k) for k, v in asdict(self).items()})
+
+    def copy(self) -> "Usage":
+        return Usage(**asdict(self))
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class ClassifyResult:
+    """Per input: the predicted candidate index and, unless labels-only, all candidates' log-probs."""
+
+    predictions: list[int]
+    logprobs: np.ndarray | None = None  # (N, C) float32, None in labels-only mode
+    usage: Usage = field(default_factory=Usage)  # the cost of this one call
+
+
+class BlackBoxLM(abc.ABC):
+    """A language model seen only through its predictions. Implementations keep ``usage`` cumulative."""
+
+    def __init__(self) -> None:
+        self.usage = Usage()
+
+    @abc.abstractmethod
+    def classify(self, texts: Sequence[str], labels: Sequence[str], labels_only: bool = False) -> ClassifyResult:
+        """Score each candidate string in ``labels`` as the continuation of each text in ``texts``."""
+
+    def close(self) -> None:  # network clients release connections
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

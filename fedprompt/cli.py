@@ -1,0 +1,115 @@
+"""``fedprompt`` command line: ``fedprompt <command> [key=value ...]`` (Hydra-style overrides).
+
+Commands: ``eval`` (manual or zero-shot prompt on a split). Bad input is reported in one line, before
+any model is loaded; the last line of a successful command is one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedprompt.config import compose, group_options, validate_common
+from fedprompt.errors import ConfigError, FedPromptError
+
+USAGE = """usage: fedprompt <command> [key=value ...]
+
+commands:
+  eval    evaluate the task's manual prompt (or prompt="...", or prompt="" for zero-shot) on a split
+
+examples:
+  fedprompt eval task=sst2 split=test
+  fedprompt eval task=trec split=validation limit=200 prompt="Classify the question."
+  fedprompt eval task=mytask data_dir=/path/to/folders model=HuggingFaceTB/SmolLM2-360M-Instruct
+
+data: data_dir=<folder with one sub-folder per task>, else $FEDPROMPT_DATA_DIR, else the HF hub.
+"""
+
+
+def output_dir(cfg: DictConfig, command: str) -> Path:
+    if cfg.get("output_dir"):
+        path = Path(str(cfg.output_dir))
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path("outputs") / command / f"{stamp}-{cfg.task.name}-{cfg.get('split', 'run')}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_task_checked(cfg: DictConfig):
+    """The task's data, with an unknown task named as such (not as a missing folder)."""
+    from fedprompt.data import load_task
+
+    try:
+        return load_task(OmegaConf.to_container(cfg.task, resolve=True), cfg.get("data_dir"))
+    except FedPromptError as err:
+        if cfg.task.get("custom"):
+            raise ConfigError(
+                f"unknown task {cfg.task.name!r}: no conf/task/{cfg.task.name}.yaml (known: "
+                f"{', '.join(o for o in group_options('task') if o != 'custom')}) and no usable data folder ({err})"
+            ) from None
+        raise
+
+
+def cmd_eval(cfg: DictConfig) -> dict:
+    from fedprompt.methods.baselines import evaluate_prompt
+    from fedprompt.models import PromptedClassifier, encode_label_words, load_causal_lm, load_tokenizer
+
+    validate_common(cfg)
+    task = load_task_checked(cfg)
+    spec = task.spec.with_chat_format(cfg.model.get("chat_format"))
+    examples = task.split(str(cfg.split))  # reads and validates every row before the model loads
+    if cfg.limit is not None:
+        examples = examples[: int(cfg.limit)]
+    tokenizer = load_tokenizer(str(cfg.model.name))
+    encode_label_words(tokenizer, spec.label_words)  # a label word that tokenizes to nothing: fail now
+    out = output_dir(cfg, "eval")
+    model = load_causal_lm(str(cfg.model.name), cfg.model.get("device"), cfg.model.get("dtype"))
+    classifier = PromptedClassifier(model, tokenizer, spec, batch_size=int(cfg.batch_size))
+    prompt = None if cfg.prompt is None else str(cfg.prompt)
+    result = evaluate_prompt(classifier, examples, prompt, bool(cfg.calibrate), bool(cfg.progress))
+    record = {
+        **result.to_dict(),
+        "task": spec.name,
+        "split": str(cfg.split),
+        "model": str(cfg.model.name),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": str(next(model.parameters()).device),
+        "prompt": spec.manual_prompt if prompt is None else prompt,
+        "data": task.source,
+        "output_dir": str(out),
+    }
+    (out / "result.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    return record
+
+
+COMMANDS: dict[str, Callable[[DictConfig], dict]] = {"eval": cmd_eval}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, overrides = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"fedprompt: unknown command {command!r}; choose one of {sorted(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        cfg = compose(overrides)
+        record = COMMANDS[command](cfg)
+    except FedPromptError as err:
+        print(f"fedprompt {command}: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

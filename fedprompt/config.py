@@ -1,0 +1,75 @@
+"""Compose the Hydra config (``conf/``) from command-line overrides, and validate it up front.
+
+``model=<name>`` and ``task=<name>`` accept more than the files in ``conf/``: a model that has no
+config file is treated as a Hugging Face id or local folder (``conf/model/hf.yaml``), a task that has
+none as a folder in the shared format under the data folder (``conf/task/custom.yaml``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedprompt.errors import ConfigError
+
+CONF_ENV = "FEDPROMPT_CONF_DIR"
+
+
+def conf_dir() -> Path:
+    """``$FEDPROMPT_CONF_DIR``, else the ``conf/`` folder beside the package (the repository's)."""
+    path = Path(os.environ.get(CONF_ENV) or Path(__file__).resolve().parents[1] / "conf")
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"no config.yaml in {path}; set {CONF_ENV} to fedprompt's conf/ folder")
+    return path
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def _rewrite(overrides: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key == "model" and value not in group_options("model"):
+            out += ["model=hf", f"model.name={value}"]
+        elif sep and key == "task" and value not in group_options("task"):
+            out += ["task=custom", f"task.name={value}"]
+        else:
+            out.append(item)
+    return out
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """The composed config for ``overrides`` (Hydra syntax), with unknown keys reported clearly."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            cfg = hydra_compose(config_name=config_name, overrides=_rewrite(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"bad override in {list(overrides)}: {err}") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing required config values: {missing}; set them as key=value")
+    return cfg
+
+
+def validate_common(cfg: DictConfig) -> None:
+    """Checks every command shares; cheap, before any model or data is loaded."""
+    from fedprompt.models.registry import check_model_name, resolve_dtype, resolve_device
+
+    check_model_name(str(cfg.model.name))
+    resolve_dtype(cfg.model.get("dtype"), resolve_device(cfg.model.get("device")))
+    if cfg.get("limit") is not None and int(cfg.limit) < 1:
+        raise ConfigError(f"limit must be >= 1 (or null for the whole split), got {cfg.limit}")
+    if int(cfg.get("batch_size", 1)) < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.task.name in (None, "???"):
+        raise ConfigError("no task given; use task=<name>, e.g. task=sst2")

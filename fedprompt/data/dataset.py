@@ -1,0 +1,60 @@
+"""``load_task``: a task's spec and its splits, from a local folder or the hub, validated up front."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedprompt.data.loading import SPLITS, load_hub_split, read_jsonl_split, read_meta, resolve_task_dir
+from fedprompt.data.task import Example, TaskSpec, task_from_config
+from fedprompt.errors import DataError
+
+
+@dataclass
+class TaskData:
+    """A task's :class:`TaskSpec` and lazily read, cached splits."""
+
+    spec: TaskSpec
+    folder: Path | None
+    task_cfg: Mapping[str, Any]
+    _cache: dict[str, list[Example]] = field(default_factory=dict, repr=False)
+
+    @property
+    def source(self) -> str:
+        return str(self.folder) if self.folder else f"hf:{(self.task_cfg.get('hf') or {}).get('path')}"
+
+    def split(self, name: str) -> list[Example]:
+        if name not in SPLITS:
+            raise DataError(f"unknown split {name!r}; choose one of {list(SPLITS)}")
+        if name not in self._cache:
+            if self.folder is not None:
+                rows = read_jsonl_split(self.folder / f"{name}.jsonl", self.spec.num_labels, self.spec.is_pair)
+            else:
+                rows, _ = load_hub_split(self.task_cfg, name)
+            self._cache[name] = rows
+        return self._cache[name]
+
+
+def load_task(task_cfg: Mapping[str, Any], data_dir: str | os.PathLike | None = None) -> TaskData:
+    """Resolve the task's data source, read its label names, and build its :class:`TaskSpec`.
+
+    Label names come from the folder's meta.json (so any folder in the shared format works without
+    code changes), else from ``task.labels``, else from the hub dataset's features.
+    """
+    folder = resolve_task_dir(task_cfg, data_dir)
+    labels: list[str] | None
+    if folder is not None:
+        labels = read_meta(folder)["labels"]
+    elif task_cfg.get("labels"):
+        labels = list(task_cfg["labels"])
+    else:
+        _, labels = load_hub_split(task_cfg, "train")
+    cfg_labels = task_cfg.get("labels")
+    if folder is not None and cfg_labels and list(cfg_labels) != list(labels):
+        raise DataError(
+            f"task {task_cfg['name']!r}: task.labels {list(cfg_labels)} differ from {folder}/meta.json "
+            f"{labels}; remove task.labels or fix meta.json"
+        )
+    return TaskData(spec=task_from_config(task_cfg, labels), folder=folder, task_cfg=task_cfg)

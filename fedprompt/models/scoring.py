@@ -1,0 +1,115 @@
+"""Label-word scoring for causal LMs: log p(label word | formatted input), batched with left padding.
+
+A label word may span several tokens; its score is the sum of its tokens' log-probabilities, each
+conditioned on the input and the label's earlier tokens. When every label word is a single token, one
+forward pass per batch scores all labels at once (the common case); otherwise each (input, label) pair
+is one row. Inputs are sorted by length so that batches carry little padding.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from fedprompt.errors import ConfigError
+
+
+def encode_label_words(tokenizer, label_words: Sequence[str]) -> list[list[int]]:
+    """Token ids of each label word (no special tokens); raises if one is empty or two coincide."""
+    ids = [tokenizer(word, add_special_tokens=False)["input_ids"] for word in label_words]
+    for word, toks in zip(label_words, ids):
+        if not toks:
+            raise ConfigError(f"label word {word!r} tokenizes to nothing with this model's tokenizer; choose another word")
+    if len({tuple(t) for t in ids}) != len(ids):
+        raise ConfigError(f"two label words tokenize to the same ids: {dict(zip(label_words, ids))}; make them distinct")
+    return ids
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on each row's first real token (left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[np.ndarray]:
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+@torch.no_grad()
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, soft_prompt=None) -> torch.Tensor:
+    """Logits of a left-padded batch, with an optional :class:`SoftPrompt` prepended."""
+    if soft_prompt is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    embeds = model.get_input_embeddings()(input_ids)
+    embeds, attention_mask = soft_prompt(embeds, attention_mask)
+    return model(inputs_embeds=embeds, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+
+
+def score_label_words(
+    model,
+    tokenizer,
+    inputs: Sequence[str],
+    label_words: Sequence[str],
+    batch_size: int = 16,
+    soft_prompt=None,
+    progress=None,
+) -> np.ndarray:
+    """``(len(inputs), len(label_words))`` array of log p(label word | input) (float32)."""
+    label_ids = encode_label_words(tokenizer, label_words)
+    encoded = tokenizer(list(inputs), add_special_tokens=True)["input_ids"]
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores = np.zeros((len(inputs), len(label_words)), dtype=np.float32)
+    single = all(len(t) == 1 for t in label_ids)
+
+    if single:
+        first = torch.tensor([t[0] for t in label_ids], device=device)
+        for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
+            ids, mask = _left_pad([encoded[i] for i in idx], pad_id, device)
+            logits = forward_logits(model, ids, mask, soft_prompt)[:, -1, :].float()
+            scores[idx] = torch.log_softmax(logits, dim=-1)[:, first].cpu().numpy()
+            if progress is not None:
+                progress(len(idx))
+        return scores
+
+    # Multi-token label words: one row per (input, label); right-aligned so label tokens sit at the end.
+    rows = [(i, c) for i in range(len(inputs)) for c in range(len(label_ids))]
+    seqs = [encoded[i] + label_ids[c] for i, c in rows]
+    for idx in length_sorted_batches([len(s) for s in seqs], batch_size):
+        ids, mask = _left_pad([seqs[r] for r in idx], pad_id, device)
+        logprobs = torch.log_softmax(forward_logits(model, ids, mask, soft_prompt).float(), dim=-1)
+        for b, r in enumerate(idx):
+            i, c = rows[r]
+            m = len(label_ids[c])
+            targets = torch.tensor(label_ids[c], device=device)
+            # logits at position t predict token t+1: the m label tokens are predicted by positions [-m-1, -1).
+            scores[i, c] = logprobs[b, -m - 1 : -1, :].gather(-1, targets[:, None]).sum().item()
+        if progress is not None:
+            progress(len(idx) / len(label_ids))  # in inputs, so one bar fits both paths
+    return scores
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def calibrate_mean(log_scores: np.ndarray) -> np.ndarray:
+    """Mean calibration: divide each label's probability by its mean over the inputs, renormalise.
+
+    Cancels the model's prior preference for some label words (Zhao et al. 2021, contextual
+    calibration with the evaluated inputs standing in for the content-free input).
+    """
+    logp = log_scores - np.logaddexp.reduce(log_scores, axis=1, keepdims=True)
+    mean_p = np.exp(logp).mean(axis=0, keepdims=True)
+    return logp - np.log(np.clip(mean_p, 1e-12, None))

@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny randomly initialised Llama with its own small tokenizer (no download), tiny
+task folders in the shared format, and the path of the shared data for the end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(os.environ.get("FEDPROMPT_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+CORPUS = [
+    "a great movie with a wonderful cast", "a terrible film , boring and too long", "positive negative neutral",
+    "what is the capital of france ?", "who wrote hamlet ?", "how many legs does a spider have ?",
+    "stocks fell as oil prices rose", "the team won the championship game", "new phone released today",
+    "Review: Sentiment: Answer: Question: Topic: Premise: Hypothesis: yes no", "<|im_start|>user assistant",
+]
+
+
+def make_tiny_model(folder: Path, vocab_size: int = 300) -> Path:
+    """Write a tiny Llama (2 layers, hidden 32) and a byte-level BPE tokenizer trained on CORPUS."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def write_task(root: Path, name: str, rows: dict[str, list[dict]], labels: list[str]) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "meta.json").write_text(json.dumps({"task": name, "labels": labels}))
+    for split, split_rows in rows.items():
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
+    return folder
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    """A data folder with a 2-label task 'toy' (12 rows a split) and a pair task 'toypair'."""
+    words = ["a great movie", "a terrible film", "wonderful cast", "boring and too long"]
+    rows = [{"text": words[i % 4] + f" {i}", "label": (i % 4) % 2} for i in range(12)]
+    write_task(tmp_path, "toy", {s: rows for s in ("train", "validation", "test")}, ["negative", "positive"])
+    pairs = [{"text": f"premise {i}", "text_pair": f"hypothesis {i}", "label": i % 2} for i in range(8)]
+    write_task(tmp_path, "toypair", {s: pairs for s in ("train", "validation", "test")}, ["yes", "no"])
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Tests never write to the user's cache except the embedded model's copy, which they share.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
