@@ -1,0 +1,125 @@
+"""Data layer: task folders, validation errors, k-shot sampling, partitioning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedprompt.data import Example, load_task, partition_examples, sample_k_shot, task_from_config
+from fedprompt.errors import ConfigError, DataError
+
+TOY = {"name": "toy", "template": "{prompt}\n\nText: {text}", "manual_prompt": "Label it."}
+
+
+def test_any_folder_works_with_labels_from_meta(tiny_data):
+    task = load_task(TOY, tiny_data)
+    assert task.spec.labels == ("negative", "positive")
+    assert task.spec.label_words == (" negative", " positive")  # default verbalizer: the label names
+    rows = task.split("train")
+    assert len(rows) == 12 and {r.label for r in rows} == {0, 1}
+
+
+def test_data_dir_from_environment(tiny_data, monkeypatch):
+    monkeypatch.setenv("FEDPROMPT_DATA_DIR", str(tiny_data))
+    assert load_task(TOY).folder == tiny_data / "toy"
+
+
+def test_missing_data_folder_names_the_fix(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*data_dir"):
+        load_task(TOY, tmp_path / "nowhere")
+    with pytest.raises(DataError, match="task folder"):
+        load_task({**TOY, "name": "absent"}, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"text": "ok", "label": 0', "malformed JSON"),
+        ('{"text": 3, "label": 0}', "'text' must be a string"),
+        ('{"text": "ok", "label": "1"}', "'label' must be an integer"),
+        ('{"text": "ok", "label": 7}', "out of range"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_malformed_row_reports_file_and_line(tiny_data, line, message):
+    path = tiny_data / "toy" / "test.jsonl"
+    path.write_text('{"text": "fine", "label": 1}\n' + line + "\n")
+    task = load_task(TOY, tiny_data)
+    with pytest.raises(DataError, match=rf"test\.jsonl:2: .*{message}"):
+        task.split("test")
+
+
+def test_pair_task_needs_text_pair(tiny_data):
+    cfg = {"name": "toypair", "template": "{prompt} {text} || {text_pair}", "is_pair": True}
+    task = load_task(cfg, tiny_data)
+    ex = task.split("train")[0]
+    assert task.spec.format(ex, "P") == "P premise 0 || hypothesis 0\nAnswer:"
+    (tiny_data / "toypair" / "test.jsonl").write_text('{"text": "p", "label": 0}\n')
+    with pytest.raises(DataError, match="pair task"):
+        task.split("test")
+
+
+def test_template_and_label_word_validation():
+    base = {"name": "t", "template": "{prompt} {text}", "manual_prompt": "x"}
+    with pytest.raises(ConfigError, match="unknown fields"):
+        task_from_config({**base, "template": "{text} {oops}"}, ["a", "b"])
+    with pytest.raises(ConfigError, match="empty"):
+        task_from_config({**base, "label_words": [" a", " "]}, ["a", "b"])
+    with pytest.raises(ConfigError, match="one label word per label"):
+        task_from_config({**base, "label_words": [" a"]}, ["a", "b"])
+    with pytest.raises(ConfigError, match="chat_format"):
+        task_from_config(base, ["a", "b"]).with_chat_format("{user} only")
+    spec = task_from_config(base, ["a", "b"]).with_chat_format("<u>{user}</u>{answer}")
+    assert spec.format(Example("hi", 0), "P") == "<u>P hi</u>Answer:"
+
+
+def test_meta_labels_must_be_a_list(tiny_data):
+    (tiny_data / "toy" / "meta.json").write_text(json.dumps({"labels": "neg,pos"}))
+    with pytest.raises(DataError, match="'labels' must be a list"):
+        load_task(TOY, tiny_data)
+
+
+def _examples(n_per_class=(30, 20, 10)):
+    return [Example(f"{c}-{i}", c) for c, n in enumerate(n_per_class) for i in range(n)]
+
+
+def test_k_shot_is_seeded_and_balanced():
+    rows = _examples()
+    a, b = sample_k_shot(rows, 4, 3, seed=1), sample_k_shot(rows, 4, 3, seed=1)
+    assert a == b and len(a) == 12
+    assert sorted(e.label for e in a) == [0] * 4 + [1] * 4 + [2] * 4
+    assert sample_k_shot(rows, 4, 3, seed=2) != a
+    with pytest.raises(DataError, match=r"larger than .* classes \{2: 10\}"):
+        sample_k_shot(rows, 11, 3)
+
+
+@pytest.mark.parametrize("scheme, kwargs", [("iid", {}), ("dirichlet", {"alpha": 0.3}), ("pathological", {"classes_per_client": 1})])
+def test_partition_covers_every_example_once(scheme, kwargs):
+    rows = _examples()
+    part = partition_examples(rows, 4, 3, scheme, seed=0, **kwargs)
+    flat = [e for client in part.clients for e in client]
+    assert sorted(e.text for e in flat) == sorted(e.text for e in rows)
+    assert [sum(h) for h in part.histograms] == [len(c) for c in part.clients]
+    again = partition_examples(rows, 4, 3, scheme, seed=0, **kwargs)
+    assert again.clients == part.clients
+    if scheme == "pathological":
+        assert all(sum(1 for n in h if n) <= 1 for h in part.histograms)
+
+
+def test_dirichlet_alpha_controls_skew():
+    rows = _examples((200, 200, 200))
+    skew = lambda p: sum(max(h) / max(1, sum(h)) for h in p.histograms) / len(p.histograms)  # noqa: E731
+    assert skew(partition_examples(rows, 5, 3, "dirichlet", alpha=0.05, seed=0)) > skew(
+        partition_examples(rows, 5, 3, "dirichlet", alpha=100, seed=0)
+    )
+
+
+def test_partition_bad_input():
+    rows = _examples((3, 3, 3))
+    with pytest.raises(ConfigError, match="alpha must be > 0"):
+        partition_examples(rows, 2, 3, "dirichlet", alpha=0)
+    with pytest.raises(ConfigError, match="10 clients but only 9"):
+        partition_examples(rows, 10, 3, "iid")
+    with pytest.raises(ConfigError, match="unknown partition scheme"):
+        partition_examples(rows, 2, 3, "random")
