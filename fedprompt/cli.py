@@ -21,11 +21,15 @@ USAGE = """usage: fedprompt <command> [key=value ...]
 
 commands:
   eval    evaluate the task's manual prompt (or prompt="...", or prompt="" for zero-shot) on a split
+  serve   serve model= as a black-box LLM API (OpenAI-compatible + /v1/classify), see docs/blackbox.md
+  run     a federated simulation (Flower, Ray backend, via `flwr run`): method=feddtpt, N clients, R rounds
 
 examples:
   fedprompt eval task=sst2 split=test
   fedprompt eval task=trec split=validation limit=200 prompt="Classify the question."
   fedprompt eval task=mytask data_dir=/path/to/folders model=HuggingFaceTB/SmolLM2-360M-Instruct
+  fedprompt serve model=smollm2-135m host=127.0.0.1 port=8000 service.api_keys_file=keys.txt
+  fedprompt run method=feddtpt task=sst2 federation.num_clients=10 federation.rounds=3 partition=dirichlet partition.alpha=1.0
 
 data: data_dir=<folder with one sub-folder per task>, else $FEDPROMPT_DATA_DIR, else the HF hub.
 """
@@ -89,7 +93,19 @@ def cmd_eval(cfg: DictConfig) -> dict:
     return record
 
 
-COMMANDS: dict[str, Callable[[DictConfig], dict]] = {"eval": cmd_eval}
+def cmd_serve(cfg: DictConfig) -> dict:
+    from fedprompt.blackbox.cli_serve import cmd_serve as serve  # lazy: fastapi/uvicorn only when serving
+
+    return serve(cfg)
+
+
+def cmd_run(cfg: DictConfig) -> dict:
+    from fedprompt.fl.run import cmd_run as run  # lazy: Flower and Ray only when simulating
+
+    return run(cfg)
+
+
+COMMANDS: dict[str, Callable[[DictConfig], dict]] = {"eval": cmd_eval, "serve": cmd_serve, "run": cmd_run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,6 +49,8 @@ class ClassifyResult:
     predictions: list[int]
     logprobs: np.ndarray | None = None  # (N, C) float32, None in labels-only mode
     usage: Usage = field(default_factory=Usage)  # the cost of this one call
+    # (N, C) bool where a log-prob is only an upper bound (a label outside an OpenAI server's top-k); else None
+    floored: np.ndarray | None = None
 
 
 class BlackBoxLM(abc.ABC):

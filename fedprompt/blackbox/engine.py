@@ -1,0 +1,295 @@
+"""The model side of the black box: request checks against the limits, label scoring, next-token
+log-probs and greedy generation.
+
+The server (behind its dynamic batcher) and the in-process client both call this class, and label scores
+come from :func:`fedprompt.models.scoring.score_label_words`, so every client sees the same numbers up to
+float rounding from different batch compositions. ``plan_*`` methods only tokenize: they reject a bad
+request before any forward pass.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from fedprompt.blackbox.errors import PayloadTooLarge, ValidationFailed
+from fedprompt.blackbox.protocol import check_strings
+from fedprompt.blackbox.settings import Limits
+from fedprompt.errors import ConfigError
+from fedprompt.models.scoring import encode_label_words, forward_logits, length_sorted_batches, score_label_words
+
+# JSON has no -inf; a log-prob this low means "impossible" and survives the round trip exactly.
+LOGPROB_FLOOR = float(np.finfo(np.float32).min)
+
+
+class LRUCache:
+    """Thread-safe least-recently-used map; ``size`` 0 keeps nothing."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self._data, self._lock = size, OrderedDict(), threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                self.hits += 1
+                return self._data[key]
+            self.misses += 1
+            return None
+
+    def put(self, key, value) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+
+@dataclass
+class ClassifyPlan:
+    texts: list[str]
+    labels: tuple[str, ...]
+    text_tokens: list[int]
+    prompt_tokens: int  # tokens the model reads: each text once, plus each (text, label) row for multi-token labels
+
+
+@dataclass
+class PromptPlan:
+    text: str
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+
+
+@dataclass
+class CompletionJob:
+    prompts: list[PromptPlan]
+    max_tokens: int
+    top_k: int = 0
+    echo: bool = False
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Completion:
+    """One prompt's answer. ``top`` lists hold (token id, log-prob) pairs, best first."""
+
+    text: str = ""
+    gen_ids: list[int] = field(default_factory=list)
+    gen_logprobs: list[float] = field(default_factory=list)
+    gen_top: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[float | None] | None = None  # echo: per prompt token, None for the first
+    prompt_top: list[list[tuple[int, float]] | None] | None = None
+    finish_reason: str = "length"
+
+
+class ScoringEngine:
+    """A causal LM and its tokenizer, guarded by one lock: one forward pass at a time."""
+
+    def __init__(self, model, tokenizer, limits: Limits = Limits(), batch_size: int = 16, cache_size: int = 0,
+                 model_id: str = "model") -> None:
+        self.model, self.tokenizer, self.limits, self.batch_size = model, tokenizer, limits, batch_size
+        self.model_id = model_id
+        self.cache = LRUCache(cache_size)
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+        eos = eos if isinstance(eos, (list, tuple)) else [eos]
+        self.eos_ids = {int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None}
+        self.device = next(model.parameters()).device
+        self._lock = threading.Lock()
+        self._token_text: dict[int, str] = {}
+        self.forward_calls = 0
+        self.texts_scored = 0
+
+    # ---- checks (cheap: tokenization only) -------------------------------------------------------
+
+    def plan_classify(self, texts: Sequence[str], labels: Sequence[str]) -> ClassifyPlan:
+        lim = self.limits
+        if isinstance(texts, str) or isinstance(labels, str):
+            raise ValidationFailed("texts and labels must be lists of strings, not a single string")
+        if not texts:
+            raise ValidationFailed("texts is empty: send at least one text", param="texts")
+        if len(texts) > lim.max_batch:
+            raise PayloadTooLarge(f"{len(texts)} texts in one request; the limit is {lim.max_batch} "
+                                  "(service.limits.max_batch): split the batch", param="texts")
+        if not labels:
+            raise ValidationFailed("labels is empty: send at least one candidate label", param="labels")
+        if len(labels) > lim.max_labels:
+            raise PayloadTooLarge(f"{len(labels)} labels; the limit is {lim.max_labels} (service.limits.max_labels)", param="labels")
+        check_strings(texts, "texts")
+        check_strings(labels, "labels")
+        if len(set(labels)) != len(labels):
+            raise ValidationFailed(f"labels must be distinct, got {list(labels)}", param="labels")
+        try:
+            label_ids = encode_label_words(self.tokenizer, labels)
+        except ConfigError as err:
+            raise ValidationFailed(str(err), param="labels") from None
+        longest_label = max(len(ids) for ids in label_ids)
+        if longest_label > lim.max_label_tokens:
+            raise PayloadTooLarge(f"a label has {longest_label} tokens; the limit is {lim.max_label_tokens} "
+                                  "(service.limits.max_label_tokens)", param="labels")
+        lengths = [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+        self._check_lengths(lengths, "texts", extra=longest_label)
+        if longest_label == 1:
+            tokens = sum(lengths)
+        else:
+            tokens = sum(lengths) * len(labels) + len(texts) * sum(len(ids) for ids in label_ids)
+        if tokens > lim.max_request_tokens:
+            raise PayloadTooLarge(f"the request needs {tokens} tokens of model input; the limit is "
+                                  f"{lim.max_request_tokens} (service.limits.max_request_tokens): send fewer texts")
+        return ClassifyPlan(list(texts), tuple(labels), lengths, tokens)
+
+    def plan_prompts(self, prompts: Sequence[str], max_tokens: int, echo: bool = False) -> list[PromptPlan]:
+        lim = self.limits
+        if not prompts:
+            raise ValidationFailed("prompt is empty: send a string or a non-empty list of strings", param="prompt")
+        if len(prompts) > lim.max_batch:
+            raise PayloadTooLarge(f"{len(prompts)} prompts in one request; the limit is {lim.max_batch} "
+                                  "(service.limits.max_batch)", param="prompt")
+        check_strings(prompts, "prompt")
+        enc = self.tokenizer(list(prompts), add_special_tokens=True, return_offsets_mapping=True)
+        lengths = [len(ids) for ids in enc["input_ids"]]
+        self._check_lengths(lengths, "prompt", extra=max_tokens)
+        total = sum(lengths) + max_tokens * len(prompts)
+        if total > lim.max_request_tokens:
+            raise PayloadTooLarge(f"the request needs up to {total} tokens; the limit is {lim.max_request_tokens} "
+                                  "(service.limits.max_request_tokens)")
+        return [PromptPlan(p, list(ids), [tuple(o) for o in offs])
+                for p, ids, offs in zip(prompts, enc["input_ids"], enc["offset_mapping"])]
+
+    def _check_lengths(self, lengths: list[int], what: str, extra: int) -> None:
+        for i, n in enumerate(lengths):
+            if n == 0:
+                raise ValidationFailed(f"{what}[{i}] is empty after tokenization; send some text", param=what)
+            if n > self.limits.max_prompt_tokens:
+                raise PayloadTooLarge(f"{what}[{i}] has {n} tokens; the limit is {self.limits.max_prompt_tokens} "
+                                      "(service.limits.max_prompt_tokens)", param=what)
+            if self.context_length and n + extra > self.context_length:
+                raise PayloadTooLarge(f"{what}[{i}] has {n} tokens and {extra} more are needed, over this model's "
+                                      f"context of {self.context_length} tokens", param=what)
+
+    # ---- label scoring ----------------------------------------------------------------------------
+
+    def classify(self, texts: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+        """(N, C) float32 log p(label | text); assumes :meth:`plan_classify` accepted the request."""
+        return self.classify_group(tuple(labels), [list(texts)])[0]
+
+    def classify_group(self, labels: tuple[str, ...], text_lists: list[list[str]]) -> list[np.ndarray]:
+        """Score several requests that share their labels in one call; repeated texts are scored once."""
+        rows: dict[str, np.ndarray | None] = {}
+        missing = []
+        for texts in text_lists:
+            for text in texts:
+                if text not in rows:
+                    rows[text] = self.cache.get((labels, text))
+                    if rows[text] is None:
+                        missing.append(text)
+        if missing:
+            with self._lock:
+                scores = score_label_words(self.model, self.tokenizer, missing, labels, batch_size=self.batch_size)
+                self.forward_calls += 1
+                self.texts_scored += len(missing)
+            scores = np.nan_to_num(scores, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR, posinf=0.0).astype(np.float32)
+            for text, row in zip(missing, scores):
+                rows[text] = row
+                self.cache.put((labels, text), row)
+        return [np.stack([rows[t] for t in texts]).astype(np.float32, copy=False) for texts in text_lists]
+
+    # ---- completions ------------------------------------------------------------------------------
+
+    def token_text(self, token_id: int) -> str:
+        if token_id not in self._token_text:
+            self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return self._token_text[token_id]
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt for a chat request: the tokenizer's chat template, else ``role: content`` lines."""
+        if getattr(self.tokenizer, "chat_template", None):
+            try:
+                return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as err:  # jinja raises its own errors for conversations the template rejects
+                raise ValidationFailed(f"this model's chat template rejects these messages: {err}", param="messages") from None
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+    @torch.no_grad()
+    def complete_group(self, jobs: list[CompletionJob]) -> list[list[Completion]]:
+        """Answer completion jobs; prompts that need at most one new token share batched forward passes."""
+        out = [[Completion() for _ in job.prompts] for job in jobs]
+        single = [(j, p) for j, job in enumerate(jobs) if job.max_tokens == 1 or (job.max_tokens == 0 and job.echo)
+                  for p in range(len(job.prompts))]
+        with self._lock:
+            for idx in length_sorted_batches([len(jobs[j].prompts[p].ids) for j, p in single], self.batch_size):
+                rows = [single[i] for i in idx]
+                padded = self.tokenizer.pad({"input_ids": [jobs[j].prompts[p].ids for j, p in rows]}, padding=True,
+                                            return_tensors="pt", padding_side="left")
+                echo = any(jobs[j].echo for j, _ in rows)  # else only the last position is needed
+                logits = forward_logits(self.model, padded["input_ids"].to(self.device),
+                                        padded["attention_mask"].to(self.device), keep_last=None if echo else 1)
+                self.forward_calls += 1
+                for b, (j, p) in enumerate(rows):
+                    job, n = jobs[j], len(jobs[j].prompts[p].ids)
+                    self._fill(out[j][p], job, jobs[j].prompts[p].ids, logits[b, logits.shape[1] - n:].float())
+            for j, job in enumerate(jobs):
+                if job.max_tokens > 1:
+                    for p, plan in enumerate(job.prompts):
+                        out[j][p] = self._generate(job, plan.ids)
+                        self.forward_calls += 1
+        return out
+
+    def _fill(self, comp: Completion, job: CompletionJob, ids: list[int], logits: torch.Tensor) -> None:
+        """Echo log-probs and, if asked for, the first greedy token from one unpadded row of logits."""
+        if job.echo:
+            logprobs = torch.log_softmax(logits[:-1], dim=-1)
+            targets = torch.tensor(ids[1:], device=logprobs.device)
+            picked = logprobs.gather(-1, targets[:, None])[:, 0].tolist() if len(ids) > 1 else []
+            comp.prompt_logprobs = [None] + [max(v, LOGPROB_FLOOR) for v in picked]
+            comp.prompt_top = [None] + [self._top(row, job.top_k) for row in logprobs]
+        if job.max_tokens == 1:
+            self._step(comp, torch.log_softmax(logits[-1], dim=-1), job)
+
+    def _step(self, comp: Completion, logprobs: torch.Tensor, job: CompletionJob) -> bool:
+        """Append the greedy token; False when generation must stop (end of sequence or a stop string)."""
+        token = int(logprobs.argmax())
+        if token in self.eos_ids:
+            comp.finish_reason = "stop"
+            return False
+        comp.gen_ids.append(token)
+        comp.gen_logprobs.append(max(float(logprobs[token]), LOGPROB_FLOOR))
+        comp.gen_top.append(self._top(logprobs, job.top_k))
+        comp.text = self.tokenizer.decode(comp.gen_ids)
+        for stop in job.stop:
+            cut = comp.text.find(stop)
+            if cut >= 0:
+                comp.text, comp.finish_reason = comp.text[:cut], "stop"
+                return False
+        return True
+
+    @staticmethod
+    def _top(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+        if k <= 0:
+            return []
+        values, indices = torch.topk(logprobs, k)
+        return [(int(i), max(float(v), LOGPROB_FLOOR)) for v, i in zip(values.tolist(), indices.tolist())]
+
+    def _generate(self, job: CompletionJob, ids: list[int]) -> Completion:
+        """Greedy decoding of one prompt with a KV cache (no padding, so no position bookkeeping)."""
+        comp = Completion()
+        result = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
+        logits = result.logits[0].float()
+        if job.echo:
+            self._fill(comp, CompletionJob([], 0, job.top_k, True), ids, logits)
+        past, next_logits = result.past_key_values, logits[-1]
+        for step in range(job.max_tokens):
+            if not self._step(comp, torch.log_softmax(next_logits, dim=-1), job) or step == job.max_tokens - 1:
+                break
+            result = self.model(input_ids=torch.tensor([[comp.gen_ids[-1]]], device=self.device),
+                                past_key_values=past, use_cache=True)
+            past, next_logits = result.past_key_values, result.logits[0, -1].float()
+        return comp

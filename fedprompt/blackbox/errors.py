@@ -1,0 +1,130 @@
+"""Errors of the black-box service, shared by the server (as HTTP statuses) and every client (raised).
+
+The in-process client raises the same classes with the same messages as the server sends, so a method
+sees one error whatever transport it uses. Each error carries the HTTP status the server answers with
+and an OpenAI-style ``type``/``code`` for the JSON body.
+"""
+
+from __future__ import annotations
+
+from fedprompt.errors import FedPromptError
+
+
+class BlackBoxError(FedPromptError):
+    """A call to the black box failed; ``status`` is the HTTP status it maps to."""
+
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+    def to_json(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(BlackBoxError):
+    """Malformed JSON (400) or a well-formed request with wrong or unsupported values (422)."""
+
+
+class ValidationFailed(InvalidRequest):
+    status = 422
+
+
+class PayloadTooLarge(InvalidRequest):
+    """A request over a size limit: bytes, texts per request, labels, tokens."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class AuthError(BlackBoxError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(BlackBoxError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFound(BlackBoxError):
+    status = 404
+    type = "not_found_error"
+
+
+class BudgetExhausted(BlackBoxError):
+    """The API key's budget cannot cover the request. 429 with OpenAI's code, and no Retry-After:
+    waiting does not help, so clients must not retry it."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class Overloaded(BlackBoxError):
+    """Too much work queued, or the request ran past the time limit: retry later (Retry-After set)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+
+
+class RequestTimedOut(BlackBoxError):
+    status = 503
+    type = "server_error"
+    code = "timeout"
+
+
+class ServiceUnavailable(BlackBoxError):
+    """Client side: the server could not be reached or kept failing after all retries."""
+
+    status = 503
+    type = "server_error"
+    code = "unavailable"
+
+
+class BadResponse(BlackBoxError):
+    """Client side: the server answered 2xx with a body this client cannot read."""
+
+    status = 502
+    type = "server_error"
+    code = "bad_response"
+
+
+_BY_STATUS = {400: InvalidRequest, 401: AuthError, 403: Forbidden, 404: NotFound, 413: PayloadTooLarge,
+              422: ValidationFailed}
+
+
+def error_from_response(status: int, body: object, retry_after: float | None = None) -> BlackBoxError:
+    """The exception for an error response of this server or any OpenAI-compatible one."""
+    message, code, param = f"HTTP {status}", None, None
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            message = str(err.get("message") or err.get("detail") or message)
+            code, param = err.get("code"), err.get("param")
+        elif isinstance(err, str):  # some servers: {"error": "..."} or {"detail": "..."}
+            message = err
+        elif isinstance(body.get("detail"), str):
+            message = body["detail"]
+    elif isinstance(body, str) and body:
+        message = body[:500]
+    if status == 429:
+        cls = BudgetExhausted if code == "insufficient_quota" or retry_after is None else Overloaded
+    elif status >= 500:
+        cls = ServiceUnavailable
+    else:
+        cls = _BY_STATUS.get(status, InvalidRequest)
+    err = cls(f"{message} (HTTP {status})", param=param, code=str(code) if code is not None else None,
+              retry_after=retry_after)
+    err.status = status
+    return err

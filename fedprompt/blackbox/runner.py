@@ -1,0 +1,57 @@
+"""Run the service app with uvicorn: in the foreground (``fedprompt serve``) or in a background thread
+(tests, benchmarks, notebooks: ``with RunningServer(app) as server: ... server.url``)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import uvicorn
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def uvicorn_config(app, host: str, port: int, log_level: str = "warning") -> uvicorn.Config:
+    # The model runs in the batcher's thread, so one event loop and no workers; lifespan starts that thread.
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False, ws="none")
+
+
+class RunningServer:
+    """uvicorn in a daemon thread; ``port=0`` binds a free port, read it back from ``url``."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        self.server = uvicorn.Server(uvicorn_config(app, host, port, log_level))
+        self.host = host
+        self._thread = threading.Thread(target=self.server.run, name="fedprompt-uvicorn", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> "RunningServer":
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the black-box server did not start (port taken? see the log above)")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> "RunningServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,280 @@
+"""The black-box LLM service: a FastAPI app over a :class:`ScoringEngine` and a :class:`DynamicBatcher`.
+
+Endpoints (docs/blackbox.md has the JSON): ``POST /v1/classify`` (batch label scoring),
+``POST /v1/completions`` and ``POST /v1/chat/completions`` (OpenAI protocol, greedy), ``GET /v1/models``,
+``GET /v1/usage``, ``GET /health``. Every client mistake is answered with a 4xx JSON error
+``{"error": {"message", "type", "param", "code"}}``; a 5xx means a bug or an overloaded server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import sys
+import threading
+import time
+from contextlib import asynccontextmanager
+from concurrent.futures import Future
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fedprompt.blackbox.accounting import Account, Accountant
+from fedprompt.blackbox.base import Usage
+from fedprompt.blackbox.batching import DynamicBatcher
+from fedprompt.blackbox.engine import CompletionJob, ScoringEngine
+from fedprompt.blackbox.errors import BlackBoxError, Forbidden, InvalidRequest, NotFound, PayloadTooLarge, RequestTimedOut
+from fedprompt.blackbox.openai_format import chat_body, completion_body
+from fedprompt.blackbox.protocol import (ChatCompletionRequest, ClassifyRequest, CompletionRequest, check_sampling,
+                                         classify_response, encode_json, parse_request, stop_strings)
+from fedprompt.blackbox.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def rss_mb() -> float | None:
+    try:
+        import psutil  # installed with accelerate
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        return None
+
+
+class BodyLimit:
+    """ASGI middleware: read the body up to ``limit`` bytes, answer 413 past it, and record its size.
+
+    Checking here, before routing, means an oversize upload is refused without being parsed."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = PayloadTooLarge(f"request body over {self.limit} bytes (service.limits.max_request_bytes); "
+                                    "send fewer or shorter texts per request")
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _send_error(send, too_large)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await _send_error(send, too_large)
+            if not message.get("more_body", False):
+                break
+        scope.setdefault("state", {})["body_bytes"] = size
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+async def _send_error(send, err: BlackBoxError) -> None:
+    body = encode_json(err.to_json())
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(model, settings: ServerSettings = ServerSettings(), *, tokenizer=None, device: str | None = "auto",
+               dtype: str | None = "auto", accountant: Accountant | None = None) -> FastAPI:
+    """The service app for ``model``: a :class:`ScoringEngine`, a loaded model (with ``tokenizer``), or a
+    registry name / HF id / folder (loaded here on ``device`` in ``dtype``)."""
+    engine = model if isinstance(model, ScoringEngine) else _engine(model, tokenizer, settings, device, dtype)
+    accountant = accountant or Accountant.from_settings(settings.api_keys_file, settings.api_keys_env, settings.budget)
+    limits = settings.limits
+    state = {"batcher": None, "started": time.time()}
+
+    def batcher() -> DynamicBatcher:
+        # Created on first use too, so that an app driven without its lifespan (a bare TestClient) works.
+        if state["batcher"] is None:
+            state["batcher"] = DynamicBatcher(engine, settings.max_texts, settings.wait_ms, limits.max_queue)
+        return state["batcher"]
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(state["batcher"].close)
+            state["batcher"] = None
+
+    app = FastAPI(title="fedprompt black-box LLM service", version="1", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=limits.max_request_bytes)
+    app.state.engine, app.state.accountant = engine, accountant
+
+    async def authenticate(request: Request) -> Account:
+        account = accountant.authenticate(request.headers.get("authorization"))
+        request.state.account = account
+        return account
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != engine.model_id:
+            raise NotFound(f"model {name!r} is not served here; this server serves {engine.model_id!r} (GET /v1/models)",
+                           param="model", code="model_not_found")
+
+    async def run_job(future: Future, account: Account, reserved: Usage):
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=limits.request_timeout_s)
+        except asyncio.TimeoutError:
+            future.cancel()
+            accountant.release(account, reserved)
+            raise RequestTimedOut(f"the request did not finish within {limits.request_timeout_s} s "
+                                  "(service.limits.request_timeout_s); send fewer texts per request", retry_after=5.0) from None
+        except BaseException:
+            accountant.release(account, reserved)
+            raise
+
+    def respond(request: Request, body: dict, account: Account, reserved: Usage, actual: Usage) -> Response:
+        content = encode_json(body)
+        actual.bytes_sent = getattr(request.state, "body_bytes", 0)  # as the key's client counts them
+        actual.bytes_received = len(content)
+        accountant.settle(account, reserved, actual)
+        return Response(content, media_type="application/json")
+
+    @app.exception_handler(BlackBoxError)
+    async def _blackbox_error(request: Request, err: BlackBoxError):
+        account = getattr(request.state, "account", None)
+        if account is not None:
+            accountant.reject(account)
+        headers = {}
+        if err.retry_after is not None:
+            headers["Retry-After"] = str(max(1, int(round(err.retry_after))))
+        if err.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return Response(encode_json(err.to_json()), status_code=err.status, media_type="application/json", headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(err.status_code, "invalid_request_error")
+        message = f"{err.detail}: {request.method} {request.url.path}"
+        if err.status_code == 404:
+            message += " (endpoints: /v1/classify, /v1/completions, /v1/chat/completions, /v1/models, /v1/usage, /health)"
+        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}},
+                            status_code=err.status_code, headers=getattr(err, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError):
+        return JSONResponse({"error": {"message": f"invalid request: {err.errors()}", "type": "invalid_request_error",
+                                       "param": None, "code": None}}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, err: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": {"message": f"internal server error: {type(err).__name__}", "type": "server_error",
+                                       "param": None, "code": None}}, status_code=500)
+
+    @app.get("/health")
+    async def health():
+        queue = batcher()
+        return {"status": "ok", "model": engine.model_id, "auth": accountant.auth_required,
+                "uptime_s": round(time.time() - state["started"], 3), "queued_texts": queue.pending,
+                "merged_calls": queue.merged_calls, "forward_calls": engine.forward_calls,
+                "texts_scored": engine.texts_scored, "cache_hits": engine.cache.hits, "peak_rss_mb": round(peak_rss_mb(), 1),
+                "rss_mb": None if (now := rss_mb()) is None else round(now, 1),
+                "threads": threading.active_count()}
+
+    @app.get("/v1/models")
+    async def models(account: Account = Depends(authenticate)):
+        return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "created": int(state["started"]),
+                                            "owned_by": "fedprompt", "context_length": engine.context_length,
+                                            "max_logprobs": limits.max_logprobs}]}
+
+    @app.get("/v1/usage")
+    async def usage(request: Request, account: Account = Depends(authenticate)):
+        everyone = request.query_params.get("all", "").lower() in ("1", "true", "yes")
+        if everyone and not account.admin:
+            raise Forbidden("only admin keys may read every key's usage (admin=true in the keys file)")
+        return accountant.report(account, everyone)
+
+    @app.post("/v1/classify")
+    async def classify(request: Request, account: Account = Depends(authenticate)):
+        req = parse_request(await request.body(), ClassifyRequest)
+        check_model(req.model)
+        plan = await run_in_threadpool(engine.plan_classify, req.texts, req.labels)
+        cost = Usage(requests=1, queries=len(plan.texts), prompt_tokens=plan.prompt_tokens)
+        reserved = accountant.reserve(account, cost)
+        scores = await run_job(batcher().submit_classify(plan.texts, plan.labels), account, reserved)
+        body = classify_response(engine.model_id, scores, req.labels_only, plan.prompt_tokens)
+        return respond(request, body, account, reserved, cost.copy())
+
+    async def complete(request, account, prompts, max_tokens, top_k, echo, stop):
+        if max_tokens > limits.max_new_tokens:
+            raise InvalidRequest(f"max_tokens {max_tokens} is over this server's limit of {limits.max_new_tokens} "
+                                 "(service.limits.max_new_tokens)", param="max_tokens")
+        if top_k > limits.max_logprobs:
+            raise InvalidRequest(f"at most {limits.max_logprobs} log-probs per position, asked for {top_k}", param="logprobs")
+        plans = await run_in_threadpool(engine.plan_prompts, prompts, max_tokens, echo)
+        prompt_tokens = sum(len(p.ids) for p in plans)
+        reserved = accountant.reserve(account, Usage(requests=1, queries=len(plans), prompt_tokens=prompt_tokens,
+                                                     completion_tokens=max_tokens * len(plans)))
+        job = CompletionJob(plans, max_tokens, top_k, echo, stop)
+        comps = await run_job(batcher().submit_complete(job), account, reserved)
+        actual = Usage(requests=1, queries=len(plans), prompt_tokens=prompt_tokens,
+                       completion_tokens=sum(len(c.gen_ids) for c in comps))
+        return plans, comps, reserved, actual
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, account: Account = Depends(authenticate)):
+        req = parse_request(await request.body(), CompletionRequest)
+        check_model(req.model)
+        check_sampling(req)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default
+        plans, comps, reserved, actual = await complete(request, account, prompts, max_tokens, req.logprobs or 0,
+                                                        req.echo, stop_strings(req.stop))
+        body = completion_body(engine, plans, comps, req.echo, req.logprobs is not None)
+        return respond(request, body, account, reserved, actual)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, account: Account = Depends(authenticate)):
+        req = parse_request(await request.body(), ChatCompletionRequest)
+        check_model(req.model)
+        check_sampling(req)
+        if req.top_logprobs and not req.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs=true", param="top_logprobs")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = limits.max_new_tokens if max_tokens is None else max_tokens
+        prompt = engine.render_chat([m.model_dump(exclude_none=True) for m in req.messages])
+        plans, comps, reserved, actual = await complete(request, account, [prompt], max_tokens, req.top_logprobs or 0,
+                                                        False, stop_strings(req.stop))
+        return respond(request, chat_body(engine, plans[0], comps[0], req.logprobs), account, reserved, actual)
+
+    return app
+
+
+def _engine(model, tokenizer, settings: ServerSettings, device, dtype) -> ScoringEngine:
+    from fedprompt.models.registry import load_causal_lm, load_tokenizer
+
+    if isinstance(model, str):
+        model_id = settings.model_id or model
+        tokenizer = tokenizer or load_tokenizer(model)
+        model = load_causal_lm(model, device, dtype)
+    elif tokenizer is None:
+        raise ValueError("create_app: pass the tokenizer with a loaded model")
+    else:
+        model_id = settings.model_id or getattr(model.config, "name_or_path", None) or "model"
+    return ScoringEngine(model, tokenizer, settings.limits, settings.batch_size, settings.cache_size, str(model_id))

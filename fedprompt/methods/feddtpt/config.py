@@ -1,0 +1,303 @@
+"""FedDTPT's configuration (``conf/method/feddtpt.yaml``): typed, validated, and the builders that turn
+it into a client search, a proposer and a server aggregator.
+
+Validation happens in :meth:`FedDTPTConfig.from_dict`, before any model is loaded or any query is sent,
+and rejects unknown keys so that a typo in a sweep does not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Mapping
+
+from fedprompt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedprompt.data.task import TaskSpec
+    from fedprompt.methods.feddtpt.aggregate import Embedder, FedDTPTAggregator
+    from fedprompt.methods.feddtpt.proposers import Proposer
+    from fedprompt.methods.feddtpt.search import PromptSearch
+
+SEED_STYLES = ("concise", "moderate", "detailed")
+FEEDBACK = ("accuracy", "margin", "none")
+EDIT_OPS = ("replace", "insert", "delete")
+PROPOSERS = ("lm-infill", "mlm", "embedding-neighbours", "random")
+AGG_MODES = ("dbscan", "fedavg", "no-clustering", "kmeans")
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+
+_DEFAULT_TEMPLATES = {
+    "concise": "Classify the text as {labels_or}.",
+    "moderate": "{manual_prompt}",
+    "detailed": "Read the text below carefully and decide which category it belongs to. {manual_prompt} "
+    "Reply with exactly one of: {labels_or}.",
+}
+
+
+@dataclass(frozen=True)
+class SeedPromptConfig:
+    """Round-0 instruction: one template per style, filled from the task's manual prompt and labels."""
+
+    style: str = "moderate"  # one of SEED_STYLES, or "mixed": client i uses style i mod 3
+    templates: dict[str, str] = field(default_factory=lambda: dict(_DEFAULT_TEMPLATES))
+
+    def validate(self) -> None:
+        _choice("seed_prompt.style", self.style, SEED_STYLES + ("mixed",))
+        missing = [s for s in SEED_STYLES if not str(self.templates.get(s) or "").strip()]
+        if missing:
+            raise ConfigError(f"seed_prompt.templates needs a non-empty template for {missing}")
+        for style, template in self.templates.items():
+            try:
+                template.format(manual_prompt="", labels="", labels_or="", task="")
+            except (KeyError, IndexError, ValueError) as err:
+                raise ConfigError(
+                    f"seed_prompt.templates.{style}: bad placeholder ({err}); allowed: {{manual_prompt}}, "
+                    "{labels}, {labels_or}, {task}"
+                ) from None
+
+    def prompt(self, spec: "TaskSpec", client_index: int | None = None) -> list[str]:
+        """The seed prompt as words; ``client_index`` picks the style when ``style`` is "mixed"."""
+        style = self.style
+        if style == "mixed":
+            style = SEED_STYLES[(client_index or 0) % len(SEED_STYLES)]
+        names = list(spec.labels)
+        labels_or = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        text = self.templates[style].format(
+            manual_prompt=spec.manual_prompt, labels=", ".join(names), labels_or=labels_or, task=spec.name
+        )
+        words = text.split()
+        if not words:
+            raise ConfigError(f"seed prompt of style {style!r} is empty for task {spec.name!r} (empty manual prompt?)")
+        return words
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The client's token-level search (one call = one client in one round)."""
+
+    budget: int = 600
+    local_batch_size: int = 16
+    public_batch_size: int = 8
+    candidates_per_step: int = 4
+    feedback: str = "accuracy"
+    edit_ops: dict[str, float] = field(default_factory=lambda: {"replace": 0.7, "insert": 0.15, "delete": 0.15})
+    explore: float = 0.2
+    min_tokens: int = 3
+    max_tokens: int = 40
+    resample_batch: bool = False
+    max_steps: int | None = None
+
+    def validate(self) -> None:
+        _positive("search.budget", self.budget)
+        _positive("search.local_batch_size", self.local_batch_size)
+        _at_least("search.public_batch_size", self.public_batch_size, 0)
+        _positive("search.candidates_per_step", self.candidates_per_step)
+        _choice("search.feedback", self.feedback, FEEDBACK)
+        unknown = sorted(set(self.edit_ops) - set(EDIT_OPS))
+        if unknown:
+            raise ConfigError(f"search.edit_ops: unknown operations {unknown}; choose from {list(EDIT_OPS)}")
+        if any(float(w) < 0 for w in self.edit_ops.values()) or float(self.edit_ops.get("replace", 0)) <= 0:
+            raise ConfigError(f"search.edit_ops: weights must be >= 0 and replace > 0, got {dict(self.edit_ops)}")
+        if not 0.0 <= self.explore <= 1.0:
+            raise ConfigError(f"search.explore must be in [0, 1], got {self.explore}")
+        _positive("search.min_tokens", self.min_tokens)
+        if self.max_tokens < self.min_tokens:
+            raise ConfigError(f"search.max_tokens ({self.max_tokens}) < search.min_tokens ({self.min_tokens})")
+        if self.max_steps is not None:
+            _positive("search.max_steps", self.max_steps)
+        # The start prompt is scored once and each step scores at least one candidate on the full batch.
+        need = 2 * (self.local_batch_size + self.public_batch_size)
+        if self.budget < need:
+            raise ConfigError(
+                f"search.budget={self.budget} queries cannot score the start prompt and one candidate on a batch "
+                f"of {self.local_batch_size}+{self.public_batch_size} examples; raise it to >= {need} or shrink the batches"
+            )
+
+
+@dataclass(frozen=True)
+class ProposerConfig:
+    """Where candidate words come from. Every proposer runs on the client; none sees the client's data."""
+
+    name: str = "lm-infill"
+    model: str | None = "smollm2-135m"
+    device: str = "auto"
+    dtype: str = "auto"
+    shortlist: int = 16
+    context: str = "Instruction:"
+    min_word_len: int = 2
+    vocab_limit: int | None = 20000
+
+    def validate(self) -> None:
+        _choice("proposer.name", self.name, PROPOSERS)
+        if not self.model:
+            raise ConfigError(
+                f"proposer.model is required for proposer {self.name!r} (a local model name, folder or HF id; "
+                "for 'random' and 'embedding-neighbours' its vocabulary is the word list)"
+            )
+        _positive("proposer.shortlist", self.shortlist)
+        _positive("proposer.min_word_len", self.min_word_len)
+        if self.vocab_limit is not None:
+            _positive("proposer.vocab_limit", self.vocab_limit)
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    """The server's aggregation of the clients' prompts."""
+
+    mode: str = "dbscan"
+    embedder: str = DEFAULT_EMBEDDER
+    device: str = "auto"
+    temperature: float = 1.0
+    min_samples: float = 0.3
+    knee_k: int | None = None
+    knee_sensitivity: float = 1.0
+    eps: float | None = None
+    min_eps: float = 1e-3
+    top_n: int | None = None
+    kmeans_k: int | None = None
+    random_state: int = 0
+
+    def validate(self) -> None:
+        _choice("aggregate.mode", self.mode, AGG_MODES)
+        if not self.embedder:
+            raise ConfigError("aggregate.embedder is empty; use all-MiniLM-L6-v2, an HF encoder id or a local folder")
+        if self.temperature <= 0:
+            raise ConfigError(f"aggregate.temperature must be > 0, got {self.temperature}")
+        if not (0 < self.min_samples < 1 or (self.min_samples >= 1 and float(self.min_samples).is_integer())):
+            raise ConfigError(
+                f"aggregate.min_samples must be a count >= 1 or a fraction of the clients in (0, 1), got {self.min_samples}"
+            )
+        for name in ("knee_k", "top_n", "kmeans_k"):
+            if getattr(self, name) is not None:
+                _positive(f"aggregate.{name}", getattr(self, name))
+        if self.knee_sensitivity <= 0:
+            raise ConfigError(f"aggregate.knee_sensitivity must be > 0, got {self.knee_sensitivity}")
+        if self.eps is not None and not 0 < self.eps <= 2:
+            raise ConfigError(f"aggregate.eps is a cosine distance: it must be in (0, 2] or null (knee), got {self.eps}")
+        if not 0 < self.min_eps < 2:
+            raise ConfigError(f"aggregate.min_eps must be in (0, 2), got {self.min_eps}")
+
+
+@dataclass(frozen=True)
+class FedDTPTConfig:
+    """The whole ``method`` node for FedDTPT."""
+
+    name: str = "feddtpt"
+    seed_prompt: SeedPromptConfig = field(default_factory=SeedPromptConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    proposer: ProposerConfig = field(default_factory=ProposerConfig)
+    aggregate: AggregateConfig = field(default_factory=AggregateConfig)
+
+    @classmethod
+    def from_dict(cls, node: Mapping[str, Any] | None = None) -> "FedDTPTConfig":
+        """Build and validate from a ``method`` config node (a dict or an OmegaConf DictConfig)."""
+        data = _to_plain(node or {})
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"the feddtpt method config must be a mapping, got {type(data).__name__}")
+        if data.get("name", "feddtpt") != "feddtpt":
+            raise ConfigError(f"method.name is {data.get('name')!r}; this config is for 'feddtpt'")
+        _check_keys("method", data, {"name", "seed_prompt", "search", "proposer", "aggregate"})
+        cfg = cls(
+            seed_prompt=_section(SeedPromptConfig, "seed_prompt", data.get("seed_prompt")),
+            search=_section(SearchConfig, "search", data.get("search")),
+            proposer=_section(ProposerConfig, "proposer", data.get("proposer")),
+            aggregate=_section(AggregateConfig, "aggregate", data.get("aggregate")),
+        )
+        for part in (cfg.seed_prompt, cfg.search, cfg.proposer, cfg.aggregate):
+            part.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def initial_prompt(self, spec: "TaskSpec", client_index: int | None = None) -> list[str]:
+        """The round-0 global prompt (or, with style "mixed", client ``client_index``'s own start)."""
+        return self.seed_prompt.prompt(spec, client_index)
+
+    def build_proposer(self) -> "Proposer":
+        from fedprompt.methods.feddtpt.proposers import build_proposer
+
+        return build_proposer(self.proposer)
+
+    def build_search(self, proposer: "Proposer | None" = None) -> "PromptSearch":
+        """The client search; loads the configured proposer unless one is given (reuse it across rounds)."""
+        from fedprompt.methods.feddtpt.search import PromptSearch
+
+        return PromptSearch(self.search, proposer if proposer is not None else self.build_proposer())
+
+    def build_aggregator(self, embedder: "Embedder | None" = None) -> "FedDTPTAggregator":
+        from fedprompt.methods.feddtpt.aggregate import FedDTPTAggregator
+
+        return FedDTPTAggregator(self.aggregate, embedder)
+
+
+def _to_plain(node: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(node, DictConfig):
+            return OmegaConf.to_container(node, resolve=True)
+    except ImportError:  # omegaconf is a dependency, but plain dicts must work without it
+        pass
+    return node
+
+
+def _check_keys(where: str, data: Mapping[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
+
+
+def _section(cls, where: str, data: Any):
+    if data is None:
+        return cls()
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"method.{where} must be a mapping, got {data!r}")
+    specs = {f.name: f for f in fields(cls)}
+    _check_keys(f"method.{where}", data, set(specs))
+    defaults = cls()
+    values = {}
+    for key, value in data.items():
+        values[key] = _coerce(f"{where}.{key}", value, getattr(defaults, key), specs[key].type)
+    return cls(**values)
+
+
+def _coerce(where: str, value: Any, default: Any, type_text: str) -> Any:
+    """Coerce to the type of the field (as written in its annotation); None only where the field allows it."""
+    if value is None:
+        if "None" in str(type_text):
+            return None
+        raise ConfigError(f"{where} must not be null")
+    try:
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if isinstance(default, dict):
+            if not isinstance(value, Mapping):
+                raise ValueError
+            return {str(k): (float(v) if isinstance(next(iter(default.values()), None), float) else str(v)) for k, v in value.items()}
+        if isinstance(default, int) or str(type_text).startswith("int"):
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if isinstance(default, float) or str(type_text).startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: cannot use {value!r} (expected {type_text})") from None
+
+
+def _positive(where: str, value: int) -> None:
+    _at_least(where, value, 1)
+
+
+def _at_least(where: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{where} must be >= {low}, got {value}")
+
+
+def _choice(where: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{where}={value!r} is not one of {list(options)}")

@@ -1,0 +1,52 @@
+"""Shared pieces of the Flower tests: a task whose training texts are easy to spot, tiny-run overrides, and
+a leak detector for captured client-to-server bytes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tests.conftest import write_task
+
+# Words that are not in the tiny tokenizer's corpus, so no proposer can offer them: finding three of them
+# in a row in a message can only mean that training text left the client.
+_WORDS = ["zebra", "quokka", "marmalade", "xylophone", "jellyfish", "kumquat", "yodel", "vortex", "ibex",
+          "umbrella", "walrus", "origami", "pumpkin", "falafel", "gizmo", "hammock", "igloo", "lasso"]
+TRAIN_TEXTS = [" ".join(_WORDS[(i * 5 + j) % len(_WORDS)] for j in range(6)) + f" {i}" for i in range(16)]
+
+
+def write_secret_task(root: Path) -> Path:
+    """Task 'secret' (2 labels): 16 training rows of distinctive words; public/test rows are plain."""
+    train = [{"text": t, "label": i % 2} for i, t in enumerate(TRAIN_TEXTS)]
+    other = [{"text": w, "label": i % 2} for i, w in enumerate(["a great movie", "a terrible film", "wonderful cast",
+                                                                 "boring and too long"] * 2)]
+    write_task(root, "secret", {"train": train, "validation": other, "test": other}, ["negative", "positive"])
+    return root
+
+
+def tiny_overrides(data_dir: Path, model_dir: Path, clients: int = 2) -> list[str]:
+    """A run that costs seconds: the tiny model as black box and proposer, a few queries per client."""
+    return [
+        f"data_dir={data_dir}", "task=secret", f"model={model_dir}", f"method.proposer.model={model_dir}",
+        "method.proposer.vocab_limit=null", "method.search.budget=60", "method.search.local_batch_size=4",
+        "method.search.public_batch_size=2", "method.aggregate.min_samples=2", f"federation.num_clients={clients}",
+        "federation.rounds=1", "federation.public_size=4", "partition=iid", "partition.k_shot=null", "progress=false",
+    ]
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def find_leaks(blob: bytes, texts=TRAIN_TEXTS) -> list[str]:
+    """Training texts, or runs of >= 3 of their consecutive words, found in ``blob`` (whatever separates them)."""
+    decoded = blob.decode("utf-8", errors="ignore")
+    tokens = _words(decoded)
+    grams = {tuple(tokens[i : i + 3]) for i in range(len(tokens) - 2)}
+    leaks = []
+    for text in texts:
+        words = _words(text)
+        if text in decoded:
+            leaks.append(text)
+        leaks += [" ".join(words[i : i + 3]) for i in range(len(words) - 2) if tuple(words[i : i + 3]) in grams]
+    return leaks

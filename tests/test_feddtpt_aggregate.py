@@ -1,0 +1,215 @@
+"""FedDTPT server aggregation on hand-made embeddings (and once on the embedded MiniLM)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fedprompt.errors import ConfigError
+from fedprompt.methods.feddtpt import AggregateConfig, FedDTPTAggregator, SentenceEmbedder, knee_eps
+
+
+class TableEmbedder:
+    """Hand-made embeddings; records what it was asked to embed."""
+
+    def __init__(self, table: dict[str, np.ndarray]) -> None:
+        self.table = {w: np.asarray(v, dtype=float) for w, v in table.items()}
+        self.calls: list[list[str]] = []
+
+    def encode(self, words):
+        self.calls.append(list(words))
+        return np.stack([self.table[w] for w in words])
+
+
+def arc(theta: float) -> np.ndarray:
+    return np.array([math.cos(theta), math.sin(theta), 0.0])
+
+
+def one_hot(i: int, d: int = 8) -> np.ndarray:
+    v = np.zeros(d)
+    v[i] = 1.0
+    return v
+
+
+# Cluster A near angle 0, cluster B near 90 degrees (spread 0.1 rad), three noise words far from all.
+TWO_CLUSTERS = {
+    "a0": arc(0.1), "a1": arc(0.0), "a2": arc(0.2),
+    "b0": arc(math.pi / 2), "b1": arc(math.pi / 2 + 0.1), "b2": arc(math.pi / 2 + 0.2),
+    "n0": [0, 0, 1.0], "n1": [-1, 0, 0.2], "n2": [0, -1, -0.5], "n3": [0, 0, -1.0],
+}
+TWO_CLUSTER_PROMPTS = [["a0", "n0", "b0"], ["b1", "a1", "n1", "n3"], ["b2", "n2", "a2"]]
+
+
+def brute_force_weights(prompts, table):
+    """The paper's weights written the slow, obvious way: sum of cosine to other clients' words, softmax."""
+    unit = {w: np.asarray(v, float) / np.linalg.norm(v) for w, v in table.items()}
+    out = []
+    for c, prompt in enumerate(prompts):
+        raw = [sum(float(unit[w] @ unit[o]) for d, other in enumerate(prompts) if d != c for o in other) for w in prompt]
+        e = np.exp(np.array(raw) - max(raw))
+        out.append(list(e / e.sum()))
+    return out
+
+
+def test_weights_are_softmaxed_similarity_to_other_clients():
+    result = FedDTPTAggregator(AggregateConfig(), TableEmbedder(TWO_CLUSTERS)).aggregate(TWO_CLUSTER_PROMPTS)
+    expected = brute_force_weights(TWO_CLUSTER_PROMPTS, TWO_CLUSTERS)
+    for got, want in zip(result.weights, expected):
+        assert got == pytest.approx(want, abs=1e-9)
+        assert sum(got) == pytest.approx(1.0)
+
+
+def test_dbscan_keeps_one_word_per_cluster_at_the_knee_in_position_order():
+    config = AggregateConfig(min_samples=3)
+    result = FedDTPTAggregator(config, TableEmbedder(TWO_CLUSTERS)).aggregate(TWO_CLUSTER_PROMPTS)
+    # k = min_samples = 3 (self included): a cluster's k-distances are 1 - cos(0.1) and 1 - cos(0.2); the
+    # noise words' are > 0.3. The knee of the sorted curve is the last in-cluster value.
+    assert result.knee_found and not result.fallbacks
+    assert result.eps == pytest.approx(1 - math.cos(0.2))
+    assert (result.n_clusters, result.n_noise, result.min_samples) == (2, 4, 3)
+    assert all(l == -1 for c, p in enumerate(TWO_CLUSTER_PROMPTS) for w, l in zip(p, result.labels[c]) if w.startswith("n"))
+    # Each cluster keeps its highest-weight member (by the brute-force weights) ...
+    weights = brute_force_weights(TWO_CLUSTER_PROMPTS, TWO_CLUSTERS)
+    flat = [(w, weights[c][i], (i + 0.5) / len(p)) for c, p in enumerate(TWO_CLUSTER_PROMPTS) for i, w in enumerate(p)]
+    winners = [max((x for x in flat if x[0][0] == g), key=lambda x: x[1]) for g in "ab"]
+    # ... ordered by relative position: here B's winner (first word of its prompt) precedes A's, the
+    # reverse of the clusters' discovery order, so the order comes from positions, not cluster ids.
+    assert result.prompt == [w for w, _, _ in sorted(winners, key=lambda x: x[2])] == ["b2", "a1"]
+    assert [c["word"] for c in result.chosen] == result.prompt
+
+
+def test_identical_prompts_come_back_unchanged():
+    table = {w: one_hot(i) for i, w in enumerate(["judge", "the", "review", "tone"])}
+    prompts = [["judge", "the", "review", "tone"]] * 4
+    result = FedDTPTAggregator(AggregateConfig(), TableEmbedder(table)).aggregate(prompts)
+    assert result.prompt == ["judge", "the", "review", "tone"]
+    assert result.n_clusters == 4 and result.n_noise == 0
+
+
+def test_knee_of_known_curves():
+    assert knee_eps([0.01] * 10 + [0.3, 0.6, 0.9]) == pytest.approx(0.01)
+    assert knee_eps(np.linspace(0.0, 1.0, 20)) is None  # a straight line has no knee
+    assert knee_eps([0.5] * 10) is None  # flat
+    assert knee_eps([0.1, 0.9]) is None  # too short to have one
+    assert knee_eps([0.0] * 3 + [1.0] * 6) == 0.0  # a step to a plateau: the knee is at the step
+    # Many identical words (distance 0) then a noisy tail of unrelated ones: the knee is the last dense
+    # point, not a wiggle in the tail (where kneed's default first-knee-from-the-right lands).
+    tail = np.random.default_rng(0).normal(0.9, 0.02, 300)
+    assert knee_eps(np.concatenate([np.zeros(1200), tail])) == 0.0
+
+
+def test_step_to_a_plateau_merges_only_the_shared_word():
+    # Distinct words are mutually orthogonal (all at distance 1), "shared" is used by all three clients:
+    # the k-distance curve is a step from 0 to a plateau at 1. The knee is at the step (eps = 1 would
+    # merge every word), floored to min_eps.
+    table = {w: one_hot(i) for i, w in enumerate(["shared", "x0", "x1", "x2", "y0", "y1", "y2"])}
+    prompts = [["x0", "shared", "y0"], ["x1", "shared", "y1"], ["x2", "y2", "shared"]]
+    result = FedDTPTAggregator(AggregateConfig(), TableEmbedder(table)).aggregate(prompts)
+    assert result.eps == pytest.approx(AggregateConfig().min_eps)
+    assert result.prompt == ["shared"] and result.n_clusters == 1 and result.n_noise == 6
+
+
+def test_no_knee_falls_back_to_min_eps():
+    # All words mutually orthogonal: a flat k-distance curve has no knee; eps = min_eps, all noise.
+    table = {w: one_hot(i) for i, w in enumerate(["x0", "x1", "x2", "y0", "y1", "y2"])}
+    prompts = [["x0", "y0"], ["x1", "y1"], ["x2", "y2"]]
+    result = FedDTPTAggregator(AggregateConfig(), TableEmbedder(table)).aggregate(prompts)
+    assert result.knee_found is False and result.eps == pytest.approx(AggregateConfig().min_eps)
+    assert result.fallbacks == ["no-knee", "no-cluster"]
+    assert result.prompt == ["x0", "y0"]  # all equally central: the lowest client index
+
+
+def test_no_cluster_falls_back_to_the_most_central_client_prompt():
+    # Fixed eps below every pairwise distance: all noise. Client 1's words each lie between two other
+    # clients' words (cosine 0.71 to each); the other words are orthogonal to one another.
+    r2 = 1 / math.sqrt(2)
+    table = {"p": one_hot(0), "q": one_hot(1), "r": one_hot(2), "s": one_hot(3),
+             "m1": r2 * (one_hot(0) + one_hot(2)), "m2": r2 * (one_hot(1) + one_hot(3))}
+    prompts = [["p", "q"], ["m1", "m2"], ["r", "s"]]
+    result = FedDTPTAggregator(AggregateConfig(eps=0.01), TableEmbedder(table)).aggregate(prompts)
+    assert result.n_clusters == 0 and result.n_noise == 6
+    assert result.fallbacks == ["no-cluster"]
+    assert result.prompt == ["m1", "m2"]
+
+
+def test_min_samples_is_a_count_or_a_fraction_of_clients_capped_at_the_clients():
+    fraction = FedDTPTAggregator(AggregateConfig(min_samples=0.3), TableEmbedder({}))
+    assert [fraction.min_samples(n) for n in (1, 2, 3, 10, 1000)] == [1, 2, 2, 3, 300]
+    count = FedDTPTAggregator(AggregateConfig(min_samples=5), TableEmbedder({}))
+    assert [count.min_samples(n) for n in (1, 2, 10)] == [1, 2, 5]
+    table = {w: one_hot(i) for i, w in enumerate(["same", "words", "here"])}
+    result = FedDTPTAggregator(AggregateConfig(min_samples=5), TableEmbedder(table)).aggregate([["same", "words", "here"]] * 2)
+    assert result.min_samples == 2
+    assert result.prompt == ["same", "words", "here"]
+
+
+def test_each_distinct_word_is_embedded_once():
+    table = {w: one_hot(i) for i, w in enumerate(["same", "words", "here", "odd"])}
+    embedder = TableEmbedder(table)
+    FedDTPTAggregator(AggregateConfig(), embedder).aggregate([["same", "words", "here"]] * 5 + [["odd", "words"]])
+    assert sorted(embedder.calls[0]) == ["here", "odd", "same", "words"]
+
+
+def test_weighted_distinct_words_cluster_like_all_points():
+    # 40 clients share most words; rare words (1-2 clients) must stay noise, shared ones survive.
+    rng = np.random.default_rng(0)
+    base = [f"b{i}" for i in range(6)]
+    table = {w: rng.normal(size=16) for w in base + [f"r{i}" for i in range(30)]}
+    prompts = []
+    for c in range(40):
+        p = list(base)
+        p[int(rng.integers(6))] = f"r{int(rng.integers(30))}"
+        prompts.append(p)
+    result = FedDTPTAggregator(AggregateConfig(), TableEmbedder(table)).aggregate(prompts)
+    assert result.min_samples == 12 and result.prompt == base
+
+
+def test_fedavg_maps_position_means_to_the_nearest_word():
+    s = 1 / math.sqrt(2)
+    table = {"a": [1, 0, 0], "b": [0, 1, 0], "m": [s, s, 0], "x": [0, 0, 1], "y": [0, 0.1, 1], "z": [0, -0.1, 1], "tail": [1, 1, 1]}
+    prompts = [["a", "x"], ["b", "y", "tail"], ["m", "z"]]  # median length 2: "tail" has no position there
+    result = FedDTPTAggregator(AggregateConfig(mode="fedavg"), TableEmbedder(table)).aggregate(prompts)
+    assert result.prompt == ["m", "x"]
+    assert result.mode == "fedavg" and result.eps is None
+
+
+def test_no_clustering_keeps_top_n_distinct_words_by_weight():
+    table = {"common": one_hot(0), "rare1": one_hot(1), "rare2": one_hot(2), "rare3": one_hot(3)}
+    prompts = [["common", "rare1"], ["common", "rare2"], ["rare3", "common"]]
+    one = FedDTPTAggregator(AggregateConfig(mode="no-clustering", top_n=1), TableEmbedder(table)).aggregate(prompts)
+    assert one.prompt == ["common"]
+    two = FedDTPTAggregator(AggregateConfig(mode="no-clustering", top_n=2), TableEmbedder(table)).aggregate(prompts)
+    assert two.prompt == ["common", "rare1"]  # "common" once (duplicates dropped); ties: lowest client
+
+
+def test_kmeans_keeps_one_word_per_fixed_cluster():
+    result = FedDTPTAggregator(AggregateConfig(mode="kmeans", kmeans_k=2), TableEmbedder(TWO_CLUSTERS)).aggregate(
+        [["a0", "b0"], ["b1", "a1"], ["a2", "b2"]]
+    )
+    assert result.n_clusters == 2 and result.n_noise == 0
+    assert sorted(w[0] for w in result.prompt) == ["a", "b"]
+
+
+def test_bad_config_fails_before_any_embedding():
+    with pytest.raises(ConfigError, match="aggregate.mode"):
+        FedDTPTAggregator(AggregateConfig(mode="mean"), TableEmbedder({}))
+    with pytest.raises(ConfigError, match="non-empty"):
+        FedDTPTAggregator(AggregateConfig(), TableEmbedder({})).aggregate([[], []])
+
+
+def test_default_embedder_minilm_end_to_end():
+    embedder = SentenceEmbedder()  # all-MiniLM-L6-v2 from its PyPI package, offline
+    good, great, table = embedder.encode(["good", "great", "table"])
+    assert good.shape == (384,)
+    cos = lambda u, v: float(u @ v / np.linalg.norm(u) / np.linalg.norm(v))  # noqa: E731
+    assert cos(good, great) > cos(good, table)
+    prompts = [
+        "Is the sentiment of this movie review positive or negative?".split(),
+        "Is the tone of this movie review positive or negative?".split(),
+        "Is the sentiment of this film review positive or negative".split(),
+    ]
+    result = FedDTPTAggregator(AggregateConfig(), embedder).aggregate(prompts)
+    assert result.prompt and set(result.prompt) <= {w for p in prompts for w in p}
+    assert "review" in result.prompt and result.prompt.index("Is") < result.prompt.index("review")

@@ -1,0 +1,86 @@
+"""conf/method/feddtpt.yaml and FedDTPTConfig: defaults, validation, seed prompts, builders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from fedprompt.data.task import TaskSpec
+from fedprompt.errors import ConfigError
+from fedprompt.methods.feddtpt import FedDTPTAggregator, FedDTPTConfig, PromptSearch, RandomProposer
+
+YAML = Path(__file__).resolve().parents[1] / "conf" / "method" / "feddtpt.yaml"
+TREC = TaskSpec(name="trec", labels=("abbreviation", "description", "number"),
+                label_words=(" abbreviation", " description", " number"), template="{prompt}\n\nQuestion: {text}",
+                manual_prompt="What type of thing does this question ask for?")
+
+
+def test_yaml_matches_the_coded_defaults():
+    node = OmegaConf.load(YAML)
+    assert node.name == "feddtpt"
+    assert FedDTPTConfig.from_dict(node) == FedDTPTConfig()
+    assert FedDTPTConfig.from_dict(node).to_dict() == OmegaConf.to_container(node)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ({"serach": {}}, "unknown keys \\['serach'\\]"),
+        ({"search": {"budgte": 5}}, "unknown keys \\['budgte'\\]"),
+        ({"name": "post"}, "for 'feddtpt'"),
+        ({"search": {"budget": 0}}, "search.budget must be >= 1"),
+        ({"search": {"budget": "many"}}, "search.budget: cannot use 'many'"),
+        ({"search": {"budget": 30}}, "cannot score the start prompt"),
+        ({"search": {"feedback": "loss"}}, "search.feedback='loss'"),
+        ({"search": {"edit_ops": {"swap": 1.0}}}, "unknown operations \\['swap'\\]"),
+        ({"search": {"edit_ops": {"insert": 1.0}}}, "replace > 0"),
+        ({"search": {"resample_batch": "yes"}}, "resample_batch"),
+        ({"search": {"min_tokens": 5, "max_tokens": 4}}, "max_tokens"),
+        ({"proposer": {"name": "bert"}}, "proposer.name='bert'"),
+        ({"proposer": {"model": None}}, "proposer.model is required"),
+        ({"aggregate": {"mode": "mean"}}, "aggregate.mode='mean'"),
+        ({"aggregate": {"eps": 3.0}}, "cosine distance"),
+        ({"aggregate": {"min_samples": 0}}, "min_samples must be a count >= 1 or a fraction"),
+        ({"aggregate": {"min_samples": 2.5}}, "min_samples must be a count >= 1 or a fraction"),
+        ({"seed_prompt": {"style": "verbose"}}, "seed_prompt.style='verbose'"),
+        ({"seed_prompt": {"templates": {"concise": "{nope}", "moderate": "x", "detailed": "y"}}}, "bad placeholder"),
+        ({"seed_prompt": {"templates": {"concise": "x"}}}, "non-empty template"),
+    ],
+)
+def test_bad_config_is_rejected_with_a_clear_error(override, match):
+    with pytest.raises(ConfigError, match=match):
+        FedDTPTConfig.from_dict(override)
+
+
+def test_overrides_are_coerced_and_kept():
+    cfg = FedDTPTConfig.from_dict({"search": {"budget": "240", "feedback": "margin"}, "aggregate": {"eps": 0.2, "top_n": 5}})
+    assert cfg.search.budget == 240 and cfg.search.feedback == "margin"
+    assert cfg.aggregate.eps == 0.2 and cfg.aggregate.top_n == 5 and cfg.aggregate.mode == "dbscan"
+
+
+def test_seed_prompts_in_three_styles():
+    cfg = FedDTPTConfig()
+    assert cfg.initial_prompt(TREC) == TREC.manual_prompt.split()  # moderate: the manual prompt
+    concise = FedDTPTConfig.from_dict({"seed_prompt": {"style": "concise"}}).initial_prompt(TREC)
+    assert " ".join(concise) == "Classify the text as abbreviation, description or number."
+    detailed = FedDTPTConfig.from_dict({"seed_prompt": {"style": "detailed"}}).initial_prompt(TREC)
+    assert len(detailed) > len(cfg.initial_prompt(TREC)) > len(concise)
+    mixed = FedDTPTConfig.from_dict({"seed_prompt": {"style": "mixed"}})
+    assert [mixed.initial_prompt(TREC, i) for i in range(4)] == [concise, cfg.initial_prompt(TREC), detailed, concise]
+
+
+def test_builders_take_injected_parts():
+    cfg = FedDTPTConfig.from_dict({"aggregate": {"mode": "no-clustering", "top_n": 1}})
+    search = cfg.build_search(RandomProposer(["alpha", "beta"]))
+    assert isinstance(search, PromptSearch) and search.config == cfg.search
+
+    class Embed:
+        def encode(self, words):
+            return np.stack([np.eye(3)[len(w) % 3] for w in words])
+
+    aggregator = cfg.build_aggregator(Embed())
+    assert isinstance(aggregator, FedDTPTAggregator)
+    assert aggregator.aggregate([["ab", "cde"], ["ab", "f"]]).prompt == ["ab"]

@@ -1,0 +1,121 @@
+"""FedDTPTStrategy on hand-built messages: sampling, message layout, aggregation, failed replies."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedprompt.fl.records import arrays_to_prompt, prompt_to_arrays, record_bytes
+from fedprompt.fl.strategy import FedDTPTStrategy, RoundStats
+from fedprompt.methods.feddtpt import AggregateConfig, FedDTPTAggregator
+
+# One-hot "embeddings": identical words are the only neighbours, so DBSCAN keeps exactly the shared words.
+VOCAB = ["classify", "the", "review", "sentiment", "please", "label", "mood", "text"]
+PROMPTS = {11: ["classify", "the", "review"], 12: ["classify", "the", "sentiment"], 13: ["please", "the", "review"]}
+
+
+class OneHot:
+    def encode(self, words):
+        return np.stack([np.eye(len(VOCAB))[VOCAB.index(w)] for w in words])
+
+
+class FakeGrid:
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch):
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def make_strategy(**kwargs) -> FedDTPTStrategy:
+    aggregator = FedDTPTAggregator(AggregateConfig(min_samples=2, eps=0.5), OneHot())
+    return FedDTPTStrategy(aggregator, **kwargs)
+
+
+def sent(node: int) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
+                   message_type=MessageType.TRAIN)
+
+
+def reply(node: int, prompt, queries: int, accuracy: float) -> Message:
+    content = RecordDict({"arrays": prompt_to_arrays(prompt),
+                          "metrics": MetricRecord({"queries": queries, "local-accuracy": accuracy})})
+    return Message(content, reply_to=sent(node))
+
+
+def test_aggregate_train_merges_valid_replies_and_records_failures(tmp_path):
+    strategy = make_strategy(audit_path=tmp_path / "replies.jsonl")
+    strategy.rounds[1] = RoundStats(sampled=5)  # as configure_train would have left it
+    replies = [reply(13, PROMPTS[13], 40, 0.5), Message(Error(2, "boom"), reply_to=sent(99)),
+               reply(11, PROMPTS[11], 60, 1.0), reply(12, PROMPTS[12], 50, 0.75)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    expected = FedDTPTAggregator(AggregateConfig(min_samples=2, eps=0.5), OneHot()).aggregate(
+        sorted(PROMPTS.values(), key=" ".join))  # replies go to the aggregator in text order
+    assert arrays_to_prompt(arrays) == expected.prompt
+    assert set(expected.prompt) == {"classify", "the", "review"}  # each word at least two clients used
+    assert metrics["queries"] == 150 and metrics["local-accuracy"] == pytest.approx(0.75)
+    stats = strategy.rounds[1]
+    assert stats.replies == 3 and stats.missing == 1  # 5 sampled, 4 answered (one with an error)
+    assert stats.failures == [{"node": 99, "code": 2, "reason": "boom"}]
+    assert stats.bytes_up == sum(record_bytes(m.content) for m in replies if not m.has_error())
+    assert stats.client_prompts == sorted(" ".join(p) for p in PROMPTS.values())
+    audit = [json.loads(line) for line in (tmp_path / "replies.jsonl").read_text().splitlines()]
+    assert [row["node"] for row in audit] == [11, 12, 13, 99] and audit[-1]["error"] == "boom"
+
+
+def test_node_ids_and_reply_order_do_not_change_the_result():
+    a = make_strategy().aggregate_train(1, [reply(n, PROMPTS[n], 1, 1.0) for n in (11, 12, 13)])
+    renamed = {11: 905, 12: 3, 13: 77}  # another run draws other node ids for the same clients
+    b = make_strategy().aggregate_train(1, [reply(renamed[n], PROMPTS[n], 1, 1.0) for n in (13, 11, 12)])
+    assert arrays_to_prompt(a[0]) == arrays_to_prompt(b[0])
+
+
+def test_only_failures_keep_the_global_prompt():
+    strategy = make_strategy()
+    malformed = Message(RecordDict({"metrics": MetricRecord({"queries": 1})}), reply_to=sent(12))
+    arrays, metrics = strategy.aggregate_train(2, [Message(Error(2, "x"), reply_to=sent(11)), malformed])
+    assert arrays is None and metrics is None  # Strategy.start then keeps the previous global prompt
+    assert [f["node"] for f in strategy.rounds[2].failures] == [11, 12]
+
+
+def test_configure_train_samples_seeded_and_sends_prompt_and_round():
+    nodes = [2**63 + 5, 17, 2**64 - 1, 3]  # node ids are unsigned 64-bit
+    strategy = make_strategy(fraction_train=0.5, seed=7)
+    arrays = prompt_to_arrays(["classify", "the", "review"])
+    first = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(nodes)))
+    again = list(make_strategy(fraction_train=0.5, seed=7).configure_train(1, arrays, ConfigRecord(), FakeGrid(nodes)))
+    targets = [m.metadata.dst_node_id for m in first]
+    assert len(targets) == 2 and set(targets) <= set(nodes)
+    assert targets == [m.metadata.dst_node_id for m in again]
+    for msg in first:
+        assert msg.metadata.message_type == MessageType.TRAIN
+        assert arrays_to_prompt(msg.content["arrays"]) == ["classify", "the", "review"]
+        assert msg.content["config"]["server-round"] == 1
+    assert strategy.rounds[1].sampled == 2 and strategy.rounds[1].bytes_down == 2 * record_bytes(first[0].content)
+    assert list(strategy.configure_evaluate(1, arrays, ConfigRecord(), FakeGrid(nodes))) == []
+
+
+def test_min_train_nodes_wins_over_a_small_fraction():
+    strategy = make_strategy(fraction_train=0.1, min_train_nodes=3)
+    msgs = strategy.configure_train(1, prompt_to_arrays(["x"]), ConfigRecord(), FakeGrid(range(1, 11)))
+    assert len(list(msgs)) == 3
+
+
+def test_prompt_encoding_round_trips_and_rejects_whitespace():
+    words = ["Classify", "über", "text:", "négatif"]
+    assert arrays_to_prompt(prompt_to_arrays(words)) == words
+    with pytest.raises(ValueError):
+        prompt_to_arrays(["two words"])
+    with pytest.raises(ValueError):
+        prompt_to_arrays([])
