@@ -9,7 +9,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedprompt.config import compose
 from fedprompt.fl import client_app
 from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
-from fedprompt.fl.records import REPLY_METRICS, arrays_to_prompt, prompt_to_arrays, serialize_content
+from fedprompt.fl.feddtpt.records import REPLY_METRICS, arrays_to_prompt, prompt_to_arrays
+from fedprompt.fl.records import serialize_content
 from tests.fl_support import TRAIN_TEXTS, find_leaks, tiny_overrides, write_secret_task
 
 PROMPT = ["Classify", "the", "text", "as", "one", "of:", "negative,", "positive."]

@@ -9,8 +9,9 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedprompt.fl.records import arrays_to_prompt, prompt_to_arrays, record_bytes
-from fedprompt.fl.strategy import FedDTPTStrategy, RoundStats
+from fedprompt.fl.feddtpt.records import arrays_to_prompt, prompt_to_arrays
+from fedprompt.fl.records import record_bytes
+from fedprompt.fl.feddtpt.strategy import FedDTPTStrategy, RoundStats
 from fedprompt.methods.feddtpt import AggregateConfig, FedDTPTAggregator
 
 # One-hot "embeddings": identical words are the only neighbours, so DBSCAN keeps exactly the shared words.

@@ -21,7 +21,14 @@ from fedprompt.blackbox.errors import PayloadTooLarge, ValidationFailed
 from fedprompt.blackbox.protocol import check_strings
 from fedprompt.blackbox.settings import Limits
 from fedprompt.errors import ConfigError
-from fedprompt.models.scoring import encode_label_words, forward_logits, length_sorted_batches, score_label_words
+from fedprompt.models.scoring import (
+    cache_kwargs,
+    encode_label_words,
+    forward_logits,
+    length_sorted_batches,
+    output_cache,
+    score_label_words,
+)
 
 # JSON has no -inf; a log-prob this low means "impossible" and survives the round trip exactly.
 LOGPROB_FLOOR = float(np.finfo(np.float32).min)
@@ -285,11 +292,11 @@ class ScoringEngine:
         logits = result.logits[0].float()
         if job.echo:
             self._fill(comp, CompletionJob([], 0, job.top_k, True), ids, logits)
-        past, next_logits = result.past_key_values, logits[-1]
+        past, next_logits = output_cache(result), logits[-1]
         for step in range(job.max_tokens):
             if not self._step(comp, torch.log_softmax(next_logits, dim=-1), job) or step == job.max_tokens - 1:
                 break
             result = self.model(input_ids=torch.tensor([[comp.gen_ids[-1]]], device=self.device),
-                                past_key_values=past, use_cache=True)
-            past, next_logits = result.past_key_values, result.logits[0, -1].float()
+                                **cache_kwargs(self.model, past))
+            past, next_logits = output_cache(result), result.logits[0, -1].float()
         return comp

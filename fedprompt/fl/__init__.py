@@ -1,8 +1,9 @@
 """Flower (Message API) adapters: they only move records; the algorithms live in ``fedprompt.methods``.
 
-- ``client_app.app``: ClientApp, ``train`` = one client's FedDTPT search against the black box
-- ``server_app.app``: ServerApp, the strategy plus a central evaluation every round and the results
-- ``strategy.FedDTPTStrategy``: Message-API strategy around ``FedDTPTAggregator``
-- ``records``: the message layout; ``config``: the config's trip through the run config
+- ``client_app.app`` / ``server_app.app``: the ClientApp and ServerApp of every method; they dispatch on
+  ``method.name`` through the registry in ``methods.py``
+- ``<method>/``: one folder per method: its client, server (strategy, evaluation, results) and records
+- ``records``: the record names every method shares; ``config``: the config's trip through the run config
 - ``run.cmd_run`` / ``launch``: ``fedprompt run``, a simulation on Ray through ``flwr run``
+- ``report``: the run folder's per-round JSON/CSV, plot and summary
 """

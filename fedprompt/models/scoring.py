@@ -39,6 +39,19 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[n
         yield order[start : start + batch_size]
 
 
+def cache_kwargs(model, cache) -> dict:
+    """The keyword that hands a KV cache back to ``model.forward``: ``cache`` in transformers >= 5.24
+    (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+def output_cache(output):
+    """The KV cache of a forward output, whichever name this transformers version gives it."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
 def _keep_kwargs(model, keep_last: int | None) -> dict:
     # Scoring reads only the last few positions; projecting just those onto the vocabulary skips most of
     # the LM head's work (49k x hidden per position for SmolLM2). Models without the option get all.

@@ -18,8 +18,9 @@ its summed cosine similarity to the *other* clients' words, softmaxed within its
 - ``no-clustering`` (ablation): the ``top_n`` highest-weight words (default L), duplicates dropped.
 - ``kmeans`` (ablation): k-means with ``kmeans_k`` clusters (default L); highest-weight word of each.
 
-Survivors are ordered by their relative position in their own prompt, (position + 0.5) / length, so
-prompts of different lengths interleave sensibly; ties go by position, then client.
+Survivors are ordered by relative position, (position + 0.5) / length, so prompts of different lengths
+interleave sensibly: a cluster's survivor by the median over the cluster's members (where most clients
+put that word), a word kept without clustering by its own; ties go by position, then client.
 """
 
 from __future__ import annotations
@@ -159,8 +160,10 @@ class FedDTPTAggregator:
         result = AggregationResult(prompt=[], mode=cfg.mode, labels=[],
                                    weights=[w.tolist() for w in np.split(weights, split)])
 
-        def keep(picks: Sequence[int]) -> None:
-            order = sorted(picks, key=lambda j: (rel[j], position[j], client[j]))
+        def keep(picks: Sequence[int], where: np.ndarray | None = None) -> None:
+            # ``where``: each pick's place in the prompt (default: its own relative position).
+            place = dict(zip(picks, where)) if where is not None else {j: rel[j] for j in picks}
+            order = sorted(picks, key=lambda j: (place[j], position[j], client[j]))
             result.prompt = [words[j] for j in order]
             result.chosen = [{"client": int(client[j]), "position": int(position[j]), "word": words[j],
                               "weight": float(weights[j])} for j in order]
@@ -192,8 +195,11 @@ class FedDTPTAggregator:
             result.fallbacks.append("no-cluster")  # kept the most central client prompt
             keep(list(np.flatnonzero(client == int(np.argmax(mean_raw)))))
             return result
-        # np.argmax takes the first of equal weights: the lowest (client, position).
-        keep([int(np.flatnonzero(labels == c)[np.argmax(weights[labels == c])]) for c in clusters])
+        # np.argmax takes the first of equal weights: the lowest (client, position). A cluster sits at the
+        # median relative position of its members: the place most clients gave that word, so one client's
+        # odd placement of a shared word does not reorder the prompt.
+        keep([int(np.flatnonzero(labels == c)[np.argmax(weights[labels == c])]) for c in clusters],
+             np.array([np.median(rel[labels == c]) for c in clusters]))
         return result
 
     def _weights(self, x: np.ndarray, client: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 SEED_STYLES = ("concise", "moderate", "detailed")
 FEEDBACK = ("accuracy", "margin", "none")
+ACCEPT = ("no-drop", "improve")
 EDIT_OPS = ("replace", "insert", "delete")
 PROPOSERS = ("lm-infill", "mlm", "embedding-neighbours", "random")
 AGG_MODES = ("dbscan", "fedavg", "no-clustering", "kmeans")
@@ -79,6 +80,7 @@ class SearchConfig:
     public_batch_size: int = 8
     candidates_per_step: int = 4
     feedback: str = "accuracy"
+    accept: str = "no-drop"
     edit_ops: dict[str, float] = field(default_factory=lambda: {"replace": 0.7, "insert": 0.15, "delete": 0.15})
     explore: float = 0.2
     min_tokens: int = 3
@@ -92,6 +94,7 @@ class SearchConfig:
         _at_least("search.public_batch_size", self.public_batch_size, 0)
         _positive("search.candidates_per_step", self.candidates_per_step)
         _choice("search.feedback", self.feedback, FEEDBACK)
+        _choice("search.accept", self.accept, ACCEPT)
         unknown = sorted(set(self.edit_ops) - set(EDIT_OPS))
         if unknown:
             raise ConfigError(f"search.edit_ops: unknown operations {unknown}; choose from {list(EDIT_OPS)}")

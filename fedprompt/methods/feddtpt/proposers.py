@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fedprompt.errors import ConfigError
+from fedprompt.models.scoring import cache_kwargs, output_cache
 
 if TYPE_CHECKING:
     from fedprompt.methods.feddtpt.config import ProposerConfig
@@ -121,7 +122,7 @@ class LMInfillProposer(Proposer):
         prefix = self._prefix_ids(left)
         out = _forward(self.model, torch.tensor([prefix], device=self.device), 1, use_cache=True)
         logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)[self.ids.to(self.device)]
-        return prefix, logp, getattr(out, "past_key_values", None)
+        return prefix, logp, output_cache(out)
 
     def _rest(self, prefix: list[int], cache, word_ids: list[int], right_ids: list[int]) -> torch.Tensor:
         """log p(right | context + left + word) per candidate word id."""
@@ -131,7 +132,7 @@ class LMInfillProposer(Proposer):
         if cache is not None and hasattr(cache, "batch_repeat_interleave"):
             # Reuse the prefix's keys/values: only the word and the right context are computed per row.
             cache.batch_repeat_interleave(len(word_ids))
-            logits = self.model(input_ids=rows, past_key_values=cache, use_cache=True).logits
+            logits = self.model(input_ids=rows, **cache_kwargs(self.model, cache)).logits
         else:  # no reusable cache: run the whole sequence (every row has the same length: no padding)
             full = torch.cat([torch.tensor([prefix] * len(word_ids), device=self.device), rows], dim=1)
             logits = _forward(self.model, full, rows.shape[1], use_cache=False).logits

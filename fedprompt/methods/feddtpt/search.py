@@ -9,7 +9,8 @@ batch), scores the start prompt, then repeats until the query budget is spent:
    probability ``explore`` the position is uniform instead;
 2. ask the proposer for new words there, skipping (position, old, new) triples already tried;
 3. score every candidate prompt on the batch in one black-box call and keep the best one if the
-   feedback does not drop (accuracy; or accuracy then gold-label log-prob margin).
+   feedback does not drop (``accept: no-drop``, the paper's rule) or only if it rises (``improve``);
+   feedback is the batch accuracy, or accuracy then the gold-label log-prob margin.
 
 The budget counts queries (examples scored); a step scores no more candidates than the rest of the
 budget pays for, so the budget is never exceeded. Only texts ``spec.format(example, prompt)`` for
@@ -268,12 +269,13 @@ class _Run:
             scores = self._score([c[3] for c in cands])
             stale = cfg.resample_batch
             best = max(range(len(cands)), key=lambda i: self._key(scores[i]))  # first of equals: proposer's order
-            accept = self._key(scores[best]) >= self._key(current)
+            gain = self._key(scores[best]) > self._key(current)
+            accept = gain or (cfg.accept == "no-drop" and self._key(scores[best]) == self._key(current))
             for i, (slot, old, new, _) in enumerate(cands):
                 s = scores[i]
                 self.history.append(Edit(steps, op, slot, old, new, s.accuracy, s.margin, accept and i == best))
             if accept:
-                if self._key(scores[best]) > self._key(current):
+                if gain:
                     self.gains[pos] += 1
                 slot, _, _, tokens = cands[best]
                 self._apply(op, slot, tokens)

@@ -18,9 +18,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedprompt.fl.records import (
-    ARRAYS, CONFIG, METRICS, arrays_to_prompt, prompt_to_arrays, record_bytes, serialize_content,
-)
+from fedprompt.fl.feddtpt.records import arrays_to_prompt, prompt_to_arrays
+from fedprompt.fl.records import ARRAYS, CONFIG, METRICS, record_bytes, serialize_content
 
 
 @dataclass

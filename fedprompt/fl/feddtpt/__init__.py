@@ -1,0 +1,2 @@
+"""FedDTPT on Flower: the client (search against the black box), the strategy (aggregation), the server
+(strategy + central evaluation + results) and the message layout."""

