@@ -91,6 +91,7 @@ def validate_federation(fed: DictConfig) -> None:
     at_least("client_cpus", 1)
     at_least("client_gpus", 0)
     at_least("round_timeout_s", 1)
+    at_least("eval_every", 1)
     at_least("public_size", 0)
     at_least("superlink_port", 0)
     if not 0 < float(fed.fraction_train) <= 1:

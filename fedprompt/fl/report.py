@@ -67,7 +67,8 @@ class RunReport:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
-        ax.plot([r["round"] for r in self.rows], [r["accuracy"] for r in self.rows], marker="o", label="global prompt")
+        scored = [r for r in self.rows if r["accuracy"] is not None]  # federation.eval_every skips rounds
+        ax.plot([r["round"] for r in scored], [r["accuracy"] for r in scored], marker="o", label="global prompt")
         if self.info.get("manual_accuracy") is not None:
             ax.axhline(self.info["manual_accuracy"], color="grey", linestyle="--", label="manual prompt")
         ax.set_xlabel("round")

@@ -85,16 +85,19 @@ def run_server(grid: Grid, cfg) -> dict:
     if fed.eval_manual and not seed_is_manual:
         report.info["manual_accuracy"] = score_prompt(blackbox, spec, examples, None)[0]
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    every, last = int(fed.eval_every), int(fed.rounds)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         words = arrays_to_prompt(arrays)
         start = time.perf_counter()
-        accuracy, queries = score_prompt(blackbox, spec, examples, words)
+        due = server_round % every == 0 or server_round == last  # round 0 and the final prompt always
+        accuracy, queries = score_prompt(blackbox, spec, examples, words) if due else (None, 0)
         if server_round == 0 and fed.eval_manual and seed_is_manual:
             report.info["manual_accuracy"] = accuracy  # the seed is the manual prompt: same examples, same score
-        row = report.add(server_round, words, accuracy, len(examples), queries, time.perf_counter() - start,
-                         strategy.rounds.get(server_round))
-        log(INFO, "round %d: accuracy %.4f, prompt %r", server_round, accuracy, row["prompt"])
-        return MetricRecord({"accuracy": accuracy})
+        row = report.add(server_round, words, accuracy, len(examples) if due else 0, queries,
+                         time.perf_counter() - start, strategy.rounds.get(server_round))
+        log(INFO, "round %d: accuracy %s, prompt %r", server_round, accuracy, row["prompt"])
+        return MetricRecord({"accuracy": accuracy}) if due else None
 
     try:
         strategy.start(grid, prompt_to_arrays(seed_prompt), num_rounds=int(fed.rounds),

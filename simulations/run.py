@@ -1,0 +1,130 @@
+"""Run the experiments of one simulations/ config and write their table.
+
+    python simulations/run.py simulations/feddtpt_sst2.yaml [--only NAME ...] [--force] [--dry-run]
+
+A config names a fedprompt command, overrides shared by every run, and the runs (each a list of extra
+overrides, the same ``key=value`` syntax as the command line):
+
+    command: run
+    common: [task=sst2, federation.num_clients=10]
+    runs:
+      dirichlet-1.0: [partition=dirichlet, partition.alpha=1.0]
+      iid: [partition=iid]
+    columns: [final_accuracy, manual_accuracy, queries_per_client_round]   # optional
+
+An override may quote another run's result as ``@{<config name>/<run name>:<key>}`` (e.g. evaluate the
+final prompt of a FedDTPT run on another model: ``prompt=@{feddtpt_sst2/dirichlet-1.0:final_prompt}``);
+that run must have finished.
+
+Each run's folder is ``<results>/<config name>/<run name>`` (``--results``, default
+``simulations/results``); a run whose result.json exists is not run again unless ``--force``, so an
+interrupted table resumes where it stopped. The table (markdown and JSON, one row per run: the chosen
+columns of the command's result, plus its overrides) is written beside the run folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+DEFAULT_COLUMNS = ["final_accuracy", "manual_accuracy", "initial_accuracy", "rounds", "queries_per_client_round",
+                   "bytes_up_per_client_round", "wall_s", "final_prompt"]
+
+
+def load(path: Path) -> dict:
+    config = yaml.safe_load(path.read_text())
+    if not isinstance(config, dict) or not isinstance(config.get("runs"), dict) or not config["runs"]:
+        sys.exit(f"{path}: expected a mapping with a non-empty 'runs' mapping (name: [overrides])")
+    for name, extra in config["runs"].items():
+        if not isinstance(extra, list):
+            sys.exit(f"{path}: run {name!r} must be a list of key=value overrides")
+    return config
+
+
+def fill(override: str, results: Path) -> str:
+    """Replace ``@{config/run:key}`` by that run's result value."""
+
+    def value(match: re.Match) -> str:
+        path = results / match.group(1) / "result.json"
+        if not path.is_file():
+            sys.exit(f"{override!r} needs {path}: run that experiment first")
+        text = str(json.loads(path.read_text())[match.group(2)])
+        # A Hydra quoted string, so that commas, colons and brackets in a prompt stay text.
+        return "'" + text.replace("'", "\\'") + "'"
+
+    return re.sub(r"@\{([^:}]+):([^}]+)\}", value, override)
+
+
+def run_one(command: str, overrides: list[str], folder: Path) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "fedprompt.cli", command, *overrides, f"output_dir={folder}"]
+    print("$ fedprompt", command, " ".join(overrides), flush=True)
+    start = time.perf_counter()
+    with (folder / "stdout.log").open("w") as log:
+        proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=log, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"run failed (exit {proc.returncode}); see {folder / 'stdout.log'}")
+    result = json.loads(lines[-1])
+    result.setdefault("wall_s", round(time.perf_counter() - start, 1))
+    (folder / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return "" if value is None else str(value).replace("|", "\\|")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--only", nargs="*", help="run only these run names")
+    parser.add_argument("--force", action="store_true", help="re-run runs that already have a result")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+
+    config = load(args.config)
+    command, common = str(config.get("command", "run")), [str(o) for o in config.get("common") or []]
+    columns = list(config.get("columns") or DEFAULT_COLUMNS)
+    out = args.results / args.config.stem
+    rows, failed = [], []
+    for name, extra in config["runs"].items():
+        if args.only and name not in args.only:
+            continue
+        overrides, folder = [fill(str(o), args.results) for o in common + extra], out / name
+        if args.dry_run:
+            print("fedprompt", command, " ".join(overrides), f"output_dir={folder}")
+            continue
+        done = folder / "result.json"
+        try:
+            result = json.loads(done.read_text()) if done.is_file() and not args.force else run_one(command, overrides, folder)
+        except RuntimeError as err:
+            print(f"{name}: {err}", file=sys.stderr)
+            failed.append(name)
+            continue
+        rows.append({"run": name, **{c: result.get(c) for c in columns}, "overrides": " ".join(extra)})
+    if args.dry_run:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
+    header = ["run", *columns, "overrides"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in header) + " |" for row in rows]
+    (out / "table.md").write_text(f"# {args.config.stem}\n\n`fedprompt {command} {' '.join(common)}`\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(json.dumps({"config": str(args.config), "table": str(out / "table.md"), "runs": len(rows), "failed": failed}))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
