@@ -23,7 +23,8 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 300.0,
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            tails = "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted((logs or Path(".")).glob("*.log")))
+            files = sorted((logs or Path(".")).glob("*.log"))
+            tails = "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in files)
             raise AssertionError(f"{what}: not within {timeout_s:.0f} s{tails}")
         time.sleep(0.2)
 

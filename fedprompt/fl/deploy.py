@@ -58,8 +58,9 @@ class DeploySettings:
             raise ConfigError(f"unknown key(s) {unknown} in deploy; known: {sorted(cls.__dataclass_fields__)}")
         settings = cls(**node)
         for key in ("superlink_port", "service_port"):
-            if not isinstance(getattr(settings, key), int) or not 0 <= getattr(settings, key) <= 65535:
-                raise ConfigError(f"deploy.{key} must be a port in 0..65535 (0 = any free port), got {getattr(settings, key)!r}")
+            port = getattr(settings, key)
+            if not isinstance(port, int) or not 0 <= port <= 65535:
+                raise ConfigError(f"deploy.{key} must be a port in 0..65535 (0 = any free port), got {port!r}")
         if not isinstance(settings.startup_timeout_s, (int, float)) or settings.startup_timeout_s <= 0:
             raise ConfigError(f"deploy.startup_timeout_s must be > 0, got {settings.startup_timeout_s!r}")
         return settings
