@@ -23,6 +23,7 @@ commands:
   eval    evaluate the task's manual prompt (or prompt="...", or prompt="" for zero-shot) on a split
   serve   serve model= as a black-box LLM API (OpenAI-compatible + /v1/classify), see docs/blackbox.md
   run     a federated simulation (Flower, Ray backend, via `flwr run`): method=feddtpt, N clients, R rounds
+  deploy  the same run on a Flower deployment: SuperLink + N SuperNodes over TLS, see docs/deployment.md
 
 examples:
   fedprompt eval task=sst2 split=test
@@ -30,6 +31,7 @@ examples:
   fedprompt eval task=mytask data_dir=/path/to/folders model=HuggingFaceTB/SmolLM2-360M-Instruct
   fedprompt serve model=smollm2-135m host=127.0.0.1 port=8000 service.api_keys_file=keys.txt
   fedprompt run method=feddtpt task=sst2 federation.num_clients=10 federation.rounds=3 partition=dirichlet partition.alpha=1.0
+  fedprompt deploy task=sst2 federation.num_clients=3 service.kind=http
 
 data: data_dir=<folder with one sub-folder per task>, else $FEDPROMPT_DATA_DIR, else the HF hub.
 """
@@ -105,7 +107,14 @@ def cmd_run(cfg: DictConfig) -> dict:
     return run(cfg)
 
 
-COMMANDS: dict[str, Callable[[DictConfig], dict]] = {"eval": cmd_eval, "serve": cmd_serve, "run": cmd_run}
+def cmd_deploy(cfg: DictConfig) -> dict:
+    from fedprompt.fl.deploy import cmd_deploy as deploy  # lazy: Flower only when deploying
+
+    return deploy(cfg)
+
+
+COMMANDS: dict[str, Callable[[DictConfig], dict]] = {"eval": cmd_eval, "serve": cmd_serve, "run": cmd_run,
+                                                      "deploy": cmd_deploy}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -120,3 +120,36 @@ def test_prompt_encoding_round_trips_and_rejects_whitespace():
         prompt_to_arrays(["two words"])
     with pytest.raises(ValueError):
         prompt_to_arrays([])
+
+
+def _sent_by_the_grid(strategy: FedDTPTStrategy, nodes) -> list[Message]:
+    """configure_train's messages with the ids the Grid gives them when it sends them."""
+    messages = list(strategy.configure_train(1, prompt_to_arrays(["classify"]), ConfigRecord(), FakeGrid(nodes)))
+    for msg in messages:
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+    return messages
+
+
+@pytest.mark.parametrize("min_replies, aggregated", [(1, True), (2, False)])
+def test_failed_lost_and_silent_clients_are_recorded_and_min_replies_decides(min_replies, aggregated):
+    from flwr.common.constant import ErrorCode
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    strategy = make_strategy(min_replies=min_replies)
+    to = {m.metadata.dst_node_id: m for m in _sent_by_the_grid(strategy, [11, 12, 13, 14])}
+    replies = [
+        Message(RecordDict({"arrays": prompt_to_arrays(PROMPTS[11])}), reply_to=to[11]),  # the only valid reply
+        Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "RuntimeError on the client"), reply_to=to[12]),
+        # What the SuperLink answers for a SuperNode that stopped sending heartbeats: it comes from the SuperLink.
+        create_message_error_unavailable_res_message(to[13].metadata, "node_unavail"),
+    ]  # node 14 never answers: the round's timeout passed
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    stats = strategy.rounds[1]
+    assert sorted((f["node"], f["code"]) for f in stats.failures) == [
+        (12, ErrorCode.CLIENT_APP_RAISED_EXCEPTION), (13, ErrorCode.NODE_UNAVAILABLE), (14, None)]
+    assert stats.replies == 1 and stats.missing == 1
+    if aggregated:
+        assert arrays_to_prompt(arrays) == PROMPTS[11] and stats.skipped is None
+    else:  # Strategy.start keeps the previous global prompt; the report says why
+        assert arrays is None and stats.skipped == "1 valid replies < federation.min_replies=2"

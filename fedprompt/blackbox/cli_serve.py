@@ -33,7 +33,8 @@ def cmd_serve(cfg: DictConfig) -> dict:
 
     app = create_app(str(cfg.model.name), settings, device=cfg.model.get("device"), dtype=cfg.model.get("dtype"),
                      accountant=accountant)
-    server = uvicorn.Server(uvicorn_config(app, settings.host, settings.port, settings.log_level))
+    server = uvicorn.Server(uvicorn_config(app, settings.host, settings.port, settings.log_level,
+                                           settings.tls_certfile, settings.tls_keyfile))
     _announce(server, settings, accountant.auth_required)
     # uvicorn re-raises the signal that stopped it once it has shut down; a no-op SIGTERM handler and a
     # caught KeyboardInterrupt let the command return its summary instead of dying on that signal.
@@ -61,7 +62,32 @@ def _announce(server, settings: ServerSettings, auth: bool) -> None:
         await startup(sockets=sockets)
         if server.started:
             port = server.servers[0].sockets[0].getsockname()[1] if server.servers else settings.port
-            print(f"fedprompt serve: {settings.model_id} on http://{settings.host}:{port} "
+            print(f"fedprompt serve: {settings.model_id} on {settings.scheme}://{settings.host}:{port} "
                   f"(auth {'on' if auth else 'off'}; Ctrl-C stops)", file=sys.stderr, flush=True)
 
     server.startup = startup_and_announce
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedprompt.blackbox.cli_serve CONFIG.yaml``: serve a whole composed config. ``fedprompt deploy``
+    starts its service this way, so every ``service.*`` setting of the deploy command reaches the service."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from fedprompt.errors import FedPromptError
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m fedprompt.blackbox.cli_serve CONFIG.yaml", file=sys.stderr)
+        return 2
+    try:
+        print(json.dumps(cmd_serve(OmegaConf.load(args[0]))), flush=True)
+    except FedPromptError as err:
+        print(f"fedprompt serve: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

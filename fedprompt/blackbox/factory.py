@@ -21,7 +21,7 @@ def make_blackbox(cfg: Any = None, kind: str | None = None, *, model=None, token
     if kind not in ("inprocess", "http", "openai"):
         raise ValueError(f"unknown black-box kind {kind!r}; choose inprocess, http or openai (service.kind)")
     network = dict(timeout_s=client.timeout_s, connect_timeout_s=client.connect_timeout_s, retries=client.retries,
-                   backoff_s=client.backoff_s, max_backoff_s=client.max_backoff_s)
+                   backoff_s=client.backoff_s, max_backoff_s=client.max_backoff_s, ca_file=client.ca_file)
     if kind == "http":
         from fedprompt.blackbox.http_client import HttpBlackBox
 

@@ -22,14 +22,15 @@ class HttpBlackBox(BlackBoxLM):
 
     def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, *, model: str | None = None,
                  chunk_size: int = 128, timeout_s: float = 300.0, connect_timeout_s: float = 5.0, retries: int = 4,
-                 backoff_s: float = 0.5, max_backoff_s: float = 8.0, transport=None, sleep=time.sleep) -> None:
+                 backoff_s: float = 0.5, max_backoff_s: float = 8.0, ca_file: str | None = None, transport=None,
+                 sleep=time.sleep) -> None:
         super().__init__()
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.url, self.model, self.chunk_size = url, model, chunk_size
         self.transport = JsonTransport(url, api_key or os.environ.get(API_KEY_ENV), timeout_s=timeout_s,
                                        connect_timeout_s=connect_timeout_s, retries=retries, backoff_s=backoff_s,
-                                       max_backoff_s=max_backoff_s, transport=transport, sleep=sleep)
+                                       max_backoff_s=max_backoff_s, ca_file=ca_file, transport=transport, sleep=sleep)
 
     def classify(self, texts: Sequence[str], labels: Sequence[str], labels_only: bool = False) -> ClassifyResult:
         if isinstance(texts, str) or isinstance(labels, str):

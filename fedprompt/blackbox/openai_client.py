@@ -65,7 +65,7 @@ class OpenAICompatibleBlackBox(BlackBoxLM):
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *, label_mode: str = "first_token",
                  top_logprobs: int = 20, tokenizer=None, chunk_size: int = 32, timeout_s: float = 300.0,
                  connect_timeout_s: float = 5.0, retries: int = 4, backoff_s: float = 0.5, max_backoff_s: float = 8.0,
-                 transport=None, sleep=time.sleep) -> None:
+                 ca_file: str | None = None, transport=None, sleep=time.sleep) -> None:
         super().__init__()
         if label_mode not in LABEL_MODES:
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
@@ -80,7 +80,7 @@ class OpenAICompatibleBlackBox(BlackBoxLM):
         api_key = api_key or os.environ.get("FEDPROMPT_API_KEY") or os.environ.get("OPENAI_API_KEY")
         self.transport = JsonTransport(normalize_base_url(base_url), api_key, timeout_s=timeout_s,
                                        connect_timeout_s=connect_timeout_s, retries=retries, backoff_s=backoff_s,
-                                       max_backoff_s=max_backoff_s, transport=transport, sleep=sleep)
+                                       max_backoff_s=max_backoff_s, ca_file=ca_file, transport=transport, sleep=sleep)
 
     def classify(self, texts: Sequence[str], labels: Sequence[str], labels_only: bool = False) -> ClassifyResult:
         if isinstance(texts, str) or isinstance(labels, str):

@@ -16,17 +16,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def uvicorn_config(app, host: str, port: int, log_level: str = "warning") -> uvicorn.Config:
+def uvicorn_config(app, host: str, port: int, log_level: str = "warning", ssl_certfile: str | None = None,
+                   ssl_keyfile: str | None = None) -> uvicorn.Config:
     # The model runs in the batcher's thread, so one event loop and no workers; lifespan starts that thread.
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False, ws="none")
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False, ws="none",
+                          ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
 
 
 class RunningServer:
-    """uvicorn in a daemon thread; ``port=0`` binds a free port, read it back from ``url``."""
+    """uvicorn in a daemon thread; ``port=0`` binds a free port, read it back from ``url``. With a certificate
+    and key (PEM) it serves HTTPS."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
-        self.server = uvicorn.Server(uvicorn_config(app, host, port, log_level))
-        self.host = host
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
+        self.server = uvicorn.Server(uvicorn_config(app, host, port, log_level, ssl_certfile, ssl_keyfile))
+        self.host, self.scheme = host, "https" if ssl_certfile else "http"
         self._thread = threading.Thread(target=self.server.run, name="fedprompt-uvicorn", daemon=True)
 
     @property
@@ -35,7 +39,7 @@ class RunningServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> "RunningServer":
         self._thread.start()

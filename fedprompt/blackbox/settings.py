@@ -89,6 +89,8 @@ class ServerSettings:
     wait_ms: float = 5.0      # how long the worker waits for more requests before a merged call
     cache_size: int = 0       # LRU rows (text, labels) -> log-probs; 0 = off
     log_level: str = "warning"
+    tls_certfile: str | None = None  # PEM certificate (chain) and key: serve HTTPS; both or neither
+    tls_keyfile: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
@@ -102,12 +104,22 @@ class ServerSettings:
             raise ConfigError(f"service.cache.size must be an integer >= 0, got {self.cache_size!r}")
         if self.api_keys_file is not None and not os.path.isfile(os.path.expanduser(str(self.api_keys_file))):
             raise ConfigError(f"service.api_keys_file {self.api_keys_file!r} does not exist")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ConfigError("service.tls needs both certfile and keyfile (HTTPS), or neither (plain HTTP)")
+        for key, path in (("certfile", self.tls_certfile), ("keyfile", self.tls_keyfile)):
+            if path is not None and not os.path.isfile(os.path.expanduser(str(path))):
+                raise ConfigError(f"service.tls.{key} {path!r} does not exist (scripts/make-certs.sh makes one)")
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_certfile else "http"
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ServerSettings":
         """From a composed config (root, with ``service`` and ``model``)."""
         svc = _node(cfg, "service")
         batching, cache = dict(svc.get("batching") or {}), dict(svc.get("cache") or {})
+        tls = dict(svc.get("tls") or {})
         model_name = str(cfg.model.name) if cfg is not None and cfg.get("model") is not None else None
         return cls(
             host=svc.get("host", "127.0.0.1"),
@@ -122,6 +134,8 @@ class ServerSettings:
             wait_ms=batching.get("wait_ms", 5.0),
             cache_size=int(cache.get("size", 0)) if cache.get("enabled", False) else 0,
             log_level=str(svc.get("log_level") or "warning"),
+            tls_certfile=tls.get("certfile"),
+            tls_keyfile=tls.get("keyfile"),
         )
 
 
@@ -138,6 +152,7 @@ class ClientSettings:
     backoff_s: float = 0.5
     max_backoff_s: float = 8.0
     chunk_size: int = 128          # texts per HTTP request
+    ca_file: str | None = None     # PEM CA bundle that verifies an https:// service (None: the system's)
     openai_model: str | None = None
     label_mode: str = "first_token"
     top_logprobs: int = 20
@@ -156,6 +171,8 @@ class ClientSettings:
             raise ConfigError(f"service.client.backoff_s must be >= 0, got {self.backoff_s!r}")
         if not isinstance(self.top_logprobs, int) or not 1 <= self.top_logprobs <= 20:
             raise ConfigError(f"service.openai.top_logprobs must be an integer in 1..20, got {self.top_logprobs!r}")
+        if self.ca_file is not None and not os.path.isfile(os.path.expanduser(str(self.ca_file))):
+            raise ConfigError(f"service.client.ca_file {self.ca_file!r} does not exist")
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ClientSettings":

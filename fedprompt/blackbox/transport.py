@@ -7,7 +7,10 @@ and 429 *with* ``Retry-After`` (an overloaded server). Never retried: other 4xx,
 
 from __future__ import annotations
 
+import logging
+import os
 import random
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -15,6 +18,8 @@ import httpx
 
 from fedprompt.blackbox.errors import BadResponse, ServiceUnavailable, error_from_response
 from fedprompt.blackbox.protocol import encode_json
+
+log = logging.getLogger("fedprompt.blackbox")
 
 _RETRY_NETWORK = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.RemoteProtocolError, httpx.ReadError,
                   httpx.WriteError)
@@ -39,11 +44,13 @@ def _retry_after(response: httpx.Response) -> float | None:
 class JsonTransport:
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout_s: float = 300.0,
                  connect_timeout_s: float = 5.0, retries: int = 4, backoff_s: float = 0.5, max_backoff_s: float = 8.0,
-                 transport: httpx.BaseTransport | None = None, sleep=time.sleep) -> None:
+                 ca_file: str | None = None, transport: httpx.BaseTransport | None = None, sleep=time.sleep) -> None:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        self.client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, transport=transport,
+        # ca_file: a private CA (scripts/make-certs.sh) for an https:// service; else the system's trust store.
+        verify = ssl.create_default_context(cafile=os.path.expanduser(ca_file)) if ca_file else True
+        self.client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, transport=transport, verify=verify,
                                    timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
         self.retries, self.backoff_s, self.max_backoff_s, self._sleep = retries, backoff_s, max_backoff_s, sleep
         self.timeout_s = timeout_s
@@ -60,7 +67,11 @@ class JsonTransport:
         last, hint = "", None
         for attempt in range(self.retries + 1):
             if attempt:
-                self._sleep(self._delay(attempt - 1, hint))
+                delay = self._delay(attempt - 1, hint)
+                # Operators (and the restart test) see a service outage here, not only when the retries run out.
+                log.warning("%s %s%s: %s; retry %d of %d in %.1f s", method, self.client.base_url, path, last, attempt,
+                            self.retries, delay)
+                self._sleep(delay)
             hint = None
             try:
                 response = self.client.request(method, path, content=content)

@@ -5,5 +5,7 @@
 - ``<method>/``: one folder per method: its client, server (strategy, evaluation, results) and records
 - ``records``: the record names every method shares; ``config``: the config's trip through the run config
 - ``run.cmd_run`` / ``launch``: ``fedprompt run``, a simulation on Ray through ``flwr run``
+- ``deploy``: ``fedprompt deploy``, the same apps on a SuperLink and SuperNodes over TLS (this machine, or a
+  running SuperLink); docs/deployment.md
 - ``report``: the run folder's per-round JSON/CSV, plot and summary
 """

@@ -10,6 +10,7 @@ defaults of ``conf/``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,6 +31,9 @@ def serialize_config(cfg: DictConfig) -> str:
         data["output_dir"] = str(Path(data["output_dir"]).expanduser().resolve())
     if (data.get("task") or {}).get("path"):
         data["task"]["path"] = str(Path(data["task"]["path"]).expanduser().resolve())
+    client = (data.get("service") or {}).get("client") or {}
+    if client.get("ca_file"):  # an https:// service with a private CA (fedprompt deploy)
+        client["ca_file"] = str(Path(client["ca_file"]).expanduser().resolve())
     from fedprompt.models.registry import EMBEDDED
 
     method = data.get("method") or {}
@@ -96,6 +100,16 @@ def validate_federation(fed: DictConfig) -> None:
     at_least("superlink_port", 0)
     if not 0 < float(fed.fraction_train) <= 1:
         raise ConfigError(f"federation.fraction_train must be in (0, 1], got {fed.fraction_train}")
+    at_least("min_replies", 1)
+    sampled = min(int(fed.num_clients), max(math.ceil(float(fed.fraction_train) * int(fed.num_clients)),
+                                            int(fed.min_train_clients)))
+    if int(fed.min_replies) > sampled:
+        raise ConfigError(f"federation.min_replies={fed.min_replies} but a round samples only {sampled} clients: every "
+                          "round would be skipped; lower min_replies or raise fraction_train / min_train_clients")
+    available = fed.get("min_available_clients")
+    if available is not None and not 1 <= int(available) <= int(fed.num_clients):
+        raise ConfigError(f"federation.min_available_clients must be in 1..num_clients={fed.num_clients} "
+                          f"(or null for all of them), got {available}")
     if fed.get("eval_limit") is not None and int(fed.eval_limit) < 1:
         raise ConfigError(f"federation.eval_limit must be >= 1 (or null for the whole split), got {fed.eval_limit}")
     if int(fed.public_size) > 0 and fed.public_split == fed.eval_split:

@@ -31,7 +31,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import Iterator, Sequence, TextIO
 
 from fedprompt.errors import FedPromptError
 
@@ -110,11 +110,12 @@ def local_superlink(log_path: Path, cwd: Path, port: int = 0, startup_s: float =
             time.sleep(0.2)
         yield env
     finally:
-        _stop(proc)
+        stop_process_group(proc)
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything it started."""
     # SIGTERM lets the SuperLink stop its SuperExec; the process group catches anything left of ours.
     for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
         if proc.poll() is not None:
@@ -134,8 +135,13 @@ def flwr_run(app_dir: Path, run_config: Path, num_supernodes: int, client_cpus: 
     """Submit the app, stream its log to ``log`` (and ``echo``), and return how the run ended."""
     federation = (f"num-supernodes={int(num_supernodes)} client-resources-num-cpus={int(client_cpus)} "
                   f"client-resources-num-gpus={float(client_gpus)}")
-    command = [_tool("flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(run_config),
-               "--federation-config", federation, "--stream"]
+    return submit_run(app_dir, CONNECTION, run_config, env, log, echo, ["--federation-config", federation])
+
+
+def submit_run(app_dir: Path, connection: str, run_config: Path, env: dict[str, str], log: TextIO,
+               echo: TextIO | None = None, extra_args: Sequence[str] = ()) -> RunOutcome:
+    """``flwr run <app> <connection> --run-config ... --stream``, then the run's status from ``flwr ls``."""
+    command = [_tool("flwr"), "run", str(app_dir), connection, "--run-config", str(run_config), *extra_args, "--stream"]
     log.write("$ " + " ".join(command) + "\n")
     start = time.perf_counter()
     run_id = None
@@ -150,12 +156,12 @@ def flwr_run(app_dir: Path, run_config: Path, num_supernodes: int, client_cpus: 
     elapsed = time.perf_counter() - start
     if run_id is None:
         raise SimulationError(f"`flwr run` did not start a run (exit code {proc.returncode}); see {log.name}")
-    status, details = run_status(run_id, env)
+    status, details = run_status(run_id, env, connection)
     return RunOutcome(run_id, status, details, elapsed)
 
 
-def run_status(run_id: int, env: dict[str, str]) -> tuple[str, str]:
-    out = subprocess.run([_tool("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+def run_status(run_id: int, env: dict[str, str], connection: str = CONNECTION) -> tuple[str, str]:
+    out = subprocess.run([_tool("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
                          env=env, capture_output=True, text=True, timeout=120)
     try:
         run = json.loads(out.stdout)["runs"][0]

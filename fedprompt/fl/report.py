@@ -13,6 +13,8 @@ from typing import Any
 
 # Flat per-round columns (CSV and JSON); the JSON rows add client prompts, failures and aggregation details.
 # failures = error replies + sampled clients that never replied; queries = the clients' black-box queries.
+# A round with fewer valid replies than federation.min_replies keeps the global prompt: its JSON row says why
+# under "skipped" (null for aggregated rounds).
 COLUMNS = (
     "round", "accuracy", "eval_n", "clients_sampled", "replies", "failures", "queries", "eval_queries",
     "bytes_down", "bytes_up", "service_bytes_sent", "service_bytes_received", "local_accuracy",
@@ -35,7 +37,7 @@ class RunReport:
         row = {
             "round": server_round, "accuracy": accuracy, "eval_n": eval_n,
             "clients_sampled": stats.sampled if stats else 0, "replies": stats.replies if stats else 0,
-            "failures": len(stats.failures) + stats.missing if stats else 0, "queries": int(metrics.get("queries", 0)),
+            "failures": len(stats.failures) if stats else 0, "queries": int(metrics.get("queries", 0)),
             "eval_queries": eval_queries, "bytes_down": stats.bytes_down if stats else 0,
             "bytes_up": stats.bytes_up if stats else 0,
             "service_bytes_sent": int(metrics.get("bb-bytes-sent", 0)),
@@ -46,7 +48,7 @@ class RunReport:
         }
         if stats:
             row.update(client_metrics=stats.metrics, client_prompts=stats.client_prompts,
-                       failure_details=stats.failures, aggregation=stats.aggregation)
+                       failure_details=stats.failures, skipped=stats.skipped, aggregation=stats.aggregation)
         self.rows.append(row)
         self.last = now
         self._write_rounds()
@@ -98,6 +100,7 @@ class RunReport:
             "bytes_up_per_client_round": sum(r["bytes_up"] for r in trained) / client_rounds,
             "service_bytes": sum(r["service_bytes_sent"] + r["service_bytes_received"] for r in trained),
             "failures": sum(r["failures"] for r in trained),
+            "skipped_rounds": [r["round"] for r in trained if r.get("skipped")],
             "client_replies": sum(r["replies"] for r in trained),
             "server_wall_s": round(time.perf_counter() - self.start, 3),
             **extra,

@@ -77,24 +77,40 @@ def write_run_config(cfg: DictConfig, folder: Path) -> Path:
 
 
 def cmd_run(cfg: DictConfig) -> dict:
-    from fedprompt.fl.launch import SimulationError, flwr_run, local_superlink
+    from fedprompt.fl.launch import flwr_run, local_superlink
 
     start = time.perf_counter()
     root = app_dir()
     partition = prepare(cfg)
+    cfg, folder, run_config = start_run_folder(cfg, partition)
+    fed = cfg.federation
+    with local_superlink(folder / "superlink.log", cwd=folder, port=int(fed.superlink_port)) as env, \
+            (folder / "flower.log").open("w") as log:
+        outcome = flwr_run(root, run_config, int(fed.num_clients), int(fed.client_cpus), float(fed.client_gpus),
+                           env, log, echo=sys.stderr if cfg.get("progress", True) else None)
+    return finish_run(folder, outcome, start)
+
+
+def start_run_folder(cfg: DictConfig, partition: dict) -> tuple[DictConfig, Path, Path]:
+    """The run folder with the config, the partition's sizes and the run config; returns the config with
+    ``output_dir`` set, the folder and the run config's path."""
     folder = run_folder(cfg)
     cfg = OmegaConf.merge(cfg, {"output_dir": str(folder)})
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (folder / "partition.json").write_text(json.dumps(partition, indent=2) + "\n")
     for stale in ("summary.json", "replies.jsonl"):  # a reused output_dir must not pass off an old result
         (folder / stale).unlink(missing_ok=True)
-    run_config = write_run_config(cfg, folder)
-    fed = cfg.federation
-    with local_superlink(folder / "superlink.log", cwd=folder, port=int(fed.superlink_port)) as env, \
-            (folder / "flower.log").open("w") as log:
-        outcome = flwr_run(root, run_config, int(fed.num_clients), int(fed.client_cpus), float(fed.client_gpus),
-                           env, log, echo=sys.stderr if cfg.get("progress", True) else None)
+    return cfg, folder, write_run_config(cfg, folder)
+
+
+def finish_run(folder: Path, outcome, start: float) -> dict:
+    """summary.json of a completed run plus the launcher's figures (result.json); a clear error otherwise."""
+    from fedprompt.fl.launch import SimulationError
+
     summary_path = folder / "summary.json"
+    if outcome.status == "finished:completed" and not summary_path.is_file():
+        raise SimulationError(f"Flower run {outcome.run_id} completed, but its results are not in {folder}: the ServerApp "
+                              "writes them on the SuperLink's host (submit from there, or use an output_dir both share)")
     if outcome.status != "finished:completed" or not summary_path.is_file():
         raise SimulationError(f"Flower run {outcome.run_id} ended {outcome.status!r}: {outcome.details or 'no details'}; "
                               f"see {folder / 'flower.log'}")

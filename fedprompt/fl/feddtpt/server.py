@@ -71,7 +71,8 @@ def run_server(grid: Grid, cfg) -> dict:
     blackbox = make_blackbox(cfg)
     strategy = FedDTPTStrategy(
         method.build_aggregator(), fraction_train=float(fed.fraction_train),
-        min_train_nodes=int(fed.min_train_clients), min_available_nodes=int(fed.num_clients), seed=int(cfg.seed),
+        min_train_nodes=int(fed.min_train_clients), min_replies=int(fed.min_replies), seed=int(cfg.seed),
+        min_available_nodes=int(fed.min_available_clients or fed.num_clients),
         audit_path=folder / "replies.jsonl" if fed.audit_replies else None,
     )
     report = RunReport(folder, {

@@ -29,7 +29,9 @@ class RoundStats:
     sampled: int = 0
     replies: int = 0  # valid replies (aggregated)
     missing: int = 0  # sampled clients whose reply never came (timeout, lost node)
-    failures: list[dict] = field(default_factory=list)  # node id and error code/reason of each failed reply
+    failures: list[dict] = field(default_factory=list)  # node id and error code/reason of each failed or missing reply
+    nodes: list[int] = field(default_factory=list)  # the sampled node ids
+    skipped: str | None = None  # why the round kept the old global prompt (fewer valid replies than min_replies)
     bytes_down: int = 0  # serialized content of the messages sent to clients
     bytes_up: int = 0  # serialized content of the valid replies
     metrics: dict[str, float] = field(default_factory=dict)  # summed / averaged client metrics
@@ -53,7 +55,8 @@ class FedDTPTStrategy(Strategy):
     3. ``aggregate_train``: replies with errors are recorded and skipped; the valid replies' prompts,
        ordered by their text (node ids are random per run), go to ``FedDTPTAggregator.aggregate`` (similarity-weighted words, DBSCAN at
        the knee eps, one word per cluster, original order), whose prompt becomes the new global
-       ``ArrayRecord``. No valid reply: the global prompt is kept.
+       ``ArrayRecord``. Fewer than ``min_replies`` valid replies (failed clients, clients that missed the
+       round's timeout, lost nodes): the round is recorded as skipped and the global prompt is kept.
 
     There is no federated evaluation; pass ``evaluate_fn`` to ``start`` to score the global prompt
     centrally. Per-round sizes, failures and the aggregation's details are kept in ``self.rounds``.
@@ -66,6 +69,7 @@ class FedDTPTStrategy(Strategy):
         fraction_train: float = 1.0,
         min_train_nodes: int = 1,
         min_available_nodes: int = 1,
+        min_replies: int = 1,
         seed: int = 0,
         wait_for_nodes_s: float = 300.0,
         audit_path: str | Path | None = None,
@@ -76,10 +80,12 @@ class FedDTPTStrategy(Strategy):
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes
+        self.min_replies = min_replies
         self.seed = seed
         self.wait_for_nodes_s = wait_for_nodes_s
         self.audit_path = Path(audit_path) if audit_path else None
         self.rounds: dict[int, RoundStats] = {}
+        self._sent: list[Message] = []  # this round's messages; the Grid sets their ids when it sends them
 
     def summary(self) -> None:
         log(INFO, "\t├──> Sampling: fraction %.2f, at least %d of %d+ nodes, seed %d", self.fraction_train,
@@ -105,26 +111,34 @@ class FedDTPTStrategy(Strategy):
         nodes = self._sample(server_round, grid)
         config["server-round"] = server_round
         content = RecordDict({ARRAYS: arrays, CONFIG: config})
-        stats.sampled, stats.bytes_down = len(nodes), record_bytes(content) * len(nodes)
+        stats.nodes, stats.sampled, stats.bytes_down = nodes, len(nodes), record_bytes(content) * len(nodes)
         log(INFO, "configure_train: sampled %d of %d nodes", len(nodes), len(list(grid.get_node_ids())))
-        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
+        self._sent = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
+        return self._sent
+
+    def _sender(self, reply: Message) -> int:
+        """The sampled node a reply answers for: Flower's own error replies (a lost node) come from the SuperLink."""
+        sent = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._sent}
+        return sent.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.rounds.setdefault(server_round, RoundStats())
-        replies = sorted(replies, key=lambda m: m.metadata.src_node_id)
+        replies = sorted(replies, key=self._sender)
         stats.missing = max(0, stats.sampled - len(replies))
+        for node in sorted(set(stats.nodes) - {self._sender(m) for m in replies}):  # the round's timeout passed first
+            stats.failures.append({"node": node, "code": None, "reason": "no reply within federation.round_timeout_s"})
         self._audit(server_round, replies)
         prompts, metrics = [], []
         for msg in replies:
             if msg.has_error():
-                stats.failures.append({"node": int(msg.metadata.src_node_id), "code": int(msg.error.code),
+                stats.failures.append({"node": self._sender(msg), "code": int(msg.error.code),
                                        "reason": str(msg.error.reason)})
-                log(WARNING, "aggregate_train: node %d failed (%s), skipped", msg.metadata.src_node_id, msg.error.reason)
+                log(WARNING, "aggregate_train: node %d failed (%s), skipped", self._sender(msg), msg.error.reason)
                 continue
             try:
                 prompt = arrays_to_prompt(msg.content[ARRAYS])
             except (KeyError, ValueError, UnicodeDecodeError) as err:
-                stats.failures.append({"node": int(msg.metadata.src_node_id), "code": -1, "reason": f"malformed reply: {err}"})
+                stats.failures.append({"node": self._sender(msg), "code": -1, "reason": f"malformed reply: {err}"})
                 continue
             prompts.append(prompt)
             metrics.append(dict(msg.content[METRICS]) if METRICS in msg.content else {})
@@ -135,8 +149,9 @@ class FedDTPTStrategy(Strategy):
         prompts, metrics = [prompts[i] for i in order], [metrics[i] for i in order]
         stats.replies = len(prompts)
         stats.client_prompts = [" ".join(p) for p in prompts]
-        if not prompts:
-            log(WARNING, "aggregate_train: no valid reply in round %d; the global prompt is kept", server_round)
+        if len(prompts) < self.min_replies:
+            stats.skipped = f"{len(prompts)} valid replies < federation.min_replies={self.min_replies}"
+            log(WARNING, "aggregate_train: round %d skipped (%s); the global prompt is kept", server_round, stats.skipped)
             stats.train_s = time.perf_counter() - stats.started
             return None, None
         result = self.aggregator.aggregate(prompts)

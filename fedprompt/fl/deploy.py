@@ -1,0 +1,297 @@
+"""``fedprompt deploy``: the same ServerApp / ClientApp on a Flower deployment instead of a simulation.
+
+With ``deploy.connection=<name>`` the run is submitted to a running SuperLink named in
+``$FLWR_HOME/config.toml`` (real machines, docs/deployment.md). Without it, a whole deployment is brought up
+on this machine's loopback, every piece its own process group as it would be its own host, then the run is
+submitted, its results collected and everything torn down (:class:`LocalDeployment`)::
+
+    scripts/make-certs.sh CERTS --supernodes N               private CA, server certificates, SuperNode keys
+    python -m fedprompt.blackbox.cli_serve service.yaml       `fedprompt serve` over HTTPS (service.kind=http)
+    flower-superlink --ssl-ca-certfile .. --ssl-certfile .. --ssl-keyfile .. --enable-supernode-auth
+    flwr supernode register CERTS/supernode-i.pub fedprompt  (i < N: only registered keys may connect)
+    flower-supernode --superlink 127.0.0.1:P --root-certificates CERTS/ca.crt
+        --auth-supernode-private-key CERTS/supernode-i --node-config "partition-id=i num-partitions=N"
+        --port Q --ssl-certfile .. --ssl-keyfile .. --ssl-ca-certfile ..   (its Runtime API, also over TLS)
+    flwr run <app> fedprompt --run-config run_config.toml --stream
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, TextIO
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedprompt.errors import ConfigError, FedPromptError
+from fedprompt.fl.launch import CONNECTION, QUIET_ENV, RunOutcome, _tool, free_port, stop_process_group, submit_run
+
+
+class DeploymentError(FedPromptError):
+    """A piece of the local deployment did not come up (its log says why)."""
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """The ``deploy`` config group."""
+
+    connection: str | None = None
+    certs_dir: str | None = None
+    superlink_port: int = 0
+    service_port: int = 0
+    startup_timeout_s: float = 180.0
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "DeploySettings":
+        node = OmegaConf.to_container(cfg.deploy, resolve=True) if cfg.get("deploy") is not None else {}
+        unknown = sorted(set(node) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} in deploy; known: {sorted(cls.__dataclass_fields__)}")
+        settings = cls(**node)
+        for key in ("superlink_port", "service_port"):
+            port = getattr(settings, key)
+            if not isinstance(port, int) or not 0 <= port <= 65535:
+                raise ConfigError(f"deploy.{key} must be a port in 0..65535 (0 = any free port), got {port!r}")
+        if not isinstance(settings.startup_timeout_s, (int, float)) or settings.startup_timeout_s <= 0:
+            raise ConfigError(f"deploy.startup_timeout_s must be > 0, got {settings.startup_timeout_s!r}")
+        return settings
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """The files of ``scripts/make-certs.sh`` (see there for who keeps which)."""
+
+    folder: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.folder / "ca.crt"
+
+    def server(self, name: str) -> tuple[Path, Path]:
+        """Certificate and key of ``superlink``, ``service`` or ``runtime``."""
+        return self.folder / f"{name}.crt", self.folder / f"{name}.key"
+
+    def supernode_key(self, i: int, public: bool = False) -> Path:
+        return self.folder / f"supernode-{i}{'.pub' if public else ''}"
+
+    def make(self, supernodes: int) -> None:
+        """Run the script: what exists is kept, what is missing is made."""
+        from fedprompt.fl.run import app_dir
+
+        script = app_dir() / "scripts" / "make-certs.sh"
+        out = subprocess.run(["bash", str(script), str(self.folder), "--supernodes", str(supernodes)],
+                             capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+        if out.returncode != 0:
+            raise DeploymentError(f"{script} failed: {(out.stderr or out.stdout).strip()[-500:]}")
+
+
+def _own_service(cfg: DictConfig) -> bool:
+    """service.kind=http without a service.url: the local deployment runs the service itself."""
+    return cfg.service.kind == "http" and not cfg.service.get("url")
+
+
+def _https_ok(url: str, ca: Path) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, verify=ssl.create_default_context(cafile=str(ca)), timeout=2.0).is_success
+    except httpx.HTTPError:
+        return False
+
+
+def _wait(ready: Callable[[], bool], what: str, procs: list[subprocess.Popen], log: Path, timeout_s: float) -> None:
+    """Poll ``ready`` until it holds; fail early, naming the log, when one of ``procs`` has exited."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if any(proc.poll() is not None for proc in procs):
+            raise DeploymentError(f"{what}: a process exited (codes {[p.poll() for p in procs]}); see {log}")
+        if time.monotonic() > deadline:
+            raise DeploymentError(f"{what} was not up after {timeout_s:.0f} s; see {log}")
+        time.sleep(0.5)
+
+
+class LocalDeployment:
+    """SuperLink, N SuperNodes and (for service.kind=http without service.url) the black-box service on
+    127.0.0.1, all over TLS, with SuperNode authentication; a context manager that stops them all."""
+
+    def __init__(self, cfg: DictConfig, folder: Path, settings: DeploySettings) -> None:
+        self.cfg, self.settings = cfg, settings
+        self.folder = Path(folder).resolve() / "deploy"
+        self.num_supernodes = int(cfg.federation.num_clients)
+        self.certs = Certificates(Path(settings.certs_dir).expanduser().resolve() if settings.certs_dir
+                                  else self.folder / "certs")
+        self.superlink_address = f"127.0.0.1:{settings.superlink_port or free_port()}"
+        self.own_service = _own_service(cfg)
+        self.service_port = (settings.service_port or free_port()) if self.own_service else None
+        self.service_url = f"https://127.0.0.1:{self.service_port}" if self.own_service else None
+        # The SuperLink starts `flower-superexec` by name: this interpreter's scripts come first on PATH.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = {**os.environ, **QUIET_ENV, "PATH": path}
+        # The flwr CLI (register, ls, run) gets its own FLWR_HOME with the connection to our SuperLink.
+        self.env_cli = {**self.env, "FLWR_HOME": str(self.folder / "flwr-cli")}
+        self.superlink: subprocess.Popen | None = None
+        self.supernodes: list[subprocess.Popen] = []
+        self.service: subprocess.Popen | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+
+    def __enter__(self) -> "LocalDeployment":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.certs.make(self.num_supernodes)
+            if self.own_service:
+                self.start_service()
+            self._start_superlink()
+            for i in range(self.num_supernodes):
+                self._flwr("supernode", "register", str(self.certs.supernode_key(i, public=True)), CONNECTION)
+            self.supernodes = [self._start_supernode(i) for i in range(self.num_supernodes)]
+            _wait(lambda: self.online() == self.num_supernodes, f"{self.num_supernodes} SuperNodes online",
+                  self.supernodes, self.folder, self.settings.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        procs = [p for p in (*self.supernodes, self.superlink, self.service) if p is not None and p.poll() is None]
+        for proc in procs:  # all at once: each shuts down (and deregisters) in parallel
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            stop_process_group(proc)  # waits, and kills what is left
+
+    def _spawn(self, name: str, command: list[str], home: Path | None = None) -> subprocess.Popen:
+        """A process in its own session (its own process group, as on its own host), logging to <name>.log."""
+        cwd = home or self.folder
+        cwd.mkdir(parents=True, exist_ok=True)
+        env = {**self.env, "FLWR_HOME": str(home)} if home else self.env
+        with (self.folder / f"{name}.log").open("ab") as log:
+            log.write(("$ " + " ".join(command) + "\n").encode())
+            log.flush()
+            return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+    # ---- the pieces -------------------------------------------------------------------------------
+
+    def start_service(self) -> None:
+        """``fedprompt serve`` over HTTPS on 127.0.0.1 with the run's whole config; also used to restart it."""
+        cert, key = self.certs.server("service")
+        cfg = OmegaConf.merge(self.cfg, {"service": {"host": "127.0.0.1", "port": self.service_port,
+                                                     "tls": {"certfile": str(cert), "keyfile": str(key)}}})
+        config = self.folder / "service.yaml"
+        config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        self.service = self._spawn("service", [sys.executable, "-m", "fedprompt.blackbox.cli_serve", str(config)])
+        _wait(lambda: _https_ok(self.service_url + "/health", self.certs.ca), "the black-box service",
+              [self.service], self.folder / "service.log", self.settings.startup_timeout_s)
+
+    def stop_service(self) -> None:
+        if self.service is not None:
+            stop_process_group(self.service)
+
+    def _start_superlink(self) -> None:
+        host, port = self.superlink_address.split(":")
+        cert, key = self.certs.server("superlink")
+        self.superlink = self._spawn("superlink", [
+            _tool("flower-superlink"), "--ssl-ca-certfile", str(self.certs.ca), "--ssl-certfile", str(cert),
+            "--ssl-keyfile", str(key), "--enable-supernode-auth", "--isolation", "subprocess",
+            "--host", host, "--port", port, "--database", ":flwr-in-memory:",
+            "--disable-runtime-dependency-installation"], home=self.folder / "superlink")
+        cli_home = Path(self.env_cli["FLWR_HOME"])  # the flwr CLI's connection to it: TLS against our CA
+        cli_home.mkdir(exist_ok=True)
+        (cli_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{self.superlink_address}"\nroot-certificates = "{self.certs.ca}"\n')
+        _wait(lambda: _https_ok(f"https://{self.superlink_address}/health", self.certs.ca), "the SuperLink",
+              [self.superlink], self.folder / "superlink.log", self.settings.startup_timeout_s)
+
+    def _start_supernode(self, i: int) -> subprocess.Popen:
+        cert, key = self.certs.server("runtime")
+        return self._spawn(f"supernode-{i}", [
+            _tool("flower-supernode"), "--superlink", self.superlink_address, "--root-certificates", str(self.certs.ca),
+            "--auth-supernode-private-key", str(self.certs.supernode_key(i)),
+            "--node-config", f"partition-id={i} num-partitions={self.num_supernodes}", "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(free_port()),  # its Runtime API, for its own ClientApp processes
+            "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--ssl-ca-certfile", str(self.certs.ca),
+        ], home=self.folder / f"supernode-{i}")
+
+    def _flwr(self, *args: str) -> dict:
+        out = subprocess.run([_tool("flwr"), *args, "--format", "json"], env=self.env_cli, capture_output=True,
+                             text=True, timeout=120)
+        try:
+            body = json.loads(out.stdout[out.stdout.index("{"):])
+        except ValueError:
+            body = {"success": False}
+        if not body.get("success", False):
+            raise DeploymentError(f"`flwr {' '.join(args)}` failed: {(out.stdout + out.stderr).strip()[-500:]}")
+        return body
+
+    def online(self) -> int:
+        """SuperNodes the SuperLink currently counts as online."""
+        return sum(n.get("status") == "online" for n in self._flwr("supernode", "ls", CONNECTION).get("nodes", []))
+
+    # ---- what the run and the tests use -----------------------------------------------------------
+
+    def client_config(self, cfg: DictConfig) -> DictConfig:
+        """The run's config, pointed at the deployment's own service (https, our CA) when it runs one."""
+        if not self.own_service:
+            return cfg
+        return OmegaConf.merge(cfg, {"service": {"url": self.service_url, "client": {"ca_file": str(self.certs.ca)}}})
+
+    def run(self, app: Path, run_config: Path, log: TextIO, echo: TextIO | None = None) -> RunOutcome:
+        return submit_run(app, CONNECTION, run_config, self.env_cli, log, echo)
+
+    def supernode_log(self, i: int) -> Path:
+        return self.folder / f"supernode-{i}.log"
+
+    def supernode_id(self, i: int) -> int | None:
+        match = re.search(r"SuperNode ID: (\d+)", self.supernode_log(i).read_text(errors="replace"))
+        return int(match.group(1)) if match else None
+
+    def kill_supernode(self, i: int) -> None:
+        """SIGKILL SuperNode i and its ClientApps at once, as when its host dies: no goodbye to the SuperLink."""
+        os.killpg(self.supernodes[i].pid, signal.SIGKILL)
+        self.supernodes[i].wait(timeout=30)
+
+
+@contextmanager
+def local_run(cfg: DictConfig, settings: DeploySettings) -> Iterator[tuple[LocalDeployment, Path, Path]]:
+    """The run's checks, then the local deployment and the run folder: yields (deployment, folder, run config)."""
+    from fedprompt.fl.run import prepare, run_folder, start_run_folder
+
+    if _own_service(cfg):  # not up yet: check its settings, and its model and label words as in-process would
+        from fedprompt.blackbox.settings import ServerSettings
+
+        ServerSettings.from_config(cfg)
+    partition = prepare(OmegaConf.merge(cfg, {"service": {"kind": "inprocess"}}) if _own_service(cfg) else cfg)
+    with LocalDeployment(cfg, run_folder(cfg), settings) as deployment:
+        cfg, folder, run_config = start_run_folder(deployment.client_config(cfg), partition)
+        yield deployment, folder, run_config
+
+
+def cmd_deploy(cfg: DictConfig) -> dict:
+    from fedprompt.fl.run import app_dir, finish_run, prepare, start_run_folder
+
+    start = time.perf_counter()
+    settings = DeploySettings.from_config(cfg)
+    root = app_dir()
+    echo = sys.stderr if cfg.get("progress", True) else None
+    if settings.connection:  # a SuperLink someone runs: only submit (from its host, where the results land)
+        cfg, folder, run_config = start_run_folder(cfg, prepare(cfg))
+        with (folder / "flower.log").open("w") as log:
+            outcome = submit_run(root, settings.connection, run_config, {**os.environ, **QUIET_ENV}, log, echo)
+        return finish_run(folder, outcome, start)
+    with local_run(cfg, settings) as (deployment, folder, run_config), (folder / "flower.log").open("w") as log:
+        outcome = deployment.run(root, run_config, log, echo)
+    return {**finish_run(folder, outcome, start), "deployment": str(deployment.folder)}
