@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The main job: a short FedDTPT simulation (10 Flower clients on Ray, 2 rounds, small query budget).
 demo: install
-	$(BIN)/fedprompt eval task=sst2 split=test
+	$(BIN)/fedprompt run task=sst2 federation.rounds=2 method.search.budget=300 federation.eval_limit=500
 
 test: install
 	$(BIN)/pytest -q

@@ -62,7 +62,7 @@ def test_weights_are_softmaxed_similarity_to_other_clients():
 
 
 def test_dbscan_keeps_one_word_per_cluster_at_the_knee_in_position_order():
-    config = AggregateConfig(min_samples=3)
+    config = AggregateConfig(min_samples=3, min_eps=1e-3)  # a floor below the knee, which therefore decides
     result = FedDTPTAggregator(config, TableEmbedder(TWO_CLUSTERS)).aggregate(TWO_CLUSTER_PROMPTS)
     # k = min_samples = 3 (self included): a cluster's k-distances are 1 - cos(0.1) and 1 - cos(0.2); the
     # noise words' are > 0.3. The knee of the sorted curve is the last in-cluster value.
@@ -78,6 +78,16 @@ def test_dbscan_keeps_one_word_per_cluster_at_the_knee_in_position_order():
     # reverse of the clusters' discovery order, so the order comes from positions, not cluster ids.
     assert result.prompt == [w for w, _, _ in sorted(winners, key=lambda x: x[2])] == ["b2", "a1"]
     assert [c["word"] for c in result.chosen] == result.prompt
+
+
+def test_a_cluster_sits_where_most_clients_put_its_word():
+    # Client 2's short prompt gives its words the highest weights, so both winners come from it, in its
+    # order (y, x); two of three clients put x first, and the clusters' median positions follow them.
+    table = {w: one_hot(i) for i, w in enumerate(["x", "y", "a1", "a2", "b1", "b2"])}
+    prompts = [["x", "y", "a1", "a2"], ["x", "y", "b1", "b2"], ["y", "x"]]
+    result = FedDTPTAggregator(AggregateConfig(min_samples=3), TableEmbedder(table)).aggregate(prompts)
+    assert {c["client"] for c in result.chosen} == {2}
+    assert result.prompt == ["x", "y"]
 
 
 def test_identical_prompts_come_back_unchanged():

@@ -111,20 +111,25 @@ def test_search_finds_an_improving_edit():
     assert result.queries == bb.usage.queries == result.usage.queries <= BATCH * 41
 
 
-def test_accuracy_feedback_never_accepts_a_worse_prompt():
+@pytest.mark.parametrize("accept", ["improve", "no-drop"])
+def test_accuracy_feedback_never_accepts_a_worse_prompt(accept):
     # "awful" is always offered first and lowers accuracy; the start prompt holds "superb" to lose.
     start = ["superb", "label", "this", "text"]
-    result, _ = run(cfg(), ListProposer(["awful", "alpha", "beta", "gamma", "delta"]), prompt=start)
-    current = result.start_accuracy
+    result, _ = run(cfg(accept=accept), ListProposer(["awful", "alpha", "beta", "gamma", "delta"]), prompt=start)
+    current, ties = result.start_accuracy, False
     for step in sorted({e.step for e in result.history}):
         edits = [e for e in result.history if e.step == step]
         accepted = [e for e in edits if e.accepted]
+        best = max(e.accuracy for e in edits)
         assert len(accepted) <= 1
         if accepted:
-            assert accepted[0].accuracy >= current and accepted[0].accuracy == max(e.accuracy for e in edits)
-            current = accepted[0].accuracy
+            assert accepted[0].accuracy == best
+            assert best > current if accept == "improve" else best >= current
+            ties |= best == current
+            current = best
         else:
-            assert max(e.accuracy for e in edits) < current
+            assert best <= current if accept == "improve" else best < current
+    assert ties == (accept == "no-drop")  # the neutral words "alpha".."delta" tie: only no-drop takes them
     assert any(not e.accepted and e.accuracy < result.start_accuracy for e in result.history)  # rejections happened
     assert "awful" not in result.prompt and "superb" in result.prompt
     assert result.accuracy == current >= result.start_accuracy
@@ -199,10 +204,10 @@ def test_feedback_none_accepts_every_edit_and_only_scores_start_and_end():
 
 
 def test_margin_feedback_uses_logprobs_and_breaks_accuracy_ties():
-    # Accuracy feedback keeps an edit that ties ("does not drop"); margin feedback rejects it.
-    plain, _ = run(cfg(feedback="accuracy", edit_ops={"replace": 1.0}, max_steps=3), ListProposer(["meh"]))
+    # With accept=no-drop, accuracy feedback keeps an edit that ties; margin feedback rejects it.
+    plain, _ = run(cfg(feedback="accuracy", accept="no-drop", edit_ops={"replace": 1.0}, max_steps=3), ListProposer(["meh"]))
     assert "meh" in plain.prompt
-    result, bb = run(cfg(feedback="margin", edit_ops={"replace": 1.0}, max_steps=3), ListProposer(["meh"]))
+    result, bb = run(cfg(feedback="margin", accept="no-drop", edit_ops={"replace": 1.0}, max_steps=3), ListProposer(["meh"]))
     assert all(not labels_only for _, _, labels_only in bb.calls)
     assert result.history and all(e.margin is not None and not e.accepted for e in result.history)
     assert all(e.accuracy == result.start_accuracy for e in result.history) and "meh" not in result.prompt

@@ -75,12 +75,12 @@ class SeedPromptConfig:
 class SearchConfig:
     """The client's token-level search (one call = one client in one round)."""
 
-    budget: int = 600
+    budget: int = 1200
     local_batch_size: int = 16
-    public_batch_size: int = 8
+    public_batch_size: int = 16
     candidates_per_step: int = 4
     feedback: str = "accuracy"
-    accept: str = "no-drop"
+    accept: str = "improve"
     edit_ops: dict[str, float] = field(default_factory=lambda: {"replace": 0.7, "insert": 0.15, "delete": 0.15})
     explore: float = 0.2
     min_tokens: int = 3
@@ -154,7 +154,7 @@ class AggregateConfig:
     knee_k: int | None = None
     knee_sensitivity: float = 1.0
     eps: float | None = None
-    min_eps: float = 1e-3
+    min_eps: float = 0.15
     top_n: int | None = None
     kmeans_k: int | None = None
     random_state: int = 0
