@@ -13,9 +13,13 @@ launcher's own figures. After every round the server writes checkpoint.json; ``r
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -77,6 +81,23 @@ def write_run_config(cfg: DictConfig, folder: Path) -> Path:
     return path
 
 
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """``kill <pid>`` stops a run as Ctrl-C does: the SuperLink is shut down, the checkpoint stays for resume."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def resume_point(cfg: DictConfig, folder: Path):
     """The checkpoint a run in ``folder`` starts from (None: round 0), after clearing what a new run replaces.
 
@@ -117,8 +138,8 @@ def cmd_run(cfg: DictConfig) -> dict:
     (folder / "partition.json").write_text(json.dumps(partition, indent=2) + "\n")
     run_config = write_run_config(cfg, folder)
     fed = cfg.federation
-    with local_superlink(folder / "superlink.log", cwd=folder, port=int(fed.superlink_port)) as env, \
-            (folder / "flower.log").open("w") as log:
+    with sigterm_as_interrupt(), local_superlink(folder / "superlink.log", cwd=folder, port=int(fed.superlink_port)) as env, \
+            (folder / "flower.log").open("a" if checkpoint else "w") as log:
         outcome = flwr_run(root, run_config, int(fed.num_clients), int(fed.client_cpus), float(fed.client_gpus),
                            env, log, echo=sys.stderr if cfg.get("progress", True) else None)
     summary_path = folder / "summary.json"
