@@ -67,7 +67,8 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             cfg = hydra_compose(config_name=config_name, overrides=rewrite_shorthands(overrides))
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"bad override in {list(overrides)}: {err}") from None
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line
+        raise ConfigError(f"bad override in {list(overrides)}: {message}") from None
     check_composed(cfg)
     return cfg
 

@@ -58,6 +58,11 @@ def check_jobs(jobs: list[list[str]], config_name: str) -> None:
     from fedprompt.fl.config import validate_config
     from fedprompt.fl.run import prepare, resume_point
 
+    shared = set.intersection(*(set(job) for job in jobs))
+
+    def _job_name(number: int, job: Sequence[str], total: int) -> str:  # a job is named by its swept values
+        return f"job {number} ({' '.join(o for o in job if o not in shared)}): " if total > 1 else ""
+
     configs = []
     for number, job in enumerate(jobs):
         try:
@@ -77,10 +82,6 @@ def check_jobs(jobs: list[list[str]], config_name: str) -> None:
                     resume_point(OmegaConf.merge(cfg, {"output_dir": str(folder.resolve())}), folder.resolve())
         except FedPromptError as err:
             raise type(err)(f"{_job_name(number, job, len(jobs))}{err}") from None
-
-
-def _job_name(number: int, job: Sequence[str], total: int) -> str:
-    return f"job {number} ({' '.join(job)}): " if total > 1 else ""
 
 
 def main(argv: Sequence[str]) -> int:
