@@ -3,10 +3,10 @@ configs). :func:`check_schema` merges a composed config into it, so an unknown k
 yaml file, ``+federation.roundz=3``, a stale ``config.yaml``) or a value of the wrong type is one clear
 error before anything starts. Defaults live in ``conf/``, not here: this file only names keys and types.
 
-Two nodes are free-form here because each option of their group has its own keys, validated strictly
-by the option's own config class: ``method`` (``fedprompt.fl.methods``: ``from_dict`` of the method's
-config) and ``privacy`` (:data:`PRIVACY`, below). A new key in ``conf/`` outside those two needs its
-field here.
+Some nodes are free-form here because their keys are validated strictly by their own config class:
+``method`` (each option has its own keys; ``fedprompt.fl.methods``: ``from_dict`` of the method's
+config), ``privacy`` (likewise, :data:`PRIVACY` below), and the nodes of commands that validate their
+own (``distill``, ``transfer``). Any other new key in ``conf/`` needs its field here.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ class FederationSchema:
     rounds: int = 0
     fraction_train: float = 1.0
     min_train_clients: int = 1
+    min_replies: int = 1
+    min_available_clients: Optional[int] = None
     client_cpus: int = 1
     client_gpus: float = 0.0
     round_timeout_s: float = 0.0
@@ -121,6 +123,13 @@ class HttpClientSchema:
     backoff_s: float = 0.0
     max_backoff_s: float = 0.0
     chunk_size: int = 0
+    ca_file: Optional[str] = None
+
+
+@dataclass
+class TlsSchema:
+    certfile: Optional[str] = None
+    keyfile: Optional[str] = None
 
 
 @dataclass
@@ -142,6 +151,7 @@ class ServiceSchema:
     api_keys_env: Optional[str] = None
     model_id: Optional[str] = None
     log_level: str = ""
+    tls: TlsSchema = field(default_factory=TlsSchema)
     budget: BudgetSchema = field(default_factory=BudgetSchema)
     limits: LimitsSchema = field(default_factory=LimitsSchema)
     batching: BatchingSchema = field(default_factory=BatchingSchema)
@@ -157,6 +167,8 @@ class RootSchema:
     service: ServiceSchema = field(default_factory=ServiceSchema)
     method: Dict[str, Any] = field(default_factory=dict)  # the method's own config class validates it
     privacy: Dict[str, Any] = field(default_factory=dict)  # the mechanism's own config class validates it
+    distill: Dict[str, Any] = field(default_factory=dict)  # `fedprompt distill`: its own config class validates it
+    transfer: Dict[str, Any] = field(default_factory=dict)  # `fedprompt transfer`: likewise
     federation: FederationSchema = field(default_factory=FederationSchema)
     partition: PartitionSchema = field(default_factory=PartitionSchema)
     host: str = ""

@@ -164,3 +164,7 @@ def test_a_run_stopped_after_round_1_of_3_resumes_and_ends_as_the_uninterrupted_
     summaries = [json.loads((f / "summary.json").read_text()) for f in (whole, stopped)]
     assert summaries[0]["final_prompt"] == summaries[1]["final_prompt"]
     assert summaries[0]["queries"] == summaries[1]["queries"]
+
+    assert cli.main(["resume", str(stopped)]) == 0  # finished: its result, and nothing runs or is removed
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert (stopped / "summary.json").is_file()

@@ -60,8 +60,8 @@ def check_jobs(jobs: list[list[str]], config_name: str) -> None:
 
     shared = set.intersection(*(set(job) for job in jobs))
 
-    def _job_name(number: int, job: Sequence[str], total: int) -> str:  # a job is named by its swept values
-        return f"job {number} ({' '.join(o for o in job if o not in shared)}): " if total > 1 else ""
+    def name(number: int) -> str:  # a sweep's job is named by its swept values
+        return f"job {number} ({' '.join(o for o in jobs[number] if o not in shared)}): " if len(jobs) > 1 else ""
 
     configs = []
     for number, job in enumerate(jobs):
@@ -70,8 +70,8 @@ def check_jobs(jobs: list[list[str]], config_name: str) -> None:
             validate_config(cfg)
             configs.append(cfg)
         except FedPromptError as err:
-            raise type(err)(f"{_job_name(number, job, len(jobs))}{err}") from None
-    for number, (job, cfg) in enumerate(zip(jobs, configs)):
+            raise type(err)(f"{name(number)}{err}") from None
+    for number, cfg in enumerate(configs):
         try:
             with warnings.catch_warnings():  # e.g. flwr-datasets' re-draws: the job itself shows them
                 warnings.simplefilter("ignore")
@@ -81,7 +81,7 @@ def check_jobs(jobs: list[list[str]], config_name: str) -> None:
                 if folder.is_dir():
                     resume_point(OmegaConf.merge(cfg, {"output_dir": str(folder.resolve())}), folder.resolve())
         except FedPromptError as err:
-            raise type(err)(f"{_job_name(number, job, len(jobs))}{err}") from None
+            raise type(err)(f"{name(number)}{err}") from None
 
 
 def main(argv: Sequence[str]) -> int:
@@ -94,20 +94,24 @@ def main(argv: Sequence[str]) -> int:
     flags = list(argv)
     for override in args.overrides:
         flags.remove(override)
-    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
-        overrides = rewrite_shorthands(args.overrides)  # Hydra answers these itself; nothing runs
-    else:
-        try:
-            overrides = _launch_overrides(rewrite_shorthands(args.overrides), bool(args.multirun))
+    runs = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)  # else Hydra answers
+    try:
+        overrides = rewrite_shorthands(args.overrides)
+        if runs:
+            overrides = _launch_overrides(overrides, bool(args.multirun))
             check_jobs(expand_jobs(overrides, bool(args.multirun)), args.config_name or "config")
-        except FedPromptError as err:
-            print(f"fedprompt run: error: {err}", file=sys.stderr)
-            return 2
+    except FedPromptError as err:
+        print(f"fedprompt run: error: {err}", file=sys.stderr)
+        return 2
 
     records: list[dict] = []
+    sweep_dir: list[str] = []
     start = time.perf_counter()
 
     def job(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        sweep_dir[:] = [str(HydraConfig.get().sweep.dir)]
         records.append(_run_job(cfg, bool(args.multirun)))
 
     saved_argv = sys.argv
@@ -126,11 +130,11 @@ def main(argv: Sequence[str]) -> int:
         print(json.dumps(record))
         return 0
     failed = [r for r in records if "error" in r]
-    sweep_dir = str(Path(records[0]["output_dir"]).parent)
-    summary = {"sweep_dir": sweep_dir, "jobs": len(records), "completed": len(records) - len(failed),
-               "failed": len(failed), "failures": [{"output_dir": r["output_dir"], "error": r["error"]} for r in failed],
+    summary = {"sweep_dir": str(Path(sweep_dir[0]).resolve()), "jobs": len(records),
+               "completed": len(records) - len(failed), "failed": len(failed),
+               "failures": [{"output_dir": r["output_dir"], "error": r["error"]} for r in failed],
                "wall_s": round(time.perf_counter() - start, 3)}
-    (Path(sweep_dir) / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (Path(sweep_dir[0]) / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
     return 1 if failed else 0
 

@@ -98,6 +98,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def finished(folder: Path, checkpoint) -> bool:
+    """Whether ``folder`` holds a run that completed every round (its result.json was written)."""
+    return checkpoint is not None and checkpoint.round == checkpoint.num_rounds and (folder / "result.json").is_file()
+
+
 def resume_point(cfg: DictConfig, folder: Path):
     """The checkpoint a run in ``folder`` starts from (None: round 0), after clearing what a new run replaces.
 
@@ -111,7 +116,8 @@ def resume_point(cfg: DictConfig, folder: Path):
 
     if cfg.get("resume"):
         checkpoint = check_resumable(folder, json.loads(serialize_config(cfg)))
-        (folder / "summary.json").unlink(missing_ok=True)
+        if not finished(folder, checkpoint):
+            (folder / "summary.json").unlink(missing_ok=True)  # a stop after it was written: rewritten at the end
         return checkpoint
     checkpoint = Checkpoint.read(folder)
     if checkpoint is not None and not (folder / "result.json").is_file():
@@ -132,8 +138,8 @@ def cmd_run(cfg: DictConfig) -> dict:
     folder = run_folder(cfg)
     cfg = OmegaConf.merge(cfg, {"output_dir": str(folder)})
     checkpoint = resume_point(cfg, folder)
-    if checkpoint is not None and checkpoint.round == checkpoint.num_rounds and (folder / "result.json").is_file():
-        return json.loads((folder / "result.json").read_text())  # finished already: nothing to run
+    if finished(folder, checkpoint):
+        return json.loads((folder / "result.json").read_text())  # resume=true on a finished run: nothing to run
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (folder / "partition.json").write_text(json.dumps(partition, indent=2) + "\n")
     run_config = write_run_config(cfg, folder)
