@@ -105,8 +105,9 @@ def build_table(runs, group_keys: list[str]):
 def markdown(table, group_keys: list[str]) -> str:
     columns = {k.removeprefix("config."): k.removeprefix("config.") for k in group_keys}
     columns.update({f"{k}_text": f"{label} (mean ± std)" for k, label in METRICS.items()})
-    columns.update(completed="runs", failed="failed", seeds="seeds")
-    view = table[list(columns)].rename(columns=columns)
+    columns.update(done="runs (completed/all)", failed="failed", seeds="seeds")
+    view = table.assign(done=table.completed.astype(str) + "/" + table.runs.astype(str))[list(columns)]
+    view = view.rename(columns=columns)
     return view.to_markdown(index=False, disable_numparse=True)  # keep "0.500 ± 0.012" as written
 
 
@@ -126,6 +127,9 @@ def _plot_alpha(table, group_keys: list[str], path: Path) -> None:
     if data["manual_accuracy_mean"].notna().any():
         ax.axhline(data["manual_accuracy_mean"].mean(), color="grey", linestyle="--", label="manual prompt")
     ax.set_xscale("log")
+    alphas = sorted(data["partition.alpha"].astype(float).unique())
+    ax.set_xticks(alphas, [f"{a:g}" for a in alphas])  # the swept values, not powers of ten
+    ax.minorticks_off()
     ax.set_xlabel("Dirichlet alpha (smaller = more non-IID)")
     ax.set_ylabel("final accuracy (mean ± std over seeds)")
     ax.legend(loc="best", fontsize=8)
