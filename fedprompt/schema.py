@@ -6,7 +6,7 @@ error before anything starts. Defaults live in ``conf/``, not here: this file on
 Some nodes are free-form here because their keys are validated strictly by their own config class:
 ``method`` (each option has its own keys; ``fedprompt.fl.methods``: ``from_dict`` of the method's
 config), ``privacy`` (likewise, :data:`PRIVACY` below), and the nodes of commands that validate their
-own (``distill``, ``transfer``). Any other new key in ``conf/`` needs its field here.
+own (``distill``, ``transfer``, ``deploy``). Any other new key in ``conf/`` needs its field here.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ class FederationSchema:
     round_timeout_s: float = 0.0
     eval_split: str = ""
     eval_limit: Optional[int] = None
+    eval_every: int = 1
     eval_manual: bool = True
     public_split: str = ""
     public_size: int = 0
@@ -169,6 +170,7 @@ class RootSchema:
     privacy: Dict[str, Any] = field(default_factory=dict)  # the mechanism's own config class validates it
     distill: Dict[str, Any] = field(default_factory=dict)  # `fedprompt distill`: its own config class validates it
     transfer: Dict[str, Any] = field(default_factory=dict)  # `fedprompt transfer`: likewise
+    deploy: Dict[str, Any] = field(default_factory=dict)  # `fedprompt deploy`: likewise
     federation: FederationSchema = field(default_factory=FederationSchema)
     partition: PartitionSchema = field(default_factory=PartitionSchema)
     host: str = ""
