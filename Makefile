@@ -7,7 +7,7 @@ FEDPROMPT_DATA_DIR ?= ../shared/data
 export FEDPROMPT_DATA_DIR
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench sweep clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/eval_throughput.py
+
+# FedDTPT on SST-2, 4 Dirichlet alphas x 3 seeds, then its report (docs/reproduce.md, table 2).
+sweep: install
+	PATH=$(abspath $(BIN)):$$PATH simulations/sst2_alpha_sweep.sh
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

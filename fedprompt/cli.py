@@ -1,7 +1,9 @@
 """``fedprompt`` command line: ``fedprompt <command> [key=value ...]`` (Hydra-style overrides).
 
-Commands: ``eval`` (manual or zero-shot prompt on a split). Bad input is reported in one line, before
-any model is loaded; the last line of a successful command is one JSON object.
+Commands: ``eval`` (manual or zero-shot prompt on a split), ``serve``, ``run`` (a Hydra application:
+``-m`` sweeps, Hydra's output folders; fedprompt.fl.hydra_app), ``resume`` and ``report`` (they take a
+folder first). Bad input is reported in one line, before any model is loaded; the last line of a
+successful command is one JSON object.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ USAGE = """usage: fedprompt <command> [key=value ...]
 commands:
   eval    evaluate the task's manual prompt (or prompt="...", or prompt="" for zero-shot) on a split
   serve   serve model= as a black-box LLM API (OpenAI-compatible + /v1/classify), see docs/blackbox.md
-  run     a federated simulation (Flower, Ray backend, via `flwr run`): method=feddtpt, N clients, R rounds
+  run     a federated simulation (Flower, Ray backend, via `flwr run`): method=feddtpt, N clients, R rounds;
+          a Hydra app: `-m` sweeps (one run per job under multirun/), `--cfg job` shows the config
+  resume  continue a stopped run from its last completed round: fedprompt resume <run folder>
+  report  tables (mean +- std over seeds) and plots of a run or sweep folder: fedprompt report <folder>
   deploy  the same run on a Flower deployment: SuperLink + N SuperNodes over TLS, see docs/deployment.md
 
 examples:
@@ -32,6 +37,9 @@ examples:
   fedprompt serve model=smollm2-135m host=127.0.0.1 port=8000 service.api_keys_file=keys.txt
   fedprompt run method=feddtpt task=sst2 federation.num_clients=10 federation.rounds=3 partition=dirichlet partition.alpha=1.0
   fedprompt deploy task=sst2 federation.num_clients=3 service.kind=http
+  fedprompt run -m partition.alpha=0.05,0.1,1,100 seed=0,1,2 partition.k_shot=8 federation.rounds=2
+  fedprompt resume outputs/run/20250101-120000-sst2-feddtpt
+  fedprompt report multirun/20250101-120000
 
 data: data_dir=<folder with one sub-folder per task>, else $FEDPROMPT_DATA_DIR, else the HF hub.
 """
@@ -101,10 +109,10 @@ def cmd_serve(cfg: DictConfig) -> dict:
     return serve(cfg)
 
 
-def cmd_run(cfg: DictConfig) -> dict:
-    from fedprompt.fl.run import cmd_run as run  # lazy: Flower and Ray only when simulating
+def cmd_resume(folder: Path, overrides: list[str]) -> dict:
+    from fedprompt.fl.run import cmd_resume as resume
 
-    return run(cfg)
+    return resume(folder, overrides)
 
 
 def cmd_deploy(cfg: DictConfig) -> dict:
@@ -113,8 +121,15 @@ def cmd_deploy(cfg: DictConfig) -> dict:
     return deploy(cfg)
 
 
-COMMANDS: dict[str, Callable[[DictConfig], dict]] = {"eval": cmd_eval, "serve": cmd_serve, "run": cmd_run,
-                                                      "deploy": cmd_deploy}
+def cmd_report(folder: Path, overrides: list[str]) -> dict:
+    from fedprompt.results import cmd_report as report  # lazy: pandas and matplotlib only when reporting
+
+    return report(folder, overrides)
+
+
+COMMANDS: dict[str, Callable[[DictConfig], dict]] = {"eval": cmd_eval, "serve": cmd_serve, "deploy": cmd_deploy}
+# Commands whose first argument is a folder (a run's or a sweep's), not an override.
+FOLDER_COMMANDS: dict[str, Callable[[Path, list[str]], dict]] = {"resume": cmd_resume, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,12 +138,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0 if args else 2
     command, overrides = args[0], args[1:]
-    if command not in COMMANDS:
-        print(f"fedprompt: unknown command {command!r}; choose one of {sorted(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
+    if command == "run":  # a Hydra application with Hydra's own command line (-m, --cfg, hydra.*)
+        from fedprompt.fl.hydra_app import main as run_app  # lazy: Flower and Ray only when simulating
+
+        return run_app(overrides)
+    if command not in COMMANDS and command not in FOLDER_COMMANDS:
+        known = sorted(["run", *COMMANDS, *FOLDER_COMMANDS])
+        print(f"fedprompt: unknown command {command!r}; choose one of {known}\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
-        cfg = compose(overrides)
-        record = COMMANDS[command](cfg)
+        if command in FOLDER_COMMANDS:
+            if not overrides or "=" in overrides[0]:
+                raise ConfigError(f"usage: fedprompt {command} <folder> [key=value ...]")
+            record = FOLDER_COMMANDS[command](Path(overrides[0]), overrides[1:])
+        else:
+            record = COMMANDS[command](compose(overrides))
     except FedPromptError as err:
         print(f"fedprompt {command}: error: {err}", file=sys.stderr)
         return 2

@@ -30,16 +30,29 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
 
-def _rewrite(overrides: Sequence[str]) -> list[str]:
+# group -> (the option that takes any name, the key that holds the name)
+SHORTHANDS = {"model": ("hf", "model.name"), "task": ("custom", "task.name")}
+
+
+def rewrite_shorthands(overrides: Sequence[str]) -> list[str]:
+    """``model=<HF id or folder>`` -> ``model=hf model.name=<it>``; ``task=<folder>`` -> ``task=custom
+    task.name=<it>``. A sweep (``model=a,b``) is rewritten when none of its values has a config file."""
     out: list[str] = []
     for item in overrides:
         key, sep, value = item.partition("=")
-        if sep and key == "model" and value not in group_options("model"):
-            out += ["model=hf", f"model.name={value}"]
-        elif sep and key == "task" and value not in group_options("task"):
-            out += ["task=custom", f"task.name={value}"]
-        else:
+        if not sep or key not in SHORTHANDS:
             out.append(item)
+            continue
+        option, name_key = SHORTHANDS[key]
+        values = value.split(",")  # a plain choice sweep; other sweep syntax goes to Hydra as it is
+        known = [v for v in values if v in group_options(key)]
+        if len(known) == len(values) or "(" in value:
+            out.append(item)
+        elif not known:
+            out += [f"{key}={option}", f"{name_key}={value}"]
+        else:
+            raise ConfigError(f"{item}: a sweep cannot mix {key} files ({', '.join(known)}) with other names; "
+                              f"sweep over one kind, or use {key}={option} {name_key}=<a>,<b>")
     return out
 
 
@@ -52,13 +65,22 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
 
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            cfg = hydra_compose(config_name=config_name, overrides=_rewrite(overrides))
+            cfg = hydra_compose(config_name=config_name, overrides=rewrite_shorthands(overrides))
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"bad override in {list(overrides)}: {err}") from None
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line
+        raise ConfigError(f"bad override in {list(overrides)}: {message}") from None
+    check_composed(cfg)
+    return cfg
+
+
+def check_composed(cfg: DictConfig) -> None:
+    """No required value left unset, no unknown key, no value of the wrong type (fedprompt.schema)."""
+    from fedprompt.schema import check_schema
+
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"missing required config values: {missing}; set them as key=value")
-    return cfg
+    check_schema(cfg)
 
 
 def validate_common(cfg: DictConfig) -> None:

@@ -1,4 +1,5 @@
-"""The ClientApp of every method: it reads the run's config and hands the message to the method's client.
+"""The ClientApp of every method: it reads the run's config and hands the message to the method's client,
+with the client's ``context.state`` kept on disk between rounds (fedprompt.fl.checkpoint: resume).
 
 A failure is answered with a Flower error whose reason names only the exception type: a traceback or a
 message could quote local data, so the details are logged here, on the client.
@@ -24,11 +25,16 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     try:
+        from fedprompt.fl.checkpoint import restore_client_state, save_client_state
         from fedprompt.fl.config import config_from_run_config
         from fedprompt.fl.methods import federated_method
 
         cfg = config_from_run_config(context.run_config)
-        return federated_method(cfg.method.name).load("client")(msg, context, cfg)
+        server_round = int(msg.content[CONFIG]["server-round"])
+        restore_client_state(cfg, context, server_round)  # a resumed run starts with an empty context.state
+        reply = federated_method(cfg.method.name).load("client")(msg, context, cfg)
+        save_client_state(cfg, context, server_round)
+        return reply
     except Exception as err:  # noqa: BLE001 - every failure becomes an error reply the strategy skips
         log.error("client %s failed in round %s:\n%s", context.node_config.get("partition-id"),
                   _round_of(msg), traceback.format_exc())

@@ -68,13 +68,21 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> DictConfig:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Every check that needs neither data nor models: method, federation, partition, service."""
+    """Every check that needs neither data nor models: keys and types, method, privacy, federation,
+    partition, service."""
     from fedprompt.blackbox.settings import ClientSettings
-    from fedprompt.config import validate_common
+    from fedprompt.config import check_composed, validate_common
     from fedprompt.data.partition import SCHEMES
+    from fedprompt.fl.methods import federated_method
+    from fedprompt.schema import privacy_config
 
+    check_composed(cfg)  # unknown keys anywhere, wrong types (the apps and `fedprompt resume` re-check here)
     validate_common(cfg)
     method_config(cfg)  # the method's from_dict: an unknown method, unknown keys and bad values are errors
+    privacy = privacy_config(cfg).name
+    supported = federated_method(cfg.method.name).privacy
+    if privacy not in supported:
+        raise ConfigError(f"method={cfg.method.name} implements privacy={' | '.join(supported)}, got privacy={privacy}")
     validate_federation(cfg.federation)
     part = cfg.partition
     if part.get("scheme") not in SCHEMES:

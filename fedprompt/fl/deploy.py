@@ -276,7 +276,7 @@ def local_run(cfg: DictConfig, settings: DeploySettings) -> Iterator[tuple[Local
         ServerSettings.from_config(cfg)
     partition = prepare(OmegaConf.merge(cfg, {"service": {"kind": "inprocess"}}) if _own_service(cfg) else cfg)
     with LocalDeployment(cfg, run_folder(cfg), settings) as deployment:
-        cfg, folder, run_config = start_run_folder(deployment.client_config(cfg), partition)
+        cfg, folder, run_config, _ = start_run_folder(deployment.client_config(cfg), partition)
         yield deployment, folder, run_config
 
 
@@ -288,7 +288,7 @@ def cmd_deploy(cfg: DictConfig) -> dict:
     root = app_dir()
     echo = sys.stderr if cfg.get("progress", True) else None
     if settings.connection:  # a SuperLink someone runs: only submit (from its host, where the results land)
-        cfg, folder, run_config = start_run_folder(cfg, prepare(cfg))
+        cfg, folder, run_config, _ = start_run_folder(cfg, prepare(cfg))
         with (folder / "flower.log").open("w") as log:
             outcome = submit_run(root, settings.connection, run_config, {**os.environ, **QUIET_ENV}, log, echo)
         return finish_run(folder, outcome, start)

@@ -147,12 +147,16 @@ def submit_run(app_dir: Path, connection: str, run_config: Path, env: dict[str, 
     run_id = None
     with subprocess.Popen(command, cwd=app_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as proc:
-        for line in proc.stdout:
-            log.write(line)
-            if echo is not None:
-                echo.write(line)
-            if run_id is None and (match := re.search(r"Successfully started run (\d+)", line)):
-                run_id = int(match.group(1))
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if echo is not None:
+                    echo.write(line)
+                if run_id is None and (match := re.search(r"Successfully started run (\d+)", line)):
+                    run_id = int(match.group(1))
+        except BaseException:  # Ctrl-C / kill: stop streaming too, the SuperLink is stopped next
+            proc.terminate()
+            raise
     elapsed = time.perf_counter() - start
     if run_id is None:
         raise SimulationError(f"`flwr run` did not start a run (exit code {proc.returncode}); see {log.name}")

@@ -12,6 +12,11 @@ registry imports no method (and no torch):
   the dict is the run's summary (``summary.json``);
 - ``checks``: ``check(cfg) -> dict``, the method's own checks before anything starts (models it needs,
   the service it talks to); returns facts to record in the run folder.
+
+``privacy`` lists the mechanisms (``privacy.name``, see ``fedprompt.schema.PRIVACY``) the method implements.
+To be resumable (``resume=true``) a method's server runs its rounds through
+``fedprompt.fl.checkpoint.CheckpointedRounds`` and its clients keep cross-round state only in
+``context.state`` (docs/experiments.md, "Resume").
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class FederatedMethod:
     client: str
     server: str
     checks: str
+    privacy: tuple[str, ...] = ("none",)
 
     def load(self, part: str) -> Callable[..., Any]:
         module, _, attribute = getattr(self, part).partition(":")

@@ -29,6 +29,11 @@ class RunReport:
         self.rows: list[dict[str, Any]] = []
         self.start = self.last = time.perf_counter()
 
+    def restore(self, rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
+        """Continue a resumed run's report: its rows so far and its facts (elapsed time goes on from there)."""
+        self.rows, self.info = list(rows), dict(info)
+        self.start -= float(rows[-1]["elapsed_s"]) if rows else 0.0
+
     def add(self, server_round: int, prompt: list[str], accuracy: float, eval_n: int, eval_queries: int,
             eval_s: float, stats=None) -> dict[str, Any]:
         """One row; ``stats`` is the strategy's RoundStats (None for round 0, the seed prompt)."""

@@ -6,15 +6,20 @@ evaluation splits), the model names and label words. Then the run folder gets th
 (config.yaml, run_config.toml: the JSON of the resolved config in the one run-config key), the
 partition's sizes (partition.json), and the Flower log (flower.log, superlink.log); the ServerApp writes
 rounds.json/csv, accuracy.png and summary.json there; the returned dict is summary.json plus the
-launcher's own figures.
+launcher's own figures. After every round the server writes checkpoint.json; ``resume=true`` (or
+``fedprompt resume <folder>``) continues from it (fedprompt.fl.checkpoint).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -76,34 +81,84 @@ def write_run_config(cfg: DictConfig, folder: Path) -> Path:
     return path
 
 
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """``kill <pid>`` stops a run as Ctrl-C does: the SuperLink is shut down, the checkpoint stays for resume."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def finished(folder: Path, checkpoint) -> bool:
+    """Whether ``folder`` holds a run that completed every round (its result.json was written)."""
+    return checkpoint is not None and checkpoint.round == checkpoint.num_rounds and (folder / "result.json").is_file()
+
+
+def resume_point(cfg: DictConfig, folder: Path):
+    """The checkpoint a run in ``folder`` starts from (None: round 0), after clearing what a new run replaces.
+
+    ``resume=true`` continues the folder's checkpoint if its settings match (else a ConfigError); without
+    it, a folder holding an unfinished run is refused rather than overwritten (nothing computed is lost).
+    """
+    import shutil
+
+    from fedprompt.fl.checkpoint import CHECKPOINT, CLIENTS, Checkpoint, check_resumable
+    from fedprompt.fl.config import serialize_config
+
+    if cfg.get("resume"):
+        checkpoint = check_resumable(folder, json.loads(serialize_config(cfg)))
+        if not finished(folder, checkpoint):
+            (folder / "summary.json").unlink(missing_ok=True)  # a stop after it was written: rewritten at the end
+        return checkpoint
+    checkpoint = Checkpoint.read(folder)
+    if checkpoint is not None and not (folder / "result.json").is_file():
+        raise ConfigError(f"{folder} holds an unfinished run (round {checkpoint.round} of {checkpoint.num_rounds} done); "
+                          f"continue it with `fedprompt resume {folder}` (or resume=true), or choose another output_dir")
+    for stale in ("summary.json", "replies.jsonl", "result.json", CHECKPOINT):  # a reused output_dir must not
+        (folder / stale).unlink(missing_ok=True)  # pass off an old result
+    shutil.rmtree(folder / CLIENTS, ignore_errors=True)
+    return None
+
+
 def cmd_run(cfg: DictConfig) -> dict:
     from fedprompt.fl.launch import flwr_run, local_superlink
 
     start = time.perf_counter()
     root = app_dir()
     partition = prepare(cfg)
-    cfg, folder, run_config = start_run_folder(cfg, partition)
+    cfg, folder, run_config, checkpoint = start_run_folder(cfg, partition)
+    if finished(folder, checkpoint):
+        return json.loads((folder / "result.json").read_text())  # resume=true on a finished run: nothing to run
     fed = cfg.federation
-    with local_superlink(folder / "superlink.log", cwd=folder, port=int(fed.superlink_port)) as env, \
-            (folder / "flower.log").open("w") as log:
+    with sigterm_as_interrupt(), local_superlink(folder / "superlink.log", cwd=folder, port=int(fed.superlink_port)) as env, \
+            (folder / "flower.log").open("a" if checkpoint else "w") as log:
         outcome = flwr_run(root, run_config, int(fed.num_clients), int(fed.client_cpus), float(fed.client_gpus),
                            env, log, echo=sys.stderr if cfg.get("progress", True) else None)
-    return finish_run(folder, outcome, start)
+    return finish_run(folder, outcome, start, checkpoint)
 
 
-def start_run_folder(cfg: DictConfig, partition: dict) -> tuple[DictConfig, Path, Path]:
+def start_run_folder(cfg: DictConfig, partition: dict):
     """The run folder with the config, the partition's sizes and the run config; returns the config with
-    ``output_dir`` set, the folder and the run config's path."""
+    ``output_dir`` set, the folder, the run config's path and the checkpoint to resume from (or None)."""
     folder = run_folder(cfg)
     cfg = OmegaConf.merge(cfg, {"output_dir": str(folder)})
-    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    (folder / "partition.json").write_text(json.dumps(partition, indent=2) + "\n")
-    for stale in ("summary.json", "replies.jsonl"):  # a reused output_dir must not pass off an old result
-        (folder / stale).unlink(missing_ok=True)
-    return cfg, folder, write_run_config(cfg, folder)
+    checkpoint = resume_point(cfg, folder)
+    if not finished(folder, checkpoint):
+        (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (folder / "partition.json").write_text(json.dumps(partition, indent=2) + "\n")
+    return cfg, folder, write_run_config(cfg, folder), checkpoint
 
 
-def finish_run(folder: Path, outcome, start: float) -> dict:
+def finish_run(folder: Path, outcome, start: float, checkpoint=None) -> dict:
     """summary.json of a completed run plus the launcher's figures (result.json); a clear error otherwise."""
     from fedprompt.fl.launch import SimulationError
 
@@ -124,6 +179,23 @@ def finish_run(folder: Path, outcome, start: float) -> dict:
         "run_id": str(outcome.run_id),
         "wall_s": round(time.perf_counter() - start, 3),
         "flwr_run_s": round(outcome.elapsed_s, 3),
+        "resumed_from_round": None if checkpoint is None else checkpoint.round,
     }
     (folder / "result.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def cmd_resume(folder: Path, overrides: list[str]) -> dict:
+    """``fedprompt resume <run folder> [key=value ...]``: the folder's run, from its last completed round.
+
+    The config is the folder's config.yaml; overrides may change only how the run is launched
+    (fedprompt.fl.checkpoint.VOLATILE), anything else is refused when the checkpoint is compared.
+    """
+    folder = Path(folder)
+    if not (folder / "config.yaml").is_file():
+        raise ConfigError(f"{folder} is not a run folder (no config.yaml); give the folder `fedprompt run` wrote")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.load(folder / "config.yaml"), OmegaConf.from_dotlist(list(overrides)))
+    except Exception as err:  # noqa: BLE001 - a malformed file or override: one line
+        raise ConfigError(f"cannot read {folder / 'config.yaml'} with overrides {overrides}: {err}") from None
+    return cmd_run(OmegaConf.merge(cfg, {"resume": True, "output_dir": str(folder.resolve())}))

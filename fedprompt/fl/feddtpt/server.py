@@ -2,7 +2,9 @@
 
 Round 0 is the seed prompt. After every round the global prompt is scored on ``federation.eval_split``
 (first ``eval_limit`` examples) through the server's own black box (``service.kind``; in-process by
-default), and the run folder gets rounds.json / rounds.csv / accuracy.png; summary.json at the end.
+default), and the run folder gets rounds.json / rounds.csv / accuracy.png and checkpoint.json (resume);
+summary.json at the end. The search is seeded per (seed, round, partition) and the sampling per
+(seed, round), so FedDTPT keeps no other state across rounds and resumes from the global prompt alone.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def run_server(grid: Grid, cfg) -> dict:
     from logging import INFO
 
     from fedprompt.blackbox import make_blackbox
+    from fedprompt.fl.checkpoint import CheckpointedRounds
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import eval_examples, load_task_and_spec
     from fedprompt.fl.report import RunReport
@@ -82,8 +85,9 @@ def run_server(grid: Grid, cfg) -> dict:
         "aggregate_mode": method.aggregate.mode, "proposer": method.proposer.name, "feedback": method.search.feedback,
         "budget_per_client_round": method.search.budget, "manual_accuracy": None,
     })
+    rounds = CheckpointedRounds(cfg, folder, report, strategy)  # resume=true: the report so far is restored here
     seed_is_manual = seed_prompt == spec.manual_prompt.split()
-    if fed.eval_manual and not seed_is_manual:
+    if fed.eval_manual and not seed_is_manual and report.info["manual_accuracy"] is None:
         report.info["manual_accuracy"] = score_prompt(blackbox, spec, examples, None)[0]
 
     every, last = int(fed.eval_every), int(fed.rounds)
@@ -101,8 +105,8 @@ def run_server(grid: Grid, cfg) -> dict:
         return MetricRecord({"accuracy": accuracy}) if due else None
 
     try:
-        strategy.start(grid, prompt_to_arrays(seed_prompt), num_rounds=int(fed.rounds),
-                       timeout=float(fed.round_timeout_s), train_config=ConfigRecord(), evaluate_fn=evaluate)
+        rounds.start(grid, prompt_to_arrays(seed_prompt), num_rounds=int(fed.rounds),
+                     timeout=float(fed.round_timeout_s), train_config=ConfigRecord(), evaluate_fn=evaluate)
     finally:
         blackbox.close()
     return report.finish(server_usage=blackbox.usage.to_dict())

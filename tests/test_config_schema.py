@@ -1,0 +1,92 @@
+"""The composed config is checked before anything starts: unknown keys anywhere (command line, a yaml file
+in conf/, the run config the apps receive, a run folder's config.yaml), values of the wrong type, the
+privacy group, a model or task that does not exist; and the model=/task= shorthands in sweeps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fedprompt import cli
+from fedprompt.config import compose, rewrite_shorthands
+from fedprompt.errors import ConfigError
+from fedprompt.fl.config import RUN_CONFIG_KEY, config_from_run_config, serialize_config, validate_config
+from tests.fl_support import tiny_overrides, write_secret_task
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+federation.roundz=3"], "unknown config key 'federation.roundz': the federation node takes ["),
+        (["+limitt=3"], "unknown config key 'limitt': the root config takes ["),
+        (["+service.client.retrys=1"], "unknown config key 'service.client.retrys'"),
+        (["+task.hf.txt=x"], "unknown config key 'task.hf.txt'"),
+        (["federation.rounds=abc"], "bad value for federation.rounds: Value 'abc' of type 'str' could not be converted"),
+        (["partition.alpha=many"], "bad value for partition.alpha"),
+        (["federation.roundz=3"], "Could not override 'federation.roundz'"),  # Hydra's own check, without +
+    ],
+)
+def test_unknown_keys_and_wrong_types_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_unknown_key_in_a_yaml_file_of_conf_is_an_error(tmp_path, monkeypatch, capsys):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "partition" / "typo.yaml").write_text("scheme: dirichlet\nalhpa: 0.1\nmin_size: 1\nk_shot: 8\n")
+    monkeypatch.setenv("FEDPROMPT_CONF_DIR", str(conf))
+    with pytest.raises(ConfigError, match="unknown config key 'partition.alhpa'"):
+        compose(["partition=typo"])
+    assert cli.main(["run", "partition=typo"]) == 2  # the Hydra app reads the same conf/
+    err = capsys.readouterr().err
+    assert "partition.alhpa" in err and len(err.strip().splitlines()) == 1
+
+
+def test_privacy_group_default_and_checks():
+    cfg = compose([])
+    assert cfg.privacy.name == "none"
+    validate_config(compose(["partition=iid"]))
+    with pytest.raises(ConfigError, match="privacy.name='dp-sgd' is not one of"):
+        validate_config(compose(["partition=iid", "privacy.name=dp-sgd"]))
+    with pytest.raises(ConfigError, match="privacy=none takes no settings, got \\['epsilon'\\]"):
+        validate_config(compose(["partition=iid", "+privacy.epsilon=8"]))
+
+
+def test_the_apps_and_resume_recheck_the_keys(tmp_path, tiny_model_dir, capsys):
+    cfg = compose(tiny_overrides(write_secret_task(tmp_path / "data"), tiny_model_dir))
+    data = json.loads(serialize_config(cfg))
+    data["federation"]["rounds_"] = 2
+    with pytest.raises(ConfigError, match="unknown config key 'federation.rounds_'"):
+        config_from_run_config({RUN_CONFIG_KEY: json.dumps(data)})
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(json.dumps(data))  # JSON is YAML: a run folder's config, with a typo
+    assert cli.main(["resume", str(folder)]) == 2
+    assert "unknown config key 'federation.rounds_'" in capsys.readouterr().err
+    assert cli.main(["resume", str(tmp_path / "nothing-here")]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_a_model_or_task_that_does_not_exist(tmp_path, tiny_model_dir, capsys):
+    base = tiny_overrides(write_secret_task(tmp_path / "data"), tiny_model_dir)
+    assert cli.main(["run", *base, "model=/no/such/model-folder"]) == 2
+    assert "unknown model '/no/such/model-folder'" in capsys.readouterr().err
+    assert cli.main(["run", *base, "task=nosuchtask"]) == 2
+    assert "unknown task 'nosuchtask'" in capsys.readouterr().err
+
+
+def test_model_and_task_shorthands_also_in_sweeps():
+    assert rewrite_shorthands(["model=org/a"]) == ["model=hf", "model.name=org/a"]
+    assert rewrite_shorthands(["model=org/a,org/b"]) == ["model=hf", "model.name=org/a,org/b"]
+    assert rewrite_shorthands(["model=smollm2-135m,gemma3-270m"]) == ["model=smollm2-135m,gemma3-270m"]
+    assert rewrite_shorthands(["task=mine,yours", "seed=0,1"]) == ["task=custom", "task.name=mine,yours", "seed=0,1"]
+    with pytest.raises(ConfigError, match="a sweep cannot mix task files \\(sst2\\) with other names"):
+        rewrite_shorthands(["task=sst2,mine"])

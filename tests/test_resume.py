@@ -1,0 +1,170 @@
+"""Resume: a run stopped between rounds continues from its last completed round and ends exactly as the
+uninterrupted run with the same seed. The mechanism alone (a toy strategy that draws from the global
+RNG and keeps state, clients' context.state on disk), then a real `fedprompt run` stopped after round 1
+of 3 by a signal, resumed with `fedprompt resume`, and compared with an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Strategy
+from omegaconf import OmegaConf
+
+from fedprompt import cli
+from fedprompt.fl.checkpoint import PAUSE_ENV, CheckpointedRounds, restore_client_state, save_client_state
+from fedprompt.fl.report import RunReport
+from tests.fl_support import tiny_overrides, write_secret_task
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class NoisyStrategy(Strategy):
+    """Adds a draw of NumPy's global RNG and a running count (its own state) to the arrays each round."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def summary(self) -> None:
+        pass
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.arrays = arrays
+        return []
+
+    def aggregate_train(self, server_round, replies):
+        self.count += server_round
+        value = self.arrays["x"].numpy() + np.random.normal(size=2) + self.count
+        return ArrayRecord({"x": Array(value)}), None
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return []
+
+    def aggregate_evaluate(self, server_round, replies):
+        return None
+
+    def checkpoint_state(self) -> RecordDict:
+        return RecordDict({"state": ConfigRecord({"count": self.count})})
+
+    def restore_state(self, state: RecordDict) -> None:
+        self.count = int(state["state"]["count"])
+
+
+class NoGrid:
+    def send_and_receive(self, messages, timeout=None):
+        return list(messages)
+
+
+class Stopped(Exception):
+    pass
+
+
+def _rounds(folder: Path, resume: bool, stop_at: int | None = None):
+    cfg = OmegaConf.create({"seed": 0, "resume": resume, "output_dir": str(folder)})
+    report = RunReport(folder, {"method": "toy"})
+    strategy = NoisyStrategy()
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        if server_round == stop_at:
+            raise Stopped  # as if killed while this round ran: its checkpoint is never written
+        value = float(arrays["x"].numpy().sum())
+        report.add(server_round, [f"{value:.12f}"], value, 1, 0, 0.0)
+        return MetricRecord({"value": value})
+
+    np.random.seed(0)  # the server's setup
+    CheckpointedRounds(cfg, folder, report, strategy).start(
+        NoGrid(), ArrayRecord({"x": Array(np.zeros(2))}), num_rounds=4, timeout=1.0, evaluate_fn=evaluate)
+    return [r["prompt"] for r in report.rows], strategy.count
+
+
+def test_checkpointed_rounds_resume_to_the_same_end(tmp_path):
+    whole = _rounds(tmp_path / "whole", resume=False)
+    with pytest.raises(Stopped):
+        _rounds(tmp_path / "stopped", resume=False, stop_at=3)
+    assert json.loads((tmp_path / "stopped" / "checkpoint.json").read_text())["round"] == 2
+    np.random.seed(123)  # whatever the resumed process drew before does not matter: the RNG state is restored
+    assert _rounds(tmp_path / "stopped", resume=True) == whole
+    assert len(whole[0]) == 5 and whole[1] == 1 + 2 + 3 + 4
+
+
+def test_client_state_is_restored_from_the_newest_earlier_round(tmp_path):
+    cfg = OmegaConf.create({"output_dir": str(tmp_path)})
+    context = SimpleNamespace(node_config={"partition-id": 3}, state=RecordDict())
+    for server_round in (1, 2, 4):
+        context.state["acct"] = ConfigRecord({"steps": server_round * 10})
+        save_client_state(cfg, context, server_round)
+    assert sorted(p.name for p in (tmp_path / "clients" / "3").iterdir()) == ["state-2.bin", "state-4.bin"]
+
+    fresh = SimpleNamespace(node_config={"partition-id": 3}, state=RecordDict())  # a resumed run's context
+    restore_client_state(cfg, fresh, server_round=4)  # round 4 is redone: the state after round 2
+    assert fresh.state["acct"]["steps"] == 20
+    restore_client_state(cfg, fresh, server_round=5)
+    assert fresh.state["acct"]["steps"] == 40
+    other = SimpleNamespace(node_config={"partition-id": 0}, state=RecordDict())
+    restore_client_state(cfg, other, server_round=5)
+    assert len(other.state) == 0
+
+
+def _wait_for_round(folder: Path, server_round: int, proc: subprocess.Popen, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if json.loads((folder / "checkpoint.json").read_text())["round"] >= server_round:
+                return
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        assert proc.poll() is None, f"the run ended before round {server_round}: {proc.stderr.read()[-3000:]}"
+        time.sleep(0.5)
+    raise AssertionError(f"no checkpoint of round {server_round} after {timeout_s} s")
+
+
+def _trajectory(folder: Path) -> list[tuple]:
+    rows = json.loads((folder / "rounds.json").read_text())
+    return [(r["round"], r["accuracy"], r["prompt"], r.get("client_prompts"), r["queries"]) for r in rows]
+
+
+def test_a_run_stopped_after_round_1_of_3_resumes_and_ends_as_the_uninterrupted_run(capsys, tmp_path, tiny_model_dir):
+    args = [*tiny_overrides(write_secret_task(tmp_path / "data"), tiny_model_dir), "federation.rounds=3",
+            "partition=dirichlet", "partition.alpha=1.0"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert cli.main(["run", *args, f"output_dir={whole}"]) == 0, capsys.readouterr().err[-3000:]
+
+    env = {**os.environ, PAUSE_ENV: "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "fedprompt.cli", "run", *args, f"output_dir={stopped}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_round(stopped, 1, proc)
+        proc.send_signal(signal.SIGTERM)  # `kill <pid>`: the run stops, its SuperLink with it
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert json.loads((stopped / "checkpoint.json").read_text())["round"] == 1
+    assert not (stopped / "summary.json").exists()
+
+    capsys.readouterr()
+    assert cli.main(["run", *args, f"output_dir={stopped}"]) == 2  # a new run would overwrite it: refused
+    assert "holds an unfinished run" in capsys.readouterr().err
+    assert cli.main(["resume", str(stopped), "seed=1"]) == 2  # other settings than the checkpoint's: refused
+    assert "seed: 0 -> 1" in capsys.readouterr().err
+
+    assert cli.main(["resume", str(stopped)]) == 0, capsys.readouterr().err[-3000:]
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["resumed_from_round"] == 1 and result["rounds"] == 3
+    assert _trajectory(stopped) == _trajectory(whole)
+    summaries = [json.loads((f / "summary.json").read_text()) for f in (whole, stopped)]
+    assert summaries[0]["final_prompt"] == summaries[1]["final_prompt"]
+    assert summaries[0]["queries"] == summaries[1]["queries"]
+
+    assert cli.main(["resume", str(stopped)]) == 0  # finished: its result, and nothing runs or is removed
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert (stopped / "summary.json").is_file()
