@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -201,6 +202,34 @@ def test_feedback_none_accepts_every_edit_and_only_scores_start_and_end():
     assert result.steps == len(result.history) == (41 - 1 - 1) // 4  # what a feedback run's budget pays for
     assert result.queries == 2 * BATCH and len(bb.calls) == 2
     assert all(labels_only for _, _, labels_only in bb.calls)
+
+
+class TiltingBlackBox(FakeBlackBox):
+    """The fake model, except that a prompt holding "always" makes it answer label 1 for everything."""
+
+    def classify(self, texts, labels, labels_only=False):
+        result = super().classify(texts, labels, labels_only)
+        tilted = [SEP.join(t.split(SEP)[:1]).split().count("always") > 0 for t in texts]
+        result.predictions = [1 if tilt else p for tilt, p in zip(tilted, result.predictions)]
+        return result
+
+
+def test_balanced_feedback_ignores_a_tilt_toward_the_local_majority():
+    # A client whose examples are mostly label 1: answering 1 always raises its batch accuracy but not the
+    # mean recall over classes; "excellent" raises both. Difficulties alternate between the labels.
+    local = [Example(f"SECRET-SKEW-{i}", 1 if i < 10 else 0) for i in range(12)]
+    ones, zeros = [e for e in local + PUBLIC if e.label == 1], [e for e in local + PUBLIC if e.label == 0]
+    by_difficulty = [e for pair in zip(ones, zeros) for e in pair] + ones[len(zeros):]
+    config = cfg(edit_ops={"replace": 1.0}, budget=BATCH * 12, candidates_per_step=1)
+
+    def search(feedback, words):  # START: batch accuracy ~0.56, mean recall ~0.71; "always": 0.75 and 0.5
+        search = PromptSearch(replace(config, feedback=feedback), ListProposer(words))
+        return search.run(TiltingBlackBox(by_difficulty), SPEC, START, local, PUBLIC)
+
+    assert "always" in search("accuracy", ["always"]).prompt
+    tilted = search("balanced", ["always"])
+    assert "always" not in tilted.prompt and tilted.history and not any(e.accepted for e in tilted.history)
+    assert "excellent" in search("balanced", ["always", "excellent"]).prompt
 
 
 def test_margin_feedback_uses_logprobs_and_breaks_accuracy_ties():

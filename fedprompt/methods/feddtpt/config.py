@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from fedprompt.methods.feddtpt.search import PromptSearch
 
 SEED_STYLES = ("concise", "moderate", "detailed")
-FEEDBACK = ("accuracy", "margin", "none")
+FEEDBACK = ("accuracy", "balanced", "margin", "none")
 ACCEPT = ("no-drop", "improve")
 EDIT_OPS = ("replace", "insert", "delete")
 PROPOSERS = ("lm-infill", "mlm", "embedding-neighbours", "random")

@@ -10,7 +10,10 @@ batch), scores the start prompt, then repeats until the query budget is spent:
 2. ask the proposer for new words there, skipping (position, old, new) triples already tried;
 3. score every candidate prompt on the batch in one black-box call and keep the best one if the
    feedback does not drop (``accept: no-drop``, the paper's rule) or only if it rises (``improve``);
-   feedback is the batch accuracy, or accuracy then the gold-label log-prob margin.
+   feedback is the batch accuracy; or its balanced form, the mean recall over the classes in the batch,
+   so that a client whose examples are mostly one class gains nothing by tilting the prompt toward that
+   class (label skew is what makes non-IID clients disagree); or accuracy then the gold-label
+   log-prob margin (needs log-probs).
 
 The budget counts queries (examples scored); a step scores no more candidates than the rest of the
 budget pays for, so the budget is never exceeded. Only texts ``spec.format(example, prompt)`` for
@@ -73,6 +76,7 @@ class SearchResult:
 class _Score:
     accuracy: float
     local_accuracy: float
+    balanced: float  # mean recall over the classes present in the batch
     margin: float | None
 
 
@@ -165,10 +169,14 @@ class _Run:
                     gold = lp[np.arange(len(self.gold)), self.gold]
                     others = np.where(np.eye(lp.shape[1], dtype=bool)[self.gold], -np.inf, lp).max(1)
                     margin = float(np.mean(gold - others))
-                self.cache[text] = _Score(float(correct.mean()), float(correct[: self.n_local].mean()), margin)
+                recall = [correct[self.gold == c].mean() for c in np.unique(self.gold)]
+                self.cache[text] = _Score(float(correct.mean()), float(correct[: self.n_local].mean()),
+                                          float(np.mean(recall)), margin)
         return [self.cache[t] for t in texts]
 
     def _key(self, score: _Score) -> tuple:
+        if self.cfg.feedback == "balanced":
+            return (score.balanced,)
         return (score.accuracy,) if score.margin is None else (score.accuracy, score.margin)
 
     # ---- choosing an edit -------------------------------------------------------------------------
