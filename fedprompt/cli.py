@@ -23,6 +23,8 @@ commands:
   eval    evaluate the task's manual prompt (or prompt="...", or prompt="" for zero-shot) on a split
   serve   serve model= as a black-box LLM API (OpenAI-compatible + /v1/classify), see docs/blackbox.md
   run     a federated simulation (Flower, Ray backend, via `flwr run`): method=feddtpt, N clients, R rounds
+  distill a small student of model= (kept layers, distilled on public text), for POST; see docs/post.md
+  transfer  lift a student's soft prompt (transfer.prompt=...) to model= with POST's transfer
 
 examples:
   fedprompt eval task=sst2 split=test
@@ -30,6 +32,9 @@ examples:
   fedprompt eval task=mytask data_dir=/path/to/folders model=HuggingFaceTB/SmolLM2-360M-Instruct
   fedprompt serve model=smollm2-135m host=127.0.0.1 port=8000 service.api_keys_file=keys.txt
   fedprompt run method=feddtpt task=sst2 federation.num_clients=10 federation.rounds=3 partition=dirichlet partition.alpha=1.0
+  fedprompt distill model=smollm2-135m distill.steps=300
+  fedprompt run method=post task=sst2 method.privacy.epsilon=8 partition=iid partition.k_shot=null
+  fedprompt transfer task=sst2 transfer.prompt=outputs/run/<run>/prompt.safetensors
 
 data: data_dir=<folder with one sub-folder per task>, else $FEDPROMPT_DATA_DIR, else the HF hub.
 """
@@ -105,7 +110,20 @@ def cmd_run(cfg: DictConfig) -> dict:
     return run(cfg)
 
 
-COMMANDS: dict[str, Callable[[DictConfig], dict]] = {"eval": cmd_eval, "serve": cmd_serve, "run": cmd_run}
+def cmd_distill(cfg: DictConfig) -> dict:
+    from fedprompt.methods.post.commands import cmd_distill as distill  # lazy: torch and the models only here
+
+    return distill(cfg)
+
+
+def cmd_transfer(cfg: DictConfig) -> dict:
+    from fedprompt.methods.post.commands import cmd_transfer as transfer
+
+    return transfer(cfg)
+
+
+COMMANDS: dict[str, Callable[[DictConfig], dict]] = {"eval": cmd_eval, "serve": cmd_serve, "run": cmd_run,
+                                                     "distill": cmd_distill, "transfer": cmd_transfer}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
