@@ -98,8 +98,10 @@ def public_examples(tcfg, task_name: str, data_dir, seed: int) -> tuple[list[Exa
 
 
 def transfer_prompt(student_tuner, large_tuner, student_prompt, init_prompt, public: list[Example], tcfg,
-                    alpha_examples: list[Example], chance: float, batch_size: int, seed: int = 0) -> dict:
-    """POST's transfer with alpha from ``tcfg.alpha`` or the rule (ZS, C measured on ``alpha_examples``).
+                    alpha_examples: list[Example], chance: float, batch_size: int, seed: int = 0,
+                    zero_shot: float | None = None) -> dict:
+    """POST's transfer with alpha from ``tcfg.alpha`` or the rule (ZS, C measured on ``alpha_examples``;
+    ``zero_shot`` reuses an earlier ZS on the same examples).
 
     Returns the :class:`TransferResult` under ``"result"`` and the alpha inputs beside it.
     """
@@ -113,7 +115,7 @@ def transfer_prompt(student_tuner, large_tuner, student_prompt, init_prompt, pub
             return PromptedClassifier(tuner.model, tuner.tokenizer, tuner.spec, batch_size).evaluate(
                 alpha_examples, soft_prompt=prompt).accuracy
 
-        info["zero_shot_accuracy"] = accuracy(large_tuner, None)
+        info["zero_shot_accuracy"] = accuracy(large_tuner, None) if zero_shot is None else zero_shot
         info["student_prompt_accuracy"] = accuracy(student_tuner, student_prompt.to(student_tuner.device))
         info["chance"] = chance
         alpha = alpha_rule(info["zero_shot_accuracy"], info["student_prompt_accuracy"], chance)
