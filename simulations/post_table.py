@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -63,14 +62,18 @@ def non_embedding_parameters(model) -> int:
 
 
 class Table:
-    def __init__(self) -> None:
+    """The rows so far; each new row is printed and the partial table saved (a long run that stops keeps them)."""
+
+    def __init__(self, path: Path, info: dict) -> None:
         self.rows: list[dict] = []
+        self.path, self.info = path, info
 
     def add(self, stage: str, epsilon, accuracy: float, wall_s: float, **extra) -> dict:
         row = {"stage": stage, "epsilon": epsilon, "accuracy": round(float(accuracy), 4), "wall_s": round(wall_s, 1),
                **extra}
         self.rows.append(row)
         print(json.dumps(row), flush=True)
+        self.path.write_text(json.dumps({**self.info, "rows": self.rows}, indent=2) + "\n")
         return row
 
     def get(self, stage: str, epsilon) -> dict:
@@ -97,9 +100,10 @@ def main(argv=None) -> dict:
     base = [f"task={args.task}", "progress=false", *args.set]
     cfg = compose(base)
     large_name = str(cfg.model.name)
-    table, started = Table(), time.perf_counter()
+    started = time.perf_counter()
     info: dict = {"task": args.task, "model": large_name, "args": vars(args), "total_steps": steps,
                   "machine": "2-core CPU, no GPU (shared)"}
+    table = Table(out / f"post_{args.task}.partial.json", info)
 
     student_dir = default_student_dir(large_name)
     if not (student_dir / "config.json").is_file():
@@ -199,6 +203,7 @@ def main(argv=None) -> dict:
     record = {**info, "rows": table.rows, "summary": summary, "total_wall_s": round(time.perf_counter() - started, 1)}
     (out / f"post_{args.task}.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / f"post_{args.task}.md").write_text(markdown(record))
+    table.path.unlink(missing_ok=True)
     print(json.dumps({"summary": summary, "output": str(out / f"post_{args.task}.md")}))
     return record
 
@@ -211,7 +216,7 @@ def derive(table: Table, args, zero_shot: float) -> dict:
         student = table.get("student (federated)", tag)
         gap = direct["accuracy"] - zero_shot
         out[tag] = {
-            "gap_recovered": round((post["accuracy"] - zero_shot) / gap, 3) if abs(gap) > 1e-9 else math.nan,
+            "gap_recovered": round((post["accuracy"] - zero_shot) / gap, 3) if abs(gap) > 1e-9 else None,
             "direct_gain": round(gap, 4), "post_gain": round(post["accuracy"] - zero_shot, 4),
             "cost_ratio_time": round((student["compute_s"] + post["compute_s"]) / direct["compute_s"], 3),
             "cost_ratio_flops": round((student["flops"] + post["flops"]) / direct["flops"], 3),
