@@ -110,6 +110,15 @@ class DistillDataConfig:
     tasks: list[str] = field(default_factory=lambda: ["mr", "rte", "trec"])
     split: str = "train"
     max_texts: int = 4000
+    format: str = "task"  # task: as the model sees a prompt of that task (template, chat markup) | raw: the text
+
+    def validate(self) -> None:
+        if not self.tasks:
+            raise ConfigError("distill.data.tasks is empty; name the tasks whose text to distil on, e.g. [mr, rte, trec]")
+        if self.max_texts < 1:
+            raise ConfigError(f"distill.data.max_texts must be >= 1, got {self.max_texts}")
+        if self.format not in ("task", "raw"):
+            raise ConfigError(f"distill.data.format={self.format!r} is not one of ['task', 'raw']")
 
 
 @dataclass
@@ -119,7 +128,7 @@ class DistillConfig:
     layers: Optional[list[int]] = None  # teacher layers kept, in order; null: the first 2 and the last 2
     steps: int = 300
     batch_size: int = 8
-    max_length: int = 64
+    max_length: int = 96  # longer texts are left out (a cut prompt loses its answer position)
     lr: float = 3e-4
     train_embeddings: bool = False
     autocast: bool = True  # bf16 autocast for the student's matmuls (fp32 weights and optimizer)
@@ -135,10 +144,7 @@ class DistillConfig:
                 raise ConfigError(f"distill.{key} must be >= 1, got {getattr(self, key)}")
         if not self.lr > 0:
             raise ConfigError(f"distill.lr must be > 0, got {self.lr}")
-        if not self.data.tasks:
-            raise ConfigError("distill.data.tasks is empty; name the tasks whose text to distil on, e.g. [mr, rte, trec]")
-        if self.data.max_texts < 1:
-            raise ConfigError(f"distill.data.max_texts must be >= 1, got {self.data.max_texts}")
+        self.data.validate()
         self.loss.validate()
 
 

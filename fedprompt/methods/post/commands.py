@@ -26,10 +26,23 @@ def _task_examples(name: str, split: str, data_dir) -> list[Example]:
     return load_task({"name": name}, data_dir).split(split)
 
 
-def distill_texts(tasks: Sequence[str], split: str, max_texts: int, data_dir, seed: int) -> list[str]:
-    """Unlabeled text of ``tasks`` (pair tasks: both sides), shuffled with ``seed``, at most ``max_texts``."""
-    texts = [" ".join(filter(None, (e.text, e.text_pair))) for t in tasks for e in _task_examples(t, split, data_dir)]
-    order = np.random.default_rng(seed).permutation(len(texts))[:max_texts]
+def distill_texts(data, data_dir, chat_format: str | None, seed: int) -> list[str]:
+    """The unlabeled texts of ``data.tasks`` (a DistillDataConfig), shuffled with ``seed``, at most ``max_texts``.
+
+    ``format: task``: each example as the model sees a prompt of its own task (that task's template, manual
+    prompt and answer prefix in the model's chat format); ``raw``: the text alone (pair tasks: both sides).
+    """
+    from fedprompt.config import compose
+
+    texts = []
+    for name in data.tasks:
+        if data.format == "raw":
+            texts += [" ".join(filter(None, (e.text, e.text_pair))) for e in _task_examples(name, data.split, data_dir)]
+            continue
+        task = load_task(OmegaConf.to_container(compose([f"task={name}"]).task, resolve=True), data_dir)
+        spec = task.spec.with_chat_format(chat_format)
+        texts += [spec.format(e) for e in task.split(data.split)]
+    order = np.random.default_rng(seed).permutation(len(texts))
     return [texts[i] for i in order]
 
 
@@ -54,7 +67,7 @@ def cmd_distill(cfg: DictConfig) -> dict:
     teacher_name = str(cfg.model.name)
     depth = int(AutoConfig.from_pretrained(materialize(teacher_name)).num_hidden_layers)
     layers = check_layers(default_layers(depth) if dcfg.layers is None else dcfg.layers, depth)
-    texts = distill_texts(dcfg.data.tasks, dcfg.data.split, dcfg.data.max_texts, cfg.get("data_dir"), dcfg.seed)
+    texts = distill_texts(dcfg.data, cfg.get("data_dir"), cfg.model.get("chat_format"), dcfg.seed)
     task = load_task_checked(cfg)
     spec = task.spec.with_chat_format(cfg.model.get("chat_format"))
     examples = task.split(str(cfg.split))[: dcfg.eval_limit]
@@ -63,6 +76,11 @@ def cmd_distill(cfg: DictConfig) -> dict:
 
     device, dtype = cfg.model.get("device"), cfg.model.get("dtype")
     tokenizer = load_tokenizer(teacher_name)
+    # Whole texts only: a cut-off prompt would lose its answer position, the one the student is used at.
+    lengths = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    texts = [t for t, ids in zip(texts, lengths) if len(ids) <= dcfg.max_length][: dcfg.data.max_texts]
+    if not texts:
+        raise ConfigError(f"no text of {dcfg.data.tasks} fits in distill.max_length={dcfg.max_length} tokens; raise it")
     teacher = load_causal_lm(teacher_name, device, dtype)
     student = build_student(teacher, layers).to(next(teacher.parameters()).device)
     show = bool(cfg.get("progress", True))

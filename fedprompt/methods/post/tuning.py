@@ -34,6 +34,7 @@ class TrainConfig:
     batch_size: int = 16  # with DP: the expected size of a Poisson batch (rate batch_size / N)
     lr: float = 0.03
     optimizer: str = "adam"  # adam | sgd
+    momentum: float = 0.0  # sgd only
 
     def validate(self) -> None:
         if self.local_steps < 1:
@@ -44,6 +45,8 @@ class TrainConfig:
             raise ConfigError(f"method.train.lr must be > 0, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"method.train.optimizer={self.optimizer!r} is not one of {list(OPTIMIZERS)}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"method.train.momentum must be in [0, 1), got {self.momentum}")
 
 
 @dataclass
@@ -129,8 +132,7 @@ class SoftPromptTuner:
         labels = torch.tensor([e.label for e in examples], device=self.device)
         prompt.to(self.device).train()
         generator = torch.Generator().manual_seed(int(seed))
-        optimizer = (torch.optim.Adam if self.config.optimizer == "adam" else torch.optim.SGD)(
-            prompt.parameters(), lr=self.config.lr)
+        optimizer = self.optimizer(prompt.parameters())
         dp = None
         if plan is not None:
             from fedprompt.privacy.dp import DPSoftPromptSGD
@@ -165,6 +167,11 @@ class SoftPromptTuner:
         prompt.eval()
         result.seconds = time.perf_counter() - start
         return result
+
+    def optimizer(self, params) -> torch.optim.Optimizer:
+        if self.config.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.config.lr)
+        return torch.optim.SGD(params, lr=self.config.lr, momentum=self.config.momentum)
 
     def _shuffled(self, n: int, steps: int, generator: torch.Generator) -> Iterator[list[int]]:
         size = min(self.config.batch_size, n)
