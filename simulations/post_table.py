@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--transfer-lr", type=float, default=0.03)
     ap.add_argument("--out", default=str(ROOT / "simulations" / "results"))
     ap.add_argument("--set", action="append", default=[], help="extra fedprompt overrides, key=value")
+    ap.add_argument("--stages", choices=("all", "direct"), default="all",
+                    help="direct: only the large model's rows (they do not need the student); a later run resumes")
     return ap.parse_args(argv)
 
 
@@ -62,11 +64,21 @@ def non_embedding_parameters(model) -> int:
 
 
 class Table:
-    """The rows so far; each new row is printed and the partial table saved (a long run that stops keeps them)."""
+    """The rows so far; each new row is printed and the partial table saved. A run with the same settings
+    resumes from that file: finished stages are not run again (a long run that stops keeps its rows)."""
 
     def __init__(self, path: Path, info: dict) -> None:
         self.rows: list[dict] = []
         self.path, self.info = path, info
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if _settings(saved.get("args", {})) == _settings(info["args"]):
+                self.rows = saved["rows"]
+                self.info.update({k: v for k, v in saved.items() if k not in ("rows", "args")})
+
+    def done(self, stage: str, epsilon, **settings) -> dict | None:
+        return next((r for r in self.rows if r["stage"] == stage and r["epsilon"] == epsilon
+                     and all(r.get(k) == v for k, v in settings.items())), None)
 
     def add(self, stage: str, epsilon, accuracy: float, wall_s: float, **extra) -> dict:
         row = {"stage": stage, "epsilon": epsilon, "accuracy": round(float(accuracy), 4), "wall_s": round(wall_s, 1),
@@ -76,8 +88,16 @@ class Table:
         self.path.write_text(json.dumps({**self.info, "rows": self.rows}, indent=2) + "\n")
         return row
 
-    def get(self, stage: str, epsilon) -> dict:
-        return next(r for r in self.rows if r["stage"] == stage and r["epsilon"] == epsilon)
+    def save_info(self) -> None:
+        self.path.write_text(json.dumps({**self.info, "rows": self.rows}, indent=2) + "\n")
+
+
+TRANSFER_ARGS = ("transfer_steps", "public_size", "transfer_lr")
+
+
+def _settings(args: dict) -> dict:
+    """The settings finished rows depend on (the transfer's own are kept in its rows and checked there)."""
+    return {k: v for k, v in args.items() if k not in ("out", "stages", *TRANSFER_ARGS)}
 
 
 def main(argv=None) -> dict:
@@ -100,20 +120,16 @@ def main(argv=None) -> dict:
     base = [f"task={args.task}", "progress=false", *args.set]
     cfg = compose(base)
     large_name = str(cfg.model.name)
-    started = time.perf_counter()
     info: dict = {"task": args.task, "model": large_name, "args": vars(args), "total_steps": steps,
                   "machine": "2-core CPU, no GPU (shared)"}
     table = Table(out / f"post_{args.task}.partial.json", info)
 
     student_dir = default_student_dir(large_name)
-    if not (student_dir / "config.json").is_file():
-        t0 = time.perf_counter()
-        distilled = cmd_distill(compose([*base, "split=validation"]))
-        info["distill"] = {**distilled, "wall_s": round(time.perf_counter() - t0, 1)}
-    report_path = student_dir / "distill_report.json"
-    if report_path.is_file():
-        report = json.loads(report_path.read_text())
-        info.setdefault("distill", {k: v for k, v in report.items() if k != "curve"})
+    if args.stages == "all":
+        if not (student_dir / "config.json").is_file():  # the provider's one-off: not part of any ratio
+            cmd_distill(compose([*base, "split=validation"]))
+        report = json.loads((student_dir / "distill_report.json").read_text())
+        info["distill"] = {k: v for k, v in report.items() if k != "curve"}
         if args.task in report.get("data_tasks", []):
             raise SystemExit(f"the student at {student_dir} was distilled on {args.task}'s text; distil another one")
 
@@ -131,76 +147,95 @@ def main(argv=None) -> dict:
     tokenizer = load_tokenizer(large_name)
     device, dtype = cfg.model.get("device"), cfg.model.get("dtype")
     large_model = load_causal_lm(large_name, device, dtype)
-    student_model = load_causal_lm(str(student_dir), device, dtype)
-    params = {"large": non_embedding_parameters(large_model), "student": non_embedding_parameters(student_model)}
+    params = {"large": non_embedding_parameters(large_model)}
+    if args.stages == "all":
+        student_model = load_causal_lm(str(student_dir), device, dtype)
+        params["student"] = non_embedding_parameters(student_model)
     info["non_embedding_parameters"] = params
 
     def flops(model: str, train_tokens: int, forward_tokens: int = 0) -> float:
         return 4.0 * params[model] * train_tokens + 2.0 * params[model] * forward_tokens
 
     large_cls = PromptedClassifier(large_model, tokenizer, spec, batch_size=16)
-    t0 = time.perf_counter()
-    zero_shot = large_cls.evaluate(evaluation).accuracy
-    table.add("large zero-shot", None, zero_shot, time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    zero_shot_alpha = large_cls.evaluate(alpha_examples).accuracy  # ZS of POST's alpha rule, shared by both rows
-    info["alpha_zero_shot"] = {"accuracy": zero_shot_alpha, "seconds": round(time.perf_counter() - t0, 1)}
+    if not table.done("large zero-shot", None):
+        t0 = time.perf_counter()
+        table.add("large zero-shot", None, large_cls.evaluate(evaluation).accuracy, time.perf_counter() - t0)
+    zero_shot = table.done("large zero-shot", None)["accuracy"]
+    if "alpha_zero_shot" not in table.info:
+        t0 = time.perf_counter()
+        accuracy = large_cls.evaluate(alpha_examples).accuracy  # ZS of POST's alpha rule, shared by both epsilons
+        table.info["alpha_zero_shot"] = {"accuracy": accuracy, "seconds": round(time.perf_counter() - t0, 1)}
+        table.save_info()
+    zero_shot_alpha = table.info["alpha_zero_shot"]["accuracy"]
 
     for epsilon in (None, args.epsilon):
         tag = "inf" if epsilon is None else f"{epsilon:g}"
         lr = args.lr if epsilon is None or args.dp_lr is None else args.dp_lr
         train_cfg = TrainConfig(local_steps=args.local_steps, batch_size=args.batch_size, lr=lr)
         privacy = PrivacyConfig(epsilon=epsilon)
+        direct_tuner = SoftPromptTuner(large_model, tokenizer, spec, train_cfg)
 
         # Direct tuning of the large model: all examples pooled, the clients' total steps.
-        t0 = time.perf_counter()
-        direct_tuner = SoftPromptTuner(large_model, tokenizer, spec, train_cfg)
-        prompt = initial_prompt(PromptConfig(num_tokens=args.prompt_tokens), spec, tokenizer, large_model)
-        plan = plan_dp(privacy, len(train), args.batch_size, steps) if privacy.enabled else None
-        direct = direct_tuner.train(prompt, train, steps, seed=int(cfg.seed), plan=plan)
-        train_s = time.perf_counter() - t0
-        acc = large_cls.evaluate(evaluation, soft_prompt=direct.prompt).accuracy
-        table.add("direct (large, central)", tag, acc, time.perf_counter() - t0, compute_s=round(train_s, 1),
-                  flops=flops("large", direct.tokens), epsilon_spent=direct.epsilon, steps=steps,
-                  examples_seen=direct.examples_seen, noise_multiplier=direct.noise_multiplier)
+        if not table.done("direct (large, central)", tag):
+            t0 = time.perf_counter()
+            prompt = initial_prompt(PromptConfig(num_tokens=args.prompt_tokens), spec, tokenizer, large_model)
+            plan = plan_dp(privacy, len(train), args.batch_size, steps) if privacy.enabled else None
+            direct = direct_tuner.train(prompt, train, steps, seed=int(cfg.seed), plan=plan)
+            train_s = time.perf_counter() - t0
+            acc = large_cls.evaluate(evaluation, soft_prompt=direct.prompt).accuracy
+            table.add("direct (large, central)", tag, acc, time.perf_counter() - t0, compute_s=round(train_s, 1),
+                      flops=flops("large", direct.tokens), epsilon_spent=direct.epsilon, steps=steps,
+                      examples_seen=direct.examples_seen, noise_multiplier=direct.noise_multiplier)
+        if args.stages == "direct":
+            continue
 
         # Federated tuning on the student (Flower simulation through `flwr run`).
-        t0 = time.perf_counter()
         run_dir = out / f"post_{args.task}_student_eps{tag}"
-        fl = cmd_run(compose([
+        if not table.done("student (federated)", tag):
+            t0 = time.perf_counter()
+            fl = cmd_run(compose([
             *base, "method=post", "method.model=student", f"method.prompt.num_tokens={args.prompt_tokens}",
             f"method.train.local_steps={args.local_steps}", f"method.train.batch_size={args.batch_size}",
             f"method.train.lr={lr}", f"method.privacy.epsilon={'null' if epsilon is None else epsilon}",
             f"federation.num_clients={args.clients}", f"federation.rounds={args.rounds}",
             f"federation.eval_limit={args.eval_limit}", "federation.eval_manual=false", "partition=iid",
-            f"partition.k_shot={k_shot}", f"output_dir={run_dir}",
-        ]))
-        table.add("student (federated)", tag, fl["final_accuracy"], time.perf_counter() - t0,
-                  compute_s=fl["client_train_s"], flops=flops("student", fl["client_tokens"]),
-                  epsilon_spent=fl["epsilon"], steps=steps, run_dir=str(run_dir))
-        student_prompt = load_prompt(fl["prompt_file"])[0]
+                f"partition.k_shot={k_shot}", f"output_dir={run_dir}",
+            ]))
+            table.add("student (federated)", tag, fl["final_accuracy"], time.perf_counter() - t0,
+                      compute_s=fl["client_train_s"], flops=flops("student", fl["client_tokens"]),
+                      epsilon_spent=fl["epsilon"], steps=steps, run_dir=str(run_dir))
+        student_prompt = load_prompt(run_dir / "prompt.safetensors")[0]
 
-        t0 = time.perf_counter()
-        acc = large_cls.evaluate(evaluation, soft_prompt=student_prompt).accuracy
-        table.add("student prompt pasted on large", tag, acc, time.perf_counter() - t0)
+        if not table.done("student prompt pasted on large", tag):
+            t0 = time.perf_counter()
+            acc = large_cls.evaluate(evaluation, soft_prompt=student_prompt).accuracy
+            table.add("student prompt pasted on large", tag, acc, time.perf_counter() - t0)
 
-        t0 = time.perf_counter()
-        student_tuner = SoftPromptTuner(student_model, tokenizer, spec, train_cfg)
-        init = initial_prompt(PromptConfig(num_tokens=args.prompt_tokens), spec, tokenizer, large_model)
-        moved = transfer_prompt(student_tuner, direct_tuner, student_prompt, init, public, tcfg, alpha_examples,
-                                chance=1.0 / spec.num_labels, batch_size=16, seed=int(cfg.seed),
-                                zero_shot=zero_shot_alpha)
-        result = moved.pop("result")
-        transfer_s = time.perf_counter() - t0
-        acc = large_cls.evaluate(evaluation, soft_prompt=result.prompt).accuracy
-        fixed = result.fixed_tokens
-        table.add("POST transfer", tag, acc, time.perf_counter() - t0, compute_s=round(transfer_s, 1),
-                  flops=flops("large", result.tokens, fixed["large"]) + flops("student", 0, fixed["student"]),
-                  alpha=result.alpha, student_prompt_accuracy=moved.get("student_prompt_accuracy"),
-                  transfer_steps=result.steps, losses=[round(x, 4) for x in result.losses])
+        transfer_settings = {"transfer": {k: getattr(args, k) for k in TRANSFER_ARGS}}
+        if not table.done("POST transfer", tag, **transfer_settings):
+            table.rows = [r for r in table.rows if not (r["stage"] == "POST transfer" and r["epsilon"] == tag)]
+            t0 = time.perf_counter()
+            student_tuner = SoftPromptTuner(student_model, tokenizer, spec, train_cfg)
+            init = initial_prompt(PromptConfig(num_tokens=args.prompt_tokens), spec, tokenizer, large_model)
+            moved = transfer_prompt(student_tuner, direct_tuner, student_prompt, init, public, tcfg, alpha_examples,
+                                    chance=1.0 / spec.num_labels, batch_size=16, seed=int(cfg.seed),
+                                    zero_shot=zero_shot_alpha)
+            result = moved.pop("result")
+            transfer_s = time.perf_counter() - t0
+            acc = large_cls.evaluate(evaluation, soft_prompt=result.prompt).accuracy
+            # Forward token positions of the student's alpha evaluation (C), beside the transfer's own.
+            alpha_tokens = sum(len(ids) + args.prompt_tokens for ids in student_tuner.encode(alpha_examples))
+            fixed = result.fixed_tokens
+            table.add("POST transfer", tag, acc, time.perf_counter() - t0, compute_s=round(transfer_s, 1),
+                      flops=flops("large", result.tokens, fixed["large"]) + flops("student", 0, fixed["student"] + alpha_tokens),
+                      alpha=result.alpha, student_prompt_accuracy=moved.get("student_prompt_accuracy"),
+                      losses=[round(x, 4) for x in result.losses], **transfer_settings)
 
+    if args.stages == "direct":
+        return {"rows": table.rows}
     summary = derive(table, args, zero_shot)
-    record = {**info, "rows": table.rows, "summary": summary, "total_wall_s": round(time.perf_counter() - started, 1)}
+    total_wall = sum(r["wall_s"] for r in table.rows) + table.info["alpha_zero_shot"]["seconds"]
+    record = {**table.info, "rows": table.rows, "summary": summary, "total_wall_s": round(total_wall, 1)}
     (out / f"post_{args.task}.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / f"post_{args.task}.md").write_text(markdown(record))
     table.path.unlink(missing_ok=True)
@@ -212,8 +247,8 @@ def derive(table: Table, args, zero_shot: float) -> dict:
     """Gap recovered and cost ratio for each epsilon."""
     out = {}
     for tag in ("inf", f"{args.epsilon:g}"):
-        direct, post = table.get("direct (large, central)", tag), table.get("POST transfer", tag)
-        student = table.get("student (federated)", tag)
+        direct, post = table.done("direct (large, central)", tag), table.done("POST transfer", tag)
+        student = table.done("student (federated)", tag)
         gap = direct["accuracy"] - zero_shot
         out[tag] = {
             "gap_recovered": round((post["accuracy"] - zero_shot) / gap, 3) if abs(gap) > 1e-9 else None,

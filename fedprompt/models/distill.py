@@ -17,7 +17,6 @@ model's prompt, and the LM head's weight gradient (the largest matmul) is skippe
 from __future__ import annotations
 
 import copy
-import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -202,9 +201,6 @@ class DistillReport:
     seconds: float
     curve: list[dict[str, float]] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def distill(teacher, student, tokenizer, texts: Sequence[str], config: DistillConfig, log_every: int = 10,
             progress: Callable[[int, dict], None] | None = None) -> DistillReport:
@@ -272,14 +268,12 @@ def _count(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def save_student(student, tokenizer, folder: Path, report: DistillReport | None = None) -> Path:
+def save_student(student, tokenizer, folder: Path) -> Path:
     """Save a student that ``load_causal_lm(str(folder))`` loads like any model folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    if report is not None:
-        (folder / "distill_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return folder
 
 

@@ -86,7 +86,7 @@ def cmd_distill(cfg: DictConfig) -> dict:
     show = bool(cfg.get("progress", True))
     report = distill(teacher, student, tokenizer, texts, dcfg,
                      progress=(lambda step, row: print(f"distill step {step}: {row}", flush=True)) if show else None)
-    save_student(student, tokenizer, student_dir, report)
+    save_student(student, tokenizer, student_dir)
     loss_curve_plot(report.curve, out / "loss_curve.png")
     del student
     reloaded = load_causal_lm(str(student_dir), device, dtype)  # the saved student is what users load
