@@ -29,6 +29,8 @@ commands:
   resume  continue a stopped run from its last completed round: fedprompt resume <run folder>
   report  tables (mean +- std over seeds) and plots of a run or sweep folder: fedprompt report <folder>
   deploy  the same run on a Flower deployment: SuperLink + N SuperNodes over TLS, see docs/deployment.md
+  distill a small student of model= (kept layers, distilled on public text), for POST; see docs/post.md
+  transfer  lift a student's soft prompt (transfer.prompt=...) to model= with POST's transfer
 
 examples:
   fedprompt eval task=sst2 split=test
@@ -40,6 +42,9 @@ examples:
   fedprompt run -m partition.alpha=0.05,0.1,1,100 seed=0,1,2 partition.k_shot=8 federation.rounds=2
   fedprompt resume outputs/run/20250101-120000-sst2-feddtpt
   fedprompt report multirun/20250101-120000
+  fedprompt distill model=smollm2-135m distill.steps=300
+  fedprompt run method=post task=sst2 method.privacy.epsilon=8 partition=iid partition.k_shot=null
+  fedprompt transfer task=sst2 transfer.prompt=outputs/run/<run>/prompt.safetensors
 
 data: data_dir=<folder with one sub-folder per task>, else $FEDPROMPT_DATA_DIR, else the HF hub.
 """
@@ -115,6 +120,18 @@ def cmd_resume(folder: Path, overrides: list[str]) -> dict:
     return resume(folder, overrides)
 
 
+def cmd_distill(cfg: DictConfig) -> dict:
+    from fedprompt.methods.post.commands import cmd_distill as distill  # lazy: torch and the models only here
+
+    return distill(cfg)
+
+
+def cmd_transfer(cfg: DictConfig) -> dict:
+    from fedprompt.methods.post.commands import cmd_transfer as transfer
+
+    return transfer(cfg)
+
+
 def cmd_deploy(cfg: DictConfig) -> dict:
     from fedprompt.fl.deploy import cmd_deploy as deploy  # lazy: Flower only when deploying
 
@@ -127,7 +144,8 @@ def cmd_report(folder: Path, overrides: list[str]) -> dict:
     return report(folder, overrides)
 
 
-COMMANDS: dict[str, Callable[[DictConfig], dict]] = {"eval": cmd_eval, "serve": cmd_serve, "deploy": cmd_deploy}
+COMMANDS: dict[str, Callable[[DictConfig], dict]] = {"eval": cmd_eval, "serve": cmd_serve, "deploy": cmd_deploy,
+                                                     "distill": cmd_distill, "transfer": cmd_transfer}
 # Commands whose first argument is a folder (a run's or a sweep's), not an override.
 FOLDER_COMMANDS: dict[str, Callable[[Path, list[str]], dict]] = {"resume": cmd_resume, "report": cmd_report}
 

@@ -30,7 +30,7 @@ def nothing_expensive(monkeypatch):
         (["partition.k_shot=9"], "k=9 per class is larger than what the split holds"),
         (["partition=pathological", "partition.classes_per_client=3"], "exceeds the task's 2 classes"),
         (["partition.scheme=random"], "partition.scheme='random' is not one of"),
-        (["method.name=post"], "fedprompt run supports method=feddtpt"),
+        (["method.name=nosuch"], "fedprompt run supports method=feddtpt"),
         (["method.search.budget=1"], "search.budget=1"),
         (["federation.rounds=0"], "federation.rounds must be >= 1"),
         (["federation.fraction_train=0"], "federation.fraction_train must be in (0, 1]"),

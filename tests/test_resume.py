@@ -132,10 +132,8 @@ def _trajectory(folder: Path) -> list[tuple]:
     return [(r["round"], r["accuracy"], r["prompt"], r.get("client_prompts"), r["queries"]) for r in rows]
 
 
-def test_a_run_stopped_after_round_1_of_3_resumes_and_ends_as_the_uninterrupted_run(capsys, tmp_path, tiny_model_dir):
-    args = [*tiny_overrides(write_secret_task(tmp_path / "data"), tiny_model_dir), "federation.rounds=3",
-            "partition=dirichlet", "partition.alpha=1.0"]
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+def _run_stopped_after_round_1(args: list[str], whole: Path, stopped: Path, capsys) -> None:
+    """``whole`` uninterrupted; ``stopped`` killed after round 1 and not yet resumed."""
     assert cli.main(["run", *args, f"output_dir={whole}"]) == 0, capsys.readouterr().err[-3000:]
 
     env = {**os.environ, PAUSE_ENV: "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -151,6 +149,12 @@ def test_a_run_stopped_after_round_1_of_3_resumes_and_ends_as_the_uninterrupted_
     assert json.loads((stopped / "checkpoint.json").read_text())["round"] == 1
     assert not (stopped / "summary.json").exists()
 
+
+def test_a_run_stopped_after_round_1_of_3_resumes_and_ends_as_the_uninterrupted_run(capsys, tmp_path, tiny_model_dir):
+    args = [*tiny_overrides(write_secret_task(tmp_path / "data"), tiny_model_dir), "federation.rounds=3",
+            "partition=dirichlet", "partition.alpha=1.0"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    _run_stopped_after_round_1(args, whole, stopped, capsys)
     capsys.readouterr()
     assert cli.main(["run", *args, f"output_dir={stopped}"]) == 2  # a new run would overwrite it: refused
     assert "holds an unfinished run" in capsys.readouterr().err
@@ -168,3 +172,29 @@ def test_a_run_stopped_after_round_1_of_3_resumes_and_ends_as_the_uninterrupted_
     assert cli.main(["resume", str(stopped)]) == 0  # finished: its result, and nothing runs or is removed
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     assert (stopped / "summary.json").is_file()
+
+
+def test_a_dp_post_run_resumes_with_its_accountants_and_ends_as_the_uninterrupted_run(capsys, tmp_path, tiny_model_dir):
+    """POST with DP-SGD: the clients' accountant histories (context.state on disk) survive the stop, so the
+    resumed run's epsilon per round and its final soft prompt equal the uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from tests.test_post_fl import post_overrides
+
+    args = [*post_overrides(write_secret_task(tmp_path / "data"), tiny_model_dir, "method.privacy.epsilon=8"),
+            "federation.rounds=3"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    _run_stopped_after_round_1(args, whole, stopped, capsys)
+    capsys.readouterr()
+    assert cli.main(["resume", str(stopped)]) == 0, capsys.readouterr().err[-3000:]
+
+    def epsilons(folder: Path) -> list[float]:
+        return [r["client_metrics"]["epsilon-max"] for r in json.loads((folder / "rounds.json").read_text())[1:]]
+
+    assert _trajectory(stopped) == _trajectory(whole)
+    assert epsilons(stopped) == epsilons(whole) and epsilons(whole) == sorted(set(epsilons(whole)))  # cumulative
+    summaries = [json.loads((f / "summary.json").read_text()) for f in (whole, stopped)]
+    assert summaries[0]["epsilon"] == summaries[1]["epsilon"] == epsilons(whole)[-1]
+    prompts = [load_file(f / "prompt.safetensors") for f in (whole, stopped)]
+    assert prompts[0].keys() == prompts[1].keys()
+    assert all((prompts[0][k] == prompts[1][k]).all() for k in prompts[0])

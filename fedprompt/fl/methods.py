@@ -50,6 +50,13 @@ METHODS: dict[str, FederatedMethod] = {
         server="fedprompt.fl.feddtpt.server:run_server",
         checks="fedprompt.fl.feddtpt.server:check",
     ),
+    "post": FederatedMethod(
+        "post",
+        config="fedprompt.methods.post:POSTConfig",
+        client="fedprompt.fl.post.client:train",
+        server="fedprompt.fl.post.server:run_server",
+        checks="fedprompt.fl.post.server:check",
+    ),
 }
 
 

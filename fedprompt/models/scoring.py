@@ -70,6 +70,16 @@ def _keep_kwargs(model, keep_last: int | None) -> dict:
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, soft_prompt=None,
                    keep_last: int | None = None) -> torch.Tensor:
     """Logits of a left-padded batch (the last ``keep_last`` positions, or all), optional soft prompt."""
+    return prompted_logits(model, input_ids, attention_mask, soft_prompt, keep_last)
+
+
+def prompted_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, soft_prompt=None,
+                    keep_last: int | None = None) -> torch.Tensor:
+    """:func:`forward_logits` with autograd on (soft-prompt training backpropagates through it).
+
+    ``soft_prompt`` is called as ``soft_prompt(embeds, attention_mask)`` (positionally: Opacus' hooks see
+    only positional inputs), so a module wrapping a :class:`SoftPrompt` works too.
+    """
     kwargs = _keep_kwargs(model, keep_last)
     if soft_prompt is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask,

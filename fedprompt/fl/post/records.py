@@ -1,0 +1,69 @@
+"""The layout of POST's Flower messages.
+
+Server -> client (``MessageType.TRAIN``)::
+
+    "arrays": ArrayRecord {"prompt": Array float32 (P, H)}   the global soft prompt
+    "config": ConfigRecord {"server-round": int}
+
+Client -> server (the reply)::
+
+    "arrays":  ArrayRecord {"prompt": Array float32 (P, H)}  the client's locally tuned prompt
+    "metrics": MetricRecord {...}                            numbers only, see :data:`REPLY_METRICS`
+
+FedAvg averages the "prompt" arrays weighted by "num-examples". With DP, the prompt the client sends is
+the output of DP-SGD, so the reply is covered by the client's (epsilon, delta); the metrics are the
+mean training loss on noisy-gradient steps (and sizes and costs), which this implementation does not
+privatize: leave them out of a deployment where N or the loss must stay secret.
+
+A client's accountant lives in its ``context.state`` (Flower keeps it per node for the whole run) as
+:data:`PRIVACY_STATE`: the noise multiplier, sampling rate and number of steps of each stretch of steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from fedprompt.models.soft_prompt import SoftPrompt
+
+PROMPT = "prompt"
+PRIVACY_STATE = "post-privacy"
+
+REPLY_METRICS = (
+    "num-examples",      # the client's training examples: FedAvg's weight
+    "partition-id",      # which client this is (for the per-client privacy report)
+    "loss",              # mean training loss over the round's non-empty batches
+    "steps",             # optimizer steps this round
+    "examples-seen",     # examples in this round's batches
+    "empty-batches",     # Poisson batches that drew no example (DP only)
+    "tokens",            # token positions run forward and backward this round
+    "train-s",           # wall time of the local training
+    "epsilon",           # DP only: cumulative epsilon of this client after this round
+    "delta",             # DP only
+    "noise-multiplier",  # DP only: sigma of this client's DP-SGD
+)
+
+
+def prompt_to_arrays(prompt: SoftPrompt) -> ArrayRecord:
+    return ArrayRecord({PROMPT: Array(prompt.weight.detach().float().cpu().numpy())})
+
+
+def arrays_to_prompt(arrays: ArrayRecord) -> SoftPrompt:
+    if PROMPT not in arrays:
+        raise ValueError(f"the ArrayRecord carries no {PROMPT!r} array (keys: {list(arrays)})")
+    weight = np.asarray(arrays[PROMPT].numpy(), dtype=np.float32)
+    if weight.ndim != 2 or not np.isfinite(weight).all():
+        raise ValueError(f"a soft prompt is a finite (tokens, hidden) matrix, got shape {weight.shape}")
+    return SoftPrompt(weight.shape[0], weight.shape[1], torch.from_numpy(weight.copy()))
+
+
+def history_to_record(history: list[tuple[float, float, int]]) -> ConfigRecord:
+    return ConfigRecord({"noise-multiplier": [float(h[0]) for h in history], "sample-rate": [float(h[1]) for h in history],
+                         "steps": [int(h[2]) for h in history]})
+
+
+def record_to_history(record: ConfigRecord | None) -> list[tuple[float, float, int]]:
+    if record is None:
+        return []
+    return list(zip(map(float, record["noise-multiplier"]), map(float, record["sample-rate"]), map(int, record["steps"])))

@@ -1,0 +1,102 @@
+"""POST's server: FedAvg of the clients' soft prompts, a central evaluation of the global prompt every
+round on the model the prompts are tuned on, and the results (the run folder's rounds.json / csv /
+accuracy.png / summary.json / checkpoint.json (resume), and the final global prompt as
+``prompt.safetensors``).
+
+Round 0 is the text-initialised prompt. The server reads only the evaluation split; it never sees a
+client's examples, only their prompts and numbers.
+"""
+
+from __future__ import annotations
+
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from fedprompt.fl.post.records import arrays_to_prompt, prompt_to_arrays
+
+PROMPT_FILE = "prompt.safetensors"
+
+
+def check(cfg, spec) -> dict:
+    """POST's checks before launch: the tuned-on model exists, label words, prompt length, every client's DP plan."""
+    from transformers import AutoConfig
+
+    from fedprompt.fl.config import method_config
+    from fedprompt.fl.data import client_data
+    from fedprompt.methods.post.tuning import check_prompt_fits, label_token_ids, planned_steps
+    from fedprompt.models import load_tokenizer, materialize
+    from fedprompt.models.distill import resolve_model
+    from fedprompt.privacy.dp import plan_dp
+
+    method = method_config(cfg)
+    name = resolve_model(method.model, str(cfg.model.name))
+    tokenizer = load_tokenizer(name)  # also converts an embedded model once, before the clients start
+    label_token_ids(tokenizer, spec.label_words)
+    clients = client_data(cfg).partition.clients
+    longest = max(len(ids) for c in clients for ids in tokenizer([spec.format(e) for e in c])["input_ids"])
+    context = getattr(AutoConfig.from_pretrained(materialize(name)), "max_position_embeddings", None)
+    check_prompt_fits(method.prompt.num_tokens, longest, context)
+    facts: dict = {"tuning_model": name}
+    if method.privacy.enabled:
+        steps = planned_steps(int(cfg.federation.rounds), method.train.local_steps)
+        plans = [plan_dp(method.privacy, len(c), method.train.batch_size, steps) for c in clients]
+        facts["noise_multipliers"] = [p.noise_multiplier for p in plans]
+        facts["deltas"] = [p.delta for p in plans]
+    return facts
+
+
+def run_server(grid: Grid, cfg) -> dict:
+    from fedprompt.fl.checkpoint import CheckpointedRounds
+    from fedprompt.fl.config import method_config
+    from fedprompt.fl.data import eval_examples, load_task_and_spec
+    from fedprompt.fl.post.strategy import PromptFedAvg
+    from fedprompt.fl.report import RunReport
+    from fedprompt.fl.run import run_folder
+    from fedprompt.methods.post import initial_prompt, save_prompt
+    from fedprompt.models import PromptedClassifier, load_causal_lm, load_tokenizer
+    from fedprompt.models.distill import resolve_model
+
+    fed = cfg.federation
+    method = method_config(cfg)
+    folder = run_folder(cfg)
+    task, spec = load_task_and_spec(cfg)
+    examples = eval_examples(cfg, task)
+    name = resolve_model(method.model, str(cfg.model.name))
+    model, tokenizer = load_causal_lm(name, method.device, method.dtype), load_tokenizer(name)
+    classifier = PromptedClassifier(model, tokenizer, spec, batch_size=int(cfg.batch_size))
+    device = next(model.parameters()).device
+    init = initial_prompt(method.prompt, spec, tokenizer, model)
+    strategy = PromptFedAvg(fraction_train=float(fed.fraction_train), fraction_evaluate=0.0,
+                            min_train_nodes=int(fed.min_train_clients), min_available_nodes=int(fed.num_clients))
+    report = RunReport(folder, {
+        "method": method.name, "task": spec.name, "model": str(cfg.model.name), "tuning_model": name,
+        "num_clients": int(fed.num_clients), "partition": dict(cfg.partition), "eval_split": str(fed.eval_split),
+        "eval_n": len(examples), "manual_prompt": spec.manual_prompt, "prompt_tokens": init.num_tokens,
+        "local_steps": method.train.local_steps, "batch_size": method.train.batch_size,
+        "target_epsilon": method.privacy.epsilon if method.privacy.enabled else None, "manual_accuracy": None,
+    })
+    rounds = CheckpointedRounds(cfg, folder, report, strategy)  # resume=true: the report so far is restored here
+    if fed.eval_manual and report.info["manual_accuracy"] is None:  # the tuned-on model, manual prompt, no soft prompt
+        report.info["manual_accuracy"] = classifier.evaluate(examples).accuracy
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        prompt = arrays_to_prompt(arrays).to(device)
+        result = classifier.evaluate(examples, soft_prompt=prompt)
+        report.add(server_round, [], result.accuracy, len(examples), 0, result.seconds, strategy.rounds.get(server_round))
+        log(INFO, "round %d: accuracy %.4f of the global prompt on %s", server_round, result.accuracy, name)
+        return MetricRecord({"accuracy": result.accuracy})
+
+    result = rounds.start(grid, prompt_to_arrays(init), num_rounds=int(fed.rounds), timeout=float(fed.round_timeout_s),
+                          train_config=ConfigRecord(), evaluate_fn=evaluate)
+    # Totals from the report's rows, which a resumed run restored: they cover the rounds before a stop too.
+    metrics = [row.get("client_metrics") or {} for row in report.rows]
+    epsilons = [m["epsilon-max"] for m in metrics if "epsilon-max" in m]
+    epsilon = max(epsilons) if epsilons else None
+    path = save_prompt(arrays_to_prompt(result.arrays), folder / PROMPT_FILE, task=spec.name, tuning_model=name,
+                       epsilon=epsilon, rounds=int(fed.rounds))
+    return report.finish(prompt_file=str(path), epsilon=epsilon,
+                         client_train_s=round(sum(m.get("train-s", 0.0) for m in metrics), 3),
+                         client_tokens=int(sum(m.get("tokens", 0.0) for m in metrics)))

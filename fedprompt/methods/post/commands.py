@@ -1,0 +1,207 @@
+"""``fedprompt distill`` and ``fedprompt transfer``: POST's two steps around the federated tuning.
+
+Both check their input first (config values, the teacher's depth, data folders, label words, the prompt
+file and its width) and only then load models. Each writes its run folder (``outputs/<command>/...`` or
+``output_dir=``): result.json (also the returned record), config.yaml, and distill's loss curve or
+transfer's prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from fedprompt.data import Example, load_task
+from fedprompt.errors import ConfigError
+
+
+def _task_examples(name: str, split: str, data_dir) -> list[Example]:
+    """The rows of task folder ``name`` (no conf/task file needed: only the text and labels are read)."""
+    return load_task({"name": name}, data_dir).split(split)
+
+
+def distill_texts(data, data_dir, chat_format: str | None, seed: int) -> list[str]:
+    """The unlabeled texts of ``data.tasks`` (a DistillDataConfig), shuffled with ``seed``, at most ``max_texts``.
+
+    ``format: task``: each example as the model sees a prompt of its own task (that task's template, manual
+    prompt and answer prefix in the model's chat format); ``raw``: the text alone (pair tasks: both sides).
+    """
+    from fedprompt.config import compose
+
+    texts = []
+    for name in data.tasks:
+        if data.format == "raw":
+            texts += [" ".join(filter(None, (e.text, e.text_pair))) for e in _task_examples(name, data.split, data_dir)]
+            continue
+        task = load_task(OmegaConf.to_container(compose([f"task={name}"]).task, resolve=True), data_dir)
+        spec = task.spec.with_chat_format(chat_format)
+        texts += [spec.format(e) for e in task.split(data.split)]
+    order = np.random.default_rng(seed).permutation(len(texts))
+    return [texts[i] for i in order]
+
+
+def _write(out: Path, cfg: DictConfig, record: dict) -> dict:
+    (out / "result.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    return record
+
+
+def cmd_distill(cfg: DictConfig) -> dict:
+    from transformers import AutoConfig
+
+    from fedprompt.cli import load_task_checked, output_dir
+    from fedprompt.config import validate_common
+    from fedprompt.models import PromptedClassifier, load_causal_lm, load_tokenizer, materialize
+    from fedprompt.models.distill import (DistillConfig, build_student, check_layers, default_layers, default_student_dir,
+                                          distill, loss_curve_plot, save_student)
+    from fedprompt.typed_config import from_node
+
+    validate_common(cfg)
+    dcfg = from_node(DistillConfig, cfg.distill, "distill")
+    teacher_name = str(cfg.model.name)
+    depth = int(AutoConfig.from_pretrained(materialize(teacher_name)).num_hidden_layers)
+    layers = check_layers(default_layers(depth) if dcfg.layers is None else dcfg.layers, depth)
+    texts = distill_texts(dcfg.data, cfg.get("data_dir"), cfg.model.get("chat_format"), dcfg.seed)
+    task = load_task_checked(cfg)
+    spec = task.spec.with_chat_format(cfg.model.get("chat_format"))
+    examples = task.split(str(cfg.split))[: dcfg.eval_limit]
+    student_dir = Path(dcfg.output).expanduser() if dcfg.output else default_student_dir(teacher_name)
+    out = output_dir(cfg, "distill")
+
+    device, dtype = cfg.model.get("device"), cfg.model.get("dtype")
+    tokenizer = load_tokenizer(teacher_name)
+    # Whole texts only: a cut-off prompt would lose its answer position, the one the student is used at.
+    lengths = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    texts = [t for t, ids in zip(texts, lengths) if len(ids) <= dcfg.max_length][: dcfg.data.max_texts]
+    if not texts:
+        raise ConfigError(f"no text of {dcfg.data.tasks} fits in distill.max_length={dcfg.max_length} tokens; raise it")
+    teacher = load_causal_lm(teacher_name, device, dtype)
+    student = build_student(teacher, layers).to(next(teacher.parameters()).device)
+    show = bool(cfg.get("progress", True))
+    report = distill(teacher, student, tokenizer, texts, dcfg,
+                     progress=(lambda step, row: print(f"distill step {step}: {row}", flush=True)) if show else None)
+    save_student(student, tokenizer, student_dir)
+    loss_curve_plot(report.curve, out / "loss_curve.png")
+    del student
+    reloaded = load_causal_lm(str(student_dir), device, dtype)  # the saved student is what users load
+    accuracy = {name: PromptedClassifier(m, tokenizer, spec, int(cfg.batch_size)).evaluate(examples).accuracy
+                for name, m in (("teacher", teacher), ("student", reloaded))}
+    last = report.curve[-1] if report.curve else {}
+    record = {
+        "student": str(student_dir), "teacher": teacher_name, "layers": layers, "teacher_layers": depth,
+        "student_parameters": report.student_parameters, "teacher_parameters": report.teacher_parameters,
+        "trainable_parameters": report.trainable_parameters, "steps": report.steps, "texts": report.texts,
+        "tokens": report.tokens, "distill_s": report.seconds, "final_loss": last.get("loss"),
+        "final_parts": {k: last.get(k) for k in ("kl", "lm", "cos")}, "data_tasks": list(dcfg.data.tasks),
+        "zero_shot_task": spec.name, "zero_shot_split": str(cfg.split), "zero_shot_n": len(examples),
+        "teacher_zero_shot_accuracy": accuracy["teacher"], "student_zero_shot_accuracy": accuracy["student"],
+        "manual_prompt": spec.manual_prompt, "loss_curve": str(out / "loss_curve.png"), "output_dir": str(out),
+    }
+    (student_dir / "distill_report.json").write_text(json.dumps({**record, "curve": report.curve}, indent=2) + "\n")
+    return _write(out, cfg, record)
+
+
+def public_examples(tcfg, task_name: str, data_dir, seed: int) -> tuple[list[Example], str, str]:
+    """The public transfer set (labels present in the files but never used) and where it came from."""
+    public_task, split = tcfg.public_source(task_name)
+    rows = _task_examples(public_task, split, data_dir)
+    order = np.random.default_rng(seed).permutation(len(rows))[: tcfg.public_size]
+    return [rows[i] for i in order], public_task, split
+
+
+def transfer_prompt(student_tuner, large_tuner, student_prompt, init_prompt, public: list[Example], tcfg,
+                    alpha_examples: list[Example], chance: float, batch_size: int, seed: int = 0,
+                    zero_shot: float | None = None) -> dict:
+    """POST's transfer with alpha from ``tcfg.alpha`` or the rule (ZS, C measured on ``alpha_examples``;
+    ``zero_shot`` reuses an earlier ZS on the same examples).
+
+    Returns the :class:`TransferResult` under ``"result"`` and the alpha inputs beside it.
+    """
+    from fedprompt.methods.post.transfer import PromptTransfer, alpha_rule
+    from fedprompt.models import PromptedClassifier
+
+    info: dict = {"alpha_given": tcfg.alpha}
+    start = time.perf_counter()
+    if tcfg.alpha is None:
+        def accuracy(tuner, prompt) -> float:
+            return PromptedClassifier(tuner.model, tuner.tokenizer, tuner.spec, batch_size).evaluate(
+                alpha_examples, soft_prompt=prompt).accuracy
+
+        info["zero_shot_accuracy"] = accuracy(large_tuner, None) if zero_shot is None else zero_shot
+        info["student_prompt_accuracy"] = accuracy(student_tuner, student_prompt.to(student_tuner.device))
+        info["chance"] = chance
+        alpha = alpha_rule(info["zero_shot_accuracy"], info["student_prompt_accuracy"], chance)
+    else:
+        alpha = float(tcfg.alpha)
+    info["alpha_s"] = round(time.perf_counter() - start, 3)
+    transfer = PromptTransfer(student_tuner, large_tuner, steps=tcfg.steps, batch_size=tcfg.batch_size, lr=tcfg.lr,
+                              temperature=tcfg.temperature)
+    info["result"] = transfer.run(student_prompt, public, alpha, init_prompt, seed=seed)
+    return info
+
+
+def cmd_transfer(cfg: DictConfig) -> dict:
+    from transformers import AutoConfig
+
+    from fedprompt.cli import load_task_checked, output_dir
+    from fedprompt.config import validate_common
+    from fedprompt.methods.post import PromptConfig, SoftPromptTuner, TrainConfig, TransferConfig, initial_prompt
+    from fedprompt.methods.post.prompts import load_prompt, save_prompt
+    from fedprompt.methods.post.tuning import label_token_ids
+    from fedprompt.models import PromptedClassifier, load_causal_lm, load_tokenizer, materialize
+    from fedprompt.models.distill import resolve_model
+
+    validate_common(cfg)
+    tcfg = TransferConfig.from_dict(cfg.transfer)
+    if not tcfg.prompt:
+        raise ConfigError("transfer.prompt is required: the student's prompt file, e.g. "
+                          "transfer.prompt=outputs/run/<run>/prompt.safetensors from `fedprompt run method=post`")
+    student_prompt, meta = load_prompt(tcfg.prompt)
+    large_name = str(cfg.model.name)
+    student_name = resolve_model(tcfg.student, large_name)
+    hidden = int(AutoConfig.from_pretrained(materialize(large_name)).hidden_size)
+    if student_prompt.weight.shape[1] != hidden:
+        raise ConfigError(f"the prompt in {tcfg.prompt} has width {student_prompt.weight.shape[1]} but {large_name} has "
+                          f"hidden size {hidden}: transfer needs a student distilled from this model")
+    task = load_task_checked(cfg)
+    spec = task.spec.with_chat_format(cfg.model.get("chat_format"))
+    public, public_task, public_split = public_examples(tcfg, spec.name, cfg.get("data_dir"), int(cfg.seed))
+    alpha_examples = task.split(tcfg.alpha_split)[: tcfg.alpha_limit] if tcfg.alpha is None else []
+    examples = task.split(str(cfg.split))
+    examples = examples if cfg.limit is None else examples[: int(cfg.limit)]
+    tokenizer = load_tokenizer(large_name)
+    label_token_ids(tokenizer, spec.label_words)
+    out = output_dir(cfg, "transfer")
+
+    device, dtype = cfg.model.get("device"), cfg.model.get("dtype")
+    train = TrainConfig(batch_size=tcfg.batch_size, lr=tcfg.lr)
+    large = SoftPromptTuner(load_causal_lm(large_name, device, dtype), tokenizer, spec, train)
+    student = SoftPromptTuner(load_causal_lm(student_name, device, dtype), load_tokenizer(student_name), spec, train)
+    if tcfg.init == "student":
+        init = load_prompt(tcfg.prompt)[0]
+    else:
+        init = initial_prompt(PromptConfig(num_tokens=student_prompt.num_tokens), spec, tokenizer, large.model)
+    info = transfer_prompt(student, large, student_prompt, init, public, tcfg, alpha_examples,
+                           chance=1.0 / spec.num_labels, batch_size=int(cfg.batch_size), seed=int(cfg.seed))
+    result = info.pop("result")
+    evaluation = PromptedClassifier(large.model, tokenizer, spec, int(cfg.batch_size)).evaluate(
+        examples, soft_prompt=result.prompt)
+    path = save_prompt(result.prompt, out / "prompt.safetensors", task=spec.name, model=large_name,
+                       transferred_from=str(tcfg.prompt), alpha=result.alpha)
+    record = {
+        "accuracy": evaluation.accuracy, "n": evaluation.n, "task": spec.name, "split": str(cfg.split),
+        "model": large_name, "student": student_name, "alpha": result.alpha, **info,
+        "public_task": public_task, "public_split": public_split, "public_n": len(public), "steps": result.steps,
+        "transfer_s": round(result.seconds, 3), "precompute_s": round(result.precompute_seconds, 3),
+        "final_loss": result.losses[-1] if result.losses else None, "losses": result.losses,
+        "prompt_tokens": result.prompt.num_tokens, "source_prompt": str(tcfg.prompt), "source_meta": meta,
+        "prompt_file": str(path), "manual_prompt": spec.manual_prompt, "eval_s": round(evaluation.seconds, 3),
+        "output_dir": str(out), "transfer": asdict(tcfg),
+    }
+    return _write(out, cfg, record)

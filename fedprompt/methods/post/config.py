@@ -1,0 +1,87 @@
+"""POST's configuration: the federated tuning (``method``, conf/method/post.yaml) and the transfer
+(``transfer``, conf/transfer/default.yaml). Typed and strict: unknown keys and bad values are errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from fedprompt.errors import ConfigError
+from fedprompt.methods.post.prompts import PromptConfig
+from fedprompt.methods.post.tuning import TrainConfig
+from fedprompt.privacy.dp import PrivacyConfig
+from fedprompt.typed_config import from_node
+
+# The public transfer set of a task when transfer.public_task is null: a related public task's train
+# text (POST's setting), else the tuned task's own validation text (never its train split: the clients').
+DEFAULT_PUBLIC_TASK = {"sst2": "mr", "mr": "sst2"}
+INITS = ("text", "student")
+
+
+@dataclass
+class POSTConfig:
+    """The ``method`` node of ``fedprompt run method=post``: soft-prompt tuning on each client, FedAvg."""
+
+    name: str = "post"
+    model: str = "student"  # the model tuned on: "student" (fedprompt distill's default output) or any model reference
+    device: str = "auto"
+    dtype: str = "auto"
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    @classmethod
+    def from_dict(cls, node: Any = None) -> "POSTConfig":
+        return from_node(cls, node, "method")
+
+    def validate(self) -> None:
+        if self.name != "post":
+            raise ConfigError(f"method.name is {self.name!r}; this config is for 'post'")
+        if not self.model:
+            raise ConfigError("method.model is empty; use 'student' or a model name / folder / HF id")
+        self.prompt.validate()
+        self.train.validate()
+        self.privacy.validate()
+
+
+@dataclass
+class TransferConfig:
+    """The ``transfer`` node of ``fedprompt transfer``: POST's prompt transfer to the large model (``model``)."""
+
+    prompt: Optional[str] = None  # the student's soft prompt file (a method=post run folder's prompt.safetensors)
+    student: str = "student"  # the model the prompt was tuned on
+    public_task: Optional[str] = None  # null: DEFAULT_PUBLIC_TASK[task], else the tuned task itself
+    public_split: Optional[str] = None  # null: train of another task, validation of the tuned task
+    public_size: int = 256
+    steps: int = 16
+    batch_size: int = 16
+    lr: float = 0.01
+    temperature: float = 2.0
+    alpha: Optional[float] = None  # null: POST's rule from ZS and C on alpha_split
+    alpha_split: str = "validation"
+    alpha_limit: int = 200
+    init: str = "text"  # text: the task's text init (as the student's prompt began) | student: the student's prompt
+
+    @classmethod
+    def from_dict(cls, node: Any = None) -> "TransferConfig":
+        return from_node(cls, node, "transfer")
+
+    def validate(self) -> None:
+        for key in ("public_size", "steps", "batch_size", "alpha_limit"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"transfer.{key} must be >= 1, got {getattr(self, key)}")
+        if not self.lr > 0 or not self.temperature > 0:
+            raise ConfigError(f"transfer.lr and transfer.temperature must be > 0, got {self.lr}, {self.temperature}")
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise ConfigError(f"transfer.alpha must be in [0, 1] (or null for POST's rule), got {self.alpha}")
+        if self.init not in INITS:
+            raise ConfigError(f"transfer.init={self.init!r} is not one of {list(INITS)}")
+
+    def public_source(self, task: str) -> tuple[str, str]:
+        """(task, split) of the public transfer set for the tuned ``task``."""
+        public = self.public_task or DEFAULT_PUBLIC_TASK.get(task, task)
+        split = self.public_split or ("validation" if public == task else "train")
+        if public == task and split == "train":
+            raise ConfigError(f"transfer.public_split=train of the tuned task {task!r} is the clients' private data; "
+                              "use its validation split or another task's text (transfer.public_task)")
+        return public, split

@@ -1,0 +1,296 @@
+"""A small student from a large causal LM: keep some of its layers, then distil (POST, Wang et al. 2025).
+
+``build_student`` copies the teacher's config with fewer layers (``layers``: the teacher's layer indices
+to keep, in order; default the first 2 and the last 2), then copies the kept layers' weights, the
+embeddings, the final norm and the LM head. ``distill`` trains the student on unlabeled text with
+
+    loss = a_ce * T^2 * KL(teacher_T || student_T)  +  a_lm * CE(next token)  +  a_cos * (1 - cos(h_s, h_t))
+
+(POST's defaults a_ce=5, a_lm=2, a_cos=1, T=2; DistilBERT's three losses). KL and CE are averaged over the
+real (non-padding) tokens, the cosine over the last hidden states (the LM head's input) of those tokens.
+
+The embeddings and the (tied) LM head stay frozen by default: the student keeps the large model's
+input space, so a soft prompt tuned on the student can be pasted onto, or initialise, the large
+model's prompt, and the LM head's weight gradient (the largest matmul) is skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from fedprompt.errors import ConfigError, DataError
+from fedprompt.models.scoring import position_ids_from_mask
+
+_LAYER_KEY = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
+
+
+def default_layers(num_layers: int, first: int = 2, last: int = 2) -> list[int]:
+    """The first ``first`` and last ``last`` layers (POST's default student)."""
+    return sorted(set(range(min(first, num_layers))) | set(range(max(num_layers - last, 0), num_layers)))
+
+
+def check_layers(layers: Sequence[int], num_layers: int) -> list[int]:
+    """``layers`` as a list, or a ConfigError saying which index is wrong."""
+    layers = [int(i) for i in layers]
+    if not layers:
+        raise ConfigError("distill.layers is empty; keep at least one layer, e.g. distill.layers=[0,1,28,29]")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"distill.layers {bad} out of range: the teacher has {num_layers} layers (0..{num_layers - 1})")
+    if layers != sorted(set(layers)):
+        raise ConfigError(f"distill.layers must be increasing without repeats (the teacher's order), got {layers}")
+    return layers
+
+
+def student_config(teacher_config, layers: Sequence[int]):
+    """The teacher's config with only ``layers`` (per-layer settings such as ``layer_types`` subset)."""
+    config = copy.deepcopy(teacher_config)
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    return config
+
+
+def build_student(teacher, layers: Sequence[int]):
+    """A student with ``teacher``'s layers ``layers`` (renumbered 0..k-1), embeddings, norm and head, in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    layers = check_layers(layers, teacher.config.num_hidden_layers)
+    new_index = {old: new for new, old in enumerate(layers)}
+    student = AutoModelForCausalLM.from_config(student_config(teacher.config, layers), dtype=torch.float32)
+    state = {}
+    for key, value in teacher.state_dict().items():
+        match = _LAYER_KEY.match(key)
+        if match:
+            old = int(match.group(2))
+            if old not in new_index:
+                continue
+            key = f"{match.group(1)}{new_index[old]}{match.group(3)}"
+        state[key] = value.detach().float()
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not _is_tied(student, k)]
+    if missing or unexpected:
+        raise ConfigError(f"cannot build a student of {type(teacher).__name__}: missing {missing[:5]}, unexpected "
+                          f"{unexpected[:5]} (only decoders whose layers are named '*.layers.N.*' are supported)")
+    student.config.fedprompt_student = {"layers": layers, "teacher_layers": teacher.config.num_hidden_layers}
+    return student
+
+
+def _is_tied(model, key: str) -> bool:
+    # The LM head of a tied model shares the embedding matrix: it is not in the state dict on its own.
+    return key.startswith("lm_head") and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+@dataclass
+class DistillLossWeights:
+    a_ce: float = 5.0  # KL to the teacher's softened next-token distribution
+    a_lm: float = 2.0  # next-token cross-entropy on the text
+    a_cos: float = 1.0  # 1 - cosine of the last hidden states
+    temperature: float = 2.0
+
+    def validate(self) -> None:
+        if min(self.a_ce, self.a_lm, self.a_cos) < 0 or self.a_ce + self.a_lm + self.a_cos <= 0:
+            raise ConfigError(f"distill.loss weights must be >= 0 and not all 0, got {asdict(self)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.loss.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class DistillDataConfig:
+    """Public unlabeled text to distil on: the texts of tasks that are not being tuned (labels unused)."""
+
+    tasks: list[str] = field(default_factory=lambda: ["mr", "rte", "trec"])
+    split: str = "train"
+    max_texts: int = 4000
+    format: str = "task"  # task: as the model sees a prompt of that task (template, chat markup) | raw: the text
+
+    def validate(self) -> None:
+        if not self.tasks:
+            raise ConfigError("distill.data.tasks is empty; name the tasks whose text to distil on, e.g. [mr, rte, trec]")
+        if self.max_texts < 1:
+            raise ConfigError(f"distill.data.max_texts must be >= 1, got {self.max_texts}")
+        if self.format not in ("task", "raw"):
+            raise ConfigError(f"distill.data.format={self.format!r} is not one of ['task', 'raw']")
+
+
+@dataclass
+class DistillConfig:
+    """``fedprompt distill`` (the ``distill`` config node); the teacher is ``model``."""
+
+    layers: Optional[list[int]] = None  # teacher layers kept, in order; null: the first 2 and the last 2
+    steps: int = 300
+    batch_size: int = 8
+    max_length: int = 96  # longer texts are left out (a cut prompt loses its answer position)
+    lr: float = 3e-4
+    train_embeddings: bool = False
+    autocast: bool = True  # bf16 autocast for the student's matmuls (fp32 weights and optimizer)
+    loss: DistillLossWeights = field(default_factory=DistillLossWeights)
+    data: DistillDataConfig = field(default_factory=DistillDataConfig)
+    output: Optional[str] = None  # student folder; null: <cache>/students/<teacher> (what method.model=student loads)
+    eval_limit: int = 300  # zero-shot accuracy of teacher and student on this many examples of task/split
+    seed: int = 0
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "max_length", "eval_limit"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"distill.{key} must be >= 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ConfigError(f"distill.lr must be > 0, got {self.lr}")
+        self.data.validate()
+        self.loss.validate()
+
+
+def default_student_dir(teacher: str) -> Path:
+    """Where ``fedprompt distill`` puts the student of ``teacher`` unless told otherwise."""
+    from fedprompt.models.registry import cache_root
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(teacher)).name if Path(str(teacher)).is_dir() else str(teacher))
+    return cache_root() / "students" / slug
+
+
+def resolve_model(name: str, teacher: str) -> str:
+    """``"student"``: the default student of ``teacher`` (it must exist); anything else: a model reference."""
+    from fedprompt.models.registry import check_model_name
+
+    if name != "student":
+        check_model_name(name)
+        return name
+    folder = default_student_dir(teacher)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"no student of {teacher!r} at {folder}; build it first with `fedprompt distill model={teacher}` "
+                          "or point to a student folder (method.model=<folder> / transfer.student=<folder>)")
+    return str(folder)
+
+
+def distill_loss(student_out, teacher_out, input_ids: torch.Tensor, mask: torch.Tensor,
+                 w: DistillLossWeights) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted loss of one batch and its three parts (floats, for the loss curve)."""
+    real = mask.bool()
+    s_logits, t_logits = student_out.logits.float()[real], teacher_out.logits.float()[real]  # (tokens, V)
+    temp = w.temperature
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s_logits / temp, -1), torch.log_softmax(t_logits / temp, -1),
+                                    log_target=True, reduction="batchmean") * temp**2
+    # Next-token targets: position t predicts token t+1 where both are real tokens.
+    pairs = real[:, :-1] & real[:, 1:]
+    lm = torch.nn.functional.cross_entropy(student_out.logits[:, :-1][pairs].float(), input_ids[:, 1:][pairs])
+    s_hidden, t_hidden = student_out.hidden_states[-1][real].float(), teacher_out.hidden_states[-1][real].float()
+    cos = (1 - torch.nn.functional.cosine_similarity(s_hidden, t_hidden, dim=-1)).mean()
+    total = w.a_ce * kl + w.a_lm * lm + w.a_cos * cos
+    return total, {"loss": total.item(), "kl": kl.item(), "lm": lm.item(), "cos": cos.item()}
+
+
+@dataclass
+class DistillReport:
+    """What ``distill`` did: sizes, time, and the loss curve (one row per logged step)."""
+
+    layers: list[int]
+    teacher_layers: int
+    student_parameters: int
+    teacher_parameters: int
+    trainable_parameters: int
+    steps: int
+    texts: int
+    tokens: int
+    seconds: float
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def distill(teacher, student, tokenizer, texts: Sequence[str], config: DistillConfig, log_every: int = 10,
+            progress: Callable[[int, dict], None] | None = None) -> DistillReport:
+    """Train ``student`` (in place) to imitate ``teacher`` on ``texts``; cycles over them in seeded order."""
+    if not texts:
+        raise DataError("no text to distil on; check distill.data (its tasks' splits are empty?)")
+    steps, batch_size = config.steps, config.batch_size
+    device = next(student.parameters()).device
+    teacher.eval()
+    student.train()
+    for name, param in student.named_parameters():
+        param.requires_grad_(config.train_embeddings or not _is_embedding(student, param))
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
+    generator = torch.Generator().manual_seed(config.seed)
+    order: list[int] = []
+    curve, window, tokens = [], [], 0
+    start = time.perf_counter()
+    for step in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(len(texts), generator=generator).tolist()
+        batch = [texts[i] for i in order[:batch_size]]
+        del order[:batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=config.max_length).to(device)
+        kwargs = dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True,
+                      position_ids=position_ids_from_mask(enc.attention_mask), use_cache=False)
+        with torch.no_grad():
+            teacher_out = teacher(**kwargs)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast):
+            student_out = student(**kwargs)
+        loss, parts = distill_loss(student_out, teacher_out, enc.input_ids, enc.attention_mask, config.loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        schedule.step()
+        tokens += int(enc.attention_mask.sum())
+        window.append(parts)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            row = {"step": step + 1, **{k: sum(p[k] for p in window) / len(window) for k in parts},
+                   "seconds": round(time.perf_counter() - start, 2)}
+            curve.append(row)
+            window = []
+            if progress is not None:
+                progress(step + 1, row)
+    student.eval()
+    student.requires_grad_(False)
+    info = student.config.fedprompt_student
+    return DistillReport(
+        layers=list(info["layers"]), teacher_layers=int(info["teacher_layers"]),
+        student_parameters=_count(student), teacher_parameters=_count(teacher),
+        trainable_parameters=sum(p.numel() for p in trainable), steps=steps, texts=len(texts), tokens=tokens,
+        seconds=round(time.perf_counter() - start, 2), curve=curve,
+    )
+
+
+def _is_embedding(model, param) -> bool:
+    head = model.get_output_embeddings()
+    return param is model.get_input_embeddings().weight or (head is not None and param is head.weight)
+
+
+def _count(model) -> int:
+    # Tied weights are one tensor: count each parameter once.
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def save_student(student, tokenizer, folder: Path) -> Path:
+    """Save a student that ``load_causal_lm(str(folder))`` loads like any model folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def loss_curve_plot(curve: Sequence[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    steps = [r["step"] for r in curve]
+    for key in ("loss", "kl", "lm", "cos"):
+        ax.plot(steps, [r[key] for r in curve], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (weighted total and its parts)")
+    ax.set_yscale("log")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

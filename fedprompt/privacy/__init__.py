@@ -1,0 +1,1 @@
+"""Privacy: DP-SGD for soft prompts (``dp``, Opacus), d_chi text privatization, privacy attacks."""

@@ -1,0 +1,293 @@
+"""POST's comparison table for one task, in one command (markdown + JSON, with each stage's wall time).
+
+    python simulations/post_table.py --task sst2 [--out DIR] [--set key=value ...]
+
+Stages, each at epsilon = infinity and at epsilon = --epsilon (8), on the first --eval-limit test examples:
+
+1. large zero-shot: the large model (model=, SmolLM2-135M) with the task's manual prompt, no soft prompt;
+2. direct: a soft prompt tuned centrally on the large model, on all clients' examples pooled, with the same
+   number of steps and batch size as the clients take together (central DP-SGD, delta = 1/N, at epsilon);
+3. student: ``fedprompt run method=post`` (Flower, Ray): --clients clients (IID split of the train split),
+   --rounds rounds of --local-steps steps each, DP-SGD per client at epsilon; the global prompt on the student;
+4. pasted: that global prompt evaluated on the large model as it is;
+5. POST: ``fedprompt transfer``'s transfer of it to the large model on the public set (alpha by POST's rule).
+
+Derived: gap recovered (POST - zero-shot) / (direct - zero-shot), and the cost ratio (student tuning +
+transfer) / direct tuning, both as measured compute seconds (the clients' training time + the transfer,
+alpha's two evaluations included) and as FLOP estimates (4 x non-embedding parameters x token positions
+for forward+backward, 2 x for forward-only; the LM head is read at one position, so it is left out).
+Distillation is a one-off of the model provider (built with `fedprompt distill` if missing) and is
+reported apart. Writes post_<task>.json and post_<task>.md to --out (default simulations/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--epsilon", type=float, default=8.0)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--local-steps", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--prompt-tokens", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=0.03)
+    ap.add_argument("--dp-lr", type=float, default=None, help="learning rate with DP (default: --lr)")
+    ap.add_argument("--k-shot", type=int, default=None, help="training examples per class (default: the whole train split)")
+    ap.add_argument("--eval-limit", type=int, default=500)
+    ap.add_argument("--transfer-steps", type=int, default=8)
+    ap.add_argument("--public-size", type=int, default=128)
+    ap.add_argument("--transfer-lr", type=float, default=0.03)
+    ap.add_argument("--out", default=str(ROOT / "simulations" / "results"))
+    ap.add_argument("--set", action="append", default=[], help="extra fedprompt overrides, key=value")
+    ap.add_argument("--stages", choices=("all", "direct"), default="all",
+                    help="direct: only the large model's rows (they do not need the student); a later run resumes")
+    return ap.parse_args(argv)
+
+
+def non_embedding_parameters(model) -> int:
+    skip = {id(model.get_input_embeddings().weight)}
+    head = model.get_output_embeddings()
+    if head is not None:
+        skip.add(id(head.weight))
+    return sum(p.numel() for p in {id(p): p for p in model.parameters() if id(p) not in skip}.values())
+
+
+class Table:
+    """The rows so far; each new row is printed and the partial table saved. A run with the same settings
+    resumes from that file: finished stages are not run again (a long run that stops keeps its rows)."""
+
+    def __init__(self, path: Path, info: dict) -> None:
+        self.rows: list[dict] = []
+        self.path, self.info = path, info
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if _settings(saved.get("args", {})) == _settings(info["args"]):
+                self.rows = saved["rows"]
+                self.info.update({k: v for k, v in saved.items() if k not in ("rows", "args")})
+
+    def done(self, stage: str, epsilon, **settings) -> dict | None:
+        return next((r for r in self.rows if r["stage"] == stage and r["epsilon"] == epsilon
+                     and all(r.get(k) == v for k, v in settings.items())), None)
+
+    def add(self, stage: str, epsilon, accuracy: float, wall_s: float, **extra) -> dict:
+        row = {"stage": stage, "epsilon": epsilon, "accuracy": round(float(accuracy), 4), "wall_s": round(wall_s, 1),
+               **extra}
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        self.path.write_text(json.dumps({**self.info, "rows": self.rows}, indent=2) + "\n")
+        return row
+
+    def save_info(self) -> None:
+        self.path.write_text(json.dumps({**self.info, "rows": self.rows}, indent=2) + "\n")
+
+
+TRANSFER_ARGS = ("transfer_steps", "public_size", "transfer_lr")
+
+
+def _settings(args: dict) -> dict:
+    """The settings finished rows depend on (the transfer's own are kept in its rows and checked there)."""
+    return {k: v for k, v in args.items() if k not in ("out", "stages", *TRANSFER_ARGS)}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from fedprompt.cli import load_task_checked
+    from fedprompt.config import compose
+    from fedprompt.fl.data import training_examples
+    from fedprompt.fl.run import cmd_run
+    from fedprompt.methods.post import (PromptConfig, SoftPromptTuner, TrainConfig, TransferConfig, initial_prompt,
+                                        load_prompt)
+    from fedprompt.methods.post.commands import cmd_distill, public_examples, transfer_prompt
+    from fedprompt.models import PromptedClassifier, load_causal_lm, load_tokenizer
+    from fedprompt.models.distill import default_student_dir
+    from fedprompt.privacy.dp import PrivacyConfig, plan_dp
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = args.clients * args.rounds * args.local_steps
+    k_shot = "null" if args.k_shot is None else str(args.k_shot)
+    base = [f"task={args.task}", "progress=false", *args.set]
+    cfg = compose(base)
+    large_name = str(cfg.model.name)
+    info: dict = {"task": args.task, "model": large_name, "args": vars(args), "total_steps": steps,
+                  "machine": "2-core CPU, no GPU (shared)"}
+    table = Table(out / f"post_{args.task}.partial.json", info)
+
+    student_dir = default_student_dir(large_name)
+    if args.stages == "all":
+        if not (student_dir / "config.json").is_file():  # the provider's one-off: not part of any ratio
+            cmd_distill(compose([*base, "split=validation"]))
+        report = json.loads((student_dir / "distill_report.json").read_text())
+        info["distill"] = {k: v for k, v in report.items() if k != "curve"}
+        if args.task in report.get("data_tasks", []):
+            raise SystemExit(f"the student at {student_dir} was distilled on {args.task}'s text; distil another one")
+
+    task = load_task_checked(cfg)
+    spec = task.spec.with_chat_format(cfg.model.get("chat_format"))
+    train = training_examples(compose([*base, f"partition.k_shot={k_shot}"]), task, spec)
+    evaluation = task.split("test")[: args.eval_limit]
+    tcfg = TransferConfig(public_size=args.public_size, steps=args.transfer_steps, batch_size=args.batch_size,
+                          lr=args.transfer_lr)
+    public, public_task, public_split = public_examples(tcfg, spec.name, cfg.get("data_dir"), int(cfg.seed))
+    alpha_examples = task.split(tcfg.alpha_split)[: tcfg.alpha_limit]
+    info.update(train_examples=len(train), eval_n=len(evaluation), public=f"{public_task}/{public_split}",
+                public_n=len(public), manual_prompt=spec.manual_prompt, alpha_n=len(alpha_examples))
+
+    tokenizer = load_tokenizer(large_name)
+    device, dtype = cfg.model.get("device"), cfg.model.get("dtype")
+    large_model = load_causal_lm(large_name, device, dtype)
+    params = {"large": non_embedding_parameters(large_model)}
+    if args.stages == "all":
+        student_model = load_causal_lm(str(student_dir), device, dtype)
+        params["student"] = non_embedding_parameters(student_model)
+    info["non_embedding_parameters"] = params
+
+    def flops(model: str, train_tokens: int, forward_tokens: int = 0) -> float:
+        return 4.0 * params[model] * train_tokens + 2.0 * params[model] * forward_tokens
+
+    large_cls = PromptedClassifier(large_model, tokenizer, spec, batch_size=16)
+    if not table.done("large zero-shot", None):
+        t0 = time.perf_counter()
+        table.add("large zero-shot", None, large_cls.evaluate(evaluation).accuracy, time.perf_counter() - t0)
+    zero_shot = table.done("large zero-shot", None)["accuracy"]
+    if "alpha_zero_shot" not in table.info:
+        t0 = time.perf_counter()
+        accuracy = large_cls.evaluate(alpha_examples).accuracy  # ZS of POST's alpha rule, shared by both epsilons
+        table.info["alpha_zero_shot"] = {"accuracy": accuracy, "seconds": round(time.perf_counter() - t0, 1)}
+        table.save_info()
+    zero_shot_alpha = table.info["alpha_zero_shot"]["accuracy"]
+
+    for epsilon in (None, args.epsilon):
+        tag = "inf" if epsilon is None else f"{epsilon:g}"
+        lr = args.lr if epsilon is None or args.dp_lr is None else args.dp_lr
+        train_cfg = TrainConfig(local_steps=args.local_steps, batch_size=args.batch_size, lr=lr)
+        privacy = PrivacyConfig(epsilon=epsilon)
+        direct_tuner = SoftPromptTuner(large_model, tokenizer, spec, train_cfg)
+
+        # Direct tuning of the large model: all examples pooled, the clients' total steps.
+        if not table.done("direct (large, central)", tag):
+            t0 = time.perf_counter()
+            prompt = initial_prompt(PromptConfig(num_tokens=args.prompt_tokens), spec, tokenizer, large_model)
+            plan = plan_dp(privacy, len(train), args.batch_size, steps) if privacy.enabled else None
+            direct = direct_tuner.train(prompt, train, steps, seed=int(cfg.seed), plan=plan)
+            train_s = time.perf_counter() - t0
+            acc = large_cls.evaluate(evaluation, soft_prompt=direct.prompt).accuracy
+            table.add("direct (large, central)", tag, acc, time.perf_counter() - t0, compute_s=round(train_s, 1),
+                      flops=flops("large", direct.tokens), epsilon_spent=direct.epsilon, steps=steps,
+                      examples_seen=direct.examples_seen, noise_multiplier=direct.noise_multiplier)
+        if args.stages == "direct":
+            continue
+
+        # Federated tuning on the student (Flower simulation through `flwr run`).
+        run_dir = out / f"post_{args.task}_student_eps{tag}"
+        if not table.done("student (federated)", tag):
+            t0 = time.perf_counter()
+            fl = cmd_run(compose([
+            *base, "method=post", "method.model=student", f"method.prompt.num_tokens={args.prompt_tokens}",
+            f"method.train.local_steps={args.local_steps}", f"method.train.batch_size={args.batch_size}",
+            f"method.train.lr={lr}", f"method.privacy.epsilon={'null' if epsilon is None else epsilon}",
+            f"federation.num_clients={args.clients}", f"federation.rounds={args.rounds}",
+            f"federation.eval_limit={args.eval_limit}", "federation.eval_manual=false", "partition=iid",
+                f"partition.k_shot={k_shot}", f"output_dir={run_dir}",
+            ]))
+            table.add("student (federated)", tag, fl["final_accuracy"], time.perf_counter() - t0,
+                      compute_s=fl["client_train_s"], flops=flops("student", fl["client_tokens"]),
+                      epsilon_spent=fl["epsilon"], steps=steps, run_dir=str(run_dir))
+        student_prompt = load_prompt(run_dir / "prompt.safetensors")[0]
+
+        if not table.done("student prompt pasted on large", tag):
+            t0 = time.perf_counter()
+            acc = large_cls.evaluate(evaluation, soft_prompt=student_prompt).accuracy
+            table.add("student prompt pasted on large", tag, acc, time.perf_counter() - t0)
+
+        transfer_settings = {"transfer": {k: getattr(args, k) for k in TRANSFER_ARGS}}
+        if not table.done("POST transfer", tag, **transfer_settings):
+            table.rows = [r for r in table.rows if not (r["stage"] == "POST transfer" and r["epsilon"] == tag)]
+            t0 = time.perf_counter()
+            student_tuner = SoftPromptTuner(student_model, tokenizer, spec, train_cfg)
+            init = initial_prompt(PromptConfig(num_tokens=args.prompt_tokens), spec, tokenizer, large_model)
+            moved = transfer_prompt(student_tuner, direct_tuner, student_prompt, init, public, tcfg, alpha_examples,
+                                    chance=1.0 / spec.num_labels, batch_size=16, seed=int(cfg.seed),
+                                    zero_shot=zero_shot_alpha)
+            result = moved.pop("result")
+            transfer_s = time.perf_counter() - t0
+            acc = large_cls.evaluate(evaluation, soft_prompt=result.prompt).accuracy
+            # Forward token positions of the student's alpha evaluation (C), beside the transfer's own.
+            alpha_tokens = sum(len(ids) + args.prompt_tokens for ids in student_tuner.encode(alpha_examples))
+            fixed = result.fixed_tokens
+            table.add("POST transfer", tag, acc, time.perf_counter() - t0, compute_s=round(transfer_s, 1),
+                      flops=flops("large", result.tokens, fixed["large"]) + flops("student", 0, fixed["student"] + alpha_tokens),
+                      alpha=result.alpha, student_prompt_accuracy=moved.get("student_prompt_accuracy"),
+                      losses=[round(x, 4) for x in result.losses], **transfer_settings)
+
+    if args.stages == "direct":
+        return {"rows": table.rows}
+    summary = derive(table, args, zero_shot)
+    total_wall = sum(r["wall_s"] for r in table.rows) + table.info["alpha_zero_shot"]["seconds"]
+    record = {**table.info, "rows": table.rows, "summary": summary, "total_wall_s": round(total_wall, 1)}
+    (out / f"post_{args.task}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"post_{args.task}.md").write_text(markdown(record))
+    table.path.unlink(missing_ok=True)
+    print(json.dumps({"summary": summary, "output": str(out / f"post_{args.task}.md")}))
+    return record
+
+
+def derive(table: Table, args, zero_shot: float) -> dict:
+    """Gap recovered and cost ratio for each epsilon."""
+    out = {}
+    for tag in ("inf", f"{args.epsilon:g}"):
+        direct, post = table.done("direct (large, central)", tag), table.done("POST transfer", tag)
+        student = table.done("student (federated)", tag)
+        gap = direct["accuracy"] - zero_shot
+        out[tag] = {
+            "gap_recovered": round((post["accuracy"] - zero_shot) / gap, 3) if abs(gap) > 1e-9 else None,
+            "direct_gain": round(gap, 4), "post_gain": round(post["accuracy"] - zero_shot, 4),
+            "cost_ratio_time": round((student["compute_s"] + post["compute_s"]) / direct["compute_s"], 3),
+            "cost_ratio_flops": round((student["flops"] + post["flops"]) / direct["flops"], 3),
+        }
+    return out
+
+
+def markdown(record: dict) -> str:
+    lines = [f"# POST on {record['task']} ({record['model']} as the large model)", "",
+             f"Machine: {record['machine']}. Manual prompt: \"{record['manual_prompt']}\". Test examples: "
+             f"{record['eval_n']}; training examples: {record['train_examples']}; public transfer set: "
+             f"{record['public']} ({record['public_n']}). Steps (all clients together = direct): "
+             f"{record['total_steps']}. Total wall time: {record['total_wall_s']:.0f} s.", "",
+             "| stage | epsilon | accuracy | wall s | compute s | GFLOP (est.) | notes |",
+             "|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        notes = []
+        if r.get("epsilon_spent") is not None:
+            notes.append(f"eps spent {r['epsilon_spent']:.2f}")
+        if r.get("alpha") is not None:
+            notes.append(f"alpha {r['alpha']:.2f}, student+prompt on val {r['student_prompt_accuracy']}")
+        flops = f"{r['flops'] / 1e9:.0f}" if r.get("flops") is not None else ""
+        lines.append(f"| {r['stage']} | {r['epsilon'] or '-'} | {r['accuracy']:.4f} | {r['wall_s']:.0f} | "
+                     f"{r.get('compute_s', '')} | {flops} | {'; '.join(notes)} |")
+    lines += ["", "| epsilon | gap recovered | direct gain | POST gain | cost ratio (time) | cost ratio (FLOPs) |",
+              "|---|---|---|---|---|---|"]
+    for tag, s in record["summary"].items():
+        lines.append(f"| {tag} | {s['gap_recovered']} | {s['direct_gain']} | {s['post_gain']} | "
+                     f"{s['cost_ratio_time']} | {s['cost_ratio_flops']} |")
+    distill = record.get("distill") or {}
+    if distill:
+        lines += ["", f"Student: layers {distill.get('layers')} of {distill.get('teacher_layers')}, "
+                      f"{distill.get('student_parameters')} parameters, distilled {distill.get('steps')} steps on "
+                      f"{distill.get('data_tasks')} text in {distill.get('distill_s')} s (one-off, not in the ratios)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

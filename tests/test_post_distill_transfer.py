@@ -1,0 +1,143 @@
+"""POST around the federated part: the student (kept layers, distillation, `fedprompt distill`) and the
+transfer to the large model (the alpha rule, the loss, `fedprompt transfer`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedprompt import cli
+from fedprompt.errors import ConfigError
+from fedprompt.methods.post import PromptTransfer, SoftPromptTuner, TrainConfig, alpha_rule, save_prompt
+from fedprompt.models import SoftPrompt, load_causal_lm, load_tokenizer
+from fedprompt.models.distill import DistillConfig, build_student, check_layers, default_layers, distill
+from tests.conftest import CORPUS, write_task
+from tests.test_post_dp import EXAMPLES, SPEC
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_model_dir):
+    return load_causal_lm(str(tiny_model_dir), "cpu", "float32"), load_tokenizer(str(tiny_model_dir))
+
+
+def test_default_layers_and_bad_layers():
+    assert default_layers(30) == [0, 1, 28, 29]
+    assert default_layers(3) == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"distill.layers \[30\] out of range: the teacher has 30 layers"):
+        check_layers([0, 1, 30], 30)
+    with pytest.raises(ConfigError, match="increasing without repeats"):
+        check_layers([1, 0], 30)
+    with pytest.raises(ConfigError, match="is empty"):
+        check_layers([], 30)
+
+
+def test_the_student_copies_the_kept_layers_embeddings_and_head(teacher):
+    model, tok = teacher
+    same = build_student(model, [0, 1])  # every layer kept: the same network
+    ids = tok(["a great movie with a wonderful cast"], return_tensors="pt").input_ids
+    torch.testing.assert_close(same(ids).logits, model(ids).logits)
+    small = build_student(model, [1])
+    assert small.config.num_hidden_layers == 1
+    torch.testing.assert_close(small.model.layers[0].mlp.up_proj.weight, model.model.layers[1].mlp.up_proj.weight)
+    torch.testing.assert_close(small.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    assert not torch.allclose(small(ids).logits, model(ids).logits)  # a layer is missing: outputs differ
+
+
+def test_distillation_lowers_the_loss_and_keeps_the_embeddings(teacher):
+    model, tok = teacher
+    torch.manual_seed(0)
+    student = build_student(model, [1])
+    before = student.get_input_embeddings().weight.detach().clone()
+    report = distill(model, student, tok, CORPUS, DistillConfig(steps=30, batch_size=4, lr=3e-3, autocast=False),
+                     log_every=5)
+    assert report.curve[-1]["loss"] < report.curve[0]["loss"]
+    assert report.student_parameters < report.teacher_parameters and report.steps == 30 and report.tokens > 0
+    torch.testing.assert_close(student.get_input_embeddings().weight, before)  # frozen: the large model's input space
+
+
+def test_alpha_rule():
+    assert alpha_rule(zero_shot=0.8, student_prompt=0.9, chance=0.5) == pytest.approx(0.75)
+    assert alpha_rule(zero_shot=0.95, student_prompt=0.9, chance=0.5) == 1.0  # the large model alone is better
+    assert alpha_rule(zero_shot=0.4, student_prompt=0.9, chance=0.5) == 0.0
+    assert alpha_rule(zero_shot=0.8, student_prompt=0.5, chance=0.5) == 1.0  # a chance-level student: differences only
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_transfer_fits_the_students_prompted_outputs(teacher, alpha):
+    model, tok = teacher
+    torch.manual_seed(0)
+    student = SoftPromptTuner(build_student(model, [1]).eval().requires_grad_(False), tok, SPEC, TrainConfig())
+    large = SoftPromptTuner(model, tok, SPEC, TrainConfig())
+    student_prompt = SoftPrompt(4, 32, torch.randn(4, 32))
+    transfer = PromptTransfer(student, large, steps=25, batch_size=8, lr=0.05)
+    result = transfer.run(student_prompt, EXAMPLES, alpha, SoftPrompt(4, 32))
+    assert result.losses[-1] < result.losses[0] and result.alpha == alpha and result.steps == 25
+    assert result.fixed_tokens["student"] > 0 and result.fixed_tokens["large"] > 0 and result.tokens > 0
+
+
+@pytest.fixture
+def post_data(tmp_path):
+    rows = [{"text": t, "label": i % 2} for i, t in enumerate(CORPUS)]
+    for name in ("toy", "other"):
+        write_task(tmp_path, name, {s: rows for s in ("train", "validation", "test")}, ["negative", "positive"])
+    return tmp_path
+
+
+def tiny_args(data_dir, model_dir, tmp_path) -> list[str]:
+    return [f"data_dir={data_dir}", "task=toy", f"model={model_dir}", "model.dtype=float32", "progress=false",
+            f"output_dir={tmp_path / 'out'}"]
+
+
+def test_fedprompt_distill_saves_a_loadable_student_and_a_report(capsys, post_data, tiny_model_dir, tmp_path):
+    student_dir = tmp_path / "student"
+    code = cli.main(["distill", *tiny_args(post_data, tiny_model_dir, tmp_path), "distill.layers=[1]",
+                     "distill.steps=4", "distill.batch_size=4", "distill.data.tasks=[other]", "distill.eval_limit=4",
+                     f"distill.output={student_dir}"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr[-2000:]
+    record = json.loads(stdout.strip().splitlines()[-1])
+    assert record["layers"] == [1] and record["student"] == str(student_dir) and record["steps"] == 4
+    assert record["student_parameters"] < record["teacher_parameters"]
+    assert 0 <= record["student_zero_shot_accuracy"] <= 1 and record["distill_s"] > 0
+    assert (tmp_path / "out" / "loss_curve.png").stat().st_size > 0
+    assert load_causal_lm(str(student_dir), "cpu", "float32").config.num_hidden_layers == 1
+    assert json.loads((student_dir / "distill_report.json").read_text())["curve"]
+
+
+def test_fedprompt_transfer_lifts_a_prompt_and_reports_the_last_step(capsys, post_data, tiny_model_dir, tmp_path):
+    prompt_file = save_prompt(SoftPrompt(4, 32, torch.randn(4, 32) * 0.1), tmp_path / "p.safetensors", task="toy")
+    code = cli.main(["transfer", *tiny_args(post_data, tiny_model_dir, tmp_path), f"transfer.prompt={prompt_file}",
+                     f"transfer.student={tiny_model_dir}", "transfer.public_task=other", "transfer.public_size=8",
+                     "transfer.steps=3", "transfer.batch_size=4", "transfer.alpha_limit=6"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr[-2000:]
+    record = json.loads(stdout.strip().splitlines()[-1])
+    assert record["steps"] == 3 and len(record["losses"]) == 3 and 0 <= record["alpha"] <= 1
+    assert record["public_task"] == "other" and record["public_split"] == "train" and record["public_n"] == 8
+    assert 0 <= record["accuracy"] <= 1 and record["n"] == len(CORPUS)
+    assert {"zero_shot_accuracy", "student_prompt_accuracy", "chance"} <= set(record)
+
+
+@pytest.mark.parametrize("command, extra, message", [
+    ("distill", ["distill.layers=[0,5]"], "distill.layers [5] out of range: the teacher has 2 layers"),
+    ("distill", ["distill.data.tasks=[nosuch]"], "nosuch"),
+    ("distill", ["+distill.warmup=3"], "unknown key distill.warmup"),
+    ("transfer", [], "transfer.prompt is required"),
+    ("transfer", ["transfer.prompt=/no/such/file"], "does not exist"),
+    ("transfer", ["transfer.public_task=toy", "transfer.public_split=train", "transfer.prompt=PROMPT"],
+     "is the clients' private data"),
+    ("transfer", ["transfer.prompt=WIDE"], "has width 7 but"),
+])
+def test_bad_input_is_one_line_before_any_model_loads(capsys, monkeypatch, post_data, tiny_model_dir, tmp_path,
+                                                      command, extra, message):
+    monkeypatch.setattr("fedprompt.models.load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    files = {"PROMPT": save_prompt(SoftPrompt(4, 32), tmp_path / "p.safetensors"),
+             "WIDE": save_prompt(SoftPrompt(4, 7), tmp_path / "w.safetensors")}
+    extra = [e.split("=")[0] + "=" + str(files.get(e.split("=")[1], e.split("=")[1])) for e in extra]
+    code = cli.main([command, *tiny_args(post_data, tiny_model_dir, tmp_path), f"transfer.student={tiny_model_dir}",
+                     *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
