@@ -19,7 +19,7 @@ from tests.rapt_support import one_thread, tiny_lm  # noqa: F401 - fixtures
 CHATML = "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{answer}"
 SPEC = TaskSpec("toy", ("negative", "positive"), (" negative", " positive"), "{prompt}\n\nReview: {text}",
                 "Is it positive or negative?", "Sentiment:", CHATML)
-PAIR_SPEC = TaskSpec("toypair", ("yes", "no"), (" yes", " no"), "{prompt}\nPremise: {text}\nHypothesis: {text_pair}",
+PAIR_SPEC = TaskSpec("toypair", ("yes", "no"), (" great", " terrible"), "{prompt}\nPremise: {text}\nHypothesis: {text_pair}",
                      "Does it follow?", "Answer:", CHATML, is_pair=True)
 EXAMPLES = [Example("a great movie with a wonderful cast", 1), Example("a terrible film , boring and too long", 0),
             Example("wonderful cast", 1), Example("boring and too long", 0)] * 4
@@ -84,6 +84,25 @@ def test_users_send_fresh_plain_tokens_and_privatized_text(tiny_lm):
     assert all(e.ids[4:] != tuple(r[4:]) for e, r in zip(private, raw))  # strong noise: the text changed
     clean, _ = privatize_examples(pairs, tokenizer, make_privatizer(model, tokenizer, math.inf), 64, seed=0, plain_tokens=4)
     assert [tokenizer.decode(e.ids[4:]).strip() for e in clean] == ["premise one", "premise two"]
+
+
+@pytest.mark.parametrize("spec", [SPEC, PAIR_SPEC])
+def test_shared_prefix_cache_gives_the_hidden_states_of_a_full_forward(tiny_lm, spec):
+    model, tokenizer = tiny_lm
+    examples = [Example("a great movie with a wonderful cast", 1, "who wrote hamlet ?"), Example("boring", 0, "no")]
+    examples = [e if spec.is_pair else Example(e.text, e.label) for e in examples]
+    private, _ = privatize_examples(examples, tokenizer, make_privatizer(model, tokenizer, 5.0), 64, seed=0, plain_tokens=4)
+    trainer = RAPTTrainer(model, tokenizer, spec, config(), seed=0)
+    with torch.no_grad():
+        trainer.soft_prompt.weight.normal_()  # a prompt unlike any token, so a misplaced prompt would show
+        hidden, lengths = trainer.hidden_states(private, trainer.soft_prompt)
+        for row, e in enumerate(private):
+            ids = torch.tensor([trainer.encoder.encode(e)])
+            embeds, _ = trainer.soft_prompt(model.get_input_embeddings()(ids))
+            full = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state[0]
+            skip = trainer.soft_prompt.num_tokens + len(trainer.prefix_ids)
+            assert lengths[row] == full.shape[0] - skip
+            torch.testing.assert_close(hidden[row, : lengths[row]], full[skip:], atol=1e-5, rtol=1e-4)
 
 
 def test_training_learns_reconstruction_and_returns_only_the_prompt(tiny_lm):

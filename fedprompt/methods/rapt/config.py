@@ -20,7 +20,7 @@ class ReconstructionConfig:
 
     enabled: bool = True
     plain_tokens: int = 16  # plain tokens per example
-    plain_vocab: int = 10000  # drawn from the first N ids of the output vocabulary (BPE order ~ frequency)
+    plain_vocab: int = 1000  # drawn from (and reconstructed among) the first N ids of the vocabulary
     weight: float = 1.0  # loss = task + weight * reconstruction
     head_dim: int = 256  # the head: hidden -> head_dim -> hidden, scored against the frozen embedding
 
@@ -49,8 +49,8 @@ class TrainConfig:
 
     steps: int = 40  # optimizer steps per round, on all examples received so far
     batch_size: int = 8
-    lr: float = 0.003  # soft prompt (AdamW)
-    head_lr: float = 0.001  # reconstruction head (AdamW)
+    lr: float = 0.01  # soft prompt (AdamW)
+    head_lr: float = 0.01  # reconstruction head (AdamW)
     max_text_tokens: int = 64  # a client truncates each text to this many tokens before privatizing it
     eval_batch_size: int = 16
 

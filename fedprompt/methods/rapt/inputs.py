@@ -19,6 +19,7 @@ import numpy as np
 
 from fedprompt.data.task import Example, TaskSpec
 from fedprompt.errors import ConfigError
+from fedprompt.privacy.dchi import output_vocabulary
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,19 @@ def text_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
     return tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"][:max_tokens]
 
 
+def plain_vocabulary(tokenizer, rows: int, size: int) -> list[int]:
+    """The public tokens plain tokens are drawn from: the first ``size`` ids of the output vocabulary (BPE
+    ids follow merge order, so these are the commonest tokens, like the ones texts are made of)."""
+    return output_vocabulary(tokenizer, rows)[:size]
+
+
 def privatize_examples(examples: Sequence[Example], tokenizer, privatizer, max_text_tokens: int, seed: int,
                        plain_tokens: int = 0, plain_vocab: int | None = None
                        ) -> tuple[list[PrivateExample], list[list[int]]]:
-    """The user's step: put ``plain_tokens`` random plain tokens (drawn from the first ``plain_vocab`` ids of
-    the privatizer's output vocabulary: BPE ids follow merge order, so these are common tokens like the
-    text's) in front of each text and privatize every token, all from ``seed``. Returns the private examples
-    and, for measuring only, the token ids before privatization (texts first, then pairs)."""
+    """The user's step: put ``plain_tokens`` random plain tokens (distinct, from the first ``plain_vocab``
+    ids of the privatizer's output vocabulary, see :func:`plain_vocabulary`) in front of each text and
+    privatize every token, all from ``seed``. Returns the private examples and, for measuring only, the
+    token ids before privatization (texts first, then pairs)."""
     rng = np.random.default_rng([seed, 0x5A97])
     vocab = privatizer.allowed.cpu().numpy()[:plain_vocab]
     if plain_tokens > len(vocab):
