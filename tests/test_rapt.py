@@ -142,6 +142,9 @@ def test_the_trainer_rejects_bad_examples(tiny_lm):
         trainer.add([PrivateExample((5, 6, 7, 8, 9), 7, None, (5, 6, 7, 8))])
     with pytest.raises(ConfigError, match="outside"):
         trainer.add([PrivateExample((5, 6, 7, 8, 10**6), 1, None, (5, 6, 7, 8))])
+    small = RAPTTrainer(model, tokenizer, SPEC, config(reconstruction={"plain_vocab": 10}), seed=0)
+    with pytest.raises(ConfigError, match="plain_vocab"):  # plain tokens the service's head cannot choose among
+        small.add([PrivateExample((200, 201, 202, 203, 9), 1, None, (200, 201, 202, 203))])
     assert trainer.examples == []
     with pytest.raises(ConfigError, match="no privatized examples"):
         trainer.train()
