@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="simulations/results/rapt_curves")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 is much faster on a machine busy with other jobs")
+    parser.add_argument("--replot", action="store_true",
+                        help="only rebuild the summary, markdown and PNG from <out>/rapt_curves.json")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. method.train.lr=0.01")
     return parser.parse_args(argv)
 
@@ -110,7 +112,7 @@ def run_task(task_name: str, args, overrides: list[str], model, tokenizer, priva
             result = {"accuracy": float(correct[variant].mean()), "eval_s": round(time.perf_counter() - start, 2)}
             if variant == "reconstruction":  # paired over the same examples: the gain and its standard error
                 diff = correct["reconstruction"] - correct["none"]
-                result.update(gain_points=100 * diff.mean(), gain_se_points=100 * diff.std(ddof=1) / np.sqrt(diff.size))
+                result.update(gain_points=float(100 * diff.mean()), gain_se_points=float(100 * diff.std(ddof=1) / np.sqrt(diff.size)))
             record({**row, "variant": variant, **result, **{k: round(v, 4) for k, v in stats.items()}})
 
 
@@ -139,7 +141,7 @@ def summarize(rows: list[dict]) -> dict:
             entry.update(eta_at_30pct=eta, recovered_at_eta=runs[(eta, "untrained")]["recovered@1"],
                          accuracy_none=runs[(eta, "none")]["accuracy"], accuracy_reconstruction=rec["accuracy"],
                          gain_points=round(rec["gain_points"], 2), gain_se_points=round(rec["gain_se_points"], 2),
-                         acceptance_met=rec["gain_points"] >= 2.0)
+                         acceptance_met=bool(rec["gain_points"] >= 2.0))
         out[task] = entry
     return out
 
@@ -151,14 +153,19 @@ def write_outputs(out: Path, rows: list[dict], meta: dict) -> None:
     for task in sorted({r["task"] for r in rows}):
         runs = {(r["eta"], r["variant"]): r for r in rows if r["task"] == task}
         etas = sorted({eta for eta, _ in runs}, reverse=True)
-        lines += [f"\n## {task}\n", "| eta | E‖z‖ | recovered@1 | recovered@5 | untrained | prompt tuning | RAPT (reconstruction) | gain ± SE (points) |",
-                  "|---|---|---|---|---|---|---|---|"]
+        first = next(r for r in rows if r["task"] == task)
+        lines += [f"\n## {task}\n",
+                  f"{first['train_n']} privatized training examples, {first['steps']} steps of batch {first['batch_size']}, "
+                  f"{first['plain_tokens']} plain tokens, {first['prompt_tokens']} prompt vectors; accuracy on "
+                  f"{first['eval_n']} privatized {first['eval_split']} examples (%). Manual prompt: \"{first['manual_prompt']}\"\n",
+                  "| eta | E‖z‖ | recovered@1 | recovered@5 | untrained | prompt tuning | RAPT (reconstruction) | gain ± SE (points) | head accuracy |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for eta in etas:
             u, n, r = runs.get((eta, "untrained"), {}), runs.get((eta, "none"), {}), runs.get((eta, "reconstruction"), {})
             cell = lambda row, key, pct=True: "" if key not in row else (f"{100 * row[key]:.1f}" if pct else f"{row[key]:.1f}")  # noqa: E731
             gain = f"{r['gain_points']:+.1f} ± {r['gain_se_points']:.1f}" if "gain_points" in r else ""
             lines.append(f"| {eta:g} | {cell(u, 'expected_noise_norm', False)} | {cell(u, 'recovered@1')} | {cell(u, 'recovered@5')} "
-                         f"| {cell(u, 'accuracy')} | {cell(n, 'accuracy')} | {cell(r, 'accuracy')} | {gain} |")
+                         f"| {cell(u, 'accuracy')} | {cell(n, 'accuracy')} | {cell(r, 'accuracy')} | {gain} | {cell(r, 'rec_accuracy')} |")
     (out / "rapt_curves.md").write_text("\n".join(lines) + "\n")
     plot(out / "rapt_curves.png", rows)
 
@@ -201,6 +208,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        payload = json.loads((out / "rapt_curves.json").read_text())
+        rows, meta = payload.pop("rows"), {k: v for k, v in payload.items() if k != "summary"}
+        write_outputs(out, rows, meta)
+        print(json.dumps({"summary": summarize(rows), "out": str(out)}))
+        return 0
     base_cfg = compose(["method=rapt", *args.overrides])
     method = RAPTConfig.from_dict(base_cfg.method)
     model_name = str(base_cfg.model.name)

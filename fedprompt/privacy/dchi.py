@@ -8,8 +8,9 @@ The mechanism (Feyisetan et al. 2020; used by RAPT, Li, Tan, Liu 2023): for ever
 where ``E`` is a token-embedding matrix (default: the service model's input embeddings). ``z`` then has the
 density ``p(z) ∝ exp(-eta ||z||)``, which makes the mechanism ``eta * d_E``-private: for any two tokens
 ``x, y`` and any output ``w``, ``P(w | x) <= exp(eta * ||E[x] - E[y]||) * P(w | y)``. Choosing ``x'`` from
-``E[x] + z`` is post-processing, so it keeps the guarantee. ``E||z|| = d / eta``: useful ``eta`` are large
-(hundreds for a 576-d embedding). ``eta = inf`` means no noise: the text comes back unchanged.
+``E[x] + z`` is post-processing, so it keeps the guarantee. ``E||z|| = d / eta``: for SmolLM2's 576-d
+embeddings the useful range is eta ~ 15-60 (94% of SST-2 tokens survive eta = 60, 28% eta = 30, 7% eta = 20).
+``eta = inf`` means no noise: the text comes back unchanged. docs/rapt.md says what the guarantee is worth.
 
 Speed: the nearest-token search is one matrix product per chunk of tokens against the whole vocabulary.
 It runs in bfloat16 to shortlist ``shortlist`` candidates per token, and the shortlist is re-ranked with
