@@ -8,17 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import fedprompt.blackbox
 from fedprompt import cli
 from fedprompt.config import compose
 from fedprompt.fl import client_app
+from fedprompt.errors import ConfigError
 from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
 from fedprompt.fl.feddtpt.records import prompt_to_arrays
-from fedprompt.fl.rapt.records import DATA_KEYS, REPLY_METRICS, arrays_to_examples
+from fedprompt.fl.feddtpt.strategy import RoundStats
+from fedprompt.fl.rapt.records import DATA_KEYS, REPLY_METRICS, arrays_to_examples, arrays_to_prompt, examples_to_arrays
+from fedprompt.fl.rapt.strategy import RAPTStrategy
 from fedprompt.fl.records import serialize_content
+from fedprompt.methods.rapt import PrivateExample
 from tests.fl_support import TRAIN_TEXTS, find_leaks, tiny_overrides, write_secret_task
 from tests.rapt_support import one_thread, tiny_lm  # noqa: F401 - fixtures
 
@@ -119,3 +123,53 @@ def test_rapt_runs_through_flwr_run(capsys, monkeypatch, tmp_path, tiny_model_di
     assert all(r["bytes_up"] > 0 for r in rounds[1:])
     prompt = torch.load(out / "soft_prompt.pt")
     assert prompt.shape == (2, 32) and np.isfinite(prompt.numpy()).all()
+
+
+class FakeTrainer:
+    """What RAPTStrategy needs of a RAPTTrainer, without a model."""
+
+    def __init__(self) -> None:
+        from fedprompt.models import SoftPrompt
+
+        self.soft_prompt, self.examples, self.trained = SoftPrompt(2, 4), [], 0
+
+    def add(self, examples) -> None:
+        if any(e.label < 0 for e in examples):
+            raise ConfigError("bad label")
+        self.examples.extend(examples)
+
+    def train(self) -> dict:
+        self.trained += 1
+        return {"task_loss": 0.5, "steps": 2}
+
+
+def sent(node: int) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node, message_type=MessageType.TRAIN)
+
+
+def reply(node: int, examples, unchanged: float) -> Message:
+    metrics = {"num-examples": len(examples), "tokens": 10 * len(examples), "tokens-unchanged": unchanged, "privatize-s": 0.1}
+    return Message(RecordDict({"arrays": examples_to_arrays(examples, 2), "metrics": MetricRecord(metrics)}), reply_to=sent(node))
+
+
+def test_the_strategy_trains_on_valid_replies_and_records_the_rest(server_identity):
+    strategy = RAPTStrategy(FakeTrainer())
+    strategy.rounds[1] = RoundStats(sampled=5)  # as configure_train would have left it
+    good = [PrivateExample((1, 2, 3), 0, None, (1, 2)), PrivateExample((4, 5, 6, 7), 1, None, (4, 5))]
+    bad_label = [PrivateExample((1, 2, 3), -1, None, (1, 2))]
+    replies = [reply(13, good, 0.2), Message(Error(2, "boom"), reply_to=sent(99)), reply(12, bad_label, 0.0),
+               reply(11, good[:1], 0.5)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert torch.equal(arrays_to_prompt(arrays), strategy.trainer.soft_prompt.weight.detach())
+    assert strategy.trainer.examples == good[:1] + good and strategy.trainer.trained == 1
+    stats = strategy.rounds[1]
+    assert stats.replies == 2 and stats.missing == 1
+    assert [f["node"] for f in stats.failures] == [12, 99] and "malformed" in stats.failures[0]["reason"]
+    assert metrics["examples-received"] == 3 and metrics["tokens-unchanged"] == pytest.approx((10 * 0.5 + 20 * 0.2) / 30)
+    assert metrics["task_loss"] == 0.5
+
+
+def test_no_examples_yet_keeps_the_prompt(server_identity):
+    strategy = RAPTStrategy(FakeTrainer())
+    assert strategy.aggregate_train(1, [Message(Error(2, "x"), reply_to=sent(11))]) == (None, None)
+    assert strategy.trainer.trained == 0
