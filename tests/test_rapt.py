@@ -14,6 +14,7 @@ from fedprompt.errors import ConfigError
 from fedprompt.fl.rapt.records import arrays_to_examples, examples_to_arrays
 from fedprompt.methods.rapt import PrivateExample, RAPTConfig, RAPTTrainer, SlotEncoder, privatize_examples, text_ids
 from fedprompt.privacy.dchi import DChiPrivatizer, output_vocabulary
+from tests.conftest import SHARED_DATA
 from tests.rapt_support import one_thread, tiny_lm  # noqa: F401 - fixtures
 
 CHATML = "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{answer}"
@@ -162,3 +163,27 @@ def test_reply_records_round_trip(pair):
     del broken["labels"]
     with pytest.raises(ValueError, match="lacks"):
         arrays_to_examples(broken)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not (SHARED_DATA / "sst2").is_dir(), reason="needs ../shared/data")
+def test_rapt_on_smollm2_and_sst2():
+    """The real service model: its embeddings privatize SST-2 text, one RAPT step runs, predictions come out."""
+    from fedprompt.fl.data import load_task_and_spec
+    from fedprompt.models import load_causal_lm, load_tokenizer
+
+    cfg = compose(["method=rapt", "task=sst2", f"data_dir={SHARED_DATA}"])
+    task, spec = load_task_and_spec(cfg)
+    examples = task.split("validation")[:4]
+    model, tokenizer = load_causal_lm("smollm2-135m", "cpu", "auto"), load_tokenizer("smollm2-135m")
+    method = RAPTConfig.from_dict(cfg.method)
+    for eta, lo, hi in ((math.inf, 1.0, 1.0), (30.0, 0.1, 0.5)):  # eta=30 leaves ~28% of SST-2 tokens as they were
+        private, raw = privatize_examples(examples, tokenizer, make_privatizer(model, tokenizer, eta), 64, seed=0,
+                                          plain_tokens=method.plain_tokens, plain_vocab=method.reconstruction.plain_vocab)
+        same = np.mean([a == b for e, r in zip(private, raw) for a, b in zip(e.ids[16:], r[16:])])
+        assert lo <= same <= hi
+    trainer = RAPTTrainer(model, tokenizer, spec, method, seed=0)
+    trainer.add(private)
+    stats = trainer.train(steps=1)
+    assert math.isfinite(stats["loss"]) and stats["rec_loss"] > 0
+    assert set(trainer.predict(private).tolist()) <= {0, 1}
