@@ -57,6 +57,13 @@ METHODS: dict[str, FederatedMethod] = {
         server="fedprompt.fl.post.server:run_server",
         checks="fedprompt.fl.post.server:check",
     ),
+    "rapt": FederatedMethod(
+        "rapt",
+        config="fedprompt.methods.rapt:RAPTConfig",
+        client="fedprompt.fl.rapt.client:train",
+        server="fedprompt.fl.rapt.server:run_server",
+        checks="fedprompt.fl.rapt.server:check",
+    ),
 }
 
 

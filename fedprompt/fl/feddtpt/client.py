@@ -41,11 +41,25 @@ def client_state(run_config, cfg) -> ClientState:
     if key not in _STATE:
         method = method_config(cfg)
         data = client_data(cfg)
+        if method.privatize.enabled:  # every text of the client's own is privatized before any query is formatted
+            data = _privatized(data, method.privatize, cfg)
         for old in _STATE.values():  # a new run in this process: release the previous one's connections
             old.blackbox.close()
         _STATE.clear()
         _STATE[key] = ClientState(cfg, method, data, method.build_search(), make_blackbox(cfg))
     return _STATE[key]
+
+
+def _privatized(data, privatize, cfg):
+    """The client data with every partition's text privatized (d_chi, one seed per partition); the public pool is public."""
+    from dataclasses import replace
+
+    from fedprompt.privacy.dchi import load_privatizer
+
+    privatizer, tokenizer = load_privatizer(privatize, str(cfg.model.name))
+    clients = [privatizer.privatize_examples(examples, tokenizer, seed=int(cfg.seed) * 1_000_003 + i)
+               for i, examples in enumerate(data.partition.clients)]
+    return replace(data, partition=replace(data.partition, clients=clients))
 
 
 def _search_seed(base: int, server_round: int, partition_id: int) -> int:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Mapping
 
 from fedprompt.errors import ConfigError
+from fedprompt.privacy.dchi import DChiConfig
 
 if TYPE_CHECKING:
     from fedprompt.data.task import TaskSpec
@@ -189,6 +190,8 @@ class FedDTPTConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     proposer: ProposerConfig = field(default_factory=ProposerConfig)
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
+    # d_chi privatization of the client's own texts before any query (eta null = off); see docs/rapt.md
+    privatize: DChiConfig = field(default_factory=DChiConfig)
 
     @classmethod
     def from_dict(cls, node: Mapping[str, Any] | None = None) -> "FedDTPTConfig":
@@ -198,12 +201,13 @@ class FedDTPTConfig:
             raise ConfigError(f"the feddtpt method config must be a mapping, got {type(data).__name__}")
         if data.get("name", "feddtpt") != "feddtpt":
             raise ConfigError(f"method.name is {data.get('name')!r}; this config is for 'feddtpt'")
-        _check_keys("method", data, {"name", "seed_prompt", "search", "proposer", "aggregate"})
+        _check_keys("method", data, {"name", "seed_prompt", "search", "proposer", "aggregate", "privatize"})
         cfg = cls(
             seed_prompt=_section(SeedPromptConfig, "seed_prompt", data.get("seed_prompt")),
             search=_section(SearchConfig, "search", data.get("search")),
             proposer=_section(ProposerConfig, "proposer", data.get("proposer")),
             aggregate=_section(AggregateConfig, "aggregate", data.get("aggregate")),
+            privatize=DChiConfig.from_dict(data.get("privatize"), "method.privatize"),
         )
         for part in (cfg.seed_prompt, cfg.search, cfg.proposer, cfg.aggregate):
             part.validate()

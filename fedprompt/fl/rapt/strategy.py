@@ -1,0 +1,79 @@
+"""RAPT as a Flower strategy: FedAvg's sampling and messages, but "aggregation" is service-side training.
+
+Each round, ``configure_train`` (FedAvg's) samples clients and sends them the current soft prompt and the
+round number. Each client replies with this round's share of its examples, privatized on the client
+(records.py). ``aggregate_train`` checks every reply (error replies and malformed ones are recorded and
+skipped), pools the privatized examples with those of earlier rounds, and trains the soft prompt and the
+reconstruction head on the pool for ``method.train.steps`` steps; the new soft prompt is the round's
+global ArrayRecord. The head never leaves the server and is dropped at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from fedprompt.fl.feddtpt.strategy import RoundStats
+from fedprompt.fl.rapt.records import arrays_to_examples, prompt_to_arrays
+from fedprompt.fl.records import ARRAYS, METRICS, record_bytes
+
+
+class RAPTStrategy(FedAvg):
+    """RAPT (Li, Tan, Liu 2023) over Flower: clients privatize, the server trains on what they sent."""
+
+    def __init__(self, trainer, *, fraction_train: float = 1.0, min_train_nodes: int = 1,
+                 min_available_nodes: int = 1) -> None:
+        super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
+                         min_available_nodes=min_available_nodes)
+        self.trainer = trainer
+        self.rounds: dict[int, RoundStats] = {}
+
+    def configure_train(self, server_round, arrays, config, grid):
+        stats = self.rounds.setdefault(server_round, RoundStats())
+        stats.started = time.perf_counter()
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        stats.sampled = len(messages)
+        stats.bytes_down = sum(record_bytes(m.content) for m in messages)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self.rounds.setdefault(server_round, RoundStats())
+        replies = list(replies)
+        stats.missing = max(0, stats.sampled - len(replies))
+        received, sums = 0, {"tokens": 0.0, "unchanged": 0.0}
+        for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
+            node = int(msg.metadata.src_node_id)
+            if msg.has_error():
+                stats.failures.append({"node": node, "code": int(msg.error.code), "reason": str(msg.error.reason)})
+                log(WARNING, "aggregate_train: node %d failed (%s), skipped", node, msg.error.reason)
+                continue
+            try:
+                examples = arrays_to_examples(msg.content[ARRAYS])
+                self.trainer.add(examples)
+            except (KeyError, ValueError) as err:  # ConfigError is a ValueError: bad ids, labels, plain tokens
+                stats.failures.append({"node": node, "code": -1, "reason": f"malformed reply: {err}"})
+                continue
+            metrics = msg.content[METRICS] if METRICS in msg.content else {}
+            tokens = float(metrics.get("tokens", 0))
+            sums["tokens"] += tokens
+            sums["unchanged"] += tokens * float(metrics.get("tokens-unchanged", 0.0))
+            received += len(examples)
+            stats.replies += 1
+            stats.bytes_up += record_bytes(msg.content)
+        stats.metrics = {"examples-received": float(received), "examples-pooled": float(len(self.trainer.examples)),
+                         "tokens-received": sums["tokens"],
+                         "tokens-unchanged": sums["unchanged"] / sums["tokens"] if sums["tokens"] else 0.0}
+        if not self.trainer.examples:
+            log(WARNING, "aggregate_train: no privatized examples yet in round %d; the prompt is kept", server_round)
+            stats.train_s = time.perf_counter() - stats.started
+            return None, None
+        stats.metrics.update({k: float(v) for k, v in self.trainer.train().items()})
+        stats.train_s = time.perf_counter() - stats.started
+        log(INFO, "aggregate_train: %d examples received, %d pooled; task loss %.4f", received,
+            len(self.trainer.examples), stats.metrics["task_loss"])
+        return prompt_to_arrays(self.trainer.soft_prompt.weight), MetricRecord(stats.metrics)
