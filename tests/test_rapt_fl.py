@@ -18,7 +18,7 @@ from fedprompt.fl import client_app
 from fedprompt.errors import ConfigError
 from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
 from fedprompt.fl.feddtpt.records import prompt_to_arrays
-from fedprompt.fl.feddtpt.strategy import RoundStats
+from fedprompt.fl.report import RoundStats
 from fedprompt.fl.rapt.records import DATA_KEYS, REPLY_METRICS, arrays_to_examples, arrays_to_prompt, examples_to_arrays
 from fedprompt.fl.rapt.strategy import RAPTStrategy
 from fedprompt.fl.records import serialize_content

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,25 @@ COLUMNS = (
     "bytes_down", "bytes_up", "service_bytes_sent", "service_bytes_received", "local_accuracy",
     "train_s", "eval_s", "wall_s", "elapsed_s", "prompt_length", "prompt",
 )
+
+
+@dataclass
+class RoundStats:
+    """What the strategy saw in one round (plain values for the per-round report)."""
+
+    sampled: int = 0
+    replies: int = 0  # valid replies (aggregated)
+    missing: int = 0  # sampled clients whose reply never came (timeout, lost node)
+    failures: list[dict] = field(default_factory=list)  # node id and error code/reason of each failed or missing reply
+    nodes: list[int] = field(default_factory=list)  # the sampled node ids
+    skipped: str | None = None  # why the round kept the old global prompt (fewer valid replies than min_replies)
+    bytes_down: int = 0  # serialized content of the messages sent to clients
+    bytes_up: int = 0  # serialized content of the valid replies
+    metrics: dict[str, float] = field(default_factory=dict)  # summed / averaged client metrics
+    client_prompts: list[str] = field(default_factory=list)
+    aggregation: dict[str, Any] = field(default_factory=dict)
+    train_s: float = 0.0  # first message sent -> aggregation done
+    started: float = 0.0
 
 
 class RunReport:

@@ -34,20 +34,18 @@ _STATE: dict[str, ClientState] = {}
 
 def client_state(run_config, cfg) -> ClientState:
     from fedprompt.blackbox import make_blackbox
-    from fedprompt.fl.config import RUN_CONFIG_KEY, method_config
+    from fedprompt.fl.config import method_config, once_per_run
     from fedprompt.fl.data import client_data
 
-    key = str(run_config.get(RUN_CONFIG_KEY) or "")
-    if key not in _STATE:
+    def build() -> ClientState:
         method = method_config(cfg)
         data = client_data(cfg)
         if method.privatize.enabled:  # every text of the client's own is privatized before any query is formatted
             data = _privatized(data, method.privatize, cfg)
-        for old in _STATE.values():  # a new run in this process: release the previous one's connections
-            old.blackbox.close()
-        _STATE.clear()
-        _STATE[key] = ClientState(cfg, method, data, method.build_search(), make_blackbox(cfg))
-    return _STATE[key]
+        return ClientState(cfg, method, data, method.build_search(), make_blackbox(cfg))
+
+    # A new run in this process first closes the previous run's black-box connections.
+    return once_per_run(_STATE, run_config, build, release=lambda old: old.blackbox.close())
 
 
 def _privatized(data, privatize, cfg):

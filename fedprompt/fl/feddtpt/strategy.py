@@ -7,7 +7,6 @@ import json
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -20,25 +19,7 @@ from flwr.supercore import log
 
 from fedprompt.fl.feddtpt.records import arrays_to_prompt, prompt_to_arrays
 from fedprompt.fl.records import ARRAYS, CONFIG, METRICS, record_bytes, serialize_content
-
-
-@dataclass
-class RoundStats:
-    """What the strategy saw in one round (plain values for the per-round report)."""
-
-    sampled: int = 0
-    replies: int = 0  # valid replies (aggregated)
-    missing: int = 0  # sampled clients whose reply never came (timeout, lost node)
-    failures: list[dict] = field(default_factory=list)  # node id and error code/reason of each failed or missing reply
-    nodes: list[int] = field(default_factory=list)  # the sampled node ids
-    skipped: str | None = None  # why the round kept the old global prompt (fewer valid replies than min_replies)
-    bytes_down: int = 0  # serialized content of the messages sent to clients
-    bytes_up: int = 0  # serialized content of the valid replies
-    metrics: dict[str, float] = field(default_factory=dict)  # summed / averaged client metrics
-    client_prompts: list[str] = field(default_factory=list)
-    aggregation: dict[str, Any] = field(default_factory=dict)
-    train_s: float = 0.0  # first message sent -> aggregation done
-    started: float = 0.0
+from fedprompt.fl.report import RoundStats
 
 
 class FedDTPTStrategy(Strategy):

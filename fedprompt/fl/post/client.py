@@ -31,21 +31,20 @@ _STATE: dict[str, ClientState] = {}
 
 
 def client_state(run_config, cfg) -> ClientState:
-    from fedprompt.fl.config import RUN_CONFIG_KEY, method_config
+    from fedprompt.fl.config import method_config, once_per_run
     from fedprompt.fl.data import client_data
     from fedprompt.methods.post import SoftPromptTuner
     from fedprompt.models import load_causal_lm, load_tokenizer
     from fedprompt.models.distill import resolve_model
 
-    key = str(run_config.get(RUN_CONFIG_KEY) or "")
-    if key not in _STATE:
+    def build() -> ClientState:
         method = method_config(cfg)
         data = client_data(cfg)
         name = resolve_model(method.model, str(cfg.model.name))
         model = load_causal_lm(name, method.device, method.dtype)
-        _STATE.clear()  # one run per process at a time: drop an older run's model
-        _STATE[key] = ClientState(method, data, SoftPromptTuner(model, load_tokenizer(name), data.spec, method.train))
-    return _STATE[key]
+        return ClientState(method, data, SoftPromptTuner(model, load_tokenizer(name), data.spec, method.train))
+
+    return once_per_run(_STATE, run_config, build)
 
 
 def _seed(base: int, server_round: int, partition_id: int) -> int:

@@ -9,18 +9,18 @@ from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from fedprompt.fl.feddtpt.strategy import RoundStats
+from fedprompt.fl.fedavg import RecordedFedAvg
 from fedprompt.fl.post.records import PROMPT
 from fedprompt.fl.records import ARRAYS, METRICS, record_bytes
+from fedprompt.fl.report import RoundStats
 
 WEIGHT_KEY = "num-examples"
 _SUMMED = ("steps", "examples-seen", "empty-batches", "tokens", "train-s")
 
 
-class PromptFedAvg(FedAvg):
+class PromptFedAvg(RecordedFedAvg):
     """``FedAvg`` (McMahan et al. 2017) over the ``"prompt"`` array, weighted by ``"num-examples"``.
 
     Replies that are errors, or that do not carry a prompt of the global prompt's shape and a positive
@@ -31,17 +31,11 @@ class PromptFedAvg(FedAvg):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)
-        self.rounds: dict[int, RoundStats] = {}
         self._shape: tuple[int, ...] | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
         self._shape = tuple(arrays[PROMPT].shape)
-        stats = self.rounds.setdefault(server_round, RoundStats())
-        stats.started = time.perf_counter()
-        stats.sampled = len(messages)
-        stats.bytes_down = sum(record_bytes(m.content) for m in messages)
-        return messages
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.rounds.setdefault(server_round, RoundStats())

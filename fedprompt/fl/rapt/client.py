@@ -35,18 +35,16 @@ _STATE: dict[str, ClientState] = {}
 
 
 def client_state(run_config, cfg) -> ClientState:
-    from fedprompt.fl.config import RUN_CONFIG_KEY, method_config
+    from fedprompt.fl.config import method_config, once_per_run
     from fedprompt.fl.data import client_data
     from fedprompt.privacy.dchi import load_privatizer
 
-    key = str(run_config.get(RUN_CONFIG_KEY) or "")
-    if key not in _STATE:
+    def build() -> ClientState:
         method = method_config(cfg)
-        data = client_data(cfg)
         privatizer, tokenizer = load_privatizer(method.privatize, str(cfg.model.name))
-        _STATE.clear()
-        _STATE[key] = ClientState(cfg, method, data, privatizer, tokenizer)
-    return _STATE[key]
+        return ClientState(cfg, method, client_data(cfg), privatizer, tokenizer)
+
+    return once_per_run(_STATE, run_config, build)
 
 
 def round_share(examples: list, rounds: int, server_round: int, seed: int) -> list:

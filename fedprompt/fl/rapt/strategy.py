@@ -15,15 +15,15 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from fedprompt.fl.feddtpt.strategy import RoundStats
+from fedprompt.fl.fedavg import RecordedFedAvg
 from fedprompt.fl.rapt.records import arrays_to_examples, prompt_to_arrays
 from fedprompt.fl.records import ARRAYS, METRICS, record_bytes
+from fedprompt.fl.report import RoundStats
 
 
-class RAPTStrategy(FedAvg):
+class RAPTStrategy(RecordedFedAvg):
     """RAPT (Li, Tan, Liu 2023) over Flower: clients privatize, the server trains on what they sent."""
 
     def __init__(self, trainer, *, fraction_train: float = 1.0, min_train_nodes: int = 1,
@@ -31,15 +31,6 @@ class RAPTStrategy(FedAvg):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
                          min_available_nodes=min_available_nodes)
         self.trainer = trainer
-        self.rounds: dict[int, RoundStats] = {}
-
-    def configure_train(self, server_round, arrays, config, grid):
-        stats = self.rounds.setdefault(server_round, RoundStats())
-        stats.started = time.perf_counter()
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        stats.sampled = len(messages)
-        stats.bytes_down = sum(record_bytes(m.content) for m in messages)
-        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.rounds.setdefault(server_round, RoundStats())

@@ -1,0 +1,33 @@
+"""Flower's FedAvg with the per-round record a run report needs: the base of FedAvg-derived strategies."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedprompt.fl.records import record_bytes
+from fedprompt.fl.report import RoundStats
+
+
+class RecordedFedAvg(FedAvg):
+    """``FedAvg`` that keeps ``self.rounds[r]``, round r's :class:`RoundStats`.
+
+    ``configure_train`` (FedAvg's sampling and messages) records when the round started, how many clients
+    were sampled and the bytes sent to them; a subclass's ``aggregate_train`` records the replies' side.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.rounds: dict[int, RoundStats] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        stats = self.rounds.setdefault(server_round, RoundStats())
+        stats.started = time.perf_counter()
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        stats.sampled = len(messages)
+        stats.bytes_down = sum(record_bytes(m.content) for m in messages)
+        return messages
