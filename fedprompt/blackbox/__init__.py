@@ -7,7 +7,7 @@ torch, httpx or fastapi).
 
 from importlib import import_module
 
-from fedprompt.blackbox.base import BlackBoxLM, ClassifyResult, Usage
+from fedprompt.blackbox.base import BlackBoxLM, ClassifyResult, PromptSpace, SoftPromptBlackBox, Usage
 from fedprompt.blackbox.errors import BlackBoxError, BudgetExhausted, PayloadTooLarge, ServiceUnavailable
 from fedprompt.blackbox.factory import make_blackbox
 from fedprompt.blackbox.settings import Budget, ClientSettings, Limits, ServerSettings
@@ -23,7 +23,8 @@ _LAZY = {
 }
 
 __all__ = ["BlackBoxError", "BlackBoxLM", "Budget", "BudgetExhausted", "ClassifyResult", "ClientSettings", "Limits",
-           "PayloadTooLarge", "ServerSettings", "ServiceUnavailable", "Usage", "make_blackbox", *_LAZY]
+           "PayloadTooLarge", "PromptSpace", "ServerSettings", "ServiceUnavailable", "SoftPromptBlackBox", "Usage",
+           "make_blackbox", *_LAZY]
 
 
 def __getattr__(name):

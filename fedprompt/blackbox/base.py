@@ -71,3 +71,33 @@ class BlackBoxLM(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class PromptSpace:
+    """What a caller must know to build a continuous prompt for a service: the width of one prompt vector
+    and the spread of the model's own token embeddings (BBT scales its random projection by it)."""
+
+    hidden_size: int
+    embedding_std: float
+
+
+class SoftPromptBlackBox(BlackBoxLM):
+    """A black box that also accepts a continuous prompt: (P, H) vectors prepended to every input's token
+    embeddings (Black-Box Tuning, Sun et al. 2022: "language-model-as-a-service" with prompt embeddings in).
+
+    The caller still sees only label log-probs; ``classify_embeds`` is accounted like ``classify`` (one
+    query per text; the prompt's P positions count as prompt tokens of every row the model reads).
+    """
+
+    @abc.abstractmethod
+    def classify_embeds(self, texts: Sequence[str], labels: Sequence[str], soft_prompt: np.ndarray) -> ClassifyResult:
+        """Score each label as the continuation of ``soft_prompt`` (float (P, H)) + each text."""
+
+    @abc.abstractmethod
+    def prompt_space(self) -> PromptSpace:
+        """The prompt vectors' width and the token embeddings' standard deviation."""
+
+    @abc.abstractmethod
+    def text_prompt(self, text: str, num_tokens: int) -> np.ndarray:
+        """(num_tokens, H) float32: the embeddings of ``text``'s tokens, repeated or cut (a text-initialised prompt)."""

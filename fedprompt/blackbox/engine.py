@@ -117,7 +117,8 @@ class ScoringEngine:
 
     # ---- checks (cheap: tokenization only) -------------------------------------------------------
 
-    def plan_classify(self, texts: Sequence[str], labels: Sequence[str]) -> ClassifyPlan:
+    def plan_classify(self, texts: Sequence[str], labels: Sequence[str], prefix_tokens: int = 0) -> ClassifyPlan:
+        """Check a request; ``prefix_tokens``: soft-prompt positions prepended to every row (classify_embeds)."""
         lim = self.limits
         if isinstance(texts, str) or isinstance(labels, str):
             raise ValidationFailed("texts and labels must be lists of strings, not a single string")
@@ -143,11 +144,12 @@ class ScoringEngine:
             raise PayloadTooLarge(f"a label has {longest_label} tokens; the limit is {lim.max_label_tokens} "
                                   "(service.limits.max_label_tokens)", param="labels")
         lengths = [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
-        self._check_lengths(lengths, "texts", extra=longest_label)
+        self._check_lengths(lengths, "texts", extra=longest_label + prefix_tokens)
+        read = sum(lengths) + prefix_tokens * len(texts)  # the model reads a soft prompt's positions like tokens
         if longest_label == 1:
-            tokens = sum(lengths)
+            tokens = read
         else:
-            tokens = sum(lengths) * len(labels) + len(texts) * sum(len(ids) for ids in label_ids)
+            tokens = read * len(labels) + len(texts) * sum(len(ids) for ids in label_ids)
         if tokens > lim.max_request_tokens:
             raise PayloadTooLarge(f"the request needs {tokens} tokens of model input; the limit is "
                                   f"{lim.max_request_tokens} (service.limits.max_request_tokens): send fewer texts")
@@ -208,6 +210,20 @@ class ScoringEngine:
                 rows[text] = row
                 self.cache.put((labels, text), row)
         return [np.stack([rows[t] for t in texts]).astype(np.float32, copy=False) for texts in text_lists]
+
+    def classify_prompted(self, texts: Sequence[str], labels: Sequence[str], soft_prompt: np.ndarray) -> np.ndarray:
+        """(N, C) float32 log p(label | soft prompt + text): the same scorer as :meth:`classify`, with the
+        prompt's vectors prepended to the input embeddings; never cached (the prompt changes every call)."""
+        from fedprompt.models.soft_prompt import SoftPrompt
+
+        weight = torch.from_numpy(np.ascontiguousarray(soft_prompt, dtype=np.float32))
+        prompt = SoftPrompt(weight.shape[0], weight.shape[1], weight).to(self.device)
+        with self._lock:
+            scores = score_label_words(self.model, self.tokenizer, list(texts), tuple(labels),
+                                       batch_size=self.batch_size, soft_prompt=prompt)
+            self.forward_calls += 1
+            self.texts_scored += len(texts)
+        return np.nan_to_num(scores, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR, posinf=0.0).astype(np.float32)
 
     # ---- completions ------------------------------------------------------------------------------
 

@@ -43,6 +43,13 @@ class FederatedMethod:
 
 
 METHODS: dict[str, FederatedMethod] = {
+    "bbt": FederatedMethod(
+        "bbt",
+        config="fedprompt.methods.bbt:BBTConfig",
+        client="fedprompt.fl.bbt.client:train",
+        server="fedprompt.fl.bbt.server:run_server",
+        checks="fedprompt.fl.bbt.server:check",
+    ),
     "feddtpt": FederatedMethod(
         "feddtpt",
         config="fedprompt.methods.feddtpt:FedDTPTConfig",
