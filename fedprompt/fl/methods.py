@@ -43,13 +43,6 @@ class FederatedMethod:
 
 
 METHODS: dict[str, FederatedMethod] = {
-    "bbt": FederatedMethod(
-        "bbt",
-        config="fedprompt.methods.bbt:BBTConfig",
-        client="fedprompt.fl.bbt.client:train",
-        server="fedprompt.fl.bbt.server:run_server",
-        checks="fedprompt.fl.bbt.server:check",
-    ),
     "feddtpt": FederatedMethod(
         "feddtpt",
         config="fedprompt.methods.feddtpt:FedDTPTConfig",
@@ -70,6 +63,13 @@ METHODS: dict[str, FederatedMethod] = {
         client="fedprompt.fl.rapt.client:train",
         server="fedprompt.fl.rapt.server:run_server",
         checks="fedprompt.fl.rapt.server:check",
+    ),
+    "bbt": FederatedMethod(
+        "bbt",
+        config="fedprompt.methods.bbt:BBTConfig",
+        client="fedprompt.fl.bbt.client:train",
+        server="fedprompt.fl.bbt.server:run_server",
+        checks="fedprompt.fl.bbt.server:check",
     ),
 }
 
