@@ -64,6 +64,13 @@ METHODS: dict[str, FederatedMethod] = {
         server="fedprompt.fl.rapt.server:run_server",
         checks="fedprompt.fl.rapt.server:check",
     ),
+    "bdpl": FederatedMethod(
+        "bdpl",
+        config="fedprompt.methods.bdpl:BDPLConfig",
+        client="fedprompt.fl.bdpl.client:train",
+        server="fedprompt.fl.bdpl.server:run_server",
+        checks="fedprompt.fl.bdpl.server:check",
+    ),
 }
 
 
