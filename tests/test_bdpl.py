@@ -254,3 +254,45 @@ def test_fedone_samples_one_client_a_round_seeded():
     assert picks == [sample_clients(nodes, 1, seed=0, server_round=r) for r in range(1, 41)]
     assert len({p[0] for p in picks}) == 4  # uniform over the clients: all of them get rounds
     assert sample_clients(nodes, 3, seed=1, server_round=1) == sorted(sample_clients(nodes[::-1], 3, seed=1, server_round=1))
+
+
+def test_the_server_takes_fedones_client_logits_and_averages_k_weighted_by_examples(monkeypatch):
+    from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedprompt.fl.bdpl.records import logits_to_arrays
+    from fedprompt.fl.bdpl.strategy import BDPLFedAvg
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+    def reply(node: int, value: float, n: int) -> Message:
+        sent = Message(RecordDict({"arrays": logits_to_arrays(np.zeros((2, 3))), "config": ConfigRecord({"server-round": 1})}),
+                       dst_node_id=node, message_type=MessageType.TRAIN)
+        return Message(RecordDict({"arrays": logits_to_arrays(np.full((2, 3), value)),
+                                   "metrics": MetricRecord({"num-examples": n, "partition-id": node, "queries": 10,
+                                                            "loss": value})}), reply_to=sent)
+
+    fedone = BDPLFedAvg(clients_per_round=1, vocab=["a", "b", "c"])
+    fedone._shape = (2, 3)
+    arrays, metrics = fedone.aggregate_train(1, [reply(3, 2.5, 4)])
+    np.testing.assert_allclose(arrays["logits"].numpy(), np.full((2, 3), 2.5))  # one client: its logits
+    assert metrics["queries"] == 10 and fedone.rounds[1].client_prompts == ["a a"]
+
+    k2 = BDPLFedAvg(clients_per_round=3, min_replies=2)
+    k2._shape = (2, 3)
+    bad = Message(RecordDict({"arrays": logits_to_arrays(np.zeros((2, 4))), "metrics": MetricRecord({"num-examples": 1})}),
+                  reply_to=Message(RecordDict(), dst_node_id=9, message_type=MessageType.TRAIN))
+    error = Message(Error(code=0, reason="boom"), reply_to=Message(RecordDict(), dst_node_id=8, message_type=MessageType.TRAIN))
+    arrays, metrics = k2.aggregate_train(1, [reply(1, 1.0, 1), reply(2, 4.0, 3), bad, error])
+    np.testing.assert_allclose(arrays["logits"].numpy(), np.full((2, 3), (1.0 * 1 + 4.0 * 3) / 4))
+    assert metrics["queries"] == 20 and metrics["loss"] == pytest.approx(3.25)
+    assert k2.rounds[1].replies == 2 and len(k2.rounds[1].failures) == 2
+    arrays, _ = k2.aggregate_train(2, [reply(1, 1.0, 1), error])
+    assert arrays is None and "min_replies=2" in k2.rounds[2].skipped  # too few: the global logits are kept
+
+
+def test_the_yaml_is_the_dataclass_defaults():
+    from fedprompt.config import compose
+
+    assert BDPLConfig.from_dict(compose(["method=bdpl"]).method) == BDPLConfig()
