@@ -232,6 +232,8 @@ def test_fedprompt_run_method_bdpl_through_flwr_run(capsys, tmp_path, tiny_model
     candidates = json.loads((out / "candidates.json").read_text())
     assert logits.shape == (3, len(candidates)) and 2 <= len(candidates) <= 20
     assert rows[1]["prompt"] == " ".join(candidates[i] for i in logits.argmax(axis=1))
+    flower_log = (out / "flower.log").read_text()
+    assert "activated 2 of 2 nodes" in flower_log and "report no partition" not in flower_log  # partitions asked
 
 
 def test_clients_per_round_beyond_the_federation_is_one_line_before_flower(capsys, tmp_path, tiny_model_dir,
@@ -296,3 +298,51 @@ def test_the_yaml_is_the_dataclass_defaults():
     from fedprompt.config import compose
 
     assert BDPLConfig.from_dict(compose(["method=bdpl"]).method) == BDPLConfig()
+
+
+class PartitionGrid:
+    """A Grid stand-in: connected nodes (random ids) that answer the partition query as the ClientApp does."""
+
+    def __init__(self, partition_of: dict[int, int]) -> None:
+        self.partition_of, self.asked = partition_of, 0
+
+    def get_node_ids(self):
+        return list(self.partition_of)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Context, RecordDict
+
+        from fedprompt.fl.client_app import partition
+
+        replies = []
+        for msg in messages:
+            assert msg.metadata.message_type == "query.partition"
+            self.asked += 1
+            node = msg.metadata.dst_node_id
+            context = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                              node_config={"partition-id": self.partition_of[node], "num-partitions": 4})
+            replies.append(partition(msg, context))
+        return replies
+
+
+def test_fedone_activates_the_same_partitions_whatever_node_ids_flower_draws(monkeypatch):
+    from flwr.app import ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedprompt.fl.bdpl.records import logits_to_arrays
+    from fedprompt.fl.bdpl.strategy import BDPLFedAvg
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    runs = []
+    for ids in ([901, 17, 555, 3], [4, 88, 12, 7000]):  # two runs: the same 4 partitions behind other node ids
+        grid = PartitionGrid({node: pid for pid, node in enumerate(ids)})
+        strategy = BDPLFedAvg(clients_per_round=1, seed=5, min_available_nodes=4)
+        picked = []
+        for server_round in range(1, 13):
+            messages = strategy.configure_train(server_round, logits_to_arrays(np.zeros((2, 3))), ConfigRecord(), grid)
+            assert len(messages) == 1 and strategy.rounds[server_round].sampled == 1
+            picked.append(grid.partition_of[messages[0].metadata.dst_node_id])
+        assert grid.asked == 4  # every node is asked once per run
+        runs.append(picked)
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1

@@ -27,16 +27,22 @@ WEIGHT_KEY = "num-examples"
 _SUMMED = ("queries", "steps", "train-s")
 
 
-def sample_clients(nodes: Sequence[int], k: int, seed: int, server_round: int) -> list[int]:
-    """``k`` of ``nodes``, uniformly without replacement, a function of (seed, round) only (resume-safe)."""
-    return sorted(random.Random(int(seed) * 1000 + int(server_round)).sample(sorted(nodes), min(k, len(nodes))))
+PARTITION_QUERY = "query.partition"  # answered by fedprompt.fl.client_app.partition
+
+
+def sample_clients(keys: Sequence[int], k: int, seed: int, server_round: int) -> list[int]:
+    """``k`` of ``keys`` (partition ids), uniformly without replacement, a function of (seed, round) only."""
+    return sorted(random.Random(int(seed) * 1000 + int(server_round)).sample(sorted(keys), min(k, len(keys))))
 
 
 class BDPLFedAvg(RecordedFedAvg):
     """``FedAvg`` over the ``"logits"`` array, weighted by ``"num-examples"``, with seeded K-client sampling.
 
     ``configure_train`` waits for ``min_available_nodes`` SuperNodes, then activates ``clients_per_round``
-    of them (:func:`sample_clients`). Error replies and replies without logits of the global shape or
+    of them: :func:`sample_clients` draws partition ids, which every node reports once per run (a
+    ``query.partition`` message; node ids are random per run, partition ids are not), so a seed activates
+    the same clients in every run and after a resume. Nodes that report no partition (a deployment
+    without partitions) are sampled by their sorted node ids instead. Error replies and replies without logits of the global shape or
     without a positive example count are recorded as failures and left out. Fewer than ``min_replies``
     valid replies: the round is recorded as skipped and the global logits are kept. ``vocab`` (optional)
     lets the round record show each client's argmax prompt.
@@ -50,6 +56,7 @@ class BDPLFedAvg(RecordedFedAvg):
         self.vocab = list(vocab) if vocab is not None else None
         self.wait_for_nodes_s = wait_for_nodes_s
         self._shape: tuple[int, ...] | None = None
+        self._partition_of: dict[int, int] = {}  # node id -> partition id, asked once per node
 
     def summary(self) -> None:
         log(INFO, "\t├──> Sampling: %d client(s) a round (1 = FedOne), seed %d", self.clients_per_round, self.seed)
@@ -64,6 +71,26 @@ class BDPLFedAvg(RecordedFedAvg):
             time.sleep(0.5)
         return nodes
 
+    def _ask_partitions(self, nodes: Sequence[int], grid: Grid) -> None:
+        unknown = [n for n in nodes if n not in self._partition_of]
+        if not unknown:
+            return
+        asks = [Message(RecordDict(), message_type=PARTITION_QUERY, dst_node_id=n) for n in unknown]
+        for reply in grid.send_and_receive(asks, timeout=self.wait_for_nodes_s):
+            if reply.has_error() or METRICS not in reply.content or "partition-id" not in reply.content[METRICS]:
+                continue
+            self._partition_of[int(reply.metadata.src_node_id)] = int(reply.content[METRICS]["partition-id"])
+
+    def _activate(self, server_round: int, nodes: Sequence[int], grid: Grid) -> list[int]:
+        self._ask_partitions(nodes, grid)
+        by_partition = {self._partition_of[n]: n for n in nodes if n in self._partition_of}
+        if len(by_partition) == len(nodes):
+            return sorted(by_partition[p] for p in sample_clients(list(by_partition), self.clients_per_round,
+                                                                  self.seed, server_round))
+        log(WARNING, "configure_train: %d of %d nodes report no partition; sampling node ids (not reproducible "
+            "across runs)", len(nodes) - len(by_partition), len(nodes))
+        return sample_clients(nodes, self.clients_per_round, self.seed, server_round)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         # Not FedAvg's sampling (the process's global `random`): a seeded draw per round, so a resumed run
         # activates the same clients as the uninterrupted one.
@@ -71,7 +98,7 @@ class BDPLFedAvg(RecordedFedAvg):
         stats.started = time.perf_counter()
         self._shape = tuple(arrays[LOGITS].shape)
         nodes = self._nodes(grid)
-        chosen = sample_clients(nodes, self.clients_per_round, self.seed, server_round)
+        chosen = self._activate(server_round, nodes, grid)
         config["server-round"] = server_round
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in chosen]
