@@ -42,10 +42,10 @@ class BDPLFedAvg(RecordedFedAvg):
     of them: :func:`sample_clients` draws partition ids, which every node reports once per run (a
     ``query.partition`` message; node ids are random per run, partition ids are not), so a seed activates
     the same clients in every run and after a resume. Nodes that report no partition (a deployment
-    without partitions) are sampled by their sorted node ids instead. Error replies and replies without logits of the global shape or
-    without a positive example count are recorded as failures and left out. Fewer than ``min_replies``
-    valid replies: the round is recorded as skipped and the global logits are kept. ``vocab`` (optional)
-    lets the round record show each client's argmax prompt.
+    without partitions) are sampled by their sorted node ids instead. Error replies and replies without
+    logits of the global shape or without a positive example count are recorded as failures and left
+    out. Fewer than ``min_replies`` valid replies: the round is recorded as skipped and the global logits
+    are kept. ``vocab`` (optional) lets the round record show each client's argmax prompt.
     """
 
     def __init__(self, clients_per_round: int = 1, seed: int = 0, min_replies: int = 1, min_available_nodes: int = 1,

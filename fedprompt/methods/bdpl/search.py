@@ -122,7 +122,8 @@ class BDPLClient:
                 raise ValueError("BDPL needs the black box's label log-probs; this service answered labels only")
             usage.add(result.usage)
             queries += len(texts)
-            row_loss, row_correct = label_losses(np.asarray(result.logprobs).reshape(len(texts), -1), np.tile(gold, len(prompts)))
+            logprobs = np.asarray(result.logprobs).reshape(len(texts), -1)
+            row_loss, row_correct = label_losses(logprobs, np.tile(gold, len(prompts)))  # rows: prompt-major
             step_losses = row_loss.reshape(len(prompts), batch_size).mean(axis=1)
             losses.append(step_losses)
             correct.append(row_correct)
