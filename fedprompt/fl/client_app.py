@@ -11,11 +11,11 @@ import logging
 import traceback
 from typing import Any
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedprompt.fl.records import CONFIG
+from fedprompt.fl.records import CONFIG, METRICS
 
 log = logging.getLogger("fedprompt.fl.client")
 
@@ -40,6 +40,18 @@ def train(msg: Message, context: Context) -> Message:
                   _round_of(msg), traceback.format_exc())
         reason = f"{type(err).__module__}.{type(err).__name__} on the client (details in the client's log)"
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+@app.query("partition")
+def partition(msg: Message, context: Context) -> Message:
+    """Which data partition this node holds (``partition-id`` of its node config), nothing else.
+
+    Flower's node ids are random per run; a strategy that activates a few clients a round (BDPL/FedOne)
+    asks once and samples partitions, so the same seed activates the same clients in every run and resume.
+    """
+    pid = context.node_config.get("partition-id")
+    content = RecordDict({METRICS: MetricRecord({"partition-id": int(pid)})}) if pid is not None else RecordDict()
+    return Message(content, reply_to=msg)
 
 
 def _round_of(msg: Message) -> Any:

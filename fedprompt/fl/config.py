@@ -56,7 +56,7 @@ def serialize_config(cfg: DictConfig) -> str:
 
     method = data.get("method") or {}
     for node, key in ((data.get("model") or {}, "name"), (method.get("proposer") or {}, "model"),
-                      (method.get("aggregate") or {}, "embedder"), (method, "model"),
+                      (method.get("aggregate") or {}, "embedder"), (method, "model"), (method, "vocab_model"),
                       (method.get("privatize") or {}, "embedding")):
         name = node.get(key)
         if name and name not in EMBEDDED and Path(str(name)).expanduser().is_dir():  # a local folder, not a hub id

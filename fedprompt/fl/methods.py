@@ -71,6 +71,13 @@ METHODS: dict[str, FederatedMethod] = {
         server="fedprompt.fl.bbt.server:run_server",
         checks="fedprompt.fl.bbt.server:check",
     ),
+    "bdpl": FederatedMethod(
+        "bdpl",
+        config="fedprompt.methods.bdpl:BDPLConfig",
+        client="fedprompt.fl.bdpl.client:train",
+        server="fedprompt.fl.bdpl.server:run_server",
+        checks="fedprompt.fl.bdpl.server:check",
+    ),
 }
 
 

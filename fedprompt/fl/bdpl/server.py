@@ -1,0 +1,124 @@
+"""BDPL's server: the strategy (K activated clients a round, FedAvg of their logits; K = 1 is FedOne), a
+central evaluation of the argmax prompt every round, and the results.
+
+Round 0 is the uniform policy (all logits 0; its argmax prompt is the first candidate in every slot).
+After every round the global policy's argmax prompt is scored on ``federation.eval_split`` (first
+``eval_limit`` examples) through the server's own black box, and the run folder gets rounds.json /
+rounds.csv / accuracy.png / checkpoint.json (resume); at the end summary.json and the final logits
+(``logits.npy``, with the candidate words in ``candidates.json``). Sampling is a function of
+(seed, round) and the clients' steps of (seed, round, partition), so the server resumes from the
+global logits alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from fedprompt.fl.bdpl.records import arrays_to_logits, logits_to_arrays
+
+LOGITS_FILE = "logits.npy"
+CANDIDATES_FILE = "candidates.json"
+
+
+def check(cfg, spec) -> dict:
+    """BDPL's checks before launch: the candidate vocabulary, K against the federation, the service."""
+    from fedprompt.errors import ConfigError
+    from fedprompt.fl.bdpl.client import vocab_model
+    from fedprompt.fl.config import method_config
+    from fedprompt.methods.bdpl import candidate_vocab
+    from fedprompt.models import encode_label_words, load_tokenizer
+
+    method = method_config(cfg)
+    fed = cfg.federation
+    if method.clients_per_round > int(fed.num_clients):
+        raise ConfigError(f"method.clients_per_round={method.clients_per_round} but federation.num_clients="
+                          f"{fed.num_clients}; activate at most num_clients clients a round")
+    available = int(fed.get("min_available_clients") or fed.num_clients)
+    if method.clients_per_round > available:
+        raise ConfigError(f"method.clients_per_round={method.clients_per_round} > federation.min_available_clients="
+                          f"{available}: a round could find too few clients; raise min_available_clients")
+    if int(fed.min_replies) > method.clients_per_round:
+        raise ConfigError(f"federation.min_replies={fed.min_replies} but a round activates only "
+                          f"method.clients_per_round={method.clients_per_round} clients: every round would be "
+                          "skipped; lower min_replies or raise clients_per_round")
+    name = vocab_model(cfg)
+    vocab = candidate_vocab(load_tokenizer(name), method)  # also converts an embedded model once, before the clients
+    if cfg.service.kind == "http":  # the service must answer now, not after Ray has started
+        from fedprompt.blackbox import make_blackbox
+
+        with make_blackbox(cfg, retries=0) as service:
+            service.health()
+    if cfg.service.kind == "inprocess":
+        encode_label_words(load_tokenizer(str(cfg.model.name)), spec.label_words)
+    return {"vocab_model": name, "candidates": len(vocab)}
+
+
+def run_server(grid: Grid, cfg) -> dict:
+    from logging import INFO
+
+    from fedprompt.blackbox import make_blackbox
+    from fedprompt.fl.bdpl.client import vocab_model
+    from fedprompt.fl.bdpl.strategy import BDPLFedAvg
+    from fedprompt.fl.checkpoint import CheckpointedRounds
+    from fedprompt.fl.config import method_config
+    from fedprompt.fl.data import eval_examples, load_task_and_spec
+    from fedprompt.fl.feddtpt.server import score_prompt
+    from fedprompt.fl.report import RunReport
+    from fedprompt.fl.run import run_folder
+    from fedprompt.methods.bdpl import BDPLClient, argmax_prompt, candidate_vocab
+    from fedprompt.models import load_tokenizer
+
+    fed = cfg.federation
+    method = method_config(cfg)
+    folder = run_folder(cfg)  # `fedprompt run` sets output_dir; `flwr run .` by hand: outputs/run/...
+    task, spec = load_task_and_spec(cfg)
+    examples = eval_examples(cfg, task)  # the server reads only the evaluation split, never client data
+    vocab = candidate_vocab(load_tokenizer(vocab_model(cfg)), method)
+    policy = BDPLClient(method, vocab)  # only for the shape and the initial logits; the server runs no steps
+    blackbox = make_blackbox(cfg)
+    strategy = BDPLFedAvg(clients_per_round=method.clients_per_round, seed=int(cfg.seed),
+                          min_replies=int(fed.min_replies),
+                          min_available_nodes=int(fed.min_available_clients or fed.num_clients), vocab=vocab)
+    report = RunReport(folder, {
+        "method": method.name, "variant": "fedone" if method.clients_per_round == 1 else "federated-bdpl",
+        "task": spec.name, "model": str(cfg.model.name), "service": str(cfg.service.kind),
+        "num_clients": int(fed.num_clients), "clients_per_round": method.clients_per_round,
+        "partition": dict(cfg.partition), "eval_split": str(fed.eval_split), "eval_n": len(examples),
+        "manual_prompt": spec.manual_prompt, "prompt_length": method.prompt_length, "candidates": len(vocab),
+        "vocab_model": vocab_model(cfg), "samples_per_step": method.samples_per_step,
+        "local_steps": method.local_steps, "batch_size": method.batch_size, "lr": method.lr,
+        "optimizer": method.optimizer, "query_budget": method.query_budget, "manual_accuracy": None,
+    })
+    rounds = CheckpointedRounds(cfg, folder, report, strategy)  # resume=true: the report so far is restored here
+    if fed.eval_manual and report.info["manual_accuracy"] is None:
+        report.info["manual_accuracy"] = score_prompt(blackbox, spec, examples, None)[0]
+
+    every, last = int(fed.eval_every), int(fed.rounds)
+    final: dict[str, np.ndarray] = {}
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        logits = arrays_to_logits(arrays, policy.shape)
+        final["logits"] = logits
+        words = [vocab[int(i)] for i in argmax_prompt(logits)]
+        start = time.perf_counter()
+        due = server_round % every == 0 or server_round == last  # round 0 and the final prompt always
+        accuracy, queries = score_prompt(blackbox, spec, examples, words) if due else (None, 0)
+        row = report.add(server_round, words, accuracy, len(examples) if due else 0, queries,
+                         time.perf_counter() - start, strategy.rounds.get(server_round))
+        log(INFO, "round %d: accuracy %s, argmax prompt %r", server_round, accuracy, row["prompt"])
+        return MetricRecord({"accuracy": accuracy}) if due else None
+
+    try:
+        rounds.start(grid, logits_to_arrays(policy.initial_logits()), num_rounds=int(fed.rounds),
+                     timeout=float(fed.round_timeout_s), train_config=ConfigRecord(), evaluate_fn=evaluate)
+    finally:
+        blackbox.close()
+    np.save(folder / LOGITS_FILE, final["logits"])
+    (folder / CANDIDATES_FILE).write_text(json.dumps(vocab) + "\n")
+    return report.finish(server_usage=blackbox.usage.to_dict(), logits_file=str(folder / LOGITS_FILE))

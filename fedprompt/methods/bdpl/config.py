@@ -1,0 +1,127 @@
+"""BDPL / FedOne configuration (``conf/method/bdpl.yaml``): one flat, frozen, validated node.
+
+:meth:`BDPLConfig.from_dict` runs before any model is loaded or any query is sent; unknown keys are
+errors (a typo in a sweep must not fall back to a default silently), and every bad value says how to
+fix it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from fedprompt.errors import ConfigError
+
+OPTIMIZERS = ("adam", "sgd")
+OPTIMIZER_STATES = ("reset", "keep")
+
+
+@dataclass(frozen=True)
+class BDPLConfig:
+    """The whole ``method`` node of ``method=bdpl`` (BDPL on every activated client; FedOne with one).
+
+    - ``prompt_length``: L, the discrete prompt's slots;
+    - ``candidates``: V, the candidate tokens of every slot (the V most frequent whole-word tokens of
+      ``vocab_model``'s tokenizer, at least ``min_word_len`` letters);
+    - ``samples_per_step``: I, prompts sampled per step (>= 2: the baseline leaves one out);
+    - ``local_steps``, ``batch_size``, ``lr``, ``optimizer``: the client's local policy-gradient steps;
+    - ``optimizer_state``: ``reset`` (a fresh optimizer every round) or ``keep`` (the client's Adam
+      moments carried across its rounds in ``context.state``);
+    - ``clients_per_round``: K clients activated per round (1 = FedOne);
+    - ``query_budget``: at most this many black-box queries per client per round (null = no cap).
+    """
+
+    name: str = "bdpl"
+    prompt_length: int = 10
+    candidates: int = 200
+    min_word_len: int = 2
+    vocab_model: str | None = None
+    samples_per_step: int = 4
+    local_steps: int = 8
+    batch_size: int = 16
+    lr: float = 0.1
+    optimizer: str = "adam"
+    optimizer_state: str = "reset"
+    clients_per_round: int = 1
+    query_budget: int | None = None
+
+    @classmethod
+    def from_dict(cls, node: Mapping[str, Any] | None = None) -> "BDPLConfig":
+        """Build and validate from a ``method`` config node (a dict or an OmegaConf DictConfig)."""
+        data = _to_plain(node if node is not None else {})
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"the bdpl method config must be a mapping, got {type(data).__name__}")
+        specs = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(specs))
+        if unknown:
+            raise ConfigError(f"method: unknown key(s) {', '.join('method.' + k for k in unknown)}; "
+                              f"known keys: {', '.join(sorted(specs))}")
+        defaults = cls()
+        values = {key: _coerce(key, value, getattr(defaults, key), str(specs[key].type)) for key, value in data.items()}
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.name != "bdpl":
+            raise ConfigError(f"method.name is {self.name!r}; this config is for 'bdpl'")
+        for key in ("prompt_length", "candidates", "min_word_len", "local_steps", "batch_size", "clients_per_round"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"method.{key} must be >= 1, got {getattr(self, key)}")
+        if self.candidates < 2:
+            raise ConfigError(f"method.candidates must be >= 2 (one token per slot leaves nothing to learn), "
+                              f"got {self.candidates}")
+        if self.samples_per_step < 2:
+            raise ConfigError(f"method.samples_per_step must be >= 2: the variance-reduced gradient divides by "
+                              f"samples_per_step - 1 (BDPL's leave-one-out baseline), got {self.samples_per_step}")
+        if not self.lr > 0:
+            raise ConfigError(f"method.lr must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"method.optimizer={self.optimizer!r} is not one of {list(OPTIMIZERS)}")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ConfigError(f"method.optimizer_state={self.optimizer_state!r} is not one of {list(OPTIMIZER_STATES)}")
+        if self.vocab_model is not None and not str(self.vocab_model).strip():
+            raise ConfigError("method.vocab_model is empty; use null (the service model, model.name) or a model name")
+        step = self.samples_per_step * self.batch_size
+        if self.query_budget is not None and self.query_budget < step:
+            raise ConfigError(f"method.query_budget={self.query_budget} cannot pay for one step "
+                              f"(samples_per_step x batch_size = {step} queries); raise it to >= {step}, "
+                              "shrink the batch or set it to null")
+
+    @property
+    def queries_per_step(self) -> int:
+        """Queries of one local step on a full batch: every sampled prompt on every batch example."""
+        return self.samples_per_step * self.batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _to_plain(node: Any) -> Any:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _coerce(key: str, value: Any, default: Any, type_text: str) -> Any:
+    """``value`` as the field's type; None only where the field allows it (its annotation says ``None``)."""
+    where = f"method.{key}"
+    if value is None:
+        if "None" in type_text:
+            return None
+        raise ConfigError(f"{where} must not be null")
+    kind = "int" if type_text.startswith("int") else "float" if type_text.startswith("float") else "str"
+    try:
+        if kind == "int":
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: cannot use {value!r} (expected {type_text}, e.g. {default!r})") from None
