@@ -11,6 +11,10 @@ overrides, the same ``key=value`` syntax as the command line):
       dirichlet-1.0: [partition=dirichlet, partition.alpha=1.0]
       iid: [partition=iid]
     columns: [final_accuracy, manual_accuracy, queries_per_client_round]   # optional
+    plot: queries     # optional: accuracy against cumulative black-box queries, one line per run (plot.png)
+
+A run may also name its own command: ``manual: {command: eval, overrides: [split=test]}`` (an eval's
+``accuracy`` fills the ``final_accuracy`` column; in the plot it is a horizontal line).
 
 An override may quote another run's result as ``@{<config name>/<run name>:<key>}`` (e.g. evaluate the
 final prompt of a FedDTPT run on another model: ``prompt=@{feddtpt_sst2/dirichlet-1.0:final_prompt}``);
@@ -43,9 +47,52 @@ def load(path: Path) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("runs"), dict) or not config["runs"]:
         sys.exit(f"{path}: expected a mapping with a non-empty 'runs' mapping (name: [overrides])")
     for name, extra in config["runs"].items():
-        if not isinstance(extra, list):
+        if isinstance(extra, dict):
+            if set(extra) - {"command", "overrides"} or not isinstance(extra.get("overrides", []), list):
+                sys.exit(f"{path}: run {name!r} must be a list of overrides or {{command: ..., overrides: [...]}}")
+        elif not isinstance(extra, list):
             sys.exit(f"{path}: run {name!r} must be a list of key=value overrides")
     return config
+
+
+def run_spec(default_command: str, extra) -> tuple[str, list[str]]:
+    """A run's command and its own overrides (a list, or a mapping with its own command)."""
+    if isinstance(extra, dict):
+        return str(extra.get("command", default_command)), [str(o) for o in extra.get("overrides") or []]
+    return default_command, [str(o) for o in extra]
+
+
+def plot_queries(runs: list[tuple[str, Path, dict]], path: Path) -> None:
+    """Accuracy of the global prompt against the cumulative training queries of each run (rounds.json);
+    a run without rounds (an eval) is a dashed horizontal line at its accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    flat = []
+    for name, folder, result in runs:
+        rounds = folder / "rounds.json"
+        if rounds.is_file():
+            spent, xs, ys = 0, [], []
+            for row in json.loads(rounds.read_text()):
+                spent += int(row.get("queries") or 0)
+                if row.get("accuracy") is not None:
+                    xs.append(spent)
+                    ys.append(row["accuracy"])
+            ax.plot(xs, ys, marker="o", label=name)
+        elif result.get("accuracy") is not None:
+            flat.append((name, result["accuracy"]))
+    for name, accuracy in flat:
+        ax.axhline(accuracy, linestyle="--", linewidth=1, label=name, color="grey" if "zero" in name else "black")
+    ax.set_xlabel("cumulative black-box queries (training, all clients)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def fill(override: str, results: Path) -> str:
@@ -54,7 +101,7 @@ def fill(override: str, results: Path) -> str:
     def value(match: re.Match) -> str:
         path = results / match.group(1) / "result.json"
         if not path.is_file():
-            sys.exit(f"{override!r} needs {path}: run that experiment first")
+            raise RuntimeError(f"{override!r} needs {path}: run that experiment first")
         text = str(json.loads(path.read_text())[match.group(2)])
         # A Hydra quoted string, so that commas, colons and brackets in a prompt stay text.
         return "'" + text.replace("'", "\\'") + "'"
@@ -97,21 +144,25 @@ def main() -> None:
     command, common = str(config.get("command", "run")), [str(o) for o in config.get("common") or []]
     columns = list(config.get("columns") or DEFAULT_COLUMNS)
     out = args.results / args.config.stem
-    rows, failed = [], []
-    for name, extra in config["runs"].items():
+    rows, failed, finished = [], [], []
+    for name, spec in config["runs"].items():
         if args.only and name not in args.only:
             continue
-        overrides, folder = [fill(str(o), args.results) for o in common + extra], out / name
-        if args.dry_run:
-            print("fedprompt", command, " ".join(overrides), f"output_dir={folder}")
-            continue
-        done = folder / "result.json"
+        run_command, extra = run_spec(command, spec)
+        folder, done = out / name, out / name / "result.json"
         try:
-            result = json.loads(done.read_text()) if done.is_file() and not args.force else run_one(command, overrides, folder)
+            overrides = [fill(o, args.results) for o in common + extra]  # a missing @{...} result fails this run only
+            if args.dry_run:
+                print("fedprompt", run_command, " ".join(overrides), f"output_dir={folder}")
+                continue
+            result = json.loads(done.read_text()) if done.is_file() and not args.force else run_one(run_command, overrides, folder)
         except RuntimeError as err:
             print(f"{name}: {err}", file=sys.stderr)
             failed.append(name)
             continue
+        if "final_accuracy" not in result and "accuracy" in result:  # an eval: its accuracy is the final one
+            result = {**result, "final_accuracy": result["accuracy"]}
+        finished.append((name, folder, result))
         rows.append({"run": name, **{c: result.get(c) for c in columns}, "overrides": " ".join(extra)})
     if args.dry_run:
         return
@@ -122,6 +173,8 @@ def main() -> None:
     lines += ["| " + " | ".join(cell(row.get(c)) for c in header) + " |" for row in rows]
     (out / "table.md").write_text(f"# {args.config.stem}\n\n`fedprompt {command} {' '.join(common)}`\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
+    if config.get("plot") == "queries" and finished:
+        plot_queries(finished, out / "plot.png")
     print(json.dumps({"config": str(args.config), "table": str(out / "table.md"), "runs": len(rows), "failed": failed}))
     sys.exit(1 if failed else 0)
 

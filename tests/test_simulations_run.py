@@ -1,0 +1,54 @@
+"""simulations/run.py: one command runs a config's experiments (runs with their own command, results quoted
+from earlier runs) and writes the table and the accuracy-against-queries plot; a run that cannot start fails
+alone and the table still comes out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.fl_support import write_secret_task
+from tests.test_bdpl import bdpl_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_comparison_config_gives_its_table_and_plot(tmp_path, tiny_model_dir):
+    data = write_secret_task(tmp_path / "data")
+    common = [o for o in bdpl_overrides(data, tiny_model_dir) if not o.startswith("method")]
+    config = {
+        "command": "run",
+        "common": common,
+        "runs": {
+            "manual": {"command": "eval", "overrides": ["split=test"]},
+            "bdpl": [o for o in bdpl_overrides(data, tiny_model_dir) if o.startswith("method")],
+            # quotes the BDPL run's final prompt into an eval: the @{...} substitution
+            "bdpl-prompt-again": {"command": "eval", "overrides": ["split=test", "prompt=@{compare/bdpl:final_prompt}"]},
+            "needs-a-missing-run": {"command": "eval", "overrides": ["prompt=@{compare/nothing:final_prompt}"]},
+        },
+        "columns": ["final_accuracy", "queries"],
+        "plot": "queries",
+    }
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(REPO / "simulations" / "run.py"), str(path), "--results", str(results)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # one run could not start: the exit status says so
+    assert "needs-a-missing-run" in proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["failed"] == ["needs-a-missing-run"] and summary["runs"] == 3
+
+    rows = {row["run"]: row for row in json.loads((results / "compare" / "table.json").read_text())}
+    assert set(rows) == {"manual", "bdpl", "bdpl-prompt-again"}
+    assert all(0.0 <= row["final_accuracy"] <= 1.0 for row in rows.values())  # an eval's accuracy fills the column
+    assert rows["bdpl"]["queries"] > 0
+    bdpl = json.loads((results / "compare" / "bdpl" / "result.json").read_text())
+    again = json.loads((results / "compare" / "bdpl-prompt-again" / "result.json").read_text())
+    assert again["prompt"] == bdpl["final_prompt"]
+    assert (results / "compare" / "plot.png").stat().st_size > 1000
+    assert "| bdpl |" in (results / "compare" / "table.md").read_text()
