@@ -24,7 +24,7 @@ USAGE = """usage: fedprompt <command> [key=value ...]
 commands:
   eval    evaluate the task's manual prompt (or prompt="...", or prompt="" for zero-shot) on a split
   serve   serve model= as a black-box LLM API (OpenAI-compatible + /v1/classify), see docs/blackbox.md
-  run     a federated simulation (Flower, Ray backend, via `flwr run`): method=feddtpt, N clients, R rounds;
+  run     a federated simulation (Flower, Ray backend, via `flwr run`): method=feddtpt|post|rapt|fedprompt|bbt|bdpl;
           a Hydra app: `-m` sweeps (one run per job under multirun/), `--cfg job` shows the config
   resume  continue a stopped run from its last completed round: fedprompt resume <run folder>
   report  tables (mean +- std over seeds) and plots of a run or sweep folder: fedprompt report <folder>
