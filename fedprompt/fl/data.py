@@ -52,7 +52,11 @@ def make_partition(cfg: DictConfig, examples: list[Example], num_labels: int) ->
 
         if isinstance(err, FedPromptError):
             raise
-        raise ConfigError(f"cannot partition {len(examples)} examples with partition={dict(part)}: {err}") from None
+        raise ConfigError(
+            f"cannot partition {len(examples)} examples over {cfg.federation.num_clients} clients with "
+            f"partition={dict(part)}: {err}. With a small alpha every client gets at least partition.min_size "
+            "examples only if there are enough: raise partition.k_shot (null = the whole train split) or "
+            "partition.alpha, or use fewer clients") from None
 
 
 def public_examples(cfg: DictConfig, task, spec: TaskSpec) -> list[Example]:
