@@ -161,6 +161,20 @@ def test_resampled_batches_rescore_the_current_prompt_within_budget():
     assert all(len({t.split(SEP)[0] for t in bb.calls[i][0]}) == 1 for i in range(0, len(sizes), 2))
 
 
+def test_a_shared_public_seed_gives_clients_the_same_public_batch():
+    def public_batches(seed, public_seed):
+        bb = FakeBlackBox(LOCAL + PUBLIC)
+        config = cfg(resample_batch=True, local_batch_size=6, public_batch_size=4, budget=10 * 20)
+        PromptSearch(config, ListProposer(["alpha", "beta"])).run(bb, SPEC, START, LOCAL, PUBLIC, seed=seed,
+                                                                  public_seed=public_seed)
+        return [sorted({t.split(SEP, 1)[1] for t in texts if "public-" in t}) for texts, _, _ in bb.calls]
+
+    shared_a, shared_b = public_batches(1, (0, 1)), public_batches(2, (0, 1))
+    n = min(len(shared_a), len(shared_b))
+    assert n >= 2 and shared_a[:n] == shared_b[:n]  # two clients, one sequence of public batches
+    assert public_batches(1, None) != public_batches(2, None)  # unshared: each client draws its own
+
+
 def test_tried_pairs_are_skipped_and_the_search_stops_when_all_are_tried():
     proposer = ListProposer(["alpha", "beta", "gamma"])
     result, _ = run(cfg(edit_ops={"replace": 1.0}, budget=BATCH * 200, candidates_per_step=2), proposer)

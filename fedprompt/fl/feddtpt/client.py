@@ -81,6 +81,8 @@ def train(msg: Message, context: Context, cfg) -> Message:
     result = state.search.run(
         state.blackbox, data.spec, prompt, data.partition.clients[partition_id], data.public,
         seed=_search_seed(cfg.seed, server_round, partition_id),
+        # public_shared: the round's public batch is the same for every client (seeded without the partition)
+        public_seed=(int(cfg.seed), server_round) if state.method.search.public_shared else None,
     )
     usage = result.usage
     metrics = {

@@ -87,6 +87,7 @@ class SearchConfig:
     min_tokens: int = 3
     max_tokens: int = 40
     resample_batch: bool = False
+    public_shared: bool = False
     max_steps: int | None = None
 
     def validate(self) -> None:

@@ -95,20 +95,23 @@ class PromptSearch:
         local: Sequence[Example],
         public: Sequence[Example] = (),
         seed: int | Sequence[int] = 0,
+        public_seed: int | Sequence[int] | None = None,
     ) -> SearchResult:
         """Improve ``prompt`` on ``local`` (+ a balanced batch of ``public``) within the query budget.
 
         ``seed`` should differ per client and round, e.g. ``(run_seed, server_round, partition_id)``
         (numpy mixes a sequence of ints; avoid ``hash()`` of strings, which changes per process). The
         search is deterministic given the seed, the black box's answers and the proposer.
+        ``public_seed`` seeds the public draws alone: give every client of a round the same one and they
+        all score on the same public examples (``search.public_shared``); None draws them from ``seed``.
         """
-        return _Run(self.config, self.proposer, blackbox, spec, prompt, local, public, seed).search()
+        return _Run(self.config, self.proposer, blackbox, spec, prompt, local, public, seed, public_seed).search()
 
 
 class _Run:
     """The state of one search call (kept off PromptSearch so that a search object is reusable)."""
 
-    def __init__(self, cfg, proposer, blackbox, spec, prompt, local, public, seed) -> None:
+    def __init__(self, cfg, proposer, blackbox, spec, prompt, local, public, seed, public_seed=None) -> None:
         self.cfg, self.proposer, self.bb, self.spec = cfg, proposer, blackbox, spec
         self.tokens = prompt.split() if isinstance(prompt, str) else [w for w in prompt if w.strip()]
         if not self.tokens:
@@ -117,6 +120,7 @@ class _Run:
             raise DataError("the client has no local examples to search on")
         self.local, self.public = list(local), list(public)
         self.rng = np.random.default_rng(seed)
+        self.public_rng = self.rng if public_seed is None else np.random.default_rng(public_seed)
         self.queries = 0
         self.history: list[Edit] = []
         self.tried: set[tuple[int, str | None, str | None]] = set()
@@ -134,7 +138,7 @@ class _Run:
         local = [self.local[i] for i in self.rng.choice(len(self.local), size=take, replace=False)]
         public: list[Example] = []
         if self.public and cfg.public_batch_size > 0:
-            seed = int(self.rng.integers(2**31))
+            seed = int(self.public_rng.integers(2**31))
             public = sample_balanced(self.public, cfg.public_batch_size, self.spec.num_labels, seed)
         self.batch, self.n_local = local + public, len(local)
         self.gold = np.array([e.label for e in self.batch])
