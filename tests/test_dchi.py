@@ -90,6 +90,18 @@ def test_nearest_is_the_exact_nearest_token(tiny):
         assert torch.equal(p.nearest(points), exact)
 
 
+def test_blockwise_shortlist_is_the_top_k_and_keeps_the_search_exact_on_a_large_vocabulary():
+    torch.manual_seed(0)
+    embedding = torch.randn(3000, 24)  # 3000 rows: 24 blocks (the last one padded), more than the shortlist
+    p = DChiPrivatizer(embedding, 1.0, list(range(2, 3000)), shortlist=6)
+    scores = torch.randn(300, p._coarse.shape[0])  # float32: no ties
+    assert torch.equal(p._top_scores(scores).sort(1).values, scores.topk(6, dim=1).indices.sort(1).values)
+    points = embedding[torch.randint(0, 3000, (400,))] + 0.5 * torch.randn(400, 24)
+    exact = p.allowed[torch.cdist(points, embedding[p.allowed]).argmin(1)]
+    found = p.nearest(points)
+    assert torch.equal(found, exact) and bool((found >= 2).all())  # never a padding row or an excluded id
+
+
 def test_examples_keep_labels_and_privatize_both_texts(tiny):
     tokenizer, _ = tiny
     examples = [Example("a great movie", 1, "who wrote hamlet ?"), Example("a terrible film", 0, "new phone")]
