@@ -27,6 +27,8 @@ def from_node(cls: type[T], node: Any, where: str) -> T:
     if not isinstance(node, (dict, DictConfig)):
         raise ConfigError(f"{where} must be a mapping, got {node!r}")
     try:
+        if isinstance(node, DictConfig):  # resolve ${...} against the whole config: merged below, the section is
+            node = OmegaConf.to_container(node, resolve=True)  # detached and ${model.name} would find itself
         merged = OmegaConf.merge(OmegaConf.structured(cls), node)
         value = OmegaConf.to_object(merged)
     except ConfigKeyError as err:
