@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="simulations/results/rapt_curves")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 is much faster on a machine busy with other jobs")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished (task, eta) rows of <out>/rapt_curves.json and run only the others "
+                             "(same seeds, so the resumed rows are those the interrupted sweep would have made)")
     parser.add_argument("--replot", action="store_true",
                         help="only rebuild the summary, markdown and PNG from <out>/rapt_curves.json")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. method.train.lr=0.01")
@@ -69,7 +72,14 @@ def split_off_plain(examples: list[PrivateExample], plain: int) -> list[PrivateE
     return [PrivateExample(e.ids[plain:], e.label, e.pair_ids) for e in examples]
 
 
-def run_task(task_name: str, args, overrides: list[str], model, tokenizer, privatizer, record) -> None:
+def finished(rows: list[dict]) -> set[tuple[str, float]]:
+    """The (task, eta) pairs of ``rows`` that are complete: the clean row, or a private eta's RAPT row."""
+    return {(r["task"], float(r["eta"])) for r in rows
+            if math.isinf(float(r["eta"])) or r["variant"] == "reconstruction"}
+
+
+def run_task(task_name: str, args, overrides: list[str], model, tokenizer, privatizer, record,
+             done: frozenset = frozenset()) -> None:
     cfg = compose(["method=rapt", f"task={task_name}", *overrides])
     method = RAPTConfig.from_dict(cfg.method)
     method_none = RAPTConfig.from_dict({**method.to_dict(), "reconstruction": {**method.to_dict()["reconstruction"], "enabled": False}})
@@ -86,8 +96,11 @@ def run_task(task_name: str, args, overrides: list[str], model, tokenizer, priva
     clean = RAPTTrainer(model, tokenizer, spec, method_none, seed)
     max_tokens, vocab = method.train.max_text_tokens, method.reconstruction.plain_vocab
     clean_eval, _ = privatize_examples(evaluation, tokenizer, _Identity(privatizer.allowed), max_tokens, seed)
-    record({**base, "eta": math.inf, "variant": "untrained", "accuracy": clean.accuracy(clean_eval)})
+    if (task_name, math.inf) not in done:
+        record({**base, "eta": math.inf, "variant": "untrained", "accuracy": clean.accuracy(clean_eval)})
     for eta in args.etas:
+        if (task_name, float(eta)) in done:
+            continue
         privatizer.eta = float(eta)
         start = time.perf_counter()
         private_train, raw_train = privatize_examples(train, tokenizer, privatizer, max_tokens, seed + 2, m, vocab)
@@ -150,6 +163,8 @@ def write_outputs(out: Path, rows: list[dict], meta: dict) -> None:
     payload = {**meta, "rows": rows, "summary": summarize(rows)}
     (out / "rapt_curves.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     lines = [f"# RAPT privacy-utility curves\n\n{meta['command']}\n"]
+    if meta.get("resumed_from"):
+        lines.insert(1, f"(resuming rows of: {meta['resumed_from']['command']})\n")
     for task in sorted({r["task"] for r in rows}):
         runs = {(r["eta"], r["variant"]): r for r in rows if r["task"] == task}
         etas = sorted({eta for eta, _ in runs}, reverse=True)
@@ -224,10 +239,18 @@ def main(argv=None) -> int:
     privatizer = DChiPrivatizer(embedding, 1.0, output_vocabulary(tokenizer, embedding.shape[0]),
                                 chunk_size=method.privatize.chunk_size, shortlist=method.privatize.shortlist)
     rows: list[dict] = []
+    previous: dict = {}
+    if args.resume and (out / "rapt_curves.json").is_file():
+        previous = json.loads((out / "rapt_curves.json").read_text())
+        keep = finished(previous["rows"])
+        rows = [r for r in previous["rows"] if (r["task"], float(r["eta"])) in keep]
+    done = frozenset(finished(rows))
     meta = {"command": "python simulations/rapt_curves.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "model": model_name, "dtype": str(next(model.parameters()).dtype), "method": method.to_dict(),
             "threads": torch.get_num_threads(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if previous:  # the table says which runs made it
+        meta["resumed_from"] = {k: previous.get(k) for k in ("command", "started", "elapsed_s", "threads")}
     start = time.perf_counter()
 
     def record(row: dict) -> None:
@@ -238,7 +261,7 @@ def main(argv=None) -> int:
         write_outputs(out, rows, meta)
 
     for task in args.tasks:
-        run_task(task, args, list(args.overrides), model, tokenizer, privatizer, record)
+        run_task(task, args, list(args.overrides), model, tokenizer, privatizer, record, done)
     print(json.dumps({"summary": summarize(rows), "elapsed_s": meta["elapsed_s"], "out": str(out)}))
     return 0
 
