@@ -13,6 +13,10 @@ overrides, the same ``key=value`` syntax as the command line):
     columns: [final_accuracy, manual_accuracy, queries_per_client_round]   # optional
     plot: queries     # optional: accuracy against cumulative black-box queries, one line per run (plot.png)
 
+``target: {reference: manual, points: 3, ratio: [feddtpt, fedone]}`` (optional) adds the column
+``queries_to_target``: the cumulative training queries after which a run's global prompt first scored
+``points`` above the reference run's accuracy, and below the table the ratio of the two runs named.
+
 A run may also name its own command: ``manual: {command: eval, overrides: [split=test]}`` (an eval's
 ``accuracy`` fills the ``final_accuracy`` column; in the plot it is a horizontal line).
 
@@ -95,6 +99,42 @@ def plot_queries(runs: list[tuple[str, Path, dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def queries_to_reach(folder: Path, accuracy: float) -> int | None:
+    """Cumulative training queries (all clients) after the first round whose global prompt scores at least
+    ``accuracy`` (rounds.json); None if no round does (or the run has no rounds)."""
+    rounds = folder / "rounds.json"
+    if not rounds.is_file():
+        return None
+    spent = 0
+    for row in json.loads(rounds.read_text()):
+        spent += int(row.get("queries") or 0)
+        if row.get("accuracy") is not None and row["accuracy"] >= accuracy - 1e-12:
+            return spent
+    return None
+
+
+def target_lines(target: dict, finished: list[tuple[str, Path, dict]], rows: list[dict]) -> list[str]:
+    """Fill each row's ``queries_to_target`` (the queries a run needed to beat ``target.reference``'s
+    accuracy by ``target.points``) and say it, with the ratio of the two runs ``target.ratio`` names."""
+    results = {name: result for name, _, result in finished}
+    reference = results.get(str(target["reference"]), {}).get("final_accuracy")
+    if reference is None:
+        return [f"Target: the reference run {target['reference']!r} has no result yet."]
+    goal = reference + float(target["points"]) / 100
+    needed = {name: queries_to_reach(folder, goal) for name, folder, _ in finished if (folder / "rounds.json").is_file()}
+    for row in rows:
+        row["queries_to_target"] = needed.get(row["run"])
+    lines = [f"Target: {target['reference']} + {target['points']} points = accuracy {goal:.4f}. Training queries "
+             "(all clients) until a round's global prompt reaches it: "
+             + ", ".join(f"{name} {q if q is not None else 'not reached'}" for name, q in needed.items()) + "."]
+    if target.get("ratio"):
+        a, b = (str(x) for x in target["ratio"])
+        qa, qb = needed.get(a), needed.get(b)
+        ratio = f"{qa / qb:.3f}" if qa is not None and qb else "undefined (a run did not reach the target)"
+        lines.append(f"Ratio {a} / {b}: {ratio}.")
+    return lines
+
+
 def fill(override: str, results: Path) -> str:
     """Replace ``@{config/run:key}`` by that run's result value."""
 
@@ -167,10 +207,14 @@ def main() -> None:
     if args.dry_run:
         return
     out.mkdir(parents=True, exist_ok=True)
+    notes = target_lines(config["target"], finished, rows) if config.get("target") else []
+    if notes:
+        columns.append("queries_to_target")
     (out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
     header = ["run", *columns, "overrides"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in header) + " |" for row in rows]
+    lines += ([""] + notes) if notes else []
     (out / "table.md").write_text(f"# {args.config.stem}\n\n`fedprompt {command} {' '.join(common)}`\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
     if config.get("plot") == "queries" and finished:

@@ -52,3 +52,25 @@ def test_a_comparison_config_gives_its_table_and_plot(tmp_path, tiny_model_dir):
     assert again["prompt"] == bdpl["final_prompt"]
     assert (results / "compare" / "plot.png").stat().st_size > 1000
     assert "| bdpl |" in (results / "compare" / "table.md").read_text()
+
+
+def test_the_target_column_counts_queries_until_a_round_beats_the_reference_and_gives_the_ratio(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("simulations_run", REPO / "simulations" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    curves = {"fast": [(100, 0.70), (100, 0.74), (100, 0.80)], "slow": [(300, 0.71), (300, 0.731), (300, 0.76)],
+              "never": [(50, 0.70), (50, 0.72)]}
+    finished = [("manual", tmp_path / "manual", {"final_accuracy": 0.70})]
+    for name, curve in curves.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "rounds.json").write_text(json.dumps([{"queries": q, "accuracy": a} for q, a in curve]))
+        finished.append((name, tmp_path / name, {"final_accuracy": curve[-1][1]}))
+    rows = [{"run": name} for name, _, _ in finished]
+    lines = run.target_lines({"reference": "manual", "points": 3, "ratio": ["fast", "slow"]}, finished, rows)
+    needed = {row["run"]: row["queries_to_target"] for row in rows}
+    assert needed == {"manual": None, "fast": 200, "slow": 600, "never": None}  # 0.74 >= 0.73; 0.731 >= 0.73
+    assert "never not reached" in lines[0] and lines[-1] == "Ratio fast / slow: 0.333."
+    lines = run.target_lines({"reference": "manual", "points": 3, "ratio": ["fast", "never"]}, finished, rows)
+    assert "undefined" in lines[-1]
