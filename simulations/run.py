@@ -13,9 +13,10 @@ overrides, the same ``key=value`` syntax as the command line):
     columns: [final_accuracy, manual_accuracy, queries_per_client_round]   # optional
     plot: queries     # optional: accuracy against cumulative black-box queries, one line per run (plot.png)
 
-``target: {reference: manual, points: 3, ratio: [feddtpt, fedone]}`` (optional) adds the column
-``queries_to_target``: the cumulative training queries after which a run's global prompt first scored
-``points`` above the reference run's accuracy, and below the table the ratio of the two runs named.
+``target: {reference: manual, points: 3, ratio: [feddtpt, fedone], runs: [...]}`` (optional) adds the
+column ``queries_to_target``: the cumulative training queries after which a run's global prompt first
+scored ``points`` above the reference run's accuracy (for ``runs`` only, default all), and below the table
+the ratio of the two runs named.
 
 A run may also name its own command: ``manual: {command: eval, overrides: [split=test]}`` (an eval's
 ``accuracy`` fills the ``final_accuracy`` column; in the plot it is a horizontal line).
@@ -121,12 +122,15 @@ def target_lines(target: dict, finished: list[tuple[str, Path, dict]], rows: lis
     if reference is None:
         return [f"Target: the reference run {target['reference']!r} has no result yet."]
     goal = reference + float(target["points"]) / 100
-    needed = {name: queries_to_reach(folder, goal) for name, folder, _ in finished if (folder / "rounds.json").is_file()}
+    runs = set(target.get("runs") or [name for name, _, _ in finished])  # e.g. leave out runs scored on another model
+    needed = {name: queries_to_reach(folder, goal) for name, folder, _ in finished
+              if name in runs and (folder / "rounds.json").is_file()}
     for row in rows:
         row["queries_to_target"] = needed.get(row["run"])
     lines = [f"Target: {target['reference']} + {target['points']} points = accuracy {goal:.4f}. Training queries "
              "(all clients) until a round's global prompt reaches it: "
-             + ", ".join(f"{name} {q if q is not None else 'not reached'}" for name, q in needed.items()) + "."]
+             + ", ".join(f"{name} {q if q is not None else 'not reached'}" for name, q in needed.items())
+             + " (0: the untrained starting prompt already reaches it)."]
     if target.get("ratio"):
         a, b = (str(x) for x in target["ratio"])
         qa, qb = needed.get(a), needed.get(b)
