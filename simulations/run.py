@@ -134,7 +134,12 @@ def target_lines(target: dict, finished: list[tuple[str, Path, dict]], rows: lis
     if target.get("ratio"):
         a, b = (str(x) for x in target["ratio"])
         qa, qb = needed.get(a), needed.get(b)
-        ratio = f"{qa / qb:.3f}" if qa is not None and qb else "undefined (a run did not reach the target)"
+        if qa is None or qb is None:
+            ratio = "undefined (a run did not reach the target)"
+        elif qb == 0:
+            ratio = f"undefined ({b}'s untrained start already reaches the target)"
+        else:
+            ratio = f"{qa / qb:.3f}"
         lines.append(f"Ratio {a} / {b}: {ratio}.")
     return lines
 

@@ -74,5 +74,8 @@ def test_the_target_column_counts_queries_until_a_round_beats_the_reference_and_
     assert "never not reached" in lines[0] and lines[-1] == "Ratio fast / slow: 0.333."
     lines = run.target_lines({"reference": "manual", "points": 3, "ratio": ["fast", "never"]}, finished, rows)
     assert "undefined" in lines[-1]
+    (tmp_path / "never" / "rounds.json").write_text(json.dumps([{"queries": 0, "accuracy": 0.9}]))  # reached untrained
+    lines = run.target_lines({"reference": "manual", "points": 3, "ratio": ["fast", "never"]}, finished, rows)
+    assert "untrained start already reaches" in lines[-1]
     run.target_lines({"reference": "manual", "points": 3, "runs": ["fast"]}, finished, rows)  # the others left out
     assert {row["run"]: row["queries_to_target"] for row in rows} == {"manual": None, "fast": 200, "slow": None, "never": None}
