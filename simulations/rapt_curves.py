@@ -238,13 +238,11 @@ def main(argv=None) -> int:
     embedding = model.get_input_embeddings().weight.detach().float()
     privatizer = DChiPrivatizer(embedding, 1.0, output_vocabulary(tokenizer, embedding.shape[0]),
                                 chunk_size=method.privatize.chunk_size, shortlist=method.privatize.shortlist)
-    rows: list[dict] = []
     previous: dict = {}
     if args.resume and (out / "rapt_curves.json").is_file():
         previous = json.loads((out / "rapt_curves.json").read_text())
-        keep = finished(previous["rows"])
-        rows = [r for r in previous["rows"] if (r["task"], float(r["eta"])) in keep]
-    done = frozenset(finished(rows))
+    done = frozenset(finished(previous.get("rows", [])))
+    rows: list[dict] = [r for r in previous.get("rows", []) if (r["task"], float(r["eta"])) in done]
     meta = {"command": "python simulations/rapt_curves.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "model": model_name, "dtype": str(next(model.parameters()).dtype), "method": method.to_dict(),
             "threads": torch.get_num_threads(),

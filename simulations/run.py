@@ -67,6 +67,20 @@ def run_spec(default_command: str, extra) -> tuple[str, list[str]]:
     return default_command, [str(o) for o in extra]
 
 
+def query_curve(folder: Path) -> list[tuple[int, float]] | None:
+    """(cumulative training queries of all clients, accuracy) after each evaluated round of a run folder's
+    rounds.json; None for a run without rounds (an eval)."""
+    rounds = folder / "rounds.json"
+    if not rounds.is_file():
+        return None
+    spent, curve = 0, []
+    for row in json.loads(rounds.read_text()):
+        spent += int(row.get("queries") or 0)
+        if row.get("accuracy") is not None:
+            curve.append((spent, float(row["accuracy"])))
+    return curve
+
+
 def plot_queries(runs: list[tuple[str, Path, dict]], path: Path) -> None:
     """Accuracy of the global prompt against the cumulative training queries of each run (rounds.json);
     a run without rounds (an eval) is a dashed horizontal line at its accuracy."""
@@ -78,15 +92,9 @@ def plot_queries(runs: list[tuple[str, Path, dict]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     flat = []
     for name, folder, result in runs:
-        rounds = folder / "rounds.json"
-        if rounds.is_file():
-            spent, xs, ys = 0, [], []
-            for row in json.loads(rounds.read_text()):
-                spent += int(row.get("queries") or 0)
-                if row.get("accuracy") is not None:
-                    xs.append(spent)
-                    ys.append(row["accuracy"])
-            ax.plot(xs, ys, marker="o", label=name)
+        curve = query_curve(folder)
+        if curve is not None:
+            ax.plot([q for q, _ in curve], [a for _, a in curve], marker="o", label=name)
         elif result.get("accuracy") is not None:
             flat.append((name, result["accuracy"]))
     for name, accuracy in flat:
@@ -102,16 +110,8 @@ def plot_queries(runs: list[tuple[str, Path, dict]], path: Path) -> None:
 
 def queries_to_reach(folder: Path, accuracy: float) -> int | None:
     """Cumulative training queries (all clients) after the first round whose global prompt scores at least
-    ``accuracy`` (rounds.json); None if no round does (or the run has no rounds)."""
-    rounds = folder / "rounds.json"
-    if not rounds.is_file():
-        return None
-    spent = 0
-    for row in json.loads(rounds.read_text()):
-        spent += int(row.get("queries") or 0)
-        if row.get("accuracy") is not None and row["accuracy"] >= accuracy - 1e-12:
-            return spent
-    return None
+    ``accuracy``; None if no round does (or the run has no rounds)."""
+    return next((spent for spent, score in query_curve(folder) or [] if score >= accuracy - 1e-12), None)
 
 
 def target_lines(target: dict, finished: list[tuple[str, Path, dict]], rows: list[dict]) -> list[str]:

@@ -14,8 +14,9 @@ embeddings the useful range is eta ~ 15-60 (94% of SST-2 tokens survive eta = 60
 
 Speed: the nearest-token search is one matrix product per chunk of tokens against the whole vocabulary.
 It runs in bfloat16 to shortlist ``shortlist`` candidates per token (a blockwise top-k), and the shortlist is
-re-ranked with exact float32 distances, so the answer is the exact nearest token unless bf16 rounding pushed it out of the
-top ``shortlist`` (it can only do so between near-ties). Noise is drawn with numpy from one seed per call.
+re-ranked with exact float32 distances, so the answer is the exact nearest token unless bf16 rounding pushed
+it out of the top ``shortlist`` (it can only do so between near-ties). Noise is drawn with numpy from one
+seed per call.
 """
 
 from __future__ import annotations
