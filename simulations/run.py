@@ -97,8 +97,10 @@ def plot_queries(runs: list[tuple[str, Path, dict]], path: Path) -> None:
             ax.plot([q for q, _ in curve], [a for _, a in curve], marker="o", label=name)
         elif result.get("accuracy") is not None:
             flat.append((name, result["accuracy"]))
-    for name, accuracy in flat:
-        ax.axhline(accuracy, linestyle="--", linewidth=1, label=name, color="grey" if "zero" in name else "black")
+    styles = ("--", ":", "-.", (0, (5, 1, 1, 1)))  # one style per flat line: they share two colours
+    for i, (name, accuracy) in enumerate(flat):
+        ax.axhline(accuracy, linestyle=styles[i % len(styles)], linewidth=1, label=name,
+                   color="grey" if "zero" in name else "black")
     ax.set_xlabel("cumulative black-box queries (training, all clients)")
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
