@@ -18,6 +18,11 @@ alpha's two evaluations included) and as FLOP estimates (4 x non-embedding param
 for forward+backward, 2 x for forward-only; the LM head is read at one position, so it is left out).
 Distillation is a one-off of the model provider (built with `fedprompt distill` if missing) and is
 reported apart. Writes post_<task>.json and post_<task>.md to --out (default simulations/results).
+
+A stopped run resumes from --out's partial table with the same settings. Rows that depend on the student
+(student, pasted, POST) remember which distillation made it and are run again for another student;
+``--reuse-large FILE`` starts a table from a finished one's large-model rows (zero-shot, direct tuning:
+the expensive half) when only the student changed.
 """
 
 from __future__ import annotations
@@ -48,8 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--transfer-steps", type=int, default=8)
     ap.add_argument("--public-size", type=int, default=128)
     ap.add_argument("--transfer-lr", type=float, default=0.03)
+    ap.add_argument("--transfer-init", choices=("text", "student"), default="text",
+                    help="the large model's prompt starts from the text init or from the student's prompt")
     ap.add_argument("--out", default=str(ROOT / "simulations" / "results"))
     ap.add_argument("--set", action="append", default=[], help="extra fedprompt overrides, key=value")
+    ap.add_argument("--student", default=None,
+                    help="the student folder (default: fedprompt distill's, <cache>/students/<model>)")
+    ap.add_argument("--reuse-large", default=None, metavar="FILE",
+                    help="a finished post_<task>.json with the same settings: take its large-model rows")
     ap.add_argument("--stages", choices=("all", "direct"), default="all",
                     help="direct: only the large model's rows (they do not need the student); a later run resumes")
     return ap.parse_args(argv)
@@ -65,13 +76,15 @@ def non_embedding_parameters(model) -> int:
 
 class Table:
     """The rows so far; each new row is printed and the partial table saved. A run with the same settings
-    resumes from that file: finished stages are not run again (a long run that stops keeps its rows)."""
+    resumes from that file, or from the finished table: stages done are not run again (a long run that
+    stops keeps its rows; a new transfer setting reruns only the transfer)."""
 
-    def __init__(self, path: Path, info: dict) -> None:
+    def __init__(self, path: Path, info: dict, finished: Path | None = None) -> None:
         self.rows: list[dict] = []
         self.path, self.info = path, info
-        if path.is_file():
-            saved = json.loads(path.read_text())
+        source = path if path.is_file() else finished  # a finished table resumes too (e.g. another transfer)
+        if source is not None and source.is_file():
+            saved = json.loads(source.read_text())
             if _settings(saved.get("args", {})) == _settings(info["args"]):
                 self.rows = saved["rows"]
                 self.info.update({k: v for k, v in saved.items() if k not in ("rows", "args")})
@@ -79,6 +92,26 @@ class Table:
     def done(self, stage: str, epsilon, **settings) -> dict | None:
         return next((r for r in self.rows if r["stage"] == stage and r["epsilon"] == epsilon
                      and all(r.get(k) == v for k, v in settings.items())), None)
+
+    def current(self, stage: str, epsilon, **settings) -> dict | None:
+        """``done``, after dropping this stage's rows made with other settings (they are run again)."""
+        row = self.done(stage, epsilon, **settings)
+        self.rows = [r for r in self.rows if r is row or not (r["stage"] == stage and r["epsilon"] == epsilon)]
+        return row
+
+    def reuse_large(self, path: Path) -> None:
+        """Take the large-model rows of a finished table with the same settings (none of them uses a student)."""
+        saved = json.loads(Path(path).read_text())
+        if _settings(saved.get("args", {})) != _settings(self.info["args"]):
+            theirs, ours = _settings(saved.get("args", {})), _settings(self.info["args"])
+            diff = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+            raise SystemExit(f"--reuse-large {path}: its settings differ in {diff}; run without it")
+        for row in saved["rows"]:
+            if row["stage"] in LARGE_STAGES and not self.done(row["stage"], row["epsilon"]):
+                self.rows.append({**row, "reused_from": str(path)})
+        if "alpha_zero_shot" in saved:
+            self.info.setdefault("alpha_zero_shot", saved["alpha_zero_shot"])
+        self.save_info()
 
     def add(self, stage: str, epsilon, accuracy: float, wall_s: float, **extra) -> dict:
         row = {"stage": stage, "epsilon": epsilon, "accuracy": round(float(accuracy), 4), "wall_s": round(wall_s, 1),
@@ -92,12 +125,20 @@ class Table:
         self.path.write_text(json.dumps({**self.info, "rows": self.rows}, indent=2) + "\n")
 
 
-TRANSFER_ARGS = ("transfer_steps", "public_size", "transfer_lr")
+TRANSFER_ARGS = ("transfer_steps", "public_size", "transfer_lr", "transfer_init")
+LARGE_STAGES = ("large zero-shot", "direct (large, central)")
+STAGES = (*LARGE_STAGES, "student (federated)", "student prompt pasted on large", "POST transfer")
+
+
+def _row_order(row: dict) -> tuple:
+    """Zero-shot first, then each epsilon's stages in pipeline order (resumed rows are appended out of order)."""
+    epsilon = {None: 0, "inf": 1}.get(row["epsilon"], 2)
+    return (epsilon, STAGES.index(row["stage"]))
 
 
 def _settings(args: dict) -> dict:
-    """The settings finished rows depend on (the transfer's own are kept in its rows and checked there)."""
-    return {k: v for k, v in args.items() if k not in ("out", "stages", *TRANSFER_ARGS)}
+    """The settings finished rows depend on (the transfer's and the student's are kept in their rows)."""
+    return {k: v for k, v in args.items() if k not in ("out", "stages", "student", "reuse_large", *TRANSFER_ARGS)}
 
 
 def main(argv=None) -> dict:
@@ -122,14 +163,19 @@ def main(argv=None) -> dict:
     large_name = str(cfg.model.name)
     info: dict = {"task": args.task, "model": large_name, "args": vars(args), "total_steps": steps,
                   "machine": "2-core CPU, no GPU (shared)"}
-    table = Table(out / f"post_{args.task}.partial.json", info)
+    table = Table(out / f"post_{args.task}.partial.json", info, finished=out / f"post_{args.task}.json")
+    if args.reuse_large:
+        table.reuse_large(Path(args.reuse_large))
 
-    student_dir = default_student_dir(large_name)
+    student_dir = Path(args.student) if args.student else default_student_dir(large_name)
+    student_id = None
     if args.stages == "all":
         if not (student_dir / "config.json").is_file():  # the provider's one-off: not part of any ratio
             cmd_distill(compose([*base, "split=validation"]))
         report = json.loads((student_dir / "distill_report.json").read_text())
         info["distill"] = {k: v for k, v in report.items() if k != "curve"}
+        # Which distillation made the student: its run folder (timestamped), else its folder and steps.
+        student_id = report.get("output_dir") or f"{student_dir}@{report.get('steps')}"
         if args.task in report.get("data_tasks", []):
             raise SystemExit(f"the student at {student_dir} was distilled on {args.task}'s text; distil another one")
 
@@ -191,10 +237,10 @@ def main(argv=None) -> dict:
 
         # Federated tuning on the student (Flower simulation through `flwr run`).
         run_dir = out / f"post_{args.task}_student_eps{tag}"
-        if not table.done("student (federated)", tag):
+        if not table.current("student (federated)", tag, student=student_id):
             t0 = time.perf_counter()
             fl = cmd_run(compose([
-            *base, "method=post", "method.model=student", f"method.prompt.num_tokens={args.prompt_tokens}",
+            *base, "method=post", f"method.model={student_dir if args.student else 'student'}", f"method.prompt.num_tokens={args.prompt_tokens}",
             f"method.train.local_steps={args.local_steps}", f"method.train.batch_size={args.batch_size}",
             f"method.train.lr={lr}", f"method.privacy.epsilon={'null' if epsilon is None else epsilon}",
             f"federation.num_clients={args.clients}", f"federation.rounds={args.rounds}",
@@ -203,20 +249,20 @@ def main(argv=None) -> dict:
             ]))
             table.add("student (federated)", tag, fl["final_accuracy"], time.perf_counter() - t0,
                       compute_s=fl["client_train_s"], flops=flops("student", fl["client_tokens"]),
-                      epsilon_spent=fl["epsilon"], steps=steps, run_dir=str(run_dir))
+                      epsilon_spent=fl["epsilon"], steps=steps, run_dir=str(run_dir), student=student_id)
         student_prompt = load_prompt(run_dir / "prompt.safetensors")[0]
 
-        if not table.done("student prompt pasted on large", tag):
+        if not table.current("student prompt pasted on large", tag, student=student_id):
             t0 = time.perf_counter()
             acc = large_cls.evaluate(evaluation, soft_prompt=student_prompt).accuracy
-            table.add("student prompt pasted on large", tag, acc, time.perf_counter() - t0)
+            table.add("student prompt pasted on large", tag, acc, time.perf_counter() - t0, student=student_id)
 
-        transfer_settings = {"transfer": {k: getattr(args, k) for k in TRANSFER_ARGS}}
-        if not table.done("POST transfer", tag, **transfer_settings):
-            table.rows = [r for r in table.rows if not (r["stage"] == "POST transfer" and r["epsilon"] == tag)]
+        transfer_settings = {"transfer": {k: getattr(args, k) for k in TRANSFER_ARGS}, "student": student_id}
+        if not table.current("POST transfer", tag, **transfer_settings):
             t0 = time.perf_counter()
             student_tuner = SoftPromptTuner(student_model, tokenizer, spec, train_cfg)
-            init = initial_prompt(PromptConfig(num_tokens=args.prompt_tokens), spec, tokenizer, large_model)
+            init = (load_prompt(run_dir / "prompt.safetensors")[0] if args.transfer_init == "student"  # a fresh copy
+                    else initial_prompt(PromptConfig(num_tokens=args.prompt_tokens), spec, tokenizer, large_model))
             moved = transfer_prompt(student_tuner, direct_tuner, student_prompt, init, public, tcfg, alpha_examples,
                                     chance=1.0 / spec.num_labels, batch_size=16, seed=int(cfg.seed),
                                     zero_shot=zero_shot_alpha)
@@ -235,7 +281,9 @@ def main(argv=None) -> dict:
         return {"rows": table.rows}
     summary = derive(table, args, zero_shot)
     total_wall = sum(r["wall_s"] for r in table.rows) + table.info["alpha_zero_shot"]["seconds"]
-    record = {**table.info, "rows": table.rows, "summary": summary, "total_wall_s": round(total_wall, 1)}
+    reused_wall = sum(r["wall_s"] for r in table.rows if r.get("reused_from"))
+    record = {**table.info, "rows": table.rows, "summary": summary, "total_wall_s": round(total_wall, 1),
+              "reused_wall_s": round(reused_wall, 1)}
     (out / f"post_{args.task}.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / f"post_{args.task}.md").write_text(markdown(record))
     table.path.unlink(missing_ok=True)
@@ -264,17 +312,19 @@ def markdown(record: dict) -> str:
              f"Machine: {record['machine']}. Manual prompt: \"{record['manual_prompt']}\". Test examples: "
              f"{record['eval_n']}; training examples: {record['train_examples']}; public transfer set: "
              f"{record['public']} ({record['public_n']}). Steps (all clients together = direct): "
-             f"{record['total_steps']}. Total wall time: {record['total_wall_s']:.0f} s.", "",
+             f"{record['total_steps']}. Total wall time (all stages): {record['total_wall_s']:.0f} s"
+             + (f", {record['reused_wall_s']:.0f} s of it in rows reused from an earlier table (marked *)"
+                if record.get("reused_wall_s") else "") + ".", "",
              "| stage | epsilon | accuracy | wall s | compute s | GFLOP (est.) | notes |",
              "|---|---|---|---|---|---|---|"]
-    for r in record["rows"]:
+    for r in sorted(record["rows"], key=_row_order):
         notes = []
         if r.get("epsilon_spent") is not None:
             notes.append(f"eps spent {r['epsilon_spent']:.2f}")
         if r.get("alpha") is not None:
             notes.append(f"alpha {r['alpha']:.2f}, student+prompt on val {r['student_prompt_accuracy']}")
         flops = f"{r['flops'] / 1e9:.0f}" if r.get("flops") is not None else ""
-        lines.append(f"| {r['stage']} | {r['epsilon'] or '-'} | {r['accuracy']:.4f} | {r['wall_s']:.0f} | "
+        lines.append(f"| {r['stage']}{' *' if r.get('reused_from') else ''} | {r['epsilon'] or '-'} | {r['accuracy']:.4f} | {r['wall_s']:.0f} | "
                      f"{r.get('compute_s', '')} | {flops} | {'; '.join(notes)} |")
     lines += ["", "| epsilon | gap recovered | direct gain | POST gain | cost ratio (time) | cost ratio (FLOPs) |",
               "|---|---|---|---|---|---|"]
