@@ -175,6 +175,21 @@ def test_a_shared_public_seed_gives_clients_the_same_public_batch():
     assert public_batches(1, None) != public_batches(2, None)  # unshared: each client draws its own
 
 
+def test_a_shared_edit_seed_gives_clients_the_same_edits_to_try():
+    # The fake model likes no word here, so no edit is ever kept and the prompts stay equal: with a shared
+    # edit seed two clients (other seeds, so other local batches) try exactly the same edits in order.
+    def tried(seed, edit_seed):
+        bb = FakeBlackBox(LOCAL + PUBLIC)
+        config = cfg(local_batch_size=6, public_batch_size=4, budget=10 * 40, candidates_per_step=2)
+        proposer = RandomProposer(["alpha", "beta", "gamma", "delta", "omega"])
+        PromptSearch(config, proposer).run(bb, SPEC, START, LOCAL, PUBLIC, seed=seed, edit_seed=edit_seed)
+        return [sorted({t.split(SEP, 1)[0] for t in texts}) for texts, _, _ in bb.calls]
+
+    a, b = tried(1, (0, 1, 1)), tried(2, (0, 1, 1))
+    assert len(a) >= 5 and a == b
+    assert tried(1, None) != tried(2, None)  # unshared: each client explores on its own
+
+
 def test_tried_pairs_are_skipped_and_the_search_stops_when_all_are_tried():
     proposer = ListProposer(["alpha", "beta", "gamma"])
     result, _ = run(cfg(edit_ops={"replace": 1.0}, budget=BATCH * 200, candidates_per_step=2), proposer)

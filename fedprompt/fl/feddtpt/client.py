@@ -83,6 +83,8 @@ def train(msg: Message, context: Context, cfg) -> Message:
         seed=_search_seed(cfg.seed, server_round, partition_id),
         # public_shared: the round's public batch is the same for every client (seeded without the partition)
         public_seed=(int(cfg.seed), server_round) if state.method.search.public_shared else None,
+        # shared_edits: every client of the round tries the same edits in the same order (see PromptSearch.run)
+        edit_seed=(int(cfg.seed), server_round, 1) if state.method.search.shared_edits else None,
     )
     usage = result.usage
     metrics = {

@@ -88,6 +88,7 @@ class SearchConfig:
     max_tokens: int = 40
     resample_batch: bool = False
     public_shared: bool = False
+    shared_edits: bool = False
     max_steps: int | None = None
 
     def validate(self) -> None:

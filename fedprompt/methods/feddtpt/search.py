@@ -96,6 +96,7 @@ class PromptSearch:
         public: Sequence[Example] = (),
         seed: int | Sequence[int] = 0,
         public_seed: int | Sequence[int] | None = None,
+        edit_seed: int | Sequence[int] | None = None,
     ) -> SearchResult:
         """Improve ``prompt`` on ``local`` (+ a balanced batch of ``public``) within the query budget.
 
@@ -104,14 +105,19 @@ class PromptSearch:
         search is deterministic given the seed, the black box's answers and the proposer.
         ``public_seed`` seeds the public draws alone: give every client of a round the same one and they
         all score on the same public examples (``search.public_shared``); None draws them from ``seed``.
+        ``edit_seed`` likewise seeds the choice of edits alone (operation, position, the proposer's draws):
+        clients given the same one try the same edits in the same order for as long as their prompts agree,
+        so an edit that helps most of them is kept by most of them (``search.shared_edits``).
         """
-        return _Run(self.config, self.proposer, blackbox, spec, prompt, local, public, seed, public_seed).search()
+        return _Run(self.config, self.proposer, blackbox, spec, prompt, local, public, seed, public_seed,
+                    edit_seed).search()
 
 
 class _Run:
     """The state of one search call (kept off PromptSearch so that a search object is reusable)."""
 
-    def __init__(self, cfg, proposer, blackbox, spec, prompt, local, public, seed, public_seed=None) -> None:
+    def __init__(self, cfg, proposer, blackbox, spec, prompt, local, public, seed, public_seed=None,
+                 edit_seed=None) -> None:
         self.cfg, self.proposer, self.bb, self.spec = cfg, proposer, blackbox, spec
         self.tokens = prompt.split() if isinstance(prompt, str) else [w for w in prompt if w.strip()]
         if not self.tokens:
@@ -121,6 +127,7 @@ class _Run:
         self.local, self.public = list(local), list(public)
         self.rng = np.random.default_rng(seed)
         self.public_rng = self.rng if public_seed is None else np.random.default_rng(public_seed)
+        self.edit_rng = self.rng if edit_seed is None else np.random.default_rng(edit_seed)
         self.queries = 0
         self.history: list[Edit] = []
         self.tried: set[tuple[int, str | None, str | None]] = set()
@@ -198,11 +205,11 @@ class _Run:
         if not ops:
             return None
         w = np.array([self.cfg.edit_ops[op] for op in ops], dtype=float)
-        op = ops[self.rng.choice(len(ops), p=w / w.sum())]
+        op = ops[self.edit_rng.choice(len(ops), p=w / w.sum())]
         open_ = np.array([(op, p) not in self.exhausted for p in range(len(self.tokens))], dtype=float)
         steer = (np.array(self.gains) + 1.0) / (np.array(self.tries) + 2.0) * open_
-        weights = open_ if self.rng.random() < self.cfg.explore else steer
-        return op, int(self.rng.choice(len(self.tokens), p=weights / weights.sum()))
+        weights = open_ if self.edit_rng.random() < self.cfg.explore else steer
+        return op, int(self.edit_rng.choice(len(self.tokens), p=weights / weights.sum()))
 
     def _candidates(self, op: str, pos: int, limit: int) -> list[tuple[int, str | None, str | None, list[str]]]:
         """Up to ``limit`` untried edits as (position, old, new, edited prompt)."""
@@ -211,12 +218,12 @@ class _Run:
             key = (pos, t[pos], None)
             return [] if key in self.tried else [(pos, t[pos], None, t[:pos] + t[pos + 1 :])]
         if op == "insert":
-            slot = pos + int(self.rng.integers(2))  # before or after the picked word
+            slot = pos + int(self.edit_rng.integers(2))  # before or after the picked word
             left, right, old = t[:slot], t[slot:], None
         else:
             slot, left, right, old = pos, t[:pos], t[pos + 1 :], t[pos]
         done = {new for (p, o, new) in self.tried if p == slot and o == old}
-        words = self.proposer.propose(left, right, old, limit, exclude=done, rng=self.rng)
+        words = self.proposer.propose(left, right, old, limit, exclude=done, rng=self.edit_rng)
         words = [w for w in dict.fromkeys(words) if w and w != old and w not in done and not any(c.isspace() for c in w)]
         return [(slot, old, w, left + [w] + right) for w in words[:limit]]
 
