@@ -19,7 +19,8 @@ for forward+backward, 2 x for forward-only; the LM head is read at one position,
 Distillation is a one-off of the model provider (built with `fedprompt distill` if missing) and is
 reported apart. Writes post_<task>.json and post_<task>.md to --out (default simulations/results).
 
-A stopped run resumes from --out's partial table with the same settings. Rows that depend on the student
+A run resumes from --out's partial (or finished) table with the same settings; delete post_<task>*.json
+there to start afresh. Rows that depend on the student
 (student, pasted, POST) remember which distillation made it and are run again for another student;
 ``--reuse-large FILE`` starts a table from a finished one's large-model rows (zero-shot, direct tuning:
 the expensive half) when only the student changed.
