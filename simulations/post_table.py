@@ -20,15 +20,15 @@ Distillation is a one-off of the model provider (built with `fedprompt distill` 
 reported apart. Writes post_<task>.json and post_<task>.md to --out (default simulations/results).
 
 A run resumes from --out's partial (or finished) table with the same settings; delete post_<task>*.json
-there to start afresh. Rows that depend on the student
-(student, pasted, POST) remember which distillation made it and are run again for another student;
-``--reuse-large FILE`` starts a table from a finished one's large-model rows (zero-shot, direct tuning:
+there to start afresh. Rows that depend on the student (student, pasted, POST) remember which distillation
+made it and are run again for another student; ``--reuse-large FILE`` starts a table from a finished one's large-model rows (zero-shot, direct tuning:
 the expensive half) when only the student changed.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -103,8 +103,8 @@ class Table:
     def reuse_large(self, path: Path) -> None:
         """Take the large-model rows of a finished table with the same settings (none of them uses a student)."""
         saved = json.loads(Path(path).read_text())
-        if _settings(saved.get("args", {})) != _settings(self.info["args"]):
-            theirs, ours = _settings(saved.get("args", {})), _settings(self.info["args"])
+        theirs, ours = _settings(saved.get("args", {})), _settings(self.info["args"])
+        if theirs != ours:
             diff = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
             raise SystemExit(f"--reuse-large {path}: its settings differ in {diff}; run without it")
         for row in saved["rows"]:
@@ -241,7 +241,7 @@ def main(argv=None) -> dict:
         if not table.current("student (federated)", tag, student=student_id):
             t0 = time.perf_counter()
             fl = cmd_run(compose([
-            *base, "method=post", f"method.model={student_dir if args.student else 'student'}", f"method.prompt.num_tokens={args.prompt_tokens}",
+            *base, "method=post", f"method.model={student_dir}", f"method.prompt.num_tokens={args.prompt_tokens}",
             f"method.train.local_steps={args.local_steps}", f"method.train.batch_size={args.batch_size}",
             f"method.train.lr={lr}", f"method.privacy.epsilon={'null' if epsilon is None else epsilon}",
             f"federation.num_clients={args.clients}", f"federation.rounds={args.rounds}",
@@ -262,7 +262,7 @@ def main(argv=None) -> dict:
         if not table.current("POST transfer", tag, **transfer_settings):
             t0 = time.perf_counter()
             student_tuner = SoftPromptTuner(student_model, tokenizer, spec, train_cfg)
-            init = (load_prompt(run_dir / "prompt.safetensors")[0] if args.transfer_init == "student"  # a fresh copy
+            init = (copy.deepcopy(student_prompt) if args.transfer_init == "student"  # the transfer edits init in place
                     else initial_prompt(PromptConfig(num_tokens=args.prompt_tokens), spec, tokenizer, large_model))
             moved = transfer_prompt(student_tuner, direct_tuner, student_prompt, init, public, tcfg, alpha_examples,
                                     chance=1.0 / spec.num_labels, batch_size=16, seed=int(cfg.seed),
@@ -325,7 +325,8 @@ def markdown(record: dict) -> str:
         if r.get("alpha") is not None:
             notes.append(f"alpha {r['alpha']:.2f}, student+prompt on val {r['student_prompt_accuracy']}")
         flops = f"{r['flops'] / 1e9:.0f}" if r.get("flops") is not None else ""
-        lines.append(f"| {r['stage']}{' *' if r.get('reused_from') else ''} | {r['epsilon'] or '-'} | {r['accuracy']:.4f} | {r['wall_s']:.0f} | "
+        stage = r["stage"] + (" *" if r.get("reused_from") else "")
+        lines.append(f"| {stage} | {r['epsilon'] or '-'} | {r['accuracy']:.4f} | {r['wall_s']:.0f} | "
                      f"{r.get('compute_s', '')} | {flops} | {'; '.join(notes)} |")
     lines += ["", "| epsilon | gap recovered | direct gain | POST gain | cost ratio (time) | cost ratio (FLOPs) |",
               "|---|---|---|---|---|---|"]
