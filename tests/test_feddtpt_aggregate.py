@@ -202,9 +202,26 @@ def test_kmeans_keeps_one_word_per_fixed_cluster():
     assert sorted(w[0] for w in result.prompt) == ["a", "b"]
 
 
+def test_one_word_per_slot_keeps_the_edit_most_clients_share():
+    # Seven clients edited the middle word of one prompt: four to "or", three to "and"; all kept the rest.
+    table = {w: one_hot(i) for i, w in enumerate(["positive", "or", "and", "negative"])}
+    prompts = [["positive", "or", "negative"]] * 4 + [["positive", "and", "negative"]] * 3
+    per_cluster = FedDTPTAggregator(AggregateConfig(min_samples=3), TableEmbedder(table)).aggregate(prompts)
+    assert per_cluster.prompt == ["positive", "or", "and", "negative"]  # the paper: one word per cluster
+    per_slot = FedDTPTAggregator(AggregateConfig(min_samples=3, one_word_per_slot=True), TableEmbedder(table))
+    result = per_slot.aggregate(prompts)
+    assert result.prompt == ["positive", "or", "negative"]
+    assert result.dropped == [{"word": "and", "slot": 1}]
+    # Flip the majority and the other edit wins.
+    flipped = [["positive", "or", "negative"]] * 3 + [["positive", "and", "negative"]] * 4
+    assert per_slot.aggregate(flipped).prompt == ["positive", "and", "negative"]
+
+
 def test_bad_config_fails_before_any_embedding():
     with pytest.raises(ConfigError, match="aggregate.mode"):
         FedDTPTAggregator(AggregateConfig(mode="mean"), TableEmbedder({}))
+    with pytest.raises(ConfigError, match="one_word_per_slot"):
+        FedDTPTAggregator(AggregateConfig(mode="fedavg", one_word_per_slot=True), TableEmbedder({}))
     with pytest.raises(ConfigError, match="non-empty"):
         FedDTPTAggregator(AggregateConfig(), TableEmbedder({})).aggregate([[], []])
 

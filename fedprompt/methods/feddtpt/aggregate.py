@@ -18,6 +18,10 @@ its summed cosine similarity to the *other* clients' words, softmaxed within its
 - ``no-clustering`` (ablation): the ``top_n`` highest-weight words (default L), duplicates dropped.
 - ``kmeans`` (ablation): k-means with ``kmeans_k`` clusters (default L); highest-weight word of each.
 
+``one_word_per_slot`` (dbscan, kmeans; off in the paper): a cluster's slot is floor(place * L); of the
+clusters in one slot only the one with the most distinct clients survives, so competing edits of one
+word ("or" / "and") do not both enter the prompt.
+
 Survivors are ordered by relative position, (position + 0.5) / length, so prompts of different lengths
 interleave sensibly: a cluster's survivor by the median over the cluster's members (where most clients
 put that word), a word kept without clustering by its own; ties go by position, then client.
@@ -94,6 +98,7 @@ class AggregationResult:
     n_clusters: int = 0
     n_noise: int = 0
     fallbacks: list[str] = field(default_factory=list)  # each fallback taken ("no-knee", "no-cluster")
+    dropped: list[dict] = field(default_factory=list)  # one_word_per_slot: survivors that lost their slot
 
     @property
     def text(self) -> str:
@@ -198,9 +203,31 @@ class FedDTPTAggregator:
         # np.argmax takes the first of equal weights: the lowest (client, position). A cluster sits at the
         # median relative position of its members: the place most clients gave that word, so one client's
         # odd placement of a shared word does not reorder the prompt.
-        keep([int(np.flatnonzero(labels == c)[np.argmax(weights[labels == c])]) for c in clusters],
-             np.array([np.median(rel[labels == c]) for c in clusters]))
+        survivors = [int(np.flatnonzero(labels == c)[np.argmax(weights[labels == c])]) for c in clusters]
+        places = np.array([np.median(rel[labels == c]) for c in clusters])
+        if cfg.one_word_per_slot:
+            survivors, places = self._one_per_slot(survivors, places, clusters, labels, client, weights, median_len, words, result)
+        keep(survivors, places)
         return result
+
+    @staticmethod
+    def _one_per_slot(survivors, places, clusters, labels, client, weights, length, words, result):
+        """Of the clusters whose place falls in one slot of a ``length``-word prompt, keep the one the most
+        clients share (ties: the larger summed weight, then the earlier cluster).
+
+        Clients that edited the same word differently ("or" -> "and" in some, kept "or" in others) form one
+        cluster per variant at the same slot; keeping them all makes a prompt no client scored.
+        """
+        slots = np.minimum((places * length).astype(int), length - 1)
+        best: dict[int, tuple] = {}
+        for i, c in enumerate(clusters):
+            members = labels == c
+            key = (len(set(client[members].tolist())), float(weights[members].sum()), -i)
+            if slots[i] not in best or key > best[slots[i]][0]:
+                best[int(slots[i])] = (key, i)
+        kept = sorted(i for _, i in best.values())
+        result.dropped = [{"word": words[survivors[i]], "slot": int(slots[i])} for i in range(len(clusters)) if i not in kept]
+        return [survivors[i] for i in kept], places[kept]
 
     def _weights(self, x: np.ndarray, client: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Summed cosine similarity to the other clients' words, and its softmax within each client.

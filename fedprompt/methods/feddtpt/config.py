@@ -161,9 +161,15 @@ class AggregateConfig:
     top_n: int | None = None
     kmeans_k: int | None = None
     random_state: int = 0
+    one_word_per_slot: bool = False
 
     def validate(self) -> None:
         _choice("aggregate.mode", self.mode, AGG_MODES)
+        if self.one_word_per_slot and self.mode not in ("dbscan", "kmeans"):
+            raise ConfigError(
+                f"aggregate.one_word_per_slot chooses between clusters, so it needs mode dbscan or kmeans, "
+                f"not {self.mode!r}; drop it or change aggregate.mode"
+            )
         if not self.embedder:
             raise ConfigError("aggregate.embedder is empty; use all-MiniLM-L6-v2, an HF encoder id or a local folder")
         if self.temperature <= 0:
