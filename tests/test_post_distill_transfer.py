@@ -57,6 +57,29 @@ def test_distillation_lowers_the_loss_and_keeps_the_embeddings(teacher):
     torch.testing.assert_close(student.get_input_embeddings().weight, before)  # frozen: the large model's input space
 
 
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_the_answer_term_is_the_kl_at_each_texts_last_token(left_padded):
+    from types import SimpleNamespace
+
+    from fedprompt.models.distill import DistillLossWeights, distill_loss
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    if left_padded:
+        mask = mask.flip(1)
+    last = [3, 1] if not left_padded else [3, 3]
+    ids = torch.randint(0, 11, (2, 4))
+    out = lambda: SimpleNamespace(logits=torch.randn(2, 4, 11), hidden_states=[torch.randn(2, 4, 5)])
+    student, teacher = out(), out()
+    plain, parts = distill_loss(student, teacher, ids, mask, DistillLossWeights())
+    weighted, with_answer = distill_loss(student, teacher, ids, mask, DistillLossWeights(a_answer=3.0))
+    by_hand = sum(torch.nn.functional.kl_div(torch.log_softmax(student.logits[r, t] / 2, -1),
+                                             torch.softmax(teacher.logits[r, t] / 2, -1), reduction="sum")
+                  for r, t in enumerate(last)) / 2 * 4
+    assert "answer" not in parts and with_answer["answer"] == pytest.approx(float(by_hand), rel=1e-5)
+    assert float(weighted - plain) == pytest.approx(3.0 * float(by_hand), rel=1e-5)
+
+
 def test_alpha_rule():
     assert alpha_rule(zero_shot=0.8, student_prompt=0.9, chance=0.5) == pytest.approx(0.75)
     assert alpha_rule(zero_shot=0.95, student_prompt=0.9, chance=0.5) == 1.0  # the large model alone is better
@@ -124,6 +147,7 @@ def test_fedprompt_transfer_lifts_a_prompt_and_reports_the_last_step(capsys, pos
     ("distill", ["distill.layers=[0,5]"], "distill.layers [5] out of range: the teacher has 2 layers"),
     ("distill", ["distill.data.tasks=[nosuch]"], "nosuch"),
     ("distill", ["+distill.warmup=3"], "unknown key distill.warmup"),
+    ("distill", ["distill.loss.a_answer=5", "distill.data.format=raw"], "there is none: set format=task"),
     ("transfer", [], "transfer.prompt is required"),
     ("transfer", ["transfer.prompt=/no/such/file"], "does not exist"),
     ("transfer", ["transfer.public_task=toy", "transfer.public_split=train", "transfer.prompt=PROMPT"],

@@ -5,9 +5,12 @@ to keep, in order; default the first 2 and the last 2), then copies the kept lay
 embeddings, the final norm and the LM head. ``distill`` trains the student on unlabeled text with
 
     loss = a_ce * T^2 * KL(teacher_T || student_T)  +  a_lm * CE(next token)  +  a_cos * (1 - cos(h_s, h_t))
+           [+ a_answer * T^2 * KL at each text's last token]
 
 (POST's defaults a_ce=5, a_lm=2, a_cos=1, T=2; DistilBERT's three losses). KL and CE are averaged over the
 real (non-padding) tokens, the cosine over the last hidden states (the LM head's input) of those tokens.
+``a_answer`` (default 0, off in POST) weighs once more the KL at the last token, which in a task-formatted
+text is the answer position: one token in ~50 of the plain average, and the only one classification reads.
 
 The embeddings and the (tied) LM head stay frozen by default: the student keeps the large model's
 input space, so a soft prompt tuned on the student can be pasted onto, or initialise, the large
@@ -93,10 +96,12 @@ class DistillLossWeights:
     a_ce: float = 5.0  # KL to the teacher's softened next-token distribution
     a_lm: float = 2.0  # next-token cross-entropy on the text
     a_cos: float = 1.0  # 1 - cosine of the last hidden states
+    a_answer: float = 0.0  # extra KL at each text's last token: the answer position of a task-formatted text
     temperature: float = 2.0
 
     def validate(self) -> None:
-        if min(self.a_ce, self.a_lm, self.a_cos) < 0 or self.a_ce + self.a_lm + self.a_cos <= 0:
+        weights = (self.a_ce, self.a_lm, self.a_cos, self.a_answer)
+        if min(weights) < 0 or sum(weights) <= 0:
             raise ConfigError(f"distill.loss weights must be >= 0 and not all 0, got {asdict(self)}")
         if self.temperature <= 0:
             raise ConfigError(f"distill.loss.temperature must be > 0, got {self.temperature}")
@@ -145,6 +150,9 @@ class DistillConfig:
             raise ConfigError(f"distill.lr must be > 0, got {self.lr}")
         self.data.validate()
         self.loss.validate()
+        if self.loss.a_answer and self.data.format != "task":
+            raise ConfigError("distill.loss.a_answer weighs the answer position of task-formatted text; with "
+                              f"distill.data.format={self.data.format!r} there is none: set format=task or a_answer=0")
 
 
 def default_student_dir(teacher: str) -> Path:
@@ -183,7 +191,17 @@ def distill_loss(student_out, teacher_out, input_ids: torch.Tensor, mask: torch.
     s_hidden, t_hidden = student_out.hidden_states[-1][real].float(), teacher_out.hidden_states[-1][real].float()
     cos = (1 - torch.nn.functional.cosine_similarity(s_hidden, t_hidden, dim=-1)).mean()
     total = w.a_ce * kl + w.a_lm * lm + w.a_cos * cos
-    return total, {"loss": total.item(), "kl": kl.item(), "lm": lm.item(), "cos": cos.item()}
+    parts = {"kl": kl.item(), "lm": lm.item(), "cos": cos.item()}
+    if w.a_answer:
+        # The last real token of each row (either padding side): where a task-formatted text's answer comes.
+        last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
+        rows = torch.arange(mask.shape[0], device=mask.device)
+        s_last, t_last = student_out.logits[rows, last].float(), teacher_out.logits[rows, last].float()
+        answer = torch.nn.functional.kl_div(torch.log_softmax(s_last / temp, -1), torch.log_softmax(t_last / temp, -1),
+                                            log_target=True, reduction="batchmean") * temp**2
+        total = total + w.a_answer * answer
+        parts["answer"] = answer.item()
+    return total, {"loss": total.item(), **parts}
 
 
 @dataclass
