@@ -179,12 +179,11 @@ def resolve_model(name: str, teacher: str) -> str:
 
 def distill_loss(student_out, teacher_out, input_ids: torch.Tensor, mask: torch.Tensor,
                  w: DistillLossWeights) -> tuple[torch.Tensor, dict[str, float]]:
-    """The weighted loss of one batch and its three parts (floats, for the loss curve)."""
+    """The weighted loss of one batch and its parts (floats, for the loss curve)."""
     real = mask.bool()
     s_logits, t_logits = student_out.logits.float()[real], teacher_out.logits.float()[real]  # (tokens, V)
     temp = w.temperature
-    kl = torch.nn.functional.kl_div(torch.log_softmax(s_logits / temp, -1), torch.log_softmax(t_logits / temp, -1),
-                                    log_target=True, reduction="batchmean") * temp**2
+    kl = _softened_kl(s_logits, t_logits, temp)
     # Next-token targets: position t predicts token t+1 where both are real tokens.
     pairs = real[:, :-1] & real[:, 1:]
     lm = torch.nn.functional.cross_entropy(student_out.logits[:, :-1][pairs].float(), input_ids[:, 1:][pairs])
@@ -197,11 +196,16 @@ def distill_loss(student_out, teacher_out, input_ids: torch.Tensor, mask: torch.
         last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
         rows = torch.arange(mask.shape[0], device=mask.device)
         s_last, t_last = student_out.logits[rows, last].float(), teacher_out.logits[rows, last].float()
-        answer = torch.nn.functional.kl_div(torch.log_softmax(s_last / temp, -1), torch.log_softmax(t_last / temp, -1),
-                                            log_target=True, reduction="batchmean") * temp**2
+        answer = _softened_kl(s_last, t_last, temp)
         total = total + w.a_answer * answer
         parts["answer"] = answer.item()
     return total, {"loss": total.item(), **parts}
+
+
+def _softened_kl(s_logits: torch.Tensor, t_logits: torch.Tensor, temp: float) -> torch.Tensor:
+    """T^2 * KL(teacher_T || student_T), averaged over the rows (Hinton's scaling keeps gradients T-free)."""
+    return torch.nn.functional.kl_div(torch.log_softmax(s_logits / temp, -1), torch.log_softmax(t_logits / temp, -1),
+                                      log_target=True, reduction="batchmean") * temp**2
 
 
 @dataclass

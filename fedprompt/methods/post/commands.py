@@ -98,7 +98,7 @@ def cmd_distill(cfg: DictConfig) -> dict:
         "student_parameters": report.student_parameters, "teacher_parameters": report.teacher_parameters,
         "trainable_parameters": report.trainable_parameters, "steps": report.steps, "texts": report.texts,
         "tokens": report.tokens, "distill_s": report.seconds, "final_loss": last.get("loss"),
-        "final_parts": {k: last.get(k) for k in ("kl", "lm", "cos")}, "data_tasks": list(dcfg.data.tasks),
+        "final_parts": {k: last[k] for k in ("kl", "lm", "cos", "answer") if k in last}, "data_tasks": list(dcfg.data.tasks),
         "zero_shot_task": spec.name, "zero_shot_split": str(cfg.split), "zero_shot_n": len(examples),
         "teacher_zero_shot_accuracy": accuracy["teacher"], "student_zero_shot_accuracy": accuracy["student"],
         "manual_prompt": spec.manual_prompt, "loss_curve": str(out / "loss_curve.png"), "output_dir": str(out),
