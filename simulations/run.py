@@ -197,20 +197,24 @@ def main() -> None:
     out = args.results / args.config.stem
     rows, failed, finished = [], [], []
     for name, spec in config["runs"].items():
-        if args.only and name not in args.only:
-            continue
         run_command, extra = run_spec(command, spec)
         folder, done = out / name, out / name / "result.json"
-        try:
-            overrides = [fill(o, args.results) for o in common + extra]  # a missing @{...} result fails this run only
-            if args.dry_run:
-                print("fedprompt", run_command, " ".join(overrides), f"output_dir={folder}")
+        if args.only and name not in args.only:
+            if args.dry_run or not done.is_file():
                 continue
-            result = json.loads(done.read_text()) if done.is_file() and not args.force else run_one(run_command, overrides, folder)
-        except RuntimeError as err:
-            print(f"{name}: {err}", file=sys.stderr)
-            failed.append(name)
-            continue
+            # Not run now, but finished earlier: its row stays in the table (--only must not drop it).
+            result = json.loads(done.read_text())
+        else:
+            try:
+                overrides = [fill(o, args.results) for o in common + extra]  # a missing @{...} result fails this run only
+                if args.dry_run:
+                    print("fedprompt", run_command, " ".join(overrides), f"output_dir={folder}")
+                    continue
+                result = json.loads(done.read_text()) if done.is_file() and not args.force else run_one(run_command, overrides, folder)
+            except RuntimeError as err:
+                print(f"{name}: {err}", file=sys.stderr)
+                failed.append(name)
+                continue
         if "final_accuracy" not in result and "accuracy" in result:  # an eval: its accuracy is the final one
             result = {**result, "final_accuracy": result["accuracy"]}
         finished.append((name, folder, result))

@@ -43,7 +43,8 @@ def test_a_comparison_config_gives_its_table_and_plot(tmp_path, tiny_model_dir):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["failed"] == ["needs-a-missing-run"] and summary["runs"] == 3
 
-    rows = {row["run"]: row for row in json.loads((results / "compare" / "table.json").read_text())}
+    first_table = json.loads((results / "compare" / "table.json").read_text())
+    rows = {row["run"]: row for row in first_table}
     assert set(rows) == {"manual", "bdpl", "bdpl-prompt-again"}
     assert all(0.0 <= row["final_accuracy"] <= 1.0 for row in rows.values())  # an eval's accuracy fills the column
     assert rows["bdpl"]["queries"] > 0
@@ -52,6 +53,13 @@ def test_a_comparison_config_gives_its_table_and_plot(tmp_path, tiny_model_dir):
     assert again["prompt"] == bdpl["final_prompt"]
     assert (results / "compare" / "plot.png").stat().st_size > 1000
     assert "| bdpl |" in (results / "compare" / "table.md").read_text()
+
+    # --only runs (or here: finds done) one run, and the table keeps the rows of the others that finished.
+    proc = subprocess.run([sys.executable, str(REPO / "simulations" / "run.py"), str(path), "--results", str(results),
+                           "--only", "manual"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows_again = json.loads((results / "compare" / "table.json").read_text())
+    assert rows_again == first_table
 
 
 def test_the_target_column_counts_queries_until_a_round_beats_the_reference_and_gives_the_ratio(tmp_path):
