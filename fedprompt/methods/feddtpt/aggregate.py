@@ -220,11 +220,11 @@ class FedDTPTAggregator:
         """
         slots = np.minimum((places * length).astype(int), length - 1)
         best: dict[int, tuple] = {}
-        for i, c in enumerate(clusters):
+        for i, (c, slot) in enumerate(zip(clusters, slots.tolist())):
             members = labels == c
             key = (len(set(client[members].tolist())), float(weights[members].sum()), -i)
-            if slots[i] not in best or key > best[slots[i]][0]:
-                best[int(slots[i])] = (key, i)
+            if slot not in best or key > best[slot][0]:
+                best[slot] = (key, i)
         kept = sorted(i for _, i in best.values())
         result.dropped = [{"word": words[survivors[i]], "slot": int(slots[i])} for i in range(len(clusters)) if i not in kept]
         return [survivors[i] for i in kept], places[kept]
