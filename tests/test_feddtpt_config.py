@@ -84,3 +84,13 @@ def test_builders_take_injected_parts():
     aggregator = cfg.build_aggregator(Embed())
     assert isinstance(aggregator, FedDTPTAggregator)
     assert aggregator.aggregate([["ab", "cde"], ["ab", "f"]]).prompt == ["ab"]
+
+
+def test_server_check_without_a_public_pool_is_refused_before_launch():
+    from omegaconf import OmegaConf
+
+    from fedprompt.fl.feddtpt.server import check
+
+    cfg = OmegaConf.create({"federation": {"public_size": 0}, "method": {"name": "feddtpt", "aggregate": {"server_check": True}}})
+    with pytest.raises(ConfigError, match="public_size is 0"):
+        check(cfg, None)

@@ -153,3 +153,51 @@ def test_failed_lost_and_silent_clients_are_recorded_and_min_replies_decides(min
         assert arrays_to_prompt(arrays) == PROMPTS[11] and stats.skipped is None
     else:  # Strategy.start keeps the previous global prompt; the report says why
         assert arrays is None and stats.skipped == "1 valid replies < federation.min_replies=2"
+
+
+@pytest.mark.parametrize("merged_scores_lower", [True, False])
+def test_server_check_keeps_the_global_prompt_when_the_merge_scores_lower(merged_scores_lower):
+    # The merge of PROMPTS is "classify the review"; the round started from "please label text".
+    start = ["please", "label", "text"]
+    calls = []
+
+    def check(old, merged):
+        calls.append((list(old), list(merged)))
+        return {"kept": not merged_scores_lower, "old_accuracy": 0.5, "new_accuracy": 0.4 if merged_scores_lower else 0.6}
+
+    strategy = make_strategy(server_check=check)
+    list(strategy.configure_train(1, prompt_to_arrays(start), ConfigRecord(), FakeGrid([11, 12, 13])))
+    arrays, _ = strategy.aggregate_train(1, [reply(n, PROMPTS[n], 1, 1.0) for n in (11, 12, 13)])
+    assert calls == [(start, ["classify", "the", "review"])]
+    assert arrays_to_prompt(arrays) == (start if merged_scores_lower else ["classify", "the", "review"])
+    assert strategy.rounds[1].aggregation["server_check"]["kept"] is (not merged_scores_lower)
+
+
+def test_server_check_is_not_asked_when_the_merge_is_the_global_prompt():
+    strategy = make_strategy(server_check=lambda old, new: pytest.fail("no check needed"))
+    list(strategy.configure_train(1, prompt_to_arrays(["classify", "the", "review"]), ConfigRecord(), FakeGrid([11, 12, 13])))
+    arrays, _ = strategy.aggregate_train(1, [reply(n, PROMPTS[n], 1, 1.0) for n in (11, 12, 13)])
+    assert arrays_to_prompt(arrays) == ["classify", "the", "review"]
+
+
+def test_public_check_scores_on_the_public_pool_and_caches_the_old_prompt():
+    from types import SimpleNamespace
+
+    from fedprompt.data.task import Example
+    from fedprompt.fl.feddtpt.server import public_check
+
+    class Box:  # predicts the gold label only when the prompt contains "good"; counts the texts it sees
+        def __init__(self):
+            self.texts = []
+
+        def classify(self, texts, label_words, labels_only):
+            self.texts += texts
+            return SimpleNamespace(predictions=[int(t.endswith("|1")) if "good" in t else 0 for t in texts])
+
+    spec = SimpleNamespace(label_words=["no", "yes"], format=lambda e, prompt: f"{prompt} {e.text}|{e.label}")
+    public = [Example("a", 0), Example("b", 1), Example("c", 0), Example("d", 1)]
+    box = Box()
+    check = public_check(box, spec, public)
+    assert check(["good"], ["bad"]) == {"kept": False, "old_accuracy": 1.0, "new_accuracy": 0.5, "examples": 4}
+    assert check(["good"], ["good", "too"])["kept"] is True  # a tie or better keeps the merge
+    assert len(box.texts) == 12  # "good" was scored once

@@ -10,7 +10,7 @@ summary.json at the end. The search is seeded per (seed, round, partition) and t
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
@@ -28,6 +28,11 @@ def check(cfg, spec) -> dict:
     from fedprompt.models.registry import check_model_name
 
     method = method_config(cfg)
+    if method.aggregate.server_check and int(cfg.federation.public_size) < 1:
+        from fedprompt.errors import ConfigError
+
+        raise ConfigError("method.aggregate.server_check scores the merged prompt on the public pool, but "
+                          "federation.public_size is 0; set it >= the number of labels, or drop server_check")
     if method.proposer.name != "mlm":
         check_model_name(str(method.proposer.model))
     if method.aggregate.embedder == "all-MiniLM-L6-v2":
@@ -54,13 +59,32 @@ def score_prompt(blackbox, spec, examples, prompt: Sequence[str] | str | None) -
     return float(np.mean(np.asarray(result.predictions) == gold)), len(examples)
 
 
+def public_check(blackbox, spec, public) -> Callable[[list[str], list[str]], dict]:
+    """``method.aggregate.server_check``: the merged prompt is kept if it scores at least as well as the
+    prompt the round started from on the public pool (public data: no client's text; 2 x its size queries a
+    round at most, the old prompt's score is cached)."""
+    scores: dict[str, float] = {}
+
+    def score(words: list[str]) -> float:
+        key = " ".join(words)
+        if key not in scores:
+            scores[key] = score_prompt(blackbox, spec, public, words)[0]
+        return scores[key]
+
+    def check_merge(old: list[str], merged: list[str]) -> dict:
+        before, after = score(old), score(merged)
+        return {"kept": after >= before, "old_accuracy": before, "new_accuracy": after, "examples": len(public)}
+
+    return check_merge
+
+
 def run_server(grid: Grid, cfg) -> dict:
     from logging import INFO
 
     from fedprompt.blackbox import make_blackbox
     from fedprompt.fl.checkpoint import CheckpointedRounds
     from fedprompt.fl.config import method_config
-    from fedprompt.fl.data import eval_examples, load_task_and_spec
+    from fedprompt.fl.data import eval_examples, load_task_and_spec, public_examples
     from fedprompt.fl.report import RunReport
     from fedprompt.fl.run import run_folder
     from fedprompt.fl.feddtpt.strategy import FedDTPTStrategy
@@ -77,6 +101,8 @@ def run_server(grid: Grid, cfg) -> dict:
         min_train_nodes=int(fed.min_train_clients), min_replies=int(fed.min_replies), seed=int(cfg.seed),
         min_available_nodes=int(fed.min_available_clients or fed.num_clients),
         audit_path=folder / "replies.jsonl" if fed.audit_replies else None,
+        # The public pool is public (federation.public_split), not client data: the server may score on it.
+        server_check=public_check(blackbox, spec, public_examples(cfg, task, spec)) if method.aggregate.server_check else None,
     )
     report = RunReport(folder, {
         "method": method.name, "task": spec.name, "model": str(cfg.model.name), "service": str(cfg.service.kind),

@@ -6,7 +6,7 @@ import base64
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,10 @@ class FedDTPTStrategy(Strategy):
        the knee eps, one word per cluster, original order), whose prompt becomes the new global
        ``ArrayRecord``. Fewer than ``min_replies`` valid replies (failed clients, clients that missed the
        round's timeout, lost nodes): the round is recorded as skipped and the global prompt is kept.
+    4. With ``server_check`` (off in the paper): ``server_check(old, merged)`` scores both prompts (the
+       server's public pool through the black box) and returns ``{"kept": bool, ...}``; a merged prompt
+       that is not kept is recorded and the global prompt stays, the clients' own acceptance rule
+       ("keep an edit if accuracy does not drop") applied to the merge.
 
     There is no federated evaluation; pass ``evaluate_fn`` to ``start`` to score the global prompt
     centrally. Per-round sizes, failures and the aggregation's details are kept in ``self.rounds``.
@@ -54,6 +58,7 @@ class FedDTPTStrategy(Strategy):
         seed: int = 0,
         wait_for_nodes_s: float = 300.0,
         audit_path: str | Path | None = None,
+        server_check: Callable[[list[str], list[str]], dict[str, Any]] | None = None,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
@@ -65,6 +70,8 @@ class FedDTPTStrategy(Strategy):
         self.seed = seed
         self.wait_for_nodes_s = wait_for_nodes_s
         self.audit_path = Path(audit_path) if audit_path else None
+        self.server_check = server_check
+        self._global: list[str] | None = None  # the prompt this round's clients started from
         self.rounds: dict[int, RoundStats] = {}
         self._sent: list[Message] = []  # this round's messages; the Grid sets their ids when it sends them
 
@@ -91,6 +98,7 @@ class FedDTPTStrategy(Strategy):
         stats.started = time.perf_counter()
         nodes = self._sample(server_round, grid)
         config["server-round"] = server_round
+        self._global = arrays_to_prompt(arrays)
         content = RecordDict({ARRAYS: arrays, CONFIG: config})
         stats.nodes, stats.sampled, stats.bytes_down = nodes, len(nodes), record_bytes(content) * len(nodes)
         log(INFO, "configure_train: sampled %d of %d nodes", len(nodes), len(list(grid.get_node_ids())))
@@ -138,9 +146,17 @@ class FedDTPTStrategy(Strategy):
         result = self.aggregator.aggregate(prompts)
         stats.aggregation = {k: v for k, v in result.to_dict().items() if k not in ("weights", "labels")}
         stats.metrics = _combine(metrics)
+        merged = result.prompt
+        if self.server_check is not None and self._global is not None and merged != self._global:
+            verdict = dict(self.server_check(self._global, merged))
+            stats.aggregation["server_check"] = verdict
+            if not verdict["kept"]:
+                log(INFO, "aggregate_train: merged prompt %r scored below the global prompt on the server's "
+                    "public pool (%s); the global prompt is kept", result.text, verdict)
+                merged = self._global
         stats.train_s = time.perf_counter() - stats.started
-        log(INFO, "aggregate_train: %d prompts -> %r", len(prompts), result.text)
-        return prompt_to_arrays(result.prompt), MetricRecord(stats.metrics)
+        log(INFO, "aggregate_train: %d prompts -> %r", len(prompts), " ".join(merged))
+        return prompt_to_arrays(merged), MetricRecord(stats.metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return []  # the global prompt is evaluated centrally (evaluate_fn), not on the clients

@@ -162,6 +162,9 @@ class AggregateConfig:
     kmeans_k: int | None = None
     random_state: int = 0
     one_word_per_slot: bool = False
+    # Server: keep the previous global prompt unless the merged one scores at least as well on the public
+    # pool (federation.public_split / public_size) through the black box; off in the paper.
+    server_check: bool = False
 
     def validate(self) -> None:
         _choice("aggregate.mode", self.mode, AGG_MODES)
