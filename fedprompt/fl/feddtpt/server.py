@@ -22,15 +22,13 @@ from fedprompt.fl.feddtpt.records import arrays_to_prompt, prompt_to_arrays
 
 def check(cfg, spec) -> dict:
     """FedDTPT's checks before launch: the proposer's model, the embedder, the black-box service."""
-    from fedprompt.errors import ModelError
+    from fedprompt.errors import ConfigError, ModelError
     from fedprompt.fl.config import method_config
     from fedprompt.models import encode_label_words, load_tokenizer
     from fedprompt.models.registry import check_model_name
 
     method = method_config(cfg)
     if method.aggregate.server_check and int(cfg.federation.public_size) < 1:
-        from fedprompt.errors import ConfigError
-
         raise ConfigError("method.aggregate.server_check scores the merged prompt on the public pool, but "
                           "federation.public_size is 0; set it >= the number of labels, or drop server_check")
     if method.proposer.name != "mlm":
