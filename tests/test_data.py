@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from fedprompt.data import Example, load_task, partition_examples, sample_k_shot, task_from_config
+from fedprompt.data import Example, load_task, partition_examples, sample_balanced, sample_k_shot, task_from_config
+from fedprompt.data.sampling import balanced_quotas
 from fedprompt.errors import ConfigError, DataError
 
 TOY = {"name": "toy", "template": "{prompt}\n\nText: {text}", "manual_prompt": "Label it."}
@@ -92,6 +93,17 @@ def test_k_shot_is_seeded_and_balanced():
     assert sample_k_shot(rows, 4, 3, seed=2) != a
     with pytest.raises(DataError, match=r"larger than .* classes \{2: 10\}"):
         sample_k_shot(rows, 11, 3)
+
+
+def test_balanced_sample_keeps_a_rare_class_whole_and_fills_the_rest():
+    rows = _examples((30, 20, 2))
+    sample = sample_balanced(rows, 30, 3, seed=1)
+    # 10 per class asked; class 2 has only 2, so its 8 go to the others (not every class cut to 2).
+    assert sorted(e.label for e in sample) == [0] * 14 + [1] * 14 + [2] * 2
+    assert sample == sample_balanced(rows, 30, 3, seed=1) and sample != sample_balanced(rows, 30, 3, seed=2)
+    assert balanced_quotas([30, 20, 10], 30) == [10, 10, 10]
+    assert balanced_quotas([30, 5, 0, 2], 30) == [23, 5, 0, 2]
+    assert sum(balanced_quotas([3, 3, 3], 30)) == 9
 
 
 @pytest.mark.parametrize("scheme, kwargs", [("iid", {}), ("dirichlet", {"alpha": 0.3}), ("pathological", {"classes_per_client": 1})])

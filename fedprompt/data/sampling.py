@@ -34,15 +34,30 @@ def sample_k_shot(examples: Sequence[Example], k: int, num_labels: int, seed: in
     return [examples[i] for i in chosen]
 
 
+def balanced_quotas(hist: Sequence[int], budget: int) -> list[int]:
+    """Per-class counts that sum to at most ``budget`` and are as even as ``hist`` allows.
+
+    Classes are filled from the rarest up: a class with fewer examples than its share gives all it has
+    and the shortfall goes to the others (TREC's validation split has 2 "abbreviation" questions; cutting
+    every class to 2 would shrink a 64-example pool to 12). Equal shares when every class has enough.
+    """
+    quotas = [0] * len(hist)
+    present = sorted((n, c) for c, n in enumerate(hist) if n > 0)
+    left = budget
+    for i, (n, c) in enumerate(present):
+        quotas[c] = min(n, left // (len(present) - i))
+        left -= quotas[c]
+    return quotas
+
+
 def sample_balanced(examples: Sequence[Example], size: int, num_labels: int, seed: int = 0) -> list[Example]:
-    """About ``size`` examples, as evenly spread over the classes as the data allows."""
-    per_class = max(1, size // num_labels)
+    """About ``size`` examples, as evenly spread over the classes as the data allows (``balanced_quotas``)."""
     hist = label_histogram(examples, num_labels)
-    k = min(per_class, min(n for n in hist if n > 0))
     present = [c for c, n in enumerate(hist) if n > 0]
+    quotas = balanced_quotas(hist, max(1, size // num_labels) * len(present))
     rng = np.random.default_rng(seed)
     chosen = np.concatenate(
-        [rng.choice([i for i, e in enumerate(examples) if e.label == c], size=k, replace=False) for c in present]
+        [rng.choice([i for i, e in enumerate(examples) if e.label == c], size=quotas[c], replace=False) for c in present]
     )
     rng.shuffle(chosen)
     return [examples[i] for i in chosen]
