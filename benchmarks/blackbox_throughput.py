@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=16, help="texts per HTTP request")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--wait-ms", type=float, default=5.0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "blackbox_throughput.json"))

@@ -104,3 +104,16 @@ def test_soft_prompt_scoring_is_batch_invariant_and_trainable(tiny):
     model(inputs_embeds=embeds, attention_mask=mask).logits[0, -1].sum().backward()
     assert prompt.weight.grad is not None and prompt.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())  # the model stays frozen
+
+
+def test_auto_dtype_is_bf16_only_where_bf16_is_fast(monkeypatch):
+    from fedprompt.models import registry
+
+    cpu = torch.device("cpu")
+    assert registry.resolve_dtype("auto", cpu) == (torch.bfloat16 if registry.fast_bf16("cpu") else torch.float32)
+    monkeypatch.setattr(registry, "fast_bf16", lambda device_type="cpu": False)  # a CPU without AVX512-BF16 / AMX
+    assert registry.resolve_dtype("auto", cpu) == torch.float32
+    assert registry.resolve_dtype(None, cpu) == torch.float32
+    assert registry.resolve_dtype("bf16", cpu) == torch.bfloat16  # an explicit choice is kept
+    monkeypatch.setattr(registry, "fast_bf16", lambda device_type="cpu": True)
+    assert registry.resolve_dtype("auto", cpu) == torch.bfloat16

@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from fedprompt.errors import ConfigError, DataError
+from fedprompt.models.registry import fast_bf16
 from fedprompt.models.scoring import position_ids_from_mask
 
 _LAYER_KEY = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
@@ -135,7 +136,8 @@ class DistillConfig:
     max_length: int = 96  # longer texts are left out (a cut prompt loses its answer position)
     lr: float = 3e-4
     train_embeddings: bool = False
-    autocast: bool = True  # bf16 autocast for the student's matmuls (fp32 weights and optimizer)
+    # bf16 autocast for the student's matmuls (fp32 weights and optimizer); null: where bf16 is fast (fast_bf16)
+    autocast: Optional[bool] = None
     loss: DistillLossWeights = field(default_factory=DistillLossWeights)
     data: DistillDataConfig = field(default_factory=DistillDataConfig)
     output: Optional[str] = None  # student folder; null: <cache>/students/<teacher> (what method.model=student loads)
@@ -231,6 +233,7 @@ def distill(teacher, student, tokenizer, texts: Sequence[str], config: DistillCo
         raise DataError("no text to distil on; check distill.data (its tasks' splits are empty?)")
     steps, batch_size = config.steps, config.batch_size
     device = next(student.parameters()).device
+    autocast = fast_bf16(device.type) if config.autocast is None else bool(config.autocast)
     teacher.eval()
     student.train()
     for name, param in student.named_parameters():
@@ -252,7 +255,7 @@ def distill(teacher, student, tokenizer, texts: Sequence[str], config: DistillCo
                       position_ids=position_ids_from_mask(enc.attention_mask), use_cache=False)
         with torch.no_grad():
             teacher_out = teacher(**kwargs)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             student_out = student(**kwargs)
         loss, parts = distill_loss(student_out, teacher_out, enc.input_ids, enc.attention_mask, config.loss)
         optimizer.zero_grad(set_to_none=True)

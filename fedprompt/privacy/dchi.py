@@ -13,7 +13,7 @@ embeddings the useful range is eta ~ 15-60 (94% of SST-2 tokens survive eta = 60
 ``eta = inf`` means no noise: the text comes back unchanged. docs/rapt.md says what the guarantee is worth.
 
 Speed: the nearest-token search is one matrix product per chunk of tokens against the whole vocabulary.
-It runs in bfloat16 to shortlist ``shortlist`` candidates per token (a blockwise top-k), and the shortlist is
+It runs in bfloat16 (float32 where bf16 is slow: ``fast_bf16``) to shortlist ``shortlist`` candidates per token (a blockwise top-k), and the shortlist is
 re-ranked with exact float32 distances, so the answer is the exact nearest token unless bf16 rounding pushed
 it out of the top ``shortlist`` (it can only do so between near-ties). Noise is drawn with numpy from one
 seed per call.
@@ -30,6 +30,7 @@ import torch
 
 from fedprompt.data.task import Example
 from fedprompt.errors import ConfigError, DataError
+from fedprompt.models.registry import fast_bf16
 
 
 _BLOCK = 128  # vocabulary rows per block of the shortlist search (DChiPrivatizer._top_scores)
@@ -115,7 +116,9 @@ class DChiPrivatizer:
         pad = -candidates.shape[0] % _BLOCK
         padding = torch.cat([torch.zeros(pad, candidates.shape[1], device=self.device),
                              torch.full((pad, 1), -1e30, device=self.device)], 1)
-        self._coarse = torch.cat([torch.cat([candidates, half_sq], 1), padding]).to(torch.bfloat16)
+        # bf16 only where it is fast: an emulated bf16 product is ~100x slower than fp32 (fast_bf16).
+        self._coarse_dtype = torch.bfloat16 if fast_bf16(self.device.type) else torch.float32
+        self._coarse = torch.cat([torch.cat([candidates, half_sq], 1), padding]).to(self._coarse_dtype)
         self._candidates = candidates
         self.chunk_size, self.shortlist = int(chunk_size), min(int(shortlist), self.allowed.numel())
 
@@ -135,7 +138,7 @@ class DChiPrivatizer:
         """Id of the nearest output-vocabulary embedding to each row of ``points`` (float32, (n, dim))."""
         points = points.to(self.device, torch.float32)
         ones = torch.ones((points.shape[0], 1), device=self.device)
-        coarse = torch.cat([points, ones], 1).to(torch.bfloat16) @ self._coarse.T
+        coarse = torch.cat([points, ones], 1).to(self._coarse_dtype) @ self._coarse.T
         short = self._top_scores(coarse)  # (n, shortlist) rows of the candidate matrix
         exact = (self._candidates[short] - points[:, None, :]).pow(2).sum(-1)  # exact float32 squared distances
         return self.allowed[short.gather(1, exact.argmin(1, keepdim=True)).squeeze(1)]
