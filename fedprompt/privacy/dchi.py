@@ -13,9 +13,10 @@ embeddings the useful range is eta ~ 15-60 (94% of SST-2 tokens survive eta = 60
 ``eta = inf`` means no noise: the text comes back unchanged. docs/rapt.md says what the guarantee is worth.
 
 Speed: the nearest-token search is one matrix product per chunk of tokens against the whole vocabulary.
-It runs in bfloat16 (float32 where bf16 is slow: ``fast_bf16``) to shortlist ``shortlist`` candidates per token (a blockwise top-k), and the shortlist is
-re-ranked with exact float32 distances, so the answer is the exact nearest token unless bf16 rounding pushed
-it out of the top ``shortlist`` (it can only do so between near-ties). Noise is drawn with numpy from one
+It runs in bfloat16 (float32 where bf16 is slow: ``fast_bf16``) to shortlist ``shortlist`` candidates per
+token (a blockwise top-k), and the shortlist is re-ranked with exact float32 distances, so the answer is the
+exact nearest token unless rounding pushed it out of the top ``shortlist`` (it can only do so between
+near-ties). Noise is drawn with numpy from one
 seed per call.
 """
 
@@ -116,7 +117,7 @@ class DChiPrivatizer:
         pad = -candidates.shape[0] % _BLOCK
         padding = torch.cat([torch.zeros(pad, candidates.shape[1], device=self.device),
                              torch.full((pad, 1), -1e30, device=self.device)], 1)
-        # bf16 only where it is fast: an emulated bf16 product is ~100x slower than fp32 (fast_bf16).
+        # bf16 only where it is fast: an emulated bf16 product is ~150x slower than fp32 (fast_bf16).
         self._coarse_dtype = torch.bfloat16 if fast_bf16(self.device.type) else torch.float32
         self._coarse = torch.cat([torch.cat([candidates, half_sq], 1), padding]).to(self._coarse_dtype)
         self._candidates = candidates
