@@ -94,7 +94,7 @@ def fast_bf16(device_type: str = "cpu") -> bool:
 
     CUDA: when the GPU supports bf16. CPU: measured once per process (a 256 x 256 product, best of 3):
     with AVX512-BF16 or AMX, bf16 is ~1.7x faster than fp32 for SmolLM2; without them PyTorch emulates it
-    and it is ~150x slower (2.7 s vs 0.018 s for 1024 x 1024 on a 2-core AMD EPYC with AVX2 only).
+    and a product is ~120x slower (2.66 s vs 0.023 s for 1024 x 1024 on a 2-core AMD EPYC with AVX2 only).
     The two cases are far apart, so a 2x margin tells them apart on a noisy machine.
     """
     if device_type == "cuda":

@@ -117,7 +117,7 @@ class DChiPrivatizer:
         pad = -candidates.shape[0] % _BLOCK
         padding = torch.cat([torch.zeros(pad, candidates.shape[1], device=self.device),
                              torch.full((pad, 1), -1e30, device=self.device)], 1)
-        # bf16 only where it is fast: an emulated bf16 product is ~150x slower than fp32 (fast_bf16).
+        # bf16 only where it is fast: an emulated bf16 product is ~120x slower than fp32 (fast_bf16).
         self._coarse_dtype = torch.bfloat16 if fast_bf16(self.device.type) else torch.float32
         self._coarse = torch.cat([torch.cat([candidates, half_sq], 1), padding]).to(self._coarse_dtype)
         self._candidates = candidates
