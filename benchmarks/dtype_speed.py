@@ -4,9 +4,8 @@
 
 Times, in one process and alternately (the machine's noise hits both types): a 1024 x 1024 matrix
 product, and one forward pass of the model over a batch of ``--batch`` x ``--length`` tokens, in each
-type; the median of ``--repeats`` after one warm-up each (small defaults: an emulated bf16 forward
-pass of SmolLM2 over 32 tokens takes seconds). Reports the speed ratios and ``fast_bf16``'s verdict (the check
-``dtype=auto`` runs). Writes benchmarks/results/dtype_speed.json.
+type; the median of ``--repeats`` after one warm-up each (small defaults: an emulated bf16 product
+takes seconds). Reports the speed ratios and ``fast_bf16``'s verdict (the check ``dtype=auto`` runs). Writes benchmarks/results/dtype_speed.json.
 """
 
 from __future__ import annotations
@@ -15,19 +14,13 @@ import argparse
 import json
 import platform
 import statistics
-import time
+import timeit
 from pathlib import Path
 
 import torch
 
 from fedprompt.models import load_causal_lm
 from fedprompt.models.registry import fast_bf16
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -54,7 +47,7 @@ def main() -> None:
         for _ in range(args.repeats + 1):  # the first pass warms up; the two types alternate
             for name, fns in jobs.items():
                 for kind, fn in fns.items():
-                    timings[kind].setdefault(name, []).append(_seconds(fn))
+                    timings[kind].setdefault(name, []).append(timeit.timeit(fn, number=1))
     timings = {kind: {name: t[1:] for name, t in by_type.items()} for kind, by_type in timings.items()}
     median = {k: {d: statistics.median(v) for d, v in t.items()} for k, t in timings.items()}
     record = {

@@ -11,7 +11,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-import time
+import timeit
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -104,13 +104,8 @@ def fast_bf16(device_type: str = "cpu") -> bool:
 
     def best_of_3(dtype: torch.dtype) -> float:
         x = torch.randn(256, 256).to(dtype)
-        x @ x
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            x @ x
-            times.append(time.perf_counter() - start)
-        return min(times)
+        x @ x  # warm-up
+        return min(timeit.repeat(lambda: x @ x, number=1, repeat=3))
 
     return best_of_3(torch.bfloat16) < 2.0 * best_of_3(torch.float32)
 

@@ -16,8 +16,7 @@ Speed: the nearest-token search is one matrix product per chunk of tokens agains
 It runs in bfloat16 (float32 where bf16 is slow: ``fast_bf16``) to shortlist ``shortlist`` candidates per
 token (a blockwise top-k), and the shortlist is re-ranked with exact float32 distances, so the answer is the
 exact nearest token unless rounding pushed it out of the top ``shortlist`` (it can only do so between
-near-ties). Noise is drawn with numpy from one
-seed per call.
+near-ties). Noise is drawn with numpy from one seed per call.
 """
 
 from __future__ import annotations
