@@ -106,6 +106,20 @@ def test_soft_prompt_scoring_is_batch_invariant_and_trainable(tiny):
     assert all(p.grad is None for p in model.parameters())  # the model stays frozen
 
 
+def test_fast_bf16_on_cpu_follows_the_cpu_features_not_a_timing(monkeypatch):
+    """The choice must be the same in every process of a run (a resumed run is a new process): a timing
+    near its threshold once gave a stopped-and-resumed DP run a different dtype than the whole run."""
+    from fedprompt.models import registry
+
+    for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        registry.fast_bf16.cache_clear()
+        assert registry.fast_bf16("cpu") is expected
+    registry.fast_bf16.cache_clear()
+    assert registry.fast_bf16("mps") is False  # no probe there: float32
+
+
 def test_auto_dtype_is_bf16_only_where_bf16_is_fast(monkeypatch):
     from fedprompt.models import registry
 

@@ -11,7 +11,6 @@ import importlib.util
 import os
 import shutil
 import tempfile
-import timeit
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -92,22 +91,18 @@ def resolve_device(device: str | None) -> torch.device:
 def fast_bf16(device_type: str = "cpu") -> bool:
     """Whether bfloat16 matrix products run at least at float32 speed on ``device_type``.
 
-    CUDA: when the GPU supports bf16. CPU: measured once per process (a 256 x 256 product, best of 3):
-    with AVX512-BF16 or AMX, bf16 is ~1.7x faster than fp32 for SmolLM2; without them PyTorch emulates it
-    and a product is ~120x slower (2.66 s vs 0.023 s for 1024 x 1024 on a 2-core AMD EPYC with AVX2 only).
-    The two cases are far apart, so a 2x margin tells them apart on a noisy machine.
+    CUDA: when the GPU supports bf16. CPU: when it has AVX512-BF16 or AMX (PyTorch's own CPU probes);
+    there bf16 is ~1.7x faster than fp32 for SmolLM2, elsewhere PyTorch emulates it and a product is
+    ~120x slower (2.66 s vs 0.023 s for 1024 x 1024 on a 2-core AMD EPYC with AVX2 only).
+    Read from the CPU's features, never timed: every process of one run (a resumed run, a run's
+    subprocesses) must pick the same type on one machine, or their numbers differ.
     """
     if device_type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if device_type != "cpu":
         return False
-
-    def best_of_3(dtype: torch.dtype) -> float:
-        x = torch.randn(256, 256).to(dtype)
-        x @ x  # warm-up
-        return min(timeit.repeat(lambda: x @ x, number=1, repeat=3))
-
-    return best_of_3(torch.bfloat16) < 2.0 * best_of_3(torch.float32)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own; a missing probe counts as no
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
