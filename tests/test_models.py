@@ -108,7 +108,8 @@ def test_soft_prompt_scoring_is_batch_invariant_and_trainable(tiny):
 
 def test_fast_bf16_on_cpu_follows_the_cpu_features_not_a_timing(monkeypatch):
     """The choice must be the same in every process of a run (a resumed run is a new process): a timing
-    near its threshold once gave a stopped-and-resumed DP run a different dtype than the whole run."""
+    near its threshold can give two processes different dtypes (the likely cause of a CI failure in
+    tests/test_resume.py: resumed and whole DP runs ended with different prompt bits)."""
     from fedprompt.models import registry
 
     for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
