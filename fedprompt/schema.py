@@ -28,6 +28,7 @@ class HubSchema:  # task.hf: the task's Hugging Face dataset
     text_pair: Optional[str] = None
     label: str = "label"
     splits: Dict[str, str] = field(default_factory=dict)
+    validation_size: Optional[int] = None  # rows carved from hub train when splits.validation is "carve"
 
 
 @dataclass
@@ -74,8 +75,11 @@ class FederationSchema:
     round_timeout_s: float = 0.0
     eval_split: str = ""
     eval_limit: Optional[int] = None
+    eval_sample_seed: Optional[int] = None
     eval_every: int = 1
-    eval_manual: bool = True
+    eval_references: bool = True
+    reference_limit: Optional[int] = None
+    eval_overlap: str = ""
     public_split: str = ""
     public_size: int = 0
     audit_replies: bool = False

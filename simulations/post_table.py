@@ -245,7 +245,7 @@ def main(argv=None) -> dict:
             f"method.train.local_steps={args.local_steps}", f"method.train.batch_size={args.batch_size}",
             f"method.train.lr={lr}", f"method.privacy.epsilon={'null' if epsilon is None else epsilon}",
             f"federation.num_clients={args.clients}", f"federation.rounds={args.rounds}",
-            f"federation.eval_limit={args.eval_limit}", "federation.eval_manual=false", "partition=iid",
+            f"federation.eval_limit={args.eval_limit}", "federation.eval_references=false", "partition=iid",
                 f"partition.k_shot={k_shot}", f"output_dir={run_dir}",
             ]))
             table.add("student (federated)", tag, fl["final_accuracy"], time.perf_counter() - t0,

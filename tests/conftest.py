@@ -59,11 +59,15 @@ def write_task(root: Path, name: str, rows: dict[str, list[dict]], labels: list[
 @pytest.fixture
 def tiny_data(tmp_path) -> Path:
     """A data folder with a 2-label task 'toy' (12 rows a split) and a pair task 'toypair'."""
+    # Each split has its own sentences (a suffix per split): runs check their learning sets against the
+    # evaluation split by content and refuse an overlap.
     words = ["a great movie", "a terrible film", "wonderful cast", "boring and too long"]
-    rows = [{"text": words[i % 4] + f" {i}", "label": (i % 4) % 2} for i in range(12)]
-    write_task(tmp_path, "toy", {s: rows for s in ("train", "validation", "test")}, ["negative", "positive"])
-    pairs = [{"text": f"premise {i}", "text_pair": f"hypothesis {i}", "label": i % 2} for i in range(8)]
-    write_task(tmp_path, "toypair", {s: pairs for s in ("train", "validation", "test")}, ["yes", "no"])
+    suffix = {"train": "", "validation": "v", "test": "t"}
+    rows = {s: [{"text": words[i % 4] + f" {p}{i}", "label": (i % 4) % 2} for i in range(12)] for s, p in suffix.items()}
+    write_task(tmp_path, "toy", rows, ["negative", "positive"])
+    pairs = {s: [{"text": f"premise {p}{i}", "text_pair": f"hypothesis {i}", "label": i % 2} for i in range(8)]
+             for s, p in suffix.items()}
+    write_task(tmp_path, "toypair", pairs, ["yes", "no"])
     return tmp_path
 
 

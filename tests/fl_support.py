@@ -18,9 +18,10 @@ TRAIN_TEXTS = [" ".join(_WORDS[(i * 5 + j) % len(_WORDS)] for j in range(6)) + f
 def write_secret_task(root: Path) -> Path:
     """Task 'secret' (2 labels): 16 training rows of distinctive words; public/test rows are plain."""
     train = [{"text": t, "label": i % 2} for i, t in enumerate(TRAIN_TEXTS)]
-    other = [{"text": w, "label": i % 2} for i, w in enumerate(["a great movie", "a terrible film", "wonderful cast",
-                                                                 "boring and too long"] * 2)]
-    write_task(root, "secret", {"train": train, "validation": other, "test": other}, ["negative", "positive"])
+    phrases = ["a great movie", "a terrible film", "wonderful cast", "boring and too long"] * 2
+    validation = [{"text": f"{w} {i}", "label": i % 2} for i, w in enumerate(phrases)]  # no test sentence in it
+    test = [{"text": w, "label": i % 2} for i, w in enumerate(phrases)]
+    write_task(root, "secret", {"train": train, "validation": validation, "test": test}, ["negative", "positive"])
     return root
 
 

@@ -1,12 +1,15 @@
-"""Data layer: task folders, validation errors, k-shot sampling, partitioning."""
+"""Data layer: task folders, hub split mapping, validation errors, k-shot sampling, partitioning."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from fedprompt.data import Example, load_task, partition_examples, sample_balanced, sample_k_shot, task_from_config
+from fedprompt.data.loading import CARVE, _hub_rows, carve, hub_splits, load_hub_split
 from fedprompt.data.sampling import balanced_quotas
 from fedprompt.errors import ConfigError, DataError
 
@@ -135,3 +138,89 @@ def test_partition_bad_input():
         partition_examples(rows, 10, 3, "iid")
     with pytest.raises(ConfigError, match="unknown partition scheme"):
         partition_examples(rows, 2, 3, "random")
+
+
+# --- the hub: each split reads its own hub split, or validation is carved from hub train ---------------------
+
+CONF_TASKS = sorted((Path(__file__).resolve().parents[1] / "conf" / "task").glob("*.yaml"))
+HUB_TOY = {**TOY, "name": "toyhub", "hf": {"path": "org/toy", "text": "sentence", "label": "label"}}
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """``datasets.load_dataset`` answering from memory: a 40-row train and a 10-row test, no validation."""
+    import datasets
+
+    def split(prefix: str, n: int) -> datasets.Dataset:
+        features = datasets.Features({"sentence": datasets.Value("string"),
+                                      "label": datasets.ClassLabel(names=["negative", "positive"])})
+        return datasets.Dataset.from_dict({"sentence": [f"{prefix} {i}" for i in range(n)],
+                                           "label": [i % 2 for i in range(n)]}, features=features)
+
+    hub = {"train": split("train", 40), "test": split("test", 10)}
+    calls: list[str] = []
+
+    def load_dataset(path, name=None, split=None):
+        calls.append(split)
+        if split not in hub:
+            raise ValueError(f"Unknown split {split!r}")
+        return hub[split]
+
+    monkeypatch.delenv("FEDPROMPT_DATA_DIR", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    _hub_rows.cache_clear()
+    yield calls
+    _hub_rows.cache_clear()
+
+
+def _texts(rows) -> list[str]:
+    return [r.text for r in rows]
+
+
+def test_hub_carves_validation_from_train_and_keeps_test_apart(fake_hub):
+    cfg = {**HUB_TOY, "hf": {**HUB_TOY["hf"], "splits": {"validation": CARVE}}}
+    task = load_task(cfg)
+    assert task.spec.labels == ("negative", "positive")  # from the hub's ClassLabel
+    train, val, test = (set(_texts(task.split(s))) for s in ("train", "validation", "test"))
+    assert len(val) == 4 and not val & test and not train & test  # 10% of 40, no test row in a choice
+    assert not train & val and train | val == {f"train {i}" for i in range(40)}  # disjoint, together hub train
+    assert fake_hub.count("train") == 1  # train, validation and the label names: one load of hub train
+    _hub_rows.cache_clear()  # a fresh process carves the same rows
+    assert set(_texts(load_hub_split(cfg, "validation")[0])) == val
+    sized = {**cfg, "hf": {**cfg["hf"], "validation_size": 7}}
+    assert [len(load_hub_split(sized, s)[0]) for s in ("train", "validation")] == [33, 7]
+
+
+def test_carve_size_follows_shared_data():
+    rows = [Example(f"r{i}", 0) for i in range(5452)]  # TREC's train: shared/data carved 545
+    rest, held = carve(rows)
+    assert len(held) == 545 and len(rest) == 4907 and carve(rows) == (rest, held)
+    assert len(carve([Example(f"r{i}", 0) for i in range(120000)])[1]) == 1000  # capped: AG News
+    with pytest.raises(DataError, match="cannot carve 40"):
+        carve(rows[:40], 40)
+
+
+@pytest.mark.parametrize(
+    "splits, message",
+    [
+        ({"validation": "test"}, "maps both 'validation' and 'test' to hub split 'test'.*validation: carve"),
+        ({"test": "validation"}, "maps both 'validation' and 'test' to hub split 'validation'"),
+        ({"test": "train"}, "maps both 'train' and 'test'"),
+        ({"test": CARVE}, "only validation can be 'carve'"),
+        ({"dev": "validation"}, r"unknown split\(s\) \['dev'\]"),
+    ],
+)
+def test_aliased_hub_mapping_is_refused_before_loading(fake_hub, splits, message):
+    cfg = {**HUB_TOY, "hf": {**HUB_TOY["hf"], "splits": splits}}
+    with pytest.raises(DataError, match=message):
+        load_hub_split(cfg, "train")
+    assert not fake_hub  # refused up front: nothing was downloaded
+
+
+@pytest.mark.parametrize("path", CONF_TASKS, ids=lambda p: p.stem)
+def test_shipped_hub_mappings_are_distinct(path):
+    hub = OmegaConf.to_container(OmegaConf.load(path)).get("hf")
+    if hub is None:
+        return  # custom: no hub dataset
+    plan = hub_splits(hub)
+    assert plan["validation"] != plan["test"] and plan["validation"] in ("validation", CARVE)

@@ -11,11 +11,16 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
+
 from fedprompt import cli
 from tests.fl_support import find_leaks, tiny_overrides, write_secret_task
 
 KEYS = {"final_accuracy", "rounds", "queries", "output_dir", "manual_accuracy", "initial_accuracy", "final_prompt",
-        "bytes_up", "bytes_down", "eval_queries", "wall_s", "run_id", "num_clients", "failures"}
+        "bytes_up", "bytes_down", "eval_queries", "wall_s", "run_id", "num_clients", "failures",
+        # the result protocol: both references, the one chosen on validation, what was scored, where it came from
+        "zero_shot_accuracy", "reference_kind", "reference_accuracy", "reference_choice", "eval_split", "eval_n",
+        "eval_ids_sha256", "predictions_file", "git_commit", "git_dirty", "config_sha256"}
 
 
 def test_two_clients_one_round_through_flwr_run(capsys, tmp_path, tiny_model_dir):
@@ -40,6 +45,14 @@ def test_two_clients_one_round_through_flwr_run(capsys, tmp_path, tiny_model_dir
     assert [r["round"] for r in rows] == ["0", "1"]
     assert rows[1]["prompt"] == result["final_prompt"] and int(rows[1]["replies"]) == 2
     assert sum(json.loads((out / "partition.json").read_text())["sizes"]) == 16
+
+    assert result["reference_kind"] in ("manual", "zero-shot") and result["reference_choice"]["split"] == "validation"
+    assert result["reference_accuracy"] == result[f"{result['reference_kind'].replace('-', '_')}_accuracy"]
+    with np.load(out / result["predictions_file"]) as predictions:
+        assert set(predictions.files) == {"ids", "label", "manual", "zero_shot", "final"}
+        assert all(len(predictions[k]) == result["eval_n"] == 8 for k in predictions.files)
+        assert np.mean(predictions["final"] == predictions["label"]) == result["final_accuracy"]
+        assert np.mean(predictions["zero_shot"] == predictions["label"]) == result["zero_shot_accuracy"]
 
     audit = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
     assert len(audit) == 2 and all(row["error"] is None for row in audit)

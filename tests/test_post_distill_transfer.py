@@ -100,12 +100,31 @@ def test_transfer_fits_the_students_prompted_outputs(teacher, alpha):
     assert result.fixed_tokens["student"] > 0 and result.fixed_tokens["large"] > 0 and result.tokens > 0
 
 
+def split_rows(split: str) -> list[dict]:
+    """CORPUS with a suffix per split: each split has its own sentences (the commands refuse shared content)."""
+    suffix = {"train": "", "validation": " v", "test": " t"}[split]
+    return [{"text": t + suffix, "label": i % 2} for i, t in enumerate(CORPUS)]
+
+
 @pytest.fixture
 def post_data(tmp_path):
-    rows = [{"text": t, "label": i % 2} for i, t in enumerate(CORPUS)]
     for name in ("toy", "other"):
-        write_task(tmp_path, name, {s: rows for s in ("train", "validation", "test")}, ["negative", "positive"])
+        write_task(tmp_path, name, {s: split_rows(s) for s in ("train", "validation", "test")},
+                   ["negative", "positive"])
     return tmp_path
+
+
+def leak(data_dir, task: str, split: str) -> str:
+    """Add toy's third test sentence, spaced and cased otherwise (still the same content), to ``task``'s ``split``."""
+    sentence = split_rows("test")[2]["text"]
+    rows = split_rows(split) + [{"text": "  " + sentence.upper(), "label": 0}]
+    (data_dir / task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return sentence
+
+
+@pytest.fixture
+def nothing_expensive(monkeypatch):
+    monkeypatch.setattr("fedprompt.models.load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
 
 
 def tiny_args(data_dir, model_dir, tmp_path) -> list[str]:
@@ -126,7 +145,9 @@ def test_fedprompt_distill_saves_a_loadable_student_and_a_report(capsys, post_da
     assert 0 <= record["student_zero_shot_accuracy"] <= 1 and record["distill_s"] > 0
     assert (tmp_path / "out" / "loss_curve.png").stat().st_size > 0
     assert load_causal_lm(str(student_dir), "cpu", "float32").config.num_hidden_layers == 1
-    assert json.loads((student_dir / "distill_report.json").read_text())["curve"]
+    report = json.loads((student_dir / "distill_report.json").read_text())
+    assert report["curve"] and report["data_tasks"] == ["other"] and report["data_split"] == "train"
+    assert report["data_sources"]["other"]["name"] == "other"  # how it was read: `fedprompt run` re-reads it so
 
 
 def test_fedprompt_transfer_lifts_a_prompt_and_reports_the_last_step(capsys, post_data, tiny_model_dir, tmp_path):
@@ -165,3 +186,68 @@ def test_bad_input_is_one_line_before_any_model_loads(capsys, monkeypatch, post_
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+N = len(CORPUS) + 1  # rows of a split with the leaked sentence
+
+
+@pytest.mark.parametrize("command, leaked, extra, message", [
+    ("transfer", ("other", "train"), ["transfer.public_task=other"],  # public_size 256: all of other's train split
+     f"the transfer's public set (other train): 1 of its {N} examples are also in the evaluation set (toy test, "),
+    ("transfer", ("toy", "validation"), ["transfer.public_task=other"],  # alpha_split: validation (default)
+     f"the alpha set (toy validation): 1 of its {N} examples are also in the evaluation set (toy test, "),
+    ("distill", ("other", "train"), ["distill.data.tasks=[toy,other]", "distill.eval_limit=4"],
+     f"the distillation text (other train): 1 of its {N} examples are also in the evaluation set (toy test, 4 "),
+])
+def test_a_learning_set_sharing_a_test_sentence_is_refused_before_any_model_loads(
+        capsys, post_data, tiny_model_dir, tmp_path, nothing_expensive, command, leaked, extra, message):
+    leak(post_data, *leaked)
+    prompt_file = save_prompt(SoftPrompt(4, 32), tmp_path / "p.safetensors", task="toy")
+    code = cli.main([command, *tiny_args(post_data, tiny_model_dir, tmp_path), f"transfer.prompt={prompt_file}",
+                     f"transfer.student={tiny_model_dir}", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_transfer_under_exclude_drops_the_shared_sentence_and_goes_on(post_data, tiny_model_dir, tmp_path, monkeypatch):
+    from fedprompt.data.leakage import content_key
+    from fedprompt.methods.post import TransferConfig
+    from fedprompt.methods.post.commands import public_examples
+
+    sentence = leak(post_data, "other", "train")
+    tcfg = TransferConfig.from_dict({"public_task": "other"})
+    toy = cli.load_task_checked(cli.compose([f"data_dir={post_data}", "task=toy"]))
+    keys = {content_key(e) for e in toy.split("test")}
+    kept, _, _ = public_examples(tcfg, "toy", post_data, 0, keys)
+    assert len(kept) == len(CORPUS) and sentence.upper() not in {e.text.strip() for e in kept}
+
+    class Loaded(Exception):
+        pass
+
+    monkeypatch.setattr("fedprompt.models.load_causal_lm", lambda *a, **k: (_ for _ in ()).throw(Loaded()))
+    prompt_file = save_prompt(SoftPrompt(4, 32), tmp_path / "p.safetensors", task="toy")
+    with pytest.raises(Loaded):  # past every check: the model load is next
+        cli.main(["transfer", *tiny_args(post_data, tiny_model_dir, tmp_path), f"transfer.prompt={prompt_file}",
+                  f"transfer.student={tiny_model_dir}", "transfer.public_task=other",
+                  "federation.eval_overlap=exclude"])
+
+
+def test_a_run_refuses_a_student_distilled_on_its_evaluation_text(post_data, tmp_path):
+    from fedprompt.errors import DataError
+    from fedprompt.fl.post.server import check_student_text
+
+    cfg = cli.compose([f"data_dir={post_data}", "task=toy"])  # the run evaluates on toy's test split
+    student = tmp_path / "student"
+    student.mkdir()
+    check_student_text(cfg, str(student))  # no distill_report.json: a student from elsewhere, nothing to check
+    report = {"data_tasks": ["other"], "data_split": "train", "data_sources": {"other": {"name": "other"}}}
+    (student / "distill_report.json").write_text(json.dumps(report))
+    check_student_text(cfg, str(student))  # other's train text is not toy's test text
+    leak(post_data, "other", "train")
+    with pytest.raises(DataError, match=rf"^the student's distillation text \(other train\): 1 of its {N} examples "
+                                        rf"are also in the evaluation set \(test split, {len(CORPUS)} examples\)"):
+        check_student_text(cfg, str(student))
+    (student / "distill_report.json").write_text(json.dumps({**report, "data_tasks": ["nosuch"]}))
+    with pytest.raises(DataError, match=r"distillation text \(nosuch train\), named in .* cannot be read"):
+        check_student_text(cfg, str(student))

@@ -139,11 +139,15 @@ def validate_federation(fed: DictConfig) -> None:
                           f"(or null for all of them), got {available}")
     if fed.get("eval_limit") is not None and int(fed.eval_limit) < 1:
         raise ConfigError(f"federation.eval_limit must be >= 1 (or null for the whole split), got {fed.eval_limit}")
-    if int(fed.public_size) > 0 and fed.public_split == fed.eval_split:
-        raise ConfigError(
-            f"federation.public_split and eval_split are both {fed.eval_split!r}: clients would tune on the "
-            "examples the prompt is scored on; use public_split=validation (or public_size=0)"
-        )
+    if fed.get("reference_limit") is not None and int(fed.reference_limit) < 1:
+        raise ConfigError(f"federation.reference_limit must be >= 1 (or null for the whole validation split), "
+                          f"got {fed.reference_limit}")
+    from fedprompt.data.leakage import OVERLAP_POLICIES
+
+    if fed.get("eval_overlap") not in OVERLAP_POLICIES:
+        raise ConfigError(f"federation.eval_overlap must be one of {' | '.join(OVERLAP_POLICIES)}, got {fed.get('eval_overlap')!r}")
+    # public_split == eval_split is allowed (stage 1 of the result protocol scores on validation, where the public
+    # pool lives too): the pool is then drawn from that split minus the evaluation examples (fedprompt.fl.data).
     if fed.public_split == "train" and int(fed.public_size) > 0:
         raise ConfigError("federation.public_split=train would hand clients' training data to everyone; use validation")
 

@@ -1,6 +1,10 @@
 """What each side of a simulation reads: clients their partition and the public pool, the server its
-evaluation split. Every ClientApp recomputes the same seeded partition and keeps partition
-``node_config["partition-id"]``.
+evaluation examples and the validation examples that decide the run's reference. Every ClientApp
+recomputes the same seeded partition and keeps partition ``node_config["partition-id"]``.
+
+No set a run learns or chooses from may share content with the evaluation examples
+(fedprompt.data.leakage): ``federation.eval_overlap=refuse`` (default) stops the run before launch,
+``exclude`` drops those rows from the learning sources before anything is sampled from them.
 """
 
 from __future__ import annotations
@@ -27,11 +31,28 @@ def load_task_and_spec(cfg: DictConfig):
     return task, task.spec.with_chat_format(cfg.model.get("chat_format"))
 
 
+def _learning_source(cfg: DictConfig, task, split: str) -> list[Example]:
+    """A split a run learns or chooses from, minus the evaluation examples' content under ``exclude`` or when it
+    is the evaluation split itself (a public pool on validation while stage 1 scores on validation)."""
+    from fedprompt.data.leakage import without
+
+    examples = task.split(split)
+    if cfg.federation.get("eval_overlap", "refuse") == "exclude" or split == str(cfg.federation.eval_split):
+        examples = without(examples, eval_keys(cfg, task))
+    return examples
+
+
+def eval_keys(cfg: DictConfig, task) -> set[bytes]:
+    from fedprompt.data.leakage import content_key
+
+    return {content_key(e) for e in eval_examples(cfg, task)}
+
+
 def training_examples(cfg: DictConfig, task, spec: TaskSpec) -> list[Example]:
     """The train split, or its seeded k-shot sample (``partition.k_shot`` per class) before partitioning."""
     from fedprompt.data import sample_k_shot
 
-    examples = task.split("train")
+    examples = _learning_source(cfg, task, "train")
     k = cfg.partition.get("k_shot")
     return examples if k is None else sample_k_shot(examples, int(k), spec.num_labels, seed=int(cfg.seed))
 
@@ -63,16 +84,72 @@ def public_examples(cfg: DictConfig, task, spec: TaskSpec) -> list[Example]:
     """A class-balanced pool from ``federation.public_split`` that every client may score prompts on."""
     from fedprompt.data import sample_balanced
 
-    size = int(cfg.federation.public_size)
+    fed = cfg.federation
+    size = int(fed.public_size)
     if size == 0:
         return []
-    return sample_balanced(task.split(str(cfg.federation.public_split)), size, spec.num_labels, seed=int(cfg.seed) + 1)
+    source = _learning_source(cfg, task, str(fed.public_split))
+    if not source:
+        from fedprompt.errors import ConfigError
+
+        raise ConfigError(
+            f"the public pool needs examples of the {fed.public_split} split, but none are left "
+            f"once the evaluation examples are set aside; lower federation.public_size or, when the pool and the "
+            f"evaluation share a split, federation.eval_limit (with eval_sample_seed) to leave rows for the pool")
+    return sample_balanced(source, size, spec.num_labels, seed=int(cfg.seed) + 1)
 
 
 def eval_examples(cfg: DictConfig, task) -> list[Example]:
-    examples = task.split(str(cfg.federation.eval_split))
-    limit = cfg.federation.get("eval_limit")
+    """``federation.eval_split``: all of it, its first ``eval_limit`` examples, or (``eval_sample_seed`` set)
+    a seeded sample of ``eval_limit`` examples kept in split order (the same for every run that sets it)."""
+    fed = cfg.federation
+    examples = task.split(str(fed.eval_split))
+    limit = fed.get("eval_limit")
+    if limit is None or int(limit) >= len(examples):
+        return examples
+    if fed.get("eval_sample_seed") is None:
+        return examples[: int(limit)]
+    import numpy as np
+
+    chosen = np.random.default_rng(int(fed.eval_sample_seed)).choice(len(examples), int(limit), replace=False)
+    return [examples[i] for i in sorted(chosen)]
+
+
+def reference_examples(cfg: DictConfig, task) -> list[Example]:
+    """The validation examples on which the better untuned prompt (manual or zero-shot) is chosen: the first
+    ``federation.reference_limit`` of the validation split. They are the evaluation examples when
+    ``eval_split=validation`` (choosing on validation is the point of that stage)."""
+    fed = cfg.federation
+    if str(fed.eval_split) == "validation":
+        return eval_examples(cfg, task)
+    examples = _learning_source(cfg, task, "validation")
+    limit = fed.get("reference_limit")
     return examples if limit is None else examples[: int(limit)]
+
+
+def overlap_excluded(cfg: DictConfig, task) -> dict[str, int] | None:
+    """Under ``eval_overlap=exclude``: how many rows of each learning split were set aside (partition.json)."""
+    from fedprompt.data.leakage import overlap
+
+    fed = cfg.federation
+    if fed.get("eval_overlap", "refuse") != "exclude":
+        return None
+    keys = eval_keys(cfg, task)
+    splits = {"train", str(fed.public_split), "validation"} - {str(fed.eval_split)}
+    return {split: overlap(task.split(split), keys) for split in sorted(splits)}
+
+
+def check_no_leak(cfg: DictConfig, task, train: list[Example], public: list[Example]) -> None:
+    """Before launch: the clients' training examples, the public pool (which the server check scores on too)
+    and the reference examples share no content with the evaluation examples (a one-line DataError)."""
+    from fedprompt.data.leakage import check_disjoint
+
+    fed = cfg.federation
+    learning = {"the clients' training examples (train split)": train,
+                f"the public pool ({fed.public_split} split)": public}
+    if str(fed.eval_split) != "validation" and fed.get("eval_references", True):
+        learning["the reference examples (validation split)"] = reference_examples(cfg, task)
+    check_disjoint(learning, f"{fed.eval_split} split", eval_examples(cfg, task))
 
 
 def client_data(cfg: DictConfig) -> ClientData:

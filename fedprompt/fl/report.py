@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+PREDICTIONS = "predictions.npz"
+
 # Flat per-round columns (CSV and JSON); the JSON rows add client prompts, failures and aggregation details.
 # failures = error replies + sampled clients that never replied; queries = the clients' black-box queries.
 # A round with fewer valid replies than federation.min_replies keeps the global prompt: its JSON row says why
@@ -47,12 +51,26 @@ class RunReport:
         self.folder, self.info = Path(folder), dict(info)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
+        self.predictions: dict[str, np.ndarray] = {}
         self.start = self.last = time.perf_counter()
 
     def restore(self, rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
-        """Continue a resumed run's report: its rows so far and its facts (elapsed time goes on from there)."""
+        """Continue a resumed run's report: its rows so far, its facts (elapsed time goes on from there) and the
+        predictions already written (the references')."""
         self.rows, self.info = list(rows), dict(info)
         self.start -= float(rows[-1]["elapsed_s"]) if rows else 0.0
+        path = self.folder / PREDICTIONS
+        if path.is_file():
+            with np.load(path) as data:
+                self.predictions = {key: data[key] for key in data.files if key != "final"}
+
+    def save_predictions(self, **arrays: np.ndarray) -> None:
+        """Add per-example arrays (``ids``, ``label``, ``manual``, ``zero_shot``, ``final``) to predictions.npz:
+        one entry per evaluation example, in the order scored, labels as class indices; no example text."""
+        self.predictions.update({k: np.asarray(v) for k, v in arrays.items()})
+        tmp = self.folder / (PREDICTIONS + ".tmp.npz")
+        np.savez_compressed(tmp, **self.predictions)
+        tmp.replace(self.folder / PREDICTIONS)  # a stop while writing leaves the previous file whole
 
     def add(self, server_round: int, prompt: list[str], accuracy: float, eval_n: int, eval_queries: int,
             eval_s: float, stats=None) -> dict[str, Any]:
@@ -96,8 +114,9 @@ class RunReport:
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
         scored = [r for r in self.rows if r["accuracy"] is not None]  # federation.eval_every skips rounds
         ax.plot([r["round"] for r in scored], [r["accuracy"] for r in scored], marker="o", label="global prompt")
-        if self.info.get("manual_accuracy") is not None:
-            ax.axhline(self.info["manual_accuracy"], color="grey", linestyle="--", label="manual prompt")
+        for key, label, style in (("manual_accuracy", "manual prompt", "--"), ("zero_shot_accuracy", "zero-shot", ":")):
+            if self.info.get(key) is not None:
+                ax.axhline(self.info[key], color="grey", linestyle=style, label=label)
         ax.set_xlabel("round")
         ax.set_ylabel(f"accuracy ({self.info.get('eval_split', 'test')}, n={self.info.get('eval_n', '?')})")
         ax.set_title(f"{self.info.get('method', '')} on {self.info.get('task', '')}, {self.info.get('num_clients', '?')} clients")
@@ -128,6 +147,7 @@ class RunReport:
             "skipped_rounds": [r["round"] for r in trained if r.get("skipped")],
             "client_replies": sum(r["replies"] for r in trained),
             "server_wall_s": round(time.perf_counter() - self.start, 3),
+            "predictions_file": PREDICTIONS if "final" in self.predictions else None,
             **extra,
         }
         (self.folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

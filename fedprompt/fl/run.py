@@ -39,7 +39,8 @@ def app_dir() -> Path:
 def prepare(cfg: DictConfig) -> dict:
     """All checks that need data or tokenizers but no model weights; returns the partition's summary."""
     from fedprompt.fl.config import validate_config
-    from fedprompt.fl.data import eval_examples, load_task_and_spec, make_partition, public_examples, training_examples
+    from fedprompt.fl.data import (check_no_leak, eval_examples, load_task_and_spec, make_partition,
+                                   overlap_excluded, public_examples, training_examples)
     from fedprompt.fl.methods import federated_method
 
     validate_config(cfg)
@@ -55,11 +56,12 @@ def prepare(cfg: DictConfig) -> dict:
     if empty:
         raise ConfigError(f"clients {empty[:10]} get no training example under partition={dict(part)}; "
                           "raise partition.k_shot or alpha, or lower federation.num_clients")
-    public_examples(cfg, task, spec)
     if not eval_examples(cfg, task):
         raise ConfigError(f"the evaluation split {cfg.federation.eval_split!r} is empty")
+    check_no_leak(cfg, task, train, public_examples(cfg, task, spec))  # by content, not by split name
     facts = federated_method(cfg.method.name).load("checks")(cfg, spec)
-    return {"num_clients": len(partition.clients), "train_examples": len(train), **facts, **partition.summary()}
+    return {"num_clients": len(partition.clients), "train_examples": len(train), **facts, **partition.summary(),
+            "eval_overlap_excluded": overlap_excluded(cfg, task)}
 
 
 def run_folder(cfg: DictConfig) -> Path:

@@ -62,19 +62,19 @@ def check(cfg, spec) -> dict:
             "queries_per_client_round_max": method.evaluations_per_round() * (method.batch_size or max(map(len, clients)))}
 
 
-def score_prompt(blackbox, spec, examples, soft_prompt: np.ndarray) -> tuple[float, int]:
-    """Accuracy of a soft prompt (with the task's manual prompt in the text) and the queries it took."""
+def predict_soft_prompt(blackbox, spec, examples, soft_prompt: np.ndarray) -> np.ndarray:
+    """Predicted class per example under a soft prompt (with the task's manual prompt in the text)."""
     result = blackbox.classify_embeds([spec.format(e) for e in examples], list(spec.label_words), soft_prompt)
-    gold = np.array([e.label for e in examples])
-    return float(np.mean(np.asarray(result.predictions) == gold)), len(examples)
+    return np.asarray(result.predictions)
 
 
 def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.fl.bbt.strategy import BBTStrategy
     from fedprompt.fl.checkpoint import CheckpointedRounds
     from fedprompt.fl.config import method_config
-    from fedprompt.fl.data import eval_examples, load_task_and_spec
-    from fedprompt.fl.feddtpt.server import score_prompt as score_text_prompt
+    from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
+    from fedprompt.fl.feddtpt.server import predict_prompt
+    from fedprompt.fl.protocol import measure_references, provenance, round_accuracy
     from fedprompt.fl.report import RunReport
     from fedprompt.fl.run import run_folder
     from fedprompt.methods.bbt.projection import projection_for
@@ -96,11 +96,12 @@ def run_server(grid: Grid, cfg) -> dict:
         "eval_split": str(fed.eval_split), "eval_n": len(examples), "manual_prompt": spec.manual_prompt,
         "intrinsic_dim": method.intrinsic_dim, "prompt_tokens": method.prompt_tokens, "init": method.init,
         "popsize": method.popsize, "local_iterations": method.local_iterations, "batch_size": method.batch_size,
-        "projection_std": projection.std, "projection_seed": projection.seed, "manual_accuracy": None,
+        "projection_std": projection.std, "projection_seed": projection.seed, **provenance(cfg),
     })
     rounds = CheckpointedRounds(cfg, folder, report, strategy)  # resume=true: the report so far is restored here
-    if fed.eval_manual and report.info["manual_accuracy"] is None:  # manual prompt, no soft prompt
-        report.info["manual_accuracy"] = score_text_prompt(blackbox, spec, examples, None)[0]
+    if fed.eval_references:  # the manual prompt or no instruction, without a soft prompt
+        measure_references(report, lambda rows, text: predict_prompt(blackbox, spec, rows, text), spec, examples,
+                           reference_examples(cfg, task))
 
     every, last = int(fed.eval_every), int(fed.rounds)
 
@@ -108,7 +109,9 @@ def run_server(grid: Grid, cfg) -> dict:
         z, sigma = arrays_to_point(arrays, method.intrinsic_dim)
         start = time.perf_counter()
         due = server_round % every == 0 or server_round == last  # round 0 and the final prompt always
-        accuracy, queries = score_prompt(blackbox, spec, examples, projection.prompt(z)) if due else (None, 0)
+        predictions = predict_soft_prompt(blackbox, spec, examples, projection.prompt(z)) if due else None
+        accuracy = round_accuracy(report, examples, server_round, last, predictions)
+        queries = len(examples) if due else 0
         report.add(server_round, [], accuracy, len(examples) if due else 0, queries, time.perf_counter() - start,
                    strategy.rounds.get(server_round))
         log(INFO, "round %d: accuracy %s of the global prompt (|z| %.3f, sigma %.4f)", server_round, accuracy,

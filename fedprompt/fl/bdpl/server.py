@@ -67,8 +67,9 @@ def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.fl.bdpl.strategy import BDPLFedAvg
     from fedprompt.fl.checkpoint import CheckpointedRounds
     from fedprompt.fl.config import method_config
-    from fedprompt.fl.data import eval_examples, load_task_and_spec
-    from fedprompt.fl.feddtpt.server import score_prompt
+    from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
+    from fedprompt.fl.feddtpt.server import predict_prompt
+    from fedprompt.fl.protocol import measure_references, provenance, round_accuracy
     from fedprompt.fl.report import RunReport
     from fedprompt.fl.run import run_folder
     from fedprompt.methods.bdpl import BDPLClient, argmax_prompt, candidate_vocab
@@ -93,11 +94,12 @@ def run_server(grid: Grid, cfg) -> dict:
         "manual_prompt": spec.manual_prompt, "prompt_length": method.prompt_length, "candidates": len(vocab),
         "vocab_model": vocab_model(cfg), "samples_per_step": method.samples_per_step,
         "local_steps": method.local_steps, "batch_size": method.batch_size, "lr": method.lr,
-        "optimizer": method.optimizer, "query_budget": method.query_budget, "manual_accuracy": None,
+        "optimizer": method.optimizer, "query_budget": method.query_budget, **provenance(cfg),
     })
     rounds = CheckpointedRounds(cfg, folder, report, strategy)  # resume=true: the report so far is restored here
-    if fed.eval_manual and report.info["manual_accuracy"] is None:
-        report.info["manual_accuracy"] = score_prompt(blackbox, spec, examples, None)[0]
+    if fed.eval_references:
+        measure_references(report, lambda rows, text: predict_prompt(blackbox, spec, rows, text), spec, examples,
+                           reference_examples(cfg, task))
 
     every, last = int(fed.eval_every), int(fed.rounds)
     final: dict[str, np.ndarray] = {}
@@ -108,7 +110,9 @@ def run_server(grid: Grid, cfg) -> dict:
         words = [vocab[int(i)] for i in argmax_prompt(logits)]
         start = time.perf_counter()
         due = server_round % every == 0 or server_round == last  # round 0 and the final prompt always
-        accuracy, queries = score_prompt(blackbox, spec, examples, words) if due else (None, 0)
+        predictions = predict_prompt(blackbox, spec, examples, words) if due else None
+        accuracy = round_accuracy(report, examples, server_round, last, predictions)
+        queries = len(examples) if due else 0
         row = report.add(server_round, words, accuracy, len(examples) if due else 0, queries,
                          time.perf_counter() - start, strategy.rounds.get(server_round))
         log(INFO, "round %d: accuracy %s, argmax prompt %r", server_round, accuracy, row["prompt"])

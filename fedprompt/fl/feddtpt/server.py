@@ -49,12 +49,17 @@ def check(cfg, spec) -> dict:
     return {}
 
 
-def score_prompt(blackbox, spec, examples, prompt: Sequence[str] | str | None) -> tuple[float, int]:
-    """Accuracy of ``prompt`` (None: the manual prompt) from the black box's predicted labels; and the queries."""
+def predict_prompt(blackbox, spec, examples, prompt: Sequence[str] | str | None) -> np.ndarray:
+    """The black box's predicted class per example under ``prompt`` (None: the manual prompt, "": zero-shot)."""
     text = prompt if prompt is None or isinstance(prompt, str) else " ".join(prompt)
     result = blackbox.classify([spec.format(e, text) for e in examples], list(spec.label_words), labels_only=True)
-    gold = np.array([e.label for e in examples])
-    return float(np.mean(np.asarray(result.predictions) == gold)), len(examples)
+    return np.asarray(result.predictions)
+
+
+def score_prompt(blackbox, spec, examples, prompt: Sequence[str] | str | None) -> tuple[float, int]:
+    """Accuracy of ``prompt`` (None: the manual prompt) from the black box's predicted labels; and the queries."""
+    predictions = predict_prompt(blackbox, spec, examples, prompt)
+    return float(np.mean(predictions == np.array([e.label for e in examples]))), len(examples)
 
 
 def public_check(blackbox, spec, public) -> Callable[[list[str], list[str]], dict]:
@@ -82,7 +87,8 @@ def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.blackbox import make_blackbox
     from fedprompt.fl.checkpoint import CheckpointedRounds
     from fedprompt.fl.config import method_config
-    from fedprompt.fl.data import eval_examples, load_task_and_spec, public_examples
+    from fedprompt.fl.data import eval_examples, load_task_and_spec, public_examples, reference_examples
+    from fedprompt.fl.protocol import measure_references, provenance, round_accuracy
     from fedprompt.fl.report import RunReport
     from fedprompt.fl.run import run_folder
     from fedprompt.fl.feddtpt.strategy import FedDTPTStrategy
@@ -107,12 +113,13 @@ def run_server(grid: Grid, cfg) -> dict:
         "num_clients": int(fed.num_clients), "partition": dict(cfg.partition), "eval_split": str(fed.eval_split),
         "eval_n": len(examples), "seed_prompt": " ".join(seed_prompt), "manual_prompt": spec.manual_prompt,
         "aggregate_mode": method.aggregate.mode, "proposer": method.proposer.name, "feedback": method.search.feedback,
-        "budget_per_client_round": method.search.budget, "manual_accuracy": None,
+        "budget_per_client_round": method.search.budget, **provenance(cfg),
     })
     rounds = CheckpointedRounds(cfg, folder, report, strategy)  # resume=true: the report so far is restored here
-    seed_is_manual = seed_prompt == spec.manual_prompt.split()
-    if fed.eval_manual and not seed_is_manual and report.info["manual_accuracy"] is None:
-        report.info["manual_accuracy"] = score_prompt(blackbox, spec, examples, None)[0]
+    if fed.eval_references:
+        measure_references(report, lambda rows, text: predict_prompt(blackbox, spec, rows, text), spec, examples,
+                           reference_examples(cfg, task))
+    seed_is_manual = seed_prompt == spec.manual_prompt.split() and "manual" in report.predictions
 
     every, last = int(fed.eval_every), int(fed.rounds)
 
@@ -120,9 +127,12 @@ def run_server(grid: Grid, cfg) -> dict:
         words = arrays_to_prompt(arrays)
         start = time.perf_counter()
         due = server_round % every == 0 or server_round == last  # round 0 and the final prompt always
-        accuracy, queries = score_prompt(blackbox, spec, examples, words) if due else (None, 0)
-        if server_round == 0 and fed.eval_manual and seed_is_manual:
-            report.info["manual_accuracy"] = accuracy  # the seed is the manual prompt: same examples, same score
+        predictions, queries = None, 0
+        if due and server_round == 0 and seed_is_manual:  # the seed is the manual prompt, scored just before
+            predictions = report.predictions["manual"]
+        elif due:
+            predictions, queries = predict_prompt(blackbox, spec, examples, words), len(examples)
+        accuracy = round_accuracy(report, examples, server_round, last, predictions)
         row = report.add(server_round, words, accuracy, len(examples) if due else 0, queries,
                          time.perf_counter() - start, strategy.rounds.get(server_round))
         log(INFO, "round %d: accuracy %s, prompt %r", server_round, accuracy, row["prompt"])

@@ -9,7 +9,10 @@ client's examples, only their prompts and numbers.
 
 from __future__ import annotations
 
+import json
+import time
 from logging import INFO
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
@@ -20,8 +23,36 @@ from fedprompt.fl.post.records import arrays_to_prompt, prompt_to_arrays
 PROMPT_FILE = "prompt.safetensors"
 
 
+def check_student_text(cfg, student: str) -> None:
+    """A student's distillation text is a set the run's prompt is learnt through: refuse it (one line) if it shares
+    content with the evaluation examples. A student built by ``fedprompt distill`` names its text in
+    distill_report.json; one from elsewhere (or an older report, without data_split) has no record to check."""
+    from fedprompt.data import load_task
+    from fedprompt.data.leakage import check_disjoint
+    from fedprompt.errors import DataError, FedPromptError
+    from fedprompt.fl.data import eval_examples, load_task_and_spec
+
+    path = Path(student) / "distill_report.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    split, sources = report.get("data_split"), report.get("data_sources") or {}
+    if not split:
+        return
+    learning = {}
+    for name in report.get("data_tasks", []):
+        label = f"the student's distillation text ({name} {split})"
+        try:  # read as distill read it (its task conf, else the folder alone), from this run's data_dir
+            learning[label] = load_task(sources.get(name) or {"name": name}, cfg.get("data_dir")).split(split)
+        except FedPromptError as err:
+            raise DataError(f"{label}, named in {path}, cannot be read to check it against the evaluation "
+                            f"split: {err}") from None
+    # No eval_overlap=exclude here: the student has already learnt from that text; distil it again on other text.
+    check_disjoint(learning, f"{cfg.federation.eval_split} split", eval_examples(cfg, load_task_and_spec(cfg)[0]),
+                   remedy="or distil a student on other tasks (fedprompt distill distill.data.tasks=[...])")
+
+
 def check(cfg, spec) -> dict:
-    """POST's checks before launch: the tuned-on model exists, label words, prompt length, every client's DP plan."""
+    """POST's checks before launch: the tuned-on model exists, label words, prompt length, every client's DP plan,
+    no evaluation example in the student's distillation text."""
     from transformers import AutoConfig
 
     from fedprompt.fl.config import method_config
@@ -35,6 +66,7 @@ def check(cfg, spec) -> dict:
     name = resolve_model(method.model, str(cfg.model.name))
     tokenizer = load_tokenizer(name)  # also converts an embedded model once, before the clients start
     label_token_ids(tokenizer, spec.label_words)
+    check_student_text(cfg, name)
     clients = client_data(cfg).partition.clients
     longest = max(len(ids) for c in clients for ids in tokenizer([spec.format(e) for e in c])["input_ids"])
     context = getattr(AutoConfig.from_pretrained(materialize(name)), "max_position_embeddings", None)
@@ -51,8 +83,9 @@ def check(cfg, spec) -> dict:
 def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.fl.checkpoint import CheckpointedRounds
     from fedprompt.fl.config import method_config
-    from fedprompt.fl.data import eval_examples, load_task_and_spec
+    from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
     from fedprompt.fl.post.strategy import PromptFedAvg
+    from fedprompt.fl.protocol import measure_references, provenance, round_accuracy
     from fedprompt.fl.report import RunReport
     from fedprompt.fl.run import run_folder
     from fedprompt.methods.post import initial_prompt, save_prompt
@@ -76,18 +109,22 @@ def run_server(grid: Grid, cfg) -> dict:
         "num_clients": int(fed.num_clients), "partition": dict(cfg.partition), "eval_split": str(fed.eval_split),
         "eval_n": len(examples), "manual_prompt": spec.manual_prompt, "prompt_tokens": init.num_tokens,
         "local_steps": method.train.local_steps, "batch_size": method.train.batch_size,
-        "target_epsilon": method.privacy.epsilon if method.privacy.enabled else None, "manual_accuracy": None,
+        "target_epsilon": method.privacy.epsilon if method.privacy.enabled else None, **provenance(cfg),
     })
     rounds = CheckpointedRounds(cfg, folder, report, strategy)  # resume=true: the report so far is restored here
-    if fed.eval_manual and report.info["manual_accuracy"] is None:  # the tuned-on model, manual prompt, no soft prompt
-        report.info["manual_accuracy"] = classifier.evaluate(examples).accuracy
+    if fed.eval_references:  # the tuned-on model with the manual prompt or no instruction, no soft prompt
+        measure_references(report, lambda rows, text: classifier.log_scores(rows, text).argmax(1), spec, examples,
+                           reference_examples(cfg, task))
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         prompt = arrays_to_prompt(arrays).to(device)
-        result = classifier.evaluate(examples, soft_prompt=prompt)
-        report.add(server_round, [], result.accuracy, len(examples), 0, result.seconds, strategy.rounds.get(server_round))
-        log(INFO, "round %d: accuracy %.4f of the global prompt on %s", server_round, result.accuracy, name)
-        return MetricRecord({"accuracy": result.accuracy})
+        start = time.perf_counter()
+        predictions = classifier.log_scores(examples, soft_prompt=prompt).argmax(1)
+        accuracy = round_accuracy(report, examples, server_round, int(fed.rounds), predictions)
+        report.add(server_round, [], accuracy, len(examples), 0, time.perf_counter() - start,
+                   strategy.rounds.get(server_round))
+        log(INFO, "round %d: accuracy %.4f of the global prompt on %s", server_round, accuracy, name)
+        return MetricRecord({"accuracy": accuracy})
 
     result = rounds.start(grid, prompt_to_arrays(init), num_rounds=int(fed.rounds), timeout=float(fed.round_timeout_s),
                           train_config=ConfigRecord(), evaluate_fn=evaluate)

@@ -42,6 +42,7 @@ def run_server(grid: Grid, cfg) -> dict:
 
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import eval_examples, load_task_and_spec
+    from fedprompt.fl.protocol import provenance, round_accuracy
     from fedprompt.fl.rapt.strategy import RAPTStrategy
     from fedprompt.fl.report import RunReport
     from fedprompt.fl.run import run_folder
@@ -57,7 +58,8 @@ def run_server(grid: Grid, cfg) -> dict:
     privatizer, _ = load_privatizer(method.privatize, str(cfg.model.name))
     trainer = RAPTTrainer(model, tokenizer, spec, method, seed=int(cfg.seed))
     # The evaluation queries, privatized as users would send them (the server reads only this split).
-    queries, _ = privatize_examples(eval_examples(cfg, task), tokenizer, privatizer, method.train.max_text_tokens,
+    examples = eval_examples(cfg, task)
+    queries, _ = privatize_examples(examples, tokenizer, privatizer, method.train.max_text_tokens,
                                     seed=int(cfg.seed) + 7, plain_tokens=method.plain_tokens,
                                     plain_vocab=method.reconstruction.plain_vocab)
     strategy = RAPTStrategy(trainer, fraction_train=float(fed.fraction_train), min_train_nodes=int(fed.min_train_clients),
@@ -65,7 +67,8 @@ def run_server(grid: Grid, cfg) -> dict:
     report = RunReport(folder, {
         "method": method.name, "task": spec.name, "model": str(cfg.model.name), "num_clients": int(fed.num_clients),
         "partition": dict(cfg.partition), "eval_split": str(fed.eval_split), "eval_n": len(queries),
-        "manual_prompt": spec.manual_prompt, "manual_accuracy": None, "eta": method.privatize.eta,
+        # No untuned references yet: they would have to be scored on the same privatized queries.
+        "manual_prompt": spec.manual_prompt, "eta": method.privatize.eta, **provenance(cfg),
         "expected_noise_norm": privatizer.expected_noise_norm(), "reconstruction": method.reconstruction.enabled,
         "plain_tokens": method.plain_tokens, "prompt_tokens": method.prompt.num_tokens,
         "steps_per_round": method.train.steps,
@@ -76,7 +79,7 @@ def run_server(grid: Grid, cfg) -> dict:
         with torch.no_grad():
             prompt.weight.copy_(arrays_to_prompt(arrays).to(prompt.weight.device))
         start = time.perf_counter()
-        accuracy = trainer.accuracy(queries, prompt)
+        accuracy = round_accuracy(report, examples, server_round, int(fed.rounds), trainer.predict(queries, prompt))
         report.add(server_round, [], accuracy, len(queries), 0, time.perf_counter() - start, strategy.rounds.get(server_round))
         log(INFO, "round %d: accuracy %.4f on %d privatized queries", server_round, accuracy, len(queries))
         return MetricRecord({"accuracy": accuracy})

@@ -1,7 +1,8 @@
 """``fedprompt distill`` and ``fedprompt transfer``: POST's two steps around the federated tuning.
 
 Both check their input first (config values, the teacher's depth, data folders, label words, the prompt
-file and its width) and only then load models. Each writes its run folder (``outputs/<command>/...`` or
+file and its width, and that no text they learn or choose from is in the evaluation examples, by content:
+fedprompt.data.leakage) and only then load models. Each writes its run folder (``outputs/<command>/...`` or
 ``output_dir=``): result.json (also the returned record), config.yaml, and distill's loss curve or
 transfer's prompt.
 """
@@ -18,6 +19,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.data import Example, load_task
+from fedprompt.data.dataset import TaskData
+from fedprompt.data.leakage import check_disjoint, content_key, without
 from fedprompt.errors import ConfigError
 
 
@@ -26,20 +29,29 @@ def _task_examples(name: str, split: str, data_dir) -> list[Example]:
     return load_task({"name": name}, data_dir).split(split)
 
 
-def distill_texts(data, data_dir, chat_format: str | None, seed: int) -> list[str]:
+def distill_tasks(data, data_dir) -> dict[str, TaskData]:
+    """The tasks of ``data.tasks`` as distill reads them: ``raw`` needs only a folder, ``task`` the task's conf."""
+    from fedprompt.config import compose
+
+    if data.format == "raw":
+        return {name: load_task({"name": name}, data_dir) for name in data.tasks}
+    return {name: load_task(OmegaConf.to_container(compose([f"task={name}"]).task, resolve=True), data_dir)
+            for name in data.tasks}
+
+
+def distill_texts(data, data_dir, chat_format: str | None, seed: int,
+                  tasks: dict[str, TaskData] | None = None) -> list[str]:
     """The unlabeled texts of ``data.tasks`` (a DistillDataConfig), shuffled with ``seed``, at most ``max_texts``.
 
     ``format: task``: each example as the model sees a prompt of its own task (that task's template, manual
     prompt and answer prefix in the model's chat format); ``raw``: the text alone (pair tasks: both sides).
+    ``tasks``: those of :func:`distill_tasks`, already read (and checked).
     """
-    from fedprompt.config import compose
-
     texts = []
-    for name in data.tasks:
+    for task in (tasks or distill_tasks(data, data_dir)).values():
         if data.format == "raw":
-            texts += [" ".join(filter(None, (e.text, e.text_pair))) for e in _task_examples(name, data.split, data_dir)]
+            texts += [" ".join(filter(None, (e.text, e.text_pair))) for e in task.split(data.split)]
             continue
-        task = load_task(OmegaConf.to_container(compose([f"task={name}"]).task, resolve=True), data_dir)
         spec = task.spec.with_chat_format(chat_format)
         texts += [spec.format(e) for e in task.split(data.split)]
     order = np.random.default_rng(seed).permutation(len(texts))
@@ -67,10 +79,17 @@ def cmd_distill(cfg: DictConfig) -> dict:
     teacher_name = str(cfg.model.name)
     depth = int(AutoConfig.from_pretrained(materialize(teacher_name)).num_hidden_layers)
     layers = check_layers(default_layers(depth) if dcfg.layers is None else dcfg.layers, depth)
-    texts = distill_texts(dcfg.data, cfg.get("data_dir"), cfg.model.get("chat_format"), dcfg.seed)
     task = load_task_checked(cfg)
     spec = task.spec.with_chat_format(cfg.model.get("chat_format"))
     examples = task.split(str(cfg.split))[: dcfg.eval_limit]
+    # The student learns from the distillation text and is then scored on `examples`: no sentence may be in both
+    # (checked on the Examples, whose text and text_pair are the content; formatting only adds the template).
+    # Always refused, never excluded: a run re-checks the student's text against its own evaluation split.
+    sources = distill_tasks(dcfg.data, cfg.get("data_dir"))
+    split = dcfg.data.split
+    check_disjoint({f"the distillation text ({name} {split})": t.split(split) for name, t in sources.items()},
+                   f"{spec.name} {cfg.split}", examples, remedy="or distil on other tasks (distill.data.tasks)")
+    texts = distill_texts(dcfg.data, cfg.get("data_dir"), cfg.model.get("chat_format"), dcfg.seed, sources)
     student_dir = Path(dcfg.output).expanduser() if dcfg.output else default_student_dir(teacher_name)
     out = output_dir(cfg, "distill")
 
@@ -99,6 +118,8 @@ def cmd_distill(cfg: DictConfig) -> dict:
         "trainable_parameters": report.trainable_parameters, "steps": report.steps, "texts": report.texts,
         "tokens": report.tokens, "distill_s": report.seconds, "final_loss": last.get("loss"),
         "final_parts": {k: last[k] for k in ("kl", "lm", "cos", "answer") if k in last}, "data_tasks": list(dcfg.data.tasks),
+        # What the student learnt from, as read (task conf or folder alone): `fedprompt run` re-checks it.
+        "data_split": split, "data_sources": {name: dict(t.task_cfg) for name, t in sources.items()},
         "zero_shot_task": spec.name, "zero_shot_split": str(cfg.split), "zero_shot_n": len(examples),
         "teacher_zero_shot_accuracy": accuracy["teacher"], "student_zero_shot_accuracy": accuracy["student"],
         "manual_prompt": spec.manual_prompt, "loss_curve": str(out / "loss_curve.png"), "output_dir": str(out),
@@ -107,10 +128,12 @@ def cmd_distill(cfg: DictConfig) -> dict:
     return _write(out, cfg, record)
 
 
-def public_examples(tcfg, task_name: str, data_dir, seed: int) -> tuple[list[Example], str, str]:
-    """The public transfer set (labels present in the files but never used) and where it came from."""
+def public_examples(tcfg, task_name: str, data_dir, seed: int,
+                    exclude: set[bytes] = frozenset()) -> tuple[list[Example], str, str]:
+    """The public transfer set (labels present in the files but never used) and where it came from; rows whose
+    content is in ``exclude`` are dropped before sampling."""
     public_task, split = tcfg.public_source(task_name)
-    rows = _task_examples(public_task, split, data_dir)
+    rows = without(_task_examples(public_task, split, data_dir), exclude)
     order = np.random.default_rng(seed).permutation(len(rows))[: tcfg.public_size]
     return [rows[i] for i in order], public_task, split
 
@@ -171,10 +194,16 @@ def cmd_transfer(cfg: DictConfig) -> dict:
                           f"hidden size {hidden}: transfer needs a student distilled from this model")
     task = load_task_checked(cfg)
     spec = task.spec.with_chat_format(cfg.model.get("chat_format"))
-    public, public_task, public_split = public_examples(tcfg, spec.name, cfg.get("data_dir"), int(cfg.seed))
-    alpha_examples = task.split(tcfg.alpha_split)[: tcfg.alpha_limit] if tcfg.alpha is None else []
     examples = task.split(str(cfg.split))
     examples = examples if cfg.limit is None else examples[: int(cfg.limit)]
+    # The prompt is fitted on the public set and alpha chosen on the alpha set, then scored on `examples`: none of
+    # their sentences may be in it. eval_overlap=exclude drops those rows before sampling; the default refuses.
+    exclude = {content_key(e) for e in examples} if cfg.federation.get("eval_overlap") == "exclude" else set()
+    public, public_task, public_split = public_examples(tcfg, spec.name, cfg.get("data_dir"), int(cfg.seed), exclude)
+    alpha_examples = without(task.split(tcfg.alpha_split), exclude)[: tcfg.alpha_limit] if tcfg.alpha is None else []
+    check_disjoint({f"the transfer's public set ({public_task} {public_split})": public,
+                    f"the alpha set ({spec.name} {tcfg.alpha_split})": alpha_examples},
+                   f"{spec.name} {cfg.split}", examples)
     tokenizer = load_tokenizer(large_name)
     label_token_ids(tokenizer, spec.label_words)
     out = output_dir(cfg, "transfer")

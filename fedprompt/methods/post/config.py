@@ -14,7 +14,10 @@ from fedprompt.typed_config import from_node
 
 # The public transfer set of a task when transfer.public_task is null: a related public task's train
 # text (POST's setting), else the tuned task's own validation text (never its train split: the clients').
-DEFAULT_PUBLIC_TASK = {"sst2": "mr", "mr": "sst2"}
+# The tuned task's own validation text by default. SST-2 and MR are one corpus (Rotten Tomatoes): MR's train
+# split holds 651 of SST-2's 1,821 test sentences (and SST-2's splits hold MR's), so neither is public text
+# for the other: the content check of `fedprompt transfer` refuses it.
+DEFAULT_PUBLIC_TASK: dict[str, str] = {}
 INITS = ("text", "student")
 
 
@@ -50,8 +53,8 @@ class TransferConfig:
 
     prompt: Optional[str] = None  # the student's soft prompt file (a method=post run folder's prompt.safetensors)
     student: str = "student"  # the model the prompt was tuned on
-    public_task: Optional[str] = None  # null: DEFAULT_PUBLIC_TASK[task], else the tuned task itself
-    public_split: Optional[str] = None  # null: train of another task, validation of the tuned task
+    public_task: Optional[str] = None  # null: the tuned task itself (DEFAULT_PUBLIC_TASK may map it to another)
+    public_split: Optional[str] = None  # null: validation of the tuned task, train of another task
     public_size: int = 256
     steps: int = 16
     batch_size: int = 16
