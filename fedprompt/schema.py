@@ -188,6 +188,7 @@ class RootSchema:
     seed: int = 0
     output_dir: Optional[str] = None
     progress: bool = True
+    verbose: bool = False
     resume: bool = False
 
 

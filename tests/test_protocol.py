@@ -169,3 +169,22 @@ def test_a_two_seed_sweep_of_real_runs_is_reported_with_intervals_and_gains(caps
     assert set(group["gain"]) == {"mean", "ci95", "p_value"} and 0 < group["gain"]["p_value"] <= 1
     low, high = group["gain"]["ci95"]
     assert low <= group["gain"]["mean"] <= high
+
+
+def test_the_console_shows_rounds_and_errors_and_closes_with_the_results_table():
+    from fedprompt.fl.launch import CONSOLE_LINES
+    from fedprompt.fl.report import results_table
+
+    assert CONSOLE_LINES.search("INFO :      round 2: accuracy 0.81, prompt 'Is it positive?'")
+    assert CONSOLE_LINES.search("ERROR :     ServerApp raised an exception")
+    assert not CONSOLE_LINES.search("Loading weights: 100%|##########| 272/272 [00:00<00:00, 21753.28it/s]")
+    assert not CONSOLE_LINES.search("WARNING :   DEPRECATED FEATURE: ...")
+    table = results_table({"method": "feddtpt", "task": "sst2", "eval_split": "test", "eval_n": 500,
+                           "manual_accuracy": 0.804, "zero_shot_accuracy": 0.842, "reference_kind": "zero-shot",
+                           "reference_accuracy": 0.842, "final_accuracy": 0.81, "output_dir": "/runs/a"})
+    lines = table.splitlines()
+    assert lines[0] == "sst2, test split, n=500:"
+    assert "manual prompt" in lines[1] and "0.804" in lines[1] and "reference" not in lines[1]
+    assert "zero-shot" in lines[2] and "<- reference" in lines[2]
+    assert "FedDTPT final prompt" in lines[3] and "0.810" in lines[3]
+    assert "-3.2 points" in lines[4] and lines[5].endswith("/runs/a/accuracy.png")

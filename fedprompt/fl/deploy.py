@@ -281,17 +281,20 @@ def local_run(cfg: DictConfig, settings: DeploySettings) -> Iterator[tuple[Local
 
 
 def cmd_deploy(cfg: DictConfig) -> dict:
+    from fedprompt.fl.protocol import git_state
     from fedprompt.fl.run import app_dir, finish_run, prepare, start_run_folder
 
     start = time.perf_counter()
     settings = DeploySettings.from_config(cfg)
     root = app_dir()
+    code = git_state()
     echo = sys.stderr if cfg.get("progress", True) else None
     if settings.connection:  # a SuperLink someone runs: only submit (from its host, where the results land)
         cfg, folder, run_config, _ = start_run_folder(cfg, prepare(cfg))
-        with (folder / "flower.log").open("w") as log:
+        with (folder / "flower.log").open("w", buffering=1) as log:
             outcome = submit_run(root, settings.connection, run_config, {**os.environ, **QUIET_ENV}, log, echo)
-        return finish_run(folder, outcome, start)
-    with local_run(cfg, settings) as (deployment, folder, run_config), (folder / "flower.log").open("w") as log:
+        return finish_run(folder, outcome, start, code=code)
+    with local_run(cfg, settings) as (deployment, folder, run_config), \
+            (folder / "flower.log").open("w", buffering=1) as log:
         outcome = deployment.run(root, run_config, log, echo)
-    return {**finish_run(folder, outcome, start), "deployment": str(deployment.folder)}
+    return {**finish_run(folder, outcome, start, code=code), "deployment": str(deployment.folder)}

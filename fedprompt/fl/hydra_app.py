@@ -174,6 +174,10 @@ def _run_job(cfg: DictConfig, multirun: bool) -> dict:
         (folder / "error.json").write_text(json.dumps(record, indent=2) + "\n")
     else:
         (folder / "error.json").unlink(missing_ok=True)  # an earlier attempt's, now resumed
+        if cfg.get("progress", True):
+            from fedprompt.fl.report import results_table
+
+            print(results_table(record), file=sys.stderr, flush=True)
     if multirun:
         if "error" in record:
             print(f"fedprompt run: job in {folder} failed: {record['error']}", file=sys.stderr)

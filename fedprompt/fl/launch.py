@@ -130,16 +130,22 @@ def stop_process_group(proc: subprocess.Popen) -> None:
             continue
 
 
+# What the console shows of Flower's stream unless verbose=true: the server's line per round and errors; the
+# rest (every actor's model-loading bars, library warnings) stays in flower.log.
+CONSOLE_LINES = re.compile(r"\bround \d+: |ERROR|Traceback|Error:")
+
+
 def flwr_run(app_dir: Path, run_config: Path, num_supernodes: int, client_cpus: int, client_gpus: float,
-             env: dict[str, str], log: TextIO, echo: TextIO | None = None) -> RunOutcome:
-    """Submit the app, stream its log to ``log`` (and ``echo``), and return how the run ended."""
+             env: dict[str, str], log: TextIO, echo: TextIO | None = None, echo_all: bool = True) -> RunOutcome:
+    """Submit the app, stream its log to ``log`` (and to ``echo``: all of it, or only CONSOLE_LINES), and
+    return how the run ended."""
     federation = (f"num-supernodes={int(num_supernodes)} client-resources-num-cpus={int(client_cpus)} "
                   f"client-resources-num-gpus={float(client_gpus)}")
-    return submit_run(app_dir, CONNECTION, run_config, env, log, echo, ["--federation-config", federation])
+    return submit_run(app_dir, CONNECTION, run_config, env, log, echo, ["--federation-config", federation], echo_all)
 
 
 def submit_run(app_dir: Path, connection: str, run_config: Path, env: dict[str, str], log: TextIO,
-               echo: TextIO | None = None, extra_args: Sequence[str] = ()) -> RunOutcome:
+               echo: TextIO | None = None, extra_args: Sequence[str] = (), echo_all: bool = True) -> RunOutcome:
     """``flwr run <app> <connection> --run-config ... --stream``, then the run's status from ``flwr ls``."""
     command = [_tool("flwr"), "run", str(app_dir), connection, "--run-config", str(run_config), *extra_args, "--stream"]
     log.write("$ " + " ".join(command) + "\n")
@@ -150,7 +156,7 @@ def submit_run(app_dir: Path, connection: str, run_config: Path, env: dict[str, 
         try:
             for line in proc.stdout:
                 log.write(line)
-                if echo is not None:
+                if echo is not None and (echo_all or CONSOLE_LINES.search(line)):
                     echo.write(line)
                 if run_id is None and (match := re.search(r"Successfully started run (\d+)", line)):
                     run_id = int(match.group(1))

@@ -11,8 +11,9 @@ it came from (docs/experiments.md, "The result protocol").
   fedprompt.data.leakage.content_ids), ``label``, ``manual``, ``zero_shot`` and ``final`` (the last round's
   global prompt), class indices only, no text. ``fedprompt report`` pairs them for its bootstrap and checks
   them against summary.json's ``eval_n`` and ``eval_ids_sha256``.
-- **Provenance.** ``git_commit`` (with ``git_dirty``) of the fedprompt checkout and ``config_sha256``, the
-  SHA-256 of the resolved config's JSON.
+- **Provenance.** ``config_sha256``, the SHA-256 of the resolved config's JSON (written by the server), and
+  ``git_commit`` / ``git_dirty`` of the checkout that launched the run (added by the launcher: the apps run
+  from the FAB Flower unpacks elsewhere, which is no git checkout).
 """
 
 from __future__ import annotations
@@ -83,8 +84,13 @@ def round_accuracy(report, evaluation: Sequence[Example], server_round: int, las
 
 
 def provenance(cfg) -> dict:
-    """``git_commit`` / ``git_dirty`` of the fedprompt checkout (None when installed without git) and
-    ``config_sha256`` of the resolved config (fedprompt.fl.config.serialize_config: sorted-key JSON)."""
+    """What the server records of where its run came from: ``config_sha256`` of the resolved config."""
+    return {"config_sha256": config_sha256(cfg)}
+
+
+def git_state() -> dict:
+    """``git_commit`` / ``git_dirty`` of the fedprompt checkout this process imports (None outside a git
+    checkout, e.g. a wheel install or the FAB a Flower app runs from)."""
     root = Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str | None:
@@ -96,7 +102,7 @@ def provenance(cfg) -> dict:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"git_commit": commit, "git_dirty": None if status is None else bool(status), "config_sha256": config_sha256(cfg)}
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
 def config_sha256(cfg) -> str:

@@ -152,3 +152,29 @@ class RunReport:
         }
         (self.folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+METHOD_NAMES = {"feddtpt": "FedDTPT", "post": "POST", "rapt": "RAPT", "bbt": "BBT", "bdpl": "BDPL",
+                "fedprompt": "FedPrompt"}
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    """The console's closing table: the untuned prompts and the final prompt on the same evaluation examples,
+    the reference (chosen on validation) marked, and where the plot is."""
+    name = METHOD_NAMES.get(str(summary.get("method")), str(summary.get("method")))
+    kind = summary.get("reference_kind")
+    rows = [("manual prompt", summary.get("manual_accuracy"), kind == "manual"),
+            ("zero-shot (no instruction)", summary.get("zero_shot_accuracy"), kind == "zero-shot"),
+            (f"{name} final prompt", summary.get("final_accuracy"), False)]
+    lines = [f"{summary.get('task')}, {summary.get('eval_split')} split, n={summary.get('eval_n')}:"]
+    for label, accuracy, is_reference in rows:
+        if accuracy is None:
+            continue
+        mark = "   <- reference (the better one on validation)" if is_reference else ""
+        lines.append(f"  {label:<28} {accuracy:.3f}{mark}")
+    if kind and summary.get("final_accuracy") is not None and summary.get("reference_accuracy") is not None:
+        gain = 100 * (summary["final_accuracy"] - summary["reference_accuracy"])
+        lines.append(f"  gain over the reference: {gain:+.1f} points (one seed; fedprompt report gives CIs over seeds)")
+    if summary.get("output_dir"):
+        lines.append(f"  plot: {Path(summary['output_dir']) / 'accuracy.png'}")
+    return "\n".join(lines)

@@ -134,18 +134,22 @@ def resume_point(cfg: DictConfig, folder: Path):
 def cmd_run(cfg: DictConfig) -> dict:
     from fedprompt.fl.launch import flwr_run, local_superlink
 
+    from fedprompt.fl.protocol import git_state
+
     start = time.perf_counter()
     root = app_dir()
+    code = git_state()  # the checkout the FAB is packed from, before it can change under a long run
     partition = prepare(cfg)
     cfg, folder, run_config, checkpoint = start_run_folder(cfg, partition)
     if finished(folder, checkpoint):
         return json.loads((folder / "result.json").read_text())  # resume=true on a finished run: nothing to run
     fed = cfg.federation
     with sigterm_as_interrupt(), local_superlink(folder / "superlink.log", cwd=folder, port=int(fed.superlink_port)) as env, \
-            (folder / "flower.log").open("a" if checkpoint else "w") as log:
+            (folder / "flower.log").open("a" if checkpoint else "w", buffering=1) as log:  # line-buffered: a kill loses nothing
         outcome = flwr_run(root, run_config, int(fed.num_clients), int(fed.client_cpus), float(fed.client_gpus),
-                           env, log, echo=sys.stderr if cfg.get("progress", True) else None)
-    return finish_run(folder, outcome, start, checkpoint)
+                           env, log, echo=sys.stderr if cfg.get("progress", True) or cfg.get("verbose") else None,
+                           echo_all=bool(cfg.get("verbose")))
+    return finish_run(folder, outcome, start, checkpoint, code)
 
 
 def start_run_folder(cfg: DictConfig, partition: dict):
@@ -160,8 +164,9 @@ def start_run_folder(cfg: DictConfig, partition: dict):
     return cfg, folder, write_run_config(cfg, folder), checkpoint
 
 
-def finish_run(folder: Path, outcome, start: float, checkpoint=None) -> dict:
-    """summary.json of a completed run plus the launcher's figures (result.json); a clear error otherwise."""
+def finish_run(folder: Path, outcome, start: float, checkpoint=None, code: dict | None = None) -> dict:
+    """summary.json of a completed run plus the launcher's figures (result.json); a clear error otherwise.
+    ``code``: the launching checkout's git state, added to summary.json (the server cannot see it)."""
     from fedprompt.fl.launch import SimulationError
 
     summary_path = folder / "summary.json"
@@ -172,6 +177,9 @@ def finish_run(folder: Path, outcome, start: float, checkpoint=None) -> dict:
         raise SimulationError(f"Flower run {outcome.run_id} ended {outcome.status!r}: {outcome.details or 'no details'}; "
                               f"see {folder / 'flower.log'}")
     summary = json.loads(summary_path.read_text())
+    if code:
+        summary.update(code)
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     if summary.get("client_replies") == 0:
         raise SimulationError(f"no client replied in any of the {summary.get('rounds')} rounds "
                               f"({summary.get('failures')} failures); see {folder / 'flower.log'}")
