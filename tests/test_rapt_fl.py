@@ -117,6 +117,9 @@ def test_rapt_runs_through_flwr_run(capsys, monkeypatch, tmp_path, tiny_model_di
     assert result["method"] == "rapt" and result["rounds"] == 2 and result["failures"] == 0
     assert result["examples_received"] == len(TRAIN_TEXTS) and result["train_steps"] == 4
     assert result["eval_n"] == 8 and 0.0 <= result["final_accuracy"] <= 1.0
+    # the untuned references, scored on the same privatized queries, the reference chosen on validation
+    assert result["reference_kind"] in ("manual", "zero-shot") and result["reference_choice"]["n"] == 8
+    assert 0.0 <= result["manual_accuracy"] <= 1.0 and 0.0 <= result["zero_shot_accuracy"] <= 1.0
     rounds = json.loads((out / "rounds.json").read_text())
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert sum(r["client_metrics"]["examples-received"] for r in rounds[1:]) == len(TRAIN_TEXTS)

@@ -41,8 +41,8 @@ def run_server(grid: Grid, cfg) -> dict:
     from logging import INFO
 
     from fedprompt.fl.config import method_config
-    from fedprompt.fl.data import eval_examples, load_task_and_spec
-    from fedprompt.fl.protocol import provenance, round_accuracy
+    from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
+    from fedprompt.fl.protocol import measure_references, provenance, round_accuracy
     from fedprompt.fl.rapt.strategy import RAPTStrategy
     from fedprompt.fl.report import RunReport
     from fedprompt.fl.run import run_folder
@@ -59,20 +59,29 @@ def run_server(grid: Grid, cfg) -> dict:
     trainer = RAPTTrainer(model, tokenizer, spec, method, seed=int(cfg.seed))
     # The evaluation queries, privatized as users would send them (the server reads only this split).
     examples = eval_examples(cfg, task)
-    queries, _ = privatize_examples(examples, tokenizer, privatizer, method.train.max_text_tokens,
-                                    seed=int(cfg.seed) + 7, plain_tokens=method.plain_tokens,
-                                    plain_vocab=method.reconstruction.plain_vocab)
+
+    def privatized(rows, seed: int):
+        return privatize_examples(rows, tokenizer, privatizer, method.train.max_text_tokens, seed=seed,
+                                  plain_tokens=method.plain_tokens, plain_vocab=method.reconstruction.plain_vocab)[0]
+
+    queries = privatized(examples, int(cfg.seed) + 7)
     strategy = RAPTStrategy(trainer, fraction_train=float(fed.fraction_train), min_train_nodes=int(fed.min_train_clients),
                             min_available_nodes=int(fed.num_clients))
     report = RunReport(folder, {
         "method": method.name, "task": spec.name, "model": str(cfg.model.name), "num_clients": int(fed.num_clients),
         "partition": dict(cfg.partition), "eval_split": str(fed.eval_split), "eval_n": len(queries),
-        # No untuned references yet: they would have to be scored on the same privatized queries.
         "manual_prompt": spec.manual_prompt, "eta": method.privatize.eta, **provenance(cfg),
         "expected_noise_norm": privatizer.expected_noise_norm(), "reconstruction": method.reconstruction.enabled,
         "plain_tokens": method.plain_tokens, "prompt_tokens": method.prompt.num_tokens,
         "steps_per_round": method.train.steps,
     })
+    if fed.eval_references:  # the untuned prompts on the same privatized queries (validation: privatized alike)
+        validation = reference_examples(cfg, task)
+        private = {id(examples): queries}
+        if validation is not examples:
+            private[id(validation)] = privatized(validation, int(cfg.seed) + 8)
+        measure_references(report, lambda rows, text: trainer.predict(private[id(rows)], untuned=text), spec, examples,
+                           validation)
     prompt = SoftPrompt(method.prompt.num_tokens, trainer.soft_prompt.weight.shape[1]).to(trainer.device)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
