@@ -21,11 +21,13 @@ from flwr.serverapp.strategy import Strategy
 from omegaconf import OmegaConf
 
 from fedprompt import cli
-from fedprompt.fl.checkpoint import PAUSE_ENV, CheckpointedRounds, restore_client_state, save_client_state
+from fedprompt.fl.checkpoint import CheckpointedRounds, restore_client_state, save_client_state
 from fedprompt.fl.report import RunReport
 from tests.fl_support import tiny_overrides, write_secret_task
 
 REPO = Path(__file__).resolve().parents[1]
+HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: the server pauses after checkpointing PAUSE_ENV's round
+PAUSE_ENV = "FEDPROMPT_TEST_PAUSE_AFTER_ROUND"
 
 
 class NoisyStrategy(Strategy):
@@ -69,7 +71,7 @@ class Stopped(Exception):
 
 
 def _rounds(folder: Path, resume: bool, stop_at: int | None = None):
-    cfg = OmegaConf.create({"seed": 0, "resume": resume, "output_dir": str(folder)})
+    cfg = OmegaConf.create({"seed": 0, "resume": resume, "output_dir": str(folder), "federation": {"rounds": 4}})
     report = RunReport(folder, {"method": "toy"})
     strategy = NoisyStrategy()
 
@@ -136,7 +138,8 @@ def _run_stopped_after_round_1(args: list[str], whole: Path, stopped: Path, caps
     """``whole`` uninterrupted; ``stopped`` killed after round 1 and not yet resumed."""
     assert cli.main(["run", *args, f"output_dir={whole}"]) == 0, capsys.readouterr().err[-3000:]
 
-    env = {**os.environ, PAUSE_ENV: "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(REPO), str(HOOKS), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, PAUSE_ENV: "1", "PYTHONPATH": path}
     proc = subprocess.Popen([sys.executable, "-m", "fedprompt.cli", "run", *args, f"output_dir={stopped}"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

@@ -11,8 +11,11 @@ arrays), :class:`CheckpointedRounds` replaces ``<run folder>/checkpoint.json`` a
     strategy            the strategy's own state, if it has any (``checkpoint_state`` / ``restore_state``)
     rng                 the server process's Python, NumPy and torch RNG states
 
-and ``resume=true`` restores all of it and runs only the remaining rounds: Flower's ``Strategy.start``
-loop, with the strategy's round numbers shifted (:class:`_RoundOffset`).
+and, as its last key, ``sha256``: the SHA-256 of the bytes before it (:func:`_seal`). ``resume=true`` checks
+all of it first (the hash, then every field's type, range and consistency: :func:`_decode`) and refuses a
+damaged or inconsistent checkpoint in one line before anything else happens; then it restores all of it and
+runs only the remaining rounds: Flower's ``Strategy.start`` loop, with the strategy's round numbers shifted
+(:class:`_RoundOffset`).
 
 Client side: a resumed Flower run hands every ClientApp a fresh ``context.state``, so the ClientApp saves
 each client's ``context.state`` after every round it trains to ``clients/<partition-id>/state-<round>.bin``
@@ -24,11 +27,12 @@ a stop. Everything else must be a function of (seed, round, partition-id): see d
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
+import re
 import sys
-import time
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
@@ -44,9 +48,6 @@ from fedprompt.errors import ConfigError
 
 CHECKPOINT = "checkpoint.json"
 CLIENTS = "clients"
-# Test hook: the server waits after checkpointing this round, where a stop between rounds finds a run,
-# so a test can stop `fedprompt run` there for certain (tests/test_resume.py).
-PAUSE_ENV = "FEDPROMPT_TEST_PAUSE_AFTER_ROUND"
 # Settings a resumed run may change: where and how it is launched, not what it computes.
 VOLATILE = ("resume", "progress", "verbose", "output_dir", "federation.round_timeout_s", "federation.superlink_port")
 
@@ -73,6 +74,104 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# The hash goes inside the file, as its last key, not into a file beside it: the two are then replaced in one
+# atomic rename, whereas a stop between two renames (what resume is for) would leave a good checkpoint that
+# fails its check. It is computed over the exact bytes before it, so any changed byte is found (a canonical
+# re-serialization would miss edits that parse alike, such as 1e-05 -> 1E-05). It detects damage and edits,
+# not an adversary: anyone can recompute it, so every field is also checked (_decode).
+_SEAL = re.compile(rb', "sha256": "([0-9a-f]{64})"}\Z')
+
+
+def _seal(body: bytes) -> bytes:
+    """``body`` (a JSON object's bytes) with its SHA-256 added as the last key."""
+    return body[:-1] + b', "sha256": "' + hashlib.sha256(body).hexdigest().encode() + b'"}'
+
+
+class _Damaged(Exception):
+    """What is wrong with a checkpoint (Checkpoint.read names the file)."""
+
+
+def _check(ok: bool, problem: str) -> None:
+    if not ok:
+        raise _Damaged(problem)
+
+
+def _typed(value: Any, types: tuple) -> bool:
+    return isinstance(value, types) and (bool in types or not isinstance(value, bool))  # JSON true is no count
+
+
+def _short(value: Any) -> str:
+    text = repr(value)  # one line: repr escapes newlines
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _record(b64: Any, what: str) -> RecordDict:
+    try:
+        return _record_from_bytes(base64.b64decode(b64, validate=True))
+    except Exception as err:  # noqa: BLE001 - base64, protobuf or Flower: any of them means garbage
+        raise _Damaged(f"{what}: no Flower RecordDict in base64 ({type(err).__name__}: {err})") from None
+
+
+def _check_rows(rows: Any, last: int) -> None:
+    from fedprompt.fl.report import ROW_EXTRA_TYPES, ROW_TYPES
+
+    _check(isinstance(rows, list) and all(isinstance(r, dict) for r in rows), "rows is not a list of objects")
+    numbers = [r.get("round") for r in rows]
+    # A cut or reordered list would resume into a report with rounds missing ([0, 3]) or doubled.
+    _check(numbers == list(range(last + 1)), f"rows are rounds {numbers[:10]}, not 0..{last} in order")
+    for number, row in enumerate(rows):
+        for key, types in ROW_TYPES.items():
+            _check(key in row and _typed(row[key], types), f"round {number}'s row: {key} is {_short(row.get(key))}")
+        for key, types in ROW_EXTRA_TYPES.items():
+            _check(key not in row or _typed(row[key], types), f"round {number}'s row: {key} is {_short(row.get(key))}")
+
+
+def _check_rng(rng: Any) -> None:
+    _check(isinstance(rng, dict) and {"python", "numpy"} <= set(rng) <= {"python", "numpy", "torch", "cuda"},
+           f"rng holds {_short(sorted(rng) if isinstance(rng, dict) else rng)}, not python, numpy (torch, cuda)")
+    try:  # set them on fresh generators: their own checks, and this process's RNGs stay as they are
+        version, internal, gauss = rng["python"]
+        random.Random().setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        # NumPy takes any position; past 624 it would draw from outside its state
+        _check(_typed(pos, (int,)) and 0 <= pos <= 624, f"rng.numpy's position {_short(pos)} is not in 0..624")
+        np.random.RandomState().set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        for state in ([rng["torch"]] if "torch" in rng else []) + list(rng.get("cuda", [])):
+            _check(isinstance(state, str) and base64.b64decode(state, validate=True), "a torch state is empty")
+    except _Damaged:
+        raise
+    except Exception as err:  # noqa: BLE001 - each generator raises its own kind
+        raise _Damaged(f"rng states are malformed ({type(err).__name__}: {err})") from None
+
+
+def _decode(data: Any) -> "Checkpoint":
+    """The checkpoint in ``data`` (a JSON object), or _Damaged: every field's type, range and consistency."""
+    _check(isinstance(data, dict), "not a JSON object")
+    fields = {"round", "num_rounds", "config", "arrays", "strategy", "rows", "info", "rng"}
+    extra, missing = sorted(set(data) - fields), sorted(fields - set(data))
+    _check(not extra and not missing, f"keys {_short(extra)} unexpected, {_short(missing)} missing")
+    done, total, config = data["round"], data["num_rounds"], data["config"]
+    _check(_typed(done, (int,)) and _typed(total, (int,)), f"round {_short(done)} of {_short(total)}: not integers")
+    _check(0 <= done <= total, f"round {done} is not in 0..{total} (num_rounds)")
+    _check(isinstance(config, dict), "config is not an object")
+    federation = config.get("federation")
+    rounds = federation.get("rounds") if isinstance(federation, dict) else None
+    _check(_typed(rounds, (int,)) and rounds == total, f"num_rounds {total} is not its config's federation.rounds "
+           f"({_short(rounds)})")
+    _check_rows(data["rows"], done)
+    _check(isinstance(data["info"], dict), "info is not an object")
+    _check_rng(data["rng"])
+    arrays = _record(data["arrays"], "arrays")
+    _check(list(arrays) == ["arrays"] and isinstance(arrays["arrays"], ArrayRecord), "arrays hold no ArrayRecord")
+    try:
+        for array in arrays["arrays"].values():
+            array.numpy()  # its dtype, shape and bytes agree
+    except Exception as err:  # noqa: BLE001
+        raise _Damaged(f"arrays: an Array does not decode ({type(err).__name__}: {err})") from None
+    strategy = None if data["strategy"] is None else _record(data["strategy"], "strategy")
+    return Checkpoint(done, total, config, arrays["arrays"], data["rows"], data["info"], strategy, data["rng"])
+
+
 @dataclass
 class Checkpoint:
     round: int
@@ -91,21 +190,31 @@ class Checkpoint:
             "strategy": None if self.strategy is None else _record_to_b64(self.strategy),
             "rows": self.rows, "info": self.info, "rng": self.rng,
         }
-        _write_atomic(Path(folder) / CHECKPOINT, json.dumps(data).encode())
+        _write_atomic(Path(folder) / CHECKPOINT, _seal(json.dumps(data).encode()))
 
     @classmethod
     def read(cls, folder: Path) -> "Checkpoint | None":
+        """The folder's checkpoint, None if it has none; a ConfigError in one line naming the file and what is
+        wrong if it is truncated, changed or inconsistent (it reads only: nothing is written or removed)."""
         path = Path(folder) / CHECKPOINT
         if not path.is_file():
             return None
-        data = json.loads(path.read_text())
-        strategy = data.get("strategy")
-        return cls(
-            round=int(data["round"]), num_rounds=int(data["num_rounds"]), config=data["config"],
-            arrays=_record_from_bytes(base64.b64decode(data["arrays"]))["arrays"], rows=data["rows"],
-            info=data["info"], strategy=None if strategy is None else _record_from_bytes(base64.b64decode(strategy)),
-            rng=data["rng"],
-        )
+        try:
+            raw = path.read_bytes()
+            seal = _SEAL.search(raw)
+            _check(seal is not None, "no SHA-256 at its end (truncated, or not written by this fedprompt)")
+            body = raw[: seal.start()] + b"}"
+            _check(hashlib.sha256(body).hexdigest() == seal[1].decode(),
+                   "its SHA-256 does not match its content (changed after it was written)")
+            try:
+                data = json.loads(body)
+            except ValueError as err:  # a matching hash over garbage: written by something else
+                raise _Damaged(f"not JSON ({err})") from None
+            return _decode(data)
+        except (_Damaged, OSError) as err:
+            problem = " ".join(str(err).splitlines())
+            raise ConfigError(f"checkpoint {path} refused: {problem}; delete it to start that run over, or choose "
+                              "another output_dir") from None
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -230,8 +339,6 @@ class CheckpointedRounds:
             state = getattr(self.strategy, "checkpoint_state", None)
             Checkpoint(server_round, num_rounds, self.config, round_arrays, self.report.rows, self.report.info,
                        state() if state else None, rng_state()).write(self.folder)
-            if os.environ.get(PAUSE_ENV) == str(server_round):
-                time.sleep(600)
             return metrics
 
         return _RoundOffset(self.strategy, done).start(grid, arrays, num_rounds=num_rounds - done, timeout=timeout,

@@ -20,11 +20,18 @@ PREDICTIONS = "predictions.npz"
 # failures = error replies + sampled clients that never replied; queries = the clients' black-box queries.
 # A round with fewer valid replies than federation.min_replies keeps the global prompt: its JSON row says why
 # under "skipped" (null for aggregated rounds).
-COLUMNS = (
-    "round", "accuracy", "eval_n", "clients_sampled", "replies", "failures", "queries", "eval_queries",
-    "bytes_down", "bytes_up", "service_bytes_sent", "service_bytes_received", "local_accuracy",
-    "train_s", "eval_s", "wall_s", "elapsed_s", "prompt_length", "prompt",
-)
+# Each column's JSON types: a resumed run's rows are checked against them (fedprompt.fl.checkpoint).
+_INT, _NUM, _OPT = (int,), (int, float), (int, float, type(None))
+ROW_TYPES = {
+    "round": _INT, "accuracy": _OPT, "eval_n": _INT, "clients_sampled": _INT, "replies": _INT, "failures": _INT,
+    "queries": _INT, "eval_queries": _INT, "bytes_down": _INT, "bytes_up": _INT, "service_bytes_sent": _INT,
+    "service_bytes_received": _INT, "local_accuracy": _OPT, "train_s": _NUM, "eval_s": _NUM, "wall_s": _NUM,
+    "elapsed_s": _NUM, "prompt_length": _INT, "prompt": (str,),
+}
+COLUMNS = tuple(ROW_TYPES)
+# The JSON rows' details, in the rows of trained rounds only.
+ROW_EXTRA_TYPES = {"client_metrics": (dict,), "client_prompts": (list,), "failure_details": (list,),
+                   "skipped": (str, type(None)), "aggregation": (dict,)}
 
 
 @dataclass

@@ -37,13 +37,15 @@ def app_dir() -> Path:
 
 
 def prepare(cfg: DictConfig) -> dict:
-    """All checks that need data or tokenizers but no model weights; returns the partition's summary."""
+    """All checks that need data or tokenizers but no model weights, after the config's own and (resume=true)
+    the checkpoint's; returns the partition's summary."""
     from fedprompt.fl.config import validate_config
     from fedprompt.fl.data import (check_no_leak, eval_examples, load_task_and_spec, make_partition,
                                    overlap_excluded, public_examples, training_examples)
     from fedprompt.fl.methods import federated_method
 
     validate_config(cfg)
+    check_resume(cfg)
     task, spec = load_task_and_spec(cfg)
     train = training_examples(cfg, task, spec)  # k-shot larger than a class: a DataError naming the class
     part = cfg.partition
@@ -105,6 +107,17 @@ def finished(folder: Path, checkpoint) -> bool:
     return checkpoint is not None and checkpoint.round == checkpoint.num_rounds and (folder / "result.json").is_file()
 
 
+def check_resume(cfg: DictConfig) -> None:
+    """With ``resume=true``, refuse a damaged checkpoint or one made with other settings early: before the data,
+    the tokenizers or the SuperLink are touched, and before resume_point changes anything in the folder."""
+    from fedprompt.fl.checkpoint import check_resumable
+    from fedprompt.fl.config import serialize_config
+
+    if cfg.get("resume") and cfg.get("output_dir"):
+        folder = Path(str(cfg.output_dir)).resolve()
+        check_resumable(folder, json.loads(serialize_config(OmegaConf.merge(cfg, {"output_dir": str(folder)}))))
+
+
 def resume_point(cfg: DictConfig, folder: Path):
     """The checkpoint a run in ``folder`` starts from (None: round 0), after clearing what a new run replaces.
 
@@ -117,12 +130,14 @@ def resume_point(cfg: DictConfig, folder: Path):
     from fedprompt.fl.config import serialize_config
 
     if cfg.get("resume"):
-        checkpoint = check_resumable(folder, json.loads(serialize_config(cfg)))
+        checkpoint = check_resumable(folder, json.loads(serialize_config(cfg)))  # refused: nothing changed yet
         if not finished(folder, checkpoint):
             (folder / "summary.json").unlink(missing_ok=True)  # a stop after it was written: rewritten at the end
         return checkpoint
-    checkpoint = Checkpoint.read(folder)
-    if checkpoint is not None and not (folder / "result.json").is_file():
+    # A finished run's checkpoint is replaced below, damaged or not; an unfinished one (or a damaged one: it can
+    # not say) is refused, so nothing computed is overwritten.
+    checkpoint = None if (folder / "result.json").is_file() else Checkpoint.read(folder)
+    if checkpoint is not None:
         raise ConfigError(f"{folder} holds an unfinished run (round {checkpoint.round} of {checkpoint.num_rounds} done); "
                           f"continue it with `fedprompt resume {folder}` (or resume=true), or choose another output_dir")
     for stale in ("summary.json", "replies.jsonl", "result.json", CHECKPOINT):  # a reused output_dir must not
