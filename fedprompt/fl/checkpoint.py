@@ -48,7 +48,8 @@ CLIENTS = "clients"
 # so a test can stop `fedprompt run` there for certain (tests/test_resume.py).
 PAUSE_ENV = "FEDPROMPT_TEST_PAUSE_AFTER_ROUND"
 # Settings a resumed run may change: where and how it is launched, not what it computes.
-VOLATILE = ("resume", "progress", "output_dir", "federation.round_timeout_s", "federation.superlink_port")
+VOLATILE = ("resume", "progress", "output_dir", "federation.round_timeout_s", "federation.superlink_port",
+            "service.api_key")  # a key is a launch setting; a run's files only ever hold it as ***
 
 
 def _record_to_b64(record: RecordDict) -> str:

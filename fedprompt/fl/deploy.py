@@ -282,9 +282,15 @@ def local_run(cfg: DictConfig, settings: DeploySettings) -> Iterator[tuple[Local
 
 def cmd_deploy(cfg: DictConfig) -> dict:
     from fedprompt.fl.run import app_dir, finish_run, prepare, start_run_folder
+    from fedprompt.redact import SECRETS, redact_config
 
     start = time.perf_counter()
     settings = DeploySettings.from_config(cfg)
+    if settings.connection and cfg.service.get("api_key") is not None:
+        raise ConfigError(f"service.api_key does not reach a remote deployment's apps (a key is never written into "
+                          f"Flower's run config); export {SECRETS['service.api_key']} on the SuperLink's and each "
+                          f"SuperNode's host instead, and drop service.api_key")
+    cfg = redact_config(cfg)  # before the local service's config file is written
     root = app_dir()
     echo = sys.stderr if cfg.get("progress", True) else None
     if settings.connection:  # a SuperLink someone runs: only submit (from its host, where the results land)
