@@ -16,8 +16,9 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedprompt.config import compose, group_options, validate_common
+from fedprompt.config import check_writable_dir, compose, group_options, make_dir, validate_common
 from fedprompt.errors import ConfigError, FedPromptError
+from fedprompt.redact import redact_overrides
 
 USAGE = """usage: fedprompt <command> [key=value ...]
 
@@ -56,8 +57,7 @@ def output_dir(cfg: DictConfig, command: str) -> Path:
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = Path("outputs") / command / f"{stamp}-{cfg.task.name}-{cfg.get('split', 'run')}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return make_dir(path)
 
 
 def load_task_checked(cfg: DictConfig):
@@ -80,6 +80,7 @@ def cmd_eval(cfg: DictConfig) -> dict:
     from fedprompt.models import PromptedClassifier, encode_label_words, load_causal_lm, load_tokenizer
 
     validate_common(cfg)
+    check_writable_dir(cfg.get("output_dir") or Path("outputs") / "eval")
     task = load_task_checked(cfg)
     spec = task.spec.with_chat_format(cfg.model.get("chat_format"))
     examples = task.split(str(cfg.split))  # reads and validates every row before the model loads
@@ -168,9 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command in FOLDER_COMMANDS:
             if not overrides or "=" in overrides[0]:
                 raise ConfigError(f"usage: fedprompt {command} <folder> [key=value ...]")
-            record = FOLDER_COMMANDS[command](Path(overrides[0]), overrides[1:])
+            record = FOLDER_COMMANDS[command](Path(overrides[0]), overrides[1:])  # keys: redact_config in cmd_run
         else:
-            record = COMMANDS[command](compose(overrides))
+            record = COMMANDS[command](compose(redact_overrides(overrides)))
     except FedPromptError as err:
         print(f"fedprompt {command}: error: {err}", file=sys.stderr)
         return 2

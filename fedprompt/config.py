@@ -83,6 +83,27 @@ def check_composed(cfg: DictConfig) -> None:
     check_schema(cfg)
 
 
+def check_writable_dir(path: str | os.PathLike, key: str = "output_dir") -> None:
+    """Refuse a folder that could not be created or written in, before anything starts; creates nothing, so a
+    run refused later for another reason leaves no empty folder behind."""
+    folder = Path(path).expanduser()
+    existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))  # "." or "/" at the latest
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={str(path)!r}: {existing} is a file, not a folder; choose another {key}")
+    if not os.access(existing, os.W_OK | os.X_OK):  # also False on a read-only file system, even for root
+        raise ConfigError(f"{key}={str(path)!r}: cannot write in {existing} (permission denied or read-only file "
+                          f"system); choose a writable {key}")
+
+
+def make_dir(path: Path, key: str = "output_dir") -> Path:
+    """``mkdir -p`` with its failure in one line (a folder checked writable can still fail: full disk, a race)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{key}={str(path)!r}: cannot create it ({err.strerror}); choose a writable {key}") from None
+    return path
+
+
 def validate_common(cfg: DictConfig) -> None:
     """Checks every command shares; cheap, before any model or data is loaded."""
     from fedprompt.models.registry import check_model_name, resolve_dtype, resolve_device
@@ -95,3 +116,6 @@ def validate_common(cfg: DictConfig) -> None:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.task.name in (None, "???"):
         raise ConfigError("no task given; use task=<name>, e.g. task=sst2")
+    from fedprompt.data.loading import check_task_name
+
+    check_task_name(cfg.task.name)

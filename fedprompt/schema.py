@@ -206,7 +206,10 @@ def check_schema(cfg: DictConfig | Mapping[str, Any]) -> None:
         raise ConfigError(f"unknown config key {err.full_key!r}: {where} takes {known}; fix the override or the "
                           "yaml file in conf/") from None
     except ValidationError as err:
-        raise ConfigError(f"bad value for {err.full_key}: {str(err.msg).splitlines()[0]}") from None
+        message = str(err.msg).splitlines()[0]
+        if "converted to Integer" in message:  # 1e20 or 3.0: refused rather than truncated
+            message += "; give a whole number, e.g. 3 (not 3.0 or 1e3)"
+        raise ConfigError(f"bad value for {err.full_key}: {message}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid config: {str(err).splitlines()[0]}") from None
 

@@ -76,3 +76,5 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     # Tests never write to the user's cache except the embedded model's copy, which they share.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    # The CLI exports a command-line service.api_key into this process (fedprompt.redact): undone after each test.
+    monkeypatch.delenv("FEDPROMPT_API_KEY", raising=False)

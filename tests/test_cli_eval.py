@@ -34,6 +34,7 @@ def _run(capsys, *args):
         (["task=toy", "limit=0"], "limit must be >= 1"),
         (["task=toy", "nosuchkey=1"], "bad override"),
         (["task=toy", "model.dtype=float8"], "unknown dtype"),
+        (["task=../toy"], "task='../toy' is not a plain folder name"),  # would read outside data_dir
     ],
 )
 def test_bad_input_is_reported_before_loading_a_model(capsys, tiny_data, tiny_model_dir, no_model_load, args, message):
@@ -50,6 +51,17 @@ def test_malformed_row_is_reported_with_file_and_line(capsys, tiny_data, tiny_mo
         fh.write('{"text": "broken"\n')
     code, _, err = _run(capsys, "task=toy", f"data_dir={tiny_data}", f"model={tiny_model_dir}")
     assert code == 2 and "test.jsonl:13: malformed JSON" in err
+
+
+@pytest.mark.parametrize("name, message", [
+    ("test.jsonl", "test.jsonl:1: not UTF-8 (byte 0x89); split files must be UTF-8 JSON Lines"),
+    ("meta.json", "meta.json:1: not UTF-8 (byte 0x89); meta.json must be UTF-8 JSON"),
+])
+def test_a_binary_data_file_is_one_line_naming_it(capsys, tiny_data, tiny_model_dir, no_model_load, name, message):
+    (tiny_data / "toy" / name).write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")  # e.g. an image saved under the name
+    code, _, err = _run(capsys, "task=toy", f"data_dir={tiny_data}", f"model={tiny_model_dir}")
+    assert code == 2 and message in err and str(tiny_data / "toy" / name) in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_empty_label_word_is_rejected(capsys, tiny_data, tiny_model_dir, no_model_load):

@@ -54,6 +54,24 @@ def test_malformed_row_reports_file_and_line(tiny_data, line, message):
         task.split("test")
 
 
+@pytest.mark.parametrize("name, message", [
+    ("test.jsonl", r"test\.jsonl:2: not UTF-8 \(byte 0xff\); split files must be UTF-8 JSON Lines"),
+    ("meta.json", r"meta\.json:2: not UTF-8 \(byte 0xff\); meta.json must be UTF-8 JSON"),
+])
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tiny_data, name, message):
+    path = tiny_data / "toy" / name
+    path.write_bytes(path.read_bytes().split(b"\n")[0] + b"\n\xff\xfe binary \x00\n")
+    with pytest.raises(DataError, match=message):
+        load_task(TOY, tiny_data).split("test")
+
+
+def test_a_task_name_is_one_folder_name(tiny_data):
+    for name in ("../toy", "toy/../toy", "/etc", ".."):
+        with pytest.raises(ConfigError, match="not a plain folder name.*task.path="):
+            load_task({**TOY, "name": name}, tiny_data / "sub")
+    assert load_task({**TOY, "name": "elsewhere", "path": str(tiny_data / "toy")}).folder == tiny_data / "toy"
+
+
 def test_pair_task_needs_text_pair(tiny_data):
     cfg = {"name": "toypair", "template": "{prompt} {text} || {text_pair}", "is_pair": True}
     task = load_task(cfg, tiny_data)
@@ -132,8 +150,9 @@ def test_dirichlet_alpha_controls_skew():
 
 def test_partition_bad_input():
     rows = _examples((3, 3, 3))
-    with pytest.raises(ConfigError, match="alpha must be > 0"):
-        partition_examples(rows, 2, 3, "dirichlet", alpha=0)
+    for alpha in (0, float("inf"), float("nan")):  # inf and nan: flwr-datasets would draw until "max attempts"
+        with pytest.raises(ConfigError, match="alpha must be > 0 and finite"):
+            partition_examples(rows, 2, 3, "dirichlet", alpha=alpha)
     with pytest.raises(ConfigError, match="10 clients but only 9"):
         partition_examples(rows, 10, 3, "iid")
     with pytest.raises(ConfigError, match="unknown partition scheme"):

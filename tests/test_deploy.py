@@ -106,12 +106,13 @@ def nothing_starts(monkeypatch):
     (["federation.min_available_clients=3"], "federation.min_available_clients must be in 1..num_clients=2"),
     (["service.kind=http", "service.client.ca_file=/no/such/ca.crt"], "service.client.ca_file"),
     (["service.kind=http", "service.api_keys_file=/no/such/keys"], "service.api_keys_file '/no/such/keys' does not exist"),
+    (["deploy.connection=prod", "service.api_key=sk-3c1e"], "service.api_key does not reach a remote deployment"),
 ])
 def test_bad_input_is_one_line_before_anything_starts(capsys, tmp_path, tiny_model_dir, nothing_starts, args, message):
     code = cli.main(["deploy", *tiny_overrides(write_secret_task(tmp_path), tiny_model_dir), *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err
-    assert len(err.strip().splitlines()) == 1
+    assert len(err.strip().splitlines()) == 1 and "sk-3c1e" not in err
 
 
 def test_serve_needs_both_tls_files(capsys):

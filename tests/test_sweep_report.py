@@ -159,6 +159,8 @@ def test_a_group_that_mixes_evaluation_splits_or_tasks_is_refused(capsys, tmp_pa
         (["seed=0,1", "output_dir=somewhere"], "set hydra.sweep.dir=<folder>, not output_dir"),
         (["seed=0,1", "resume=true"], "resume=true in a sweep needs hydra.sweep.dir"),
         (["model=smollm2-135m,org/other"], "a sweep cannot mix model files"),
+        (["seed=0,1", "service.api_key=sk-1,sk-2"], "service.api_key takes one value, not a sweep"),
+        (["seed=0,1", "federation.superlink_port=70000"], "job 0 (seed=0): federation.superlink_port must be >= 0"),
     ],
 )
 def test_a_bad_sweep_fails_before_any_job_starts(capsys, tmp_path, tiny_model_dir, nothing_expensive, monkeypatch,

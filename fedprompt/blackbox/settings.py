@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from fedprompt.errors import ConfigError
+from fedprompt.redact import REDACTED, SECRETS
 
 LABEL_MODES = ("first_token", "echo")
 KINDS = ("inprocess", "http", "openai")
@@ -178,7 +179,17 @@ class ClientSettings:
     def from_config(cls, cfg: Any) -> "ClientSettings":
         svc = _node(cfg, "service")
         client, openai = dict(svc.get("client") or {}), dict(svc.get("openai") or {})
-        url = svc.get("url") or f"http://{svc.get('host', '127.0.0.1')}:{svc.get('port', 8000)}"
+        port = svc.get("port", 8000)
+        if not svc.get("url") and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+            raise ConfigError(f"service.port must be an integer in 0..65535 (the clients' URL is built from it), "
+                              f"got {port!r}; or give service.url")
+        url = svc.get("url") or f"http://{svc.get('host', '127.0.0.1')}:{port}"
+        api_key = svc.get("api_key")
+        if api_key == REDACTED:  # a key given on the command line, moved to the environment: the clients read it there
+            api_key, env = None, SECRETS["service.api_key"]
+            if svc.get("kind") in ("http", "openai") and not os.environ.get(env):  # e.g. a resume in a new shell
+                raise ConfigError(f"service.api_key is *** (a command-line key, never written to a file) but ${env} "
+                                  f"is not set here; give the key again with service.api_key=<key> or export {env}")
         known = {f.name for f in fields(cls)}
         extra = sorted(set(client) - known)
         if extra:
@@ -186,7 +197,7 @@ class ClientSettings:
         return cls(
             kind=str(svc.get("kind") or "inprocess"),
             url=url,
-            api_key=svc.get("api_key"),
+            api_key=api_key,
             **client,
             openai_model=openai.get("model"),
             label_mode=str(openai.get("label_mode") or "first_token"),

@@ -15,6 +15,7 @@ overrides the count). GLUE hides test labels, so RTE maps ``test: validation`` a
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fedprompt.data.task import Example
-from fedprompt.errors import DataError
+from fedprompt.errors import ConfigError, DataError
 
 DATA_DIR_ENV = "FEDPROMPT_DATA_DIR"
 SPLITS = ("train", "validation", "test")
@@ -33,12 +34,22 @@ CARVE = "carve"  # task.hf.splits.validation: draw validation from the hub's tra
 CARVE_SEED, CARVE_FRACTION, CARVE_MAX = 13, 0.1, 1000
 
 
+def check_task_name(name: Any) -> None:
+    """A task name is one folder name: ``task=../x`` or ``task=a/b`` would read (and name run folders)
+    outside the data folder."""
+    text = str(name)
+    if text in ("", ".", "..") or any(sep in text for sep in "/\\"):
+        raise ConfigError(f"task={text!r} is not a plain folder name: task=<name> reads <data_dir>/<name>; for a "
+                          f"folder elsewhere use task=<name> task.path=<folder>")
+
+
 def resolve_task_dir(task_cfg: Mapping[str, Any], data_dir: str | os.PathLike | None) -> Path | None:
     """The local folder of a task, or ``None`` when the hub should be used.
 
     Raises :class:`DataError` when a folder was asked for (config or environment) but is missing, so
     a typo never silently falls back to a download.
     """
+    check_task_name(task_cfg["name"])
     if task_cfg.get("path"):
         folder = Path(str(task_cfg["path"])).expanduser()
         source = "task.path"
@@ -68,7 +79,7 @@ def read_meta(folder: Path) -> dict[str, Any]:
     if not meta_path.is_file():
         raise DataError(f"{meta_path}: missing; a task folder needs meta.json with {{\"labels\": [...]}}")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(_read_text(meta_path, "meta.json must be UTF-8 JSON"))
     except json.JSONDecodeError as err:
         raise DataError(f"{meta_path}: not valid JSON ({err})") from None
     labels = meta.get("labels") if isinstance(meta, dict) else None
@@ -82,19 +93,32 @@ def read_jsonl_split(path: Path, num_labels: int, is_pair: bool) -> list[Example
     if not path.is_file():
         raise DataError(f"{path}: split file missing; expected one of {[s + '.jsonl' for s in SPLITS]}")
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
-            examples.append(_row_to_example(row, where, num_labels, is_pair))
+    text = _read_text(path, "split files must be UTF-8 JSON Lines, one JSON object a line")
+    for line_no, line in enumerate(io.StringIO(text, newline=None), start=1):  # newlines as open() reads them
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+        examples.append(_row_to_example(row, where, num_labels, is_pair))
     if not examples:
         raise DataError(f"{path}: no rows")
     return examples
+
+
+def _read_text(path: Path, expected: str) -> str:
+    """A data file as text; bytes that are not UTF-8 (a binary or Latin-1 file) name the line they are on."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({err.strerror}); check its permissions") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte {data[err.start]:#04x}); {expected}") from None
 
 
 def _row_to_example(row: Any, where: str, num_labels: int, is_pair: bool) -> Example:

@@ -6,6 +6,7 @@ Schemes: ``iid``, ``dirichlet`` (label skew, concentration ``alpha``: small alph
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -47,8 +48,10 @@ def validate_partition_args(
             f"lower federation.num_clients or raise k"
         )
     if scheme == "dirichlet":
-        if alpha is None or not alpha > 0:
-            raise ConfigError(f"Dirichlet alpha must be > 0 (small = more non-IID), got {alpha}")
+        # inf/nan would reach flwr-datasets, which retries its draw until "max attempts"
+        if alpha is None or not 0 < alpha < math.inf:
+            raise ConfigError(f"Dirichlet alpha must be > 0 and finite (small = more non-IID; for IID use "
+                              f"partition=iid), got partition.alpha={alpha}")
         if min_size * num_clients > num_examples:
             raise ConfigError(
                 f"partition.min_size={min_size} for {num_clients} clients needs {min_size * num_clients} "

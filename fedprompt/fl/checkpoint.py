@@ -49,7 +49,8 @@ from fedprompt.errors import ConfigError
 CHECKPOINT = "checkpoint.json"
 CLIENTS = "clients"
 # Settings a resumed run may change: where and how it is launched, not what it computes.
-VOLATILE = ("resume", "progress", "verbose", "output_dir", "federation.round_timeout_s", "federation.superlink_port")
+VOLATILE = ("resume", "progress", "verbose", "output_dir", "federation.round_timeout_s", "federation.superlink_port",
+            "service.api_key")  # a key is a launch setting; a run's files only ever hold it as ***
 
 
 def _record_to_b64(record: RecordDict) -> str:

@@ -103,6 +103,8 @@ def validate_config(cfg: DictConfig) -> None:
     if privacy not in supported:
         raise ConfigError(f"method={cfg.method.name} implements privacy={' | '.join(supported)}, got privacy={privacy}")
     validate_federation(cfg.federation)
+    if not 0 <= cfg.get("seed", 0) < 2**32:  # numpy and datasets refuse other seeds, with a traceback mid-run
+        raise ConfigError(f"seed must be in 0..{2**32 - 1}, got {cfg.seed}")
     part = cfg.partition
     if part.get("scheme") not in SCHEMES:
         raise ConfigError(f"partition.scheme={part.get('scheme')!r} is not one of {list(SCHEMES)}")
@@ -111,23 +113,35 @@ def validate_config(cfg: DictConfig) -> None:
     ClientSettings.from_config(cfg)  # service.kind and the client's network settings
 
 
-def validate_federation(fed: DictConfig) -> None:
-    def at_least(key: str, low: float) -> None:
-        if fed.get(key) is None or float(fed[key]) < low:
-            raise ConfigError(f"federation.{key} must be >= {low:g}, got {fed.get(key)}")
+# Upper bounds: a typo (rounds=1000000000) or a value no run can meet would otherwise start and run for ever.
+MAX_COUNT = 100_000           # clients, rounds, replies, evaluation interval
+MAX_EXAMPLES = 1_000_000_000  # example limits and the public pool
+MAX_TIMEOUT_S = 30 * 24 * 3600
 
-    at_least("num_clients", 1)
-    at_least("rounds", 1)
-    at_least("min_train_clients", 1)
-    at_least("client_cpus", 1)
-    at_least("client_gpus", 0)
-    at_least("round_timeout_s", 1)
-    at_least("eval_every", 1)
-    at_least("public_size", 0)
-    at_least("superlink_port", 0)
+
+def validate_federation(fed: DictConfig) -> None:
+    def within(key: str, low: int, high: float, optional: bool = False) -> None:
+        value = fed.get(key)
+        if value is None and optional:
+            return
+        # comparisons, not float(): nan fails both, and an int too large for a float still compares
+        if value is None or isinstance(value, bool) or not low <= value <= high:
+            upper = f" and <= {high}" if high < math.inf else ""
+            null = " (or null)" if optional else ""
+            raise ConfigError(f"federation.{key} must be >= {low}{upper}{null}, got {value}")
+
+    for key in ("num_clients", "rounds", "min_train_clients", "min_replies", "eval_every"):
+        within(key, 1, MAX_COUNT)
+    within("client_cpus", 1, 1024)
+    within("client_gpus", 0, 1024)
+    within("round_timeout_s", 1, MAX_TIMEOUT_S)
+    within("public_size", 0, MAX_EXAMPLES)
+    within("eval_limit", 1, MAX_EXAMPLES, optional=True)
+    within("reference_limit", 1, MAX_EXAMPLES, optional=True)
+    within("eval_sample_seed", 0, math.inf, optional=True)  # numpy refuses a negative seed, mid-run
+    within("superlink_port", 0, 65535)  # else the SuperLink fails to bind, after the run folder exists
     if not 0 < float(fed.fraction_train) <= 1:
         raise ConfigError(f"federation.fraction_train must be in (0, 1], got {fed.fraction_train}")
-    at_least("min_replies", 1)
     sampled = min(int(fed.num_clients), max(math.ceil(float(fed.fraction_train) * int(fed.num_clients)),
                                             int(fed.min_train_clients)))
     if int(fed.min_replies) > sampled:
@@ -137,11 +151,6 @@ def validate_federation(fed: DictConfig) -> None:
     if available is not None and not 1 <= int(available) <= int(fed.num_clients):
         raise ConfigError(f"federation.min_available_clients must be in 1..num_clients={fed.num_clients} "
                           f"(or null for all of them), got {available}")
-    if fed.get("eval_limit") is not None and int(fed.eval_limit) < 1:
-        raise ConfigError(f"federation.eval_limit must be >= 1 (or null for the whole split), got {fed.eval_limit}")
-    if fed.get("reference_limit") is not None and int(fed.reference_limit) < 1:
-        raise ConfigError(f"federation.reference_limit must be >= 1 (or null for the whole validation split), "
-                          f"got {fed.reference_limit}")
     from fedprompt.data.leakage import OVERLAP_POLICIES
 
     if fed.get("eval_overlap") not in OVERLAP_POLICIES:

@@ -283,9 +283,15 @@ def local_run(cfg: DictConfig, settings: DeploySettings) -> Iterator[tuple[Local
 def cmd_deploy(cfg: DictConfig) -> dict:
     from fedprompt.fl.protocol import git_state
     from fedprompt.fl.run import app_dir, finish_run, prepare, start_run_folder
+    from fedprompt.redact import SECRETS, redact_config
 
     start = time.perf_counter()
     settings = DeploySettings.from_config(cfg)
+    if settings.connection and cfg.service.get("api_key") is not None:
+        raise ConfigError(f"service.api_key does not reach a remote deployment's apps (a key is never written into "
+                          f"Flower's run config); export {SECRETS['service.api_key']} on the SuperLink's and each "
+                          f"SuperNode's host instead, and drop service.api_key")
+    cfg = redact_config(cfg)  # before the local service's config file is written
     root = app_dir()
     code = git_state()
     echo = sys.stderr if cfg.get("progress", True) else None

@@ -52,8 +52,9 @@ def expand_jobs(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
         raise ConfigError(f"bad sweep {list(overrides)}: {err}") from None
 
 
-def check_jobs(jobs: list[list[str]], config_name: str) -> None:
-    """Compose and check every job before the first one starts: first the config alone, then its data."""
+def check_jobs(jobs: list[list[str]], config_name: str, multirun: bool = False) -> None:
+    """Compose and check every job before the first one starts: first the config alone, then its data, then
+    that Hydra can write its folder."""
     from fedprompt.config import compose
     from fedprompt.fl.config import validate_config
     from fedprompt.fl.run import prepare, resume_point
@@ -82,6 +83,26 @@ def check_jobs(jobs: list[list[str]], config_name: str) -> None:
                     resume_point(OmegaConf.merge(cfg, {"output_dir": str(folder.resolve())}), folder.resolve())
         except FedPromptError as err:
             raise type(err)(f"{name(number)}{err}") from None
+    check_hydra_folder(jobs[0], config_name, multirun)
+
+
+def check_hydra_folder(job: list[str], config_name: str, multirun: bool) -> None:
+    """The run's (or sweep's) folder can be written: else Hydra fails, once the checks are done, with a long
+    error of its own."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fedprompt.config import check_writable_dir, conf_dir
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"  # all jobs of a sweep share its folder
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            folder = OmegaConf.select(compose(config_name, overrides=job, return_hydra_config=True), key)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"bad hydra override in {job}: {' '.join(str(err).split())}") from None
+    given = {_key(o) for o in job}
+    check_writable_dir(str(folder), "output_dir" if "output_dir" in given and not multirun else key)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -89,6 +110,7 @@ def main(argv: Sequence[str]) -> int:
     import hydra
 
     from fedprompt.config import conf_dir, rewrite_shorthands
+    from fedprompt.redact import redact_overrides
 
     args = _parse(argv)
     flags = list(argv)
@@ -96,10 +118,10 @@ def main(argv: Sequence[str]) -> int:
         flags.remove(override)
     runs = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)  # else Hydra answers
     try:
-        overrides = rewrite_shorthands(args.overrides)
+        overrides = redact_overrides(rewrite_shorthands(args.overrides))  # Hydra writes no key into .hydra/
         if runs:
             overrides = _launch_overrides(overrides, bool(args.multirun))
-            check_jobs(expand_jobs(overrides, bool(args.multirun)), args.config_name or "config")
+            check_jobs(expand_jobs(overrides, bool(args.multirun)), args.config_name or "config", bool(args.multirun))
     except FedPromptError as err:
         print(f"fedprompt run: error: {err}", file=sys.stderr)
         return 2

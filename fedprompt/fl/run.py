@@ -23,6 +23,7 @@ from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedprompt.config import make_dir
 from fedprompt.errors import ConfigError
 
 
@@ -71,8 +72,7 @@ def run_folder(cfg: DictConfig) -> Path:
         path = Path(str(cfg.output_dir))
     else:
         path = Path("outputs") / "run" / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.task.name}-{cfg.method.name}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path.resolve()
+    return make_dir(path).resolve()
 
 
 def write_run_config(cfg: DictConfig, folder: Path) -> Path:
@@ -170,8 +170,10 @@ def cmd_run(cfg: DictConfig) -> dict:
 def start_run_folder(cfg: DictConfig, partition: dict):
     """The run folder with the config, the partition's sizes and the run config; returns the config with
     ``output_dir`` set, the folder, the run config's path and the checkpoint to resume from (or None)."""
+    from fedprompt.redact import redact_config
+
     folder = run_folder(cfg)
-    cfg = OmegaConf.merge(cfg, {"output_dir": str(folder)})
+    cfg = OmegaConf.merge(redact_config(cfg), {"output_dir": str(folder)})  # what follows writes the config
     checkpoint = resume_point(cfg, folder)
     if not finished(folder, checkpoint):
         (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
