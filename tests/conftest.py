@@ -71,6 +71,16 @@ def tiny_data(tmp_path) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def nothing_expensive(monkeypatch):
+    """Bad input must be refused before any model loads or any simulation starts: both raise here."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded or a simulation started before the input was validated")
+
+    monkeypatch.setattr("fedprompt.models.load_causal_lm", refuse)
+    monkeypatch.setattr("fedprompt.fl.launch.local_superlink", refuse)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Tests never write to the user's cache except the embedded model's copy, which they share.

@@ -73,15 +73,6 @@ def _leaky_task(root):
     return root
 
 
-@pytest.fixture
-def nothing_expensive(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded or a simulation started before the input was validated")
-
-    monkeypatch.setattr("fedprompt.models.load_causal_lm", refuse)
-    monkeypatch.setattr("fedprompt.fl.launch.local_superlink", refuse)
-
-
 def test_a_public_pool_holding_a_test_sentence_is_refused_before_any_model_loads(capsys, tmp_path, tiny_model_dir,
                                                                                 nothing_expensive):
     args = [o.replace("task=secret", "task=leaky") for o in tiny_overrides(_leaky_task(tmp_path), tiny_model_dir)]

@@ -19,15 +19,6 @@ from fedprompt.fl.launch import SimulationError
 from tests.fl_support import tiny_overrides, write_secret_task
 
 
-@pytest.fixture
-def nothing_expensive(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded or a simulation started before the input was validated")
-
-    monkeypatch.setattr("fedprompt.models.load_causal_lm", refuse)
-    monkeypatch.setattr("fedprompt.fl.launch.local_superlink", refuse)
-
-
 N = 40  # evaluation examples of the fake runs
 
 

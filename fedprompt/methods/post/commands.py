@@ -13,7 +13,6 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
