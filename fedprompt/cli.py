@@ -23,7 +23,8 @@ from fedprompt.redact import redact_overrides
 USAGE = """usage: fedprompt <command> [key=value ...]
 
 commands:
-  eval    evaluate the task's manual prompt (or prompt="...", or prompt="" for zero-shot) on a split
+  eval    evaluate the task's manual prompt (or prompt="...", or prompt="" for zero-shot) on a split;
+          service.kind=http|openai service.url=... scores it on that server instead of loading the model
   serve   serve model= as a black-box LLM API (OpenAI-compatible + /v1/classify), see docs/blackbox.md
   run     a federated simulation (Flower, Ray backend, via `flwr run`): method=feddtpt|post|rapt|fedprompt|bbt|bdpl;
           a Hydra app: `-m` sweeps (one run per job under multirun/), `--cfg job` shows the config
@@ -76,37 +77,100 @@ def load_task_checked(cfg: DictConfig):
 
 
 def cmd_eval(cfg: DictConfig) -> dict:
-    from fedprompt.methods.baselines import evaluate_prompt
-    from fedprompt.models import PromptedClassifier, encode_label_words, load_causal_lm, load_tokenizer
+    """Accuracy of a prompt on a split, scored where ``service.kind`` says: this process (``inprocess``,
+    the model loaded here) or a black box (``http``: a ``fedprompt serve``; ``openai``: any OpenAI-compatible
+    server) at ``service.url``, which then receives every request. The JSON names the service and URL."""
+    from fedprompt.blackbox.settings import ClientSettings
 
     validate_common(cfg)
     check_writable_dir(cfg.get("output_dir") or Path("outputs") / "eval")
+    client = ClientSettings.from_config(cfg)  # bad service.* values fail here, before data or model
     task = load_task_checked(cfg)
     spec = task.spec.with_chat_format(cfg.model.get("chat_format"))
     examples = task.split(str(cfg.split))  # reads and validates every row before the model loads
     if cfg.limit is not None:
         examples = examples[: int(cfg.limit)]
+    prompt = None if cfg.prompt is None else str(cfg.prompt)
+    if client.kind == "inprocess":
+        out, record = _eval_inprocess(cfg, spec, examples, prompt)
+    else:
+        out, record = _eval_blackbox(cfg, client, spec, examples, prompt)
+    record.update({"task": spec.name, "split": str(cfg.split), "prompt": spec.manual_prompt if prompt is None else prompt,
+                   "data": task.source, "output_dir": str(out)})
+    (out / "result.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    return record
+
+
+def _eval_inprocess(cfg: DictConfig, spec, examples, prompt: str | None) -> tuple[Path, dict]:
+    from fedprompt.methods.baselines import evaluate_prompt
+    from fedprompt.models import PromptedClassifier, encode_label_words, load_causal_lm, load_tokenizer
+
     tokenizer = load_tokenizer(str(cfg.model.name))
     encode_label_words(tokenizer, spec.label_words)  # a label word that tokenizes to nothing: fail now
     out = output_dir(cfg, "eval")
     model = load_causal_lm(str(cfg.model.name), cfg.model.get("device"), cfg.model.get("dtype"))
     classifier = PromptedClassifier(model, tokenizer, spec, batch_size=int(cfg.batch_size))
-    prompt = None if cfg.prompt is None else str(cfg.prompt)
     result = evaluate_prompt(classifier, examples, prompt, bool(cfg.calibrate), bool(cfg.progress))
-    record = {
+    return out, {
         **result.to_dict(),
-        "task": spec.name,
-        "split": str(cfg.split),
         "model": str(cfg.model.name),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": str(next(model.parameters()).device),
-        "prompt": spec.manual_prompt if prompt is None else prompt,
-        "data": task.source,
-        "output_dir": str(out),
+        "service": "inprocess",
+        "url": None,
     }
-    (out / "result.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    return record
+
+
+def _eval_blackbox(cfg: DictConfig, client, spec, examples, prompt: str | None) -> tuple[Path, dict]:
+    """Score through ``make_blackbox(cfg)``: the service holds the model; nothing is loaded here."""
+    import numpy as np
+
+    from fedprompt.blackbox import BlackBoxError, make_blackbox
+    from fedprompt.models.classifier import EvalResult
+
+    inputs = [spec.format(e, prompt) for e in examples]
+    out = output_dir(cfg, "eval")
+    step = client.chunk_size  # texts per classify call: the progress bar moves once per call
+    rows, floored = [], 0
+    with make_blackbox(cfg) as service:
+        url = service.url
+        print(f"fedprompt eval: scoring {len(inputs)} examples through service.kind={client.kind} at {url}",
+              file=sys.stderr)
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(inputs), desc=f"eval {spec.name}", unit="ex", dynamic_ncols=True)
+        start = time.perf_counter()
+        try:
+            for first in range(0, len(inputs), step):
+                result = service.classify(inputs[first : first + step], spec.label_words)
+                rows.append(result.logprobs)
+                if result.floored is not None:
+                    floored += int(result.floored.any(axis=1).sum())
+                if bar is not None:
+                    bar.update(len(result.predictions))
+        finally:
+            if bar is not None:
+                bar.close()
+        seconds = time.perf_counter() - start
+        if client.kind == "openai":
+            served = service.model
+        else:  # fedprompt serve names its model in /v1/models
+            try:
+                served = str(service.transport.request("GET", "/v1/models").body["data"][0]["id"])
+            except (BlackBoxError, KeyError, IndexError, TypeError):
+                served = str(cfg.model.name)
+        usage = service.usage.to_dict()
+    scores = np.concatenate(rows) if rows else np.zeros((0, len(spec.label_words)), np.float32)
+    result = EvalResult.from_scores(scores, [e.label for e in examples], inputs, seconds, bool(cfg.calibrate))
+    record = {**result.to_dict(), "model": served, "dtype": None, "device": None, "service": client.kind, "url": url,
+              "usage": usage}
+    if client.kind == "openai":
+        # Rows where some label was outside the server's top-k (first_token mode): its score is an upper bound.
+        record["floored_rows"] = floored
+    return out, record
 
 
 def cmd_serve(cfg: DictConfig) -> dict:

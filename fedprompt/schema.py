@@ -128,6 +128,7 @@ class HttpClientSchema:
     backoff_s: float = 0.0
     max_backoff_s: float = 0.0
     chunk_size: int = 0
+    max_prompts_per_request: Optional[int] = None
     ca_file: Optional[str] = None
 
 

@@ -35,6 +35,8 @@ def _run(capsys, *args):
         (["task=toy", "nosuchkey=1"], "bad override"),
         (["task=toy", "model.dtype=float8"], "unknown dtype"),
         (["task=../toy"], "task='../toy' is not a plain folder name"),  # would read outside data_dir
+        (["task=toy", "service.kind=pigeon"], "service.kind must be one of"),
+        (["task=toy", "service.kind=openai", "service.client.max_prompts_per_request=0"], "max_prompts_per_request"),
     ],
 )
 def test_bad_input_is_reported_before_loading_a_model(capsys, tiny_data, tiny_model_dir, no_model_load, args, message):
@@ -78,6 +80,7 @@ def test_eval_tiny_model_writes_json(capsys, tiny_data, tiny_model_dir, tmp_path
     record = json.loads(out.strip().splitlines()[-1])
     assert record["n"] == 12 and 0 <= record["accuracy"] <= 1 and record["examples_per_s"] > 0
     assert record["calibrated_accuracy"] is not None
+    assert record["service"] == "inprocess" and record["url"] is None and record["ties"] == 0
     assert json.loads((out_dir / "result.json").read_text()) == record
 
 

@@ -16,6 +16,7 @@ class BlackBoxError(FedPromptError):
     status = 400
     type = "invalid_request_error"
     code: str | None = None
+    http_status: int | None = None  # client side: the status a server actually answered with (None: no answer)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  retry_after: float | None = None) -> None:
@@ -104,27 +105,39 @@ _BY_STATUS = {400: InvalidRequest, 401: AuthError, 403: Forbidden, 404: NotFound
               422: ValidationFailed}
 
 
-def error_from_response(status: int, body: object, retry_after: float | None = None) -> BlackBoxError:
-    """The exception for an error response of this server or any OpenAI-compatible one."""
-    message, code, param = f"HTTP {status}", None, None
+def error_from_response(status: int, body: object, retry_after: float | None = None, *,
+                        where: str | None = None) -> BlackBoxError:
+    """The exception for an error response of this server or any OpenAI-compatible one.
+
+    The message is the server's own error message, else its body (JSON or text), cut to 300 characters,
+    then the status and, if given, ``where`` (the request: method and URL)."""
+    import json
+
+    message, code, param = "", None, None
     if isinstance(body, dict):
         err = body.get("error", body)
         if isinstance(err, dict):
-            message = str(err.get("message") or err.get("detail") or message)
+            message = str(err.get("message") or err.get("detail") or "")
             code, param = err.get("code"), err.get("param")
         elif isinstance(err, str):  # some servers: {"error": "..."} or {"detail": "..."}
             message = err
         elif isinstance(body.get("detail"), str):
             message = body["detail"]
-    elif isinstance(body, str) and body:
-        message = body[:500]
+        if not message.strip():  # e.g. {"error": {"message": "", ...}}: the body says more than nothing
+            message = json.dumps(body, ensure_ascii=False)
+    elif isinstance(body, str):
+        message = body.strip()
+    elif body is not None:
+        message = json.dumps(body, ensure_ascii=False)
+    message = message if len(message) <= 300 else message[:300] + "..."
     if status == 429:
         cls = BudgetExhausted if code == "insufficient_quota" or retry_after is None else Overloaded
     elif status >= 500:
         cls = ServiceUnavailable
     else:
         cls = _BY_STATUS.get(status, InvalidRequest)
-    err = cls(f"{message} (HTTP {status})", param=param, code=str(code) if code is not None else None,
-              retry_after=retry_after)
-    err.status = status
+    suffix = f"HTTP {status} from {where}" if where else f"HTTP {status}"
+    err = cls(f"{message} ({suffix})" if message else f"empty answer ({suffix})", param=param,
+              code=str(code) if code is not None else None, retry_after=retry_after)
+    err.status = err.http_status = status
     return err

@@ -14,7 +14,8 @@ def make_blackbox(cfg: Any = None, kind: str | None = None, *, model=None, token
     ``kind`` overrides ``service.kind``: ``inprocess`` (this process; pass an already loaded ``model``
     and ``tokenizer`` to share them, else ``model.name`` is loaded), ``http`` (a ``fedprompt serve`` at
     ``service.url``) or ``openai`` (any OpenAI-compatible server at ``service.url``, model
-    ``service.openai.model``). ``overrides`` are passed to the client's constructor.
+    ``service.openai.model``; at most ``service.client.max_prompts_per_request`` prompts a request, found
+    out when null). ``overrides`` are passed to the client's constructor.
     """
     client = ClientSettings.from_config(cfg)
     kind = kind or client.kind
@@ -31,7 +32,8 @@ def make_blackbox(cfg: Any = None, kind: str | None = None, *, model=None, token
 
         name = client.openai_model or (str(cfg.model.name) if cfg is not None and cfg.get("model") else None)
         options = dict(label_mode=client.label_mode, top_logprobs=client.top_logprobs, tokenizer=client.tokenizer,
-                       chunk_size=min(client.chunk_size, 64), **network)
+                       chunk_size=min(client.chunk_size, 64),
+                       max_prompts_per_request=client.max_prompts_per_request, **network)
         return OpenAICompatibleBlackBox(client.url, name, client.api_key, **{**options, **overrides})
     from fedprompt.blackbox.inprocess import InProcessBlackBox
 

@@ -27,7 +27,7 @@ class HttpBlackBox(BlackBoxLM):
         super().__init__()
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.url, self.model, self.chunk_size = url, model, chunk_size
+        self.url, self.model, self.chunk_size = url.rstrip("/"), model, chunk_size
         self.transport = JsonTransport(url, api_key or os.environ.get(API_KEY_ENV), timeout_s=timeout_s,
                                        connect_timeout_s=connect_timeout_s, retries=retries, backoff_s=backoff_s,
                                        max_backoff_s=max_backoff_s, ca_file=ca_file, transport=transport, sleep=sleep)
@@ -50,12 +50,14 @@ class HttpBlackBox(BlackBoxLM):
             preds = require(body, "predictions", "/v1/classify")
             usage = require(body, "usage", "/v1/classify")
             if len(preds) != len(chunk):
-                raise BadResponse(f"/v1/classify returned {len(preds)} predictions for {len(chunk)} texts")
+                raise BadResponse(f"POST {self.transport.url('/v1/classify')} returned {len(preds)} predictions "
+                                  f"for {len(chunk)} texts")
             predictions += [int(p) for p in preds]
             if not labels_only:
                 chunk_rows = require(body, "logprobs", "/v1/classify")
                 if not isinstance(chunk_rows, list) or len(chunk_rows) != len(chunk) or any(len(r) != len(labels) for r in chunk_rows):
-                    raise BadResponse(f"/v1/classify returned log-probs of the wrong shape for {len(chunk)}x{len(labels)}")
+                    raise BadResponse(f"POST {self.transport.url('/v1/classify')} returned log-probs of the wrong "
+                                      f"shape for {len(chunk)}x{len(labels)}")
                 rows += chunk_rows
             cost.add(Usage(requests=1, queries=int(usage.get("queries", len(chunk))),
                            prompt_tokens=int(usage.get("prompt_tokens", 0)),

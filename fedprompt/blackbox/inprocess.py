@@ -19,6 +19,7 @@ from fedprompt.blackbox.engine import ScoringEngine
 from fedprompt.blackbox.errors import ValidationFailed
 from fedprompt.blackbox.protocol import classify_request, classify_response, encode_json
 from fedprompt.blackbox.settings import Budget, Limits
+from fedprompt.ties import pick_labels
 
 
 class InProcessBlackBox(SoftPromptBlackBox):
@@ -104,10 +105,10 @@ class InProcessBlackBox(SoftPromptBlackBox):
             raise
         extra = {} if soft_prompt is None else {"soft_prompt": soft_prompt.tolist()}
         for chunk, plan, start in zip(chunks, plans, range(0, len(texts), self.chunk_size)):
-            body = classify_response(self.model_id, scores[start : start + len(chunk)], labels_only, plan.prompt_tokens)
+            body = classify_response(self.model_id, scores[start : start + len(chunk)], labels_only, plan.prompt_tokens, chunk)
             cost.bytes_sent += len(encode_json({**classify_request(chunk, labels, labels_only), **extra}))
             cost.bytes_received += len(encode_json(body))
         self.accountant.settle(self.account, reserved, cost)
         self.usage.add(cost)
-        predictions = [int(i) for i in scores.argmax(axis=1)]
+        predictions = [int(i) for i in pick_labels(scores, texts)[0]]  # exact ties: the server's rule
         return ClassifyResult(predictions, None if labels_only else scores, cost)

@@ -11,17 +11,30 @@ Label scoring from what the OpenAI protocol exposes (``label_mode``):
   ``min(k-th log-prob, log(1 - sum of the top-k probabilities)))``; ``ClassifyResult.floored`` marks those
   entries. For labels of one token present in the top-k this equals :func:`score_label_words`; for
   multi-token labels it scores the first token only, so labels must differ in their first token.
-- ``echo`` (servers that return prompt log-probs: vLLM, ``fedprompt serve``; not OpenAI's hosted chat
-  models): one prompt per (text, label), ``echo=true, max_tokens=1, logprobs=1`` (1, not 0: several
-  servers refuse 0); the score is the sum of the log-probs of the echoed tokens that start inside the label. Exact for multi-token labels,
-  as long as the server's tokenizer does not merge the label into the text's last token (labels that
-  start with a space are safe with BPE tokenizers).
+- ``echo`` (servers that return prompt log-probs: vLLM, llama-cpp-python, ``fedprompt serve``; not
+  OpenAI's hosted chat models): one prompt per (text, label), ``echo=true, max_tokens=1, logprobs=1`` (1,
+  not 0: several servers refuse 0); the score is the sum of the log-probs of the echoed tokens that start
+  inside the label. Exact for multi-token labels, as long as the server's tokenizer does not merge the
+  label into the text's last token (labels that start with a space are safe with BPE tokenizers).
+
+Prompts per request: both modes build a flat list of prompts (texts, or text + label pairs) and send it
+in requests of at most ``chunk_size`` prompts, and at most ``max_prompts_per_request`` if given. Servers
+differ: vLLM and ``fedprompt serve`` take a list, llama-cpp-python's server takes one prompt per request
+(it answers 500 to more). With ``max_prompts_per_request=None`` the client finds out: when a request of
+several prompts gets a 4xx/5xx answer (other than 401/403/404/429), or fewer choices than prompts, and
+the same request's first prompt alone succeeds, it sends one prompt per request from then on, for this server and model in this process,
+and logs that once. A single prompt is sent as a string, which every such server accepts.
+
+Exact ties between label scores (labels outside the top-k share one floor, for instance) are broken by
+:func:`fedprompt.ties.pick_labels`' rule, keyed by the text.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
 import time
 from typing import Sequence
 from urllib.parse import urlsplit
@@ -29,10 +42,34 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from fedprompt.blackbox.base import BlackBoxLM, ClassifyResult, Usage
-from fedprompt.blackbox.errors import BadResponse, ValidationFailed
+from fedprompt.blackbox.errors import BadResponse, BlackBoxError, ValidationFailed
 from fedprompt.blackbox.protocol import check_strings
 from fedprompt.blackbox.settings import LABEL_MODES
 from fedprompt.blackbox.transport import JsonTransport, require
+from fedprompt.ties import pick_labels
+
+log = logging.getLogger("fedprompt.blackbox")
+
+# (base URL, model) -> prompts per request that server was found to take, for every client in this process.
+_LEARNED_LIMITS: dict[tuple[str, str], int] = {}
+_LEARNED_LOCK = threading.Lock()
+# Answers to a request of several prompts that may mean "one prompt per request": not auth, not an unknown
+# path or model, not a budget or overload answer.
+_NOT_A_BATCH_REFUSAL = (401, 403, 404, 429)
+
+
+class WrongChoiceCount(BadResponse):
+    """A 2xx answer with another number of choices than prompts (a server that reads only the first)."""
+
+
+def refuses_batch(err: BlackBoxError) -> bool:
+    """Whether ``err``, raised by a request of several prompts, may mean the server takes fewer: a 4xx/5xx
+    answer that is not about the key, the path, the budget or load, or the wrong number of choices.
+    No answer at all (connection errors) is not such a refusal."""
+    if isinstance(err, WrongChoiceCount):
+        return True
+    status = err.http_status
+    return status is not None and 400 <= status < 600 and status not in _NOT_A_BATCH_REFUSAL
 
 
 def normalize_base_url(url: str) -> str:
@@ -63,14 +100,18 @@ def label_floor(top: dict[str, float]) -> float:
 
 class OpenAICompatibleBlackBox(BlackBoxLM):
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *, label_mode: str = "first_token",
-                 top_logprobs: int = 20, tokenizer=None, chunk_size: int = 32, timeout_s: float = 300.0,
-                 connect_timeout_s: float = 5.0, retries: int = 4, backoff_s: float = 0.5, max_backoff_s: float = 8.0,
-                 ca_file: str | None = None, transport=None, sleep=time.sleep) -> None:
+                 top_logprobs: int = 20, tokenizer=None, chunk_size: int = 32, max_prompts_per_request: int | None = None,
+                 timeout_s: float = 300.0, connect_timeout_s: float = 5.0, retries: int = 4, backoff_s: float = 0.5,
+                 max_backoff_s: float = 8.0, ca_file: str | None = None, transport=None, sleep=time.sleep) -> None:
         super().__init__()
         if label_mode not in LABEL_MODES:
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
         if not model:
             raise ValueError("OpenAICompatibleBlackBox needs the server's model name (service.openai.model)")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if max_prompts_per_request is not None and max_prompts_per_request < 1:
+            raise ValueError(f"max_prompts_per_request must be >= 1 or None, got {max_prompts_per_request}")
         if isinstance(tokenizer, str):
             from fedprompt.models.registry import load_tokenizer
 
@@ -81,6 +122,12 @@ class OpenAICompatibleBlackBox(BlackBoxLM):
         self.transport = JsonTransport(normalize_base_url(base_url), api_key, timeout_s=timeout_s,
                                        connect_timeout_s=connect_timeout_s, retries=retries, backoff_s=backoff_s,
                                        max_backoff_s=max_backoff_s, ca_file=ca_file, transport=transport, sleep=sleep)
+        self.url = self.transport.base_url
+        self._key = (self.url, model)
+        # Configured, else learned earlier in this process, else None: unknown until a request of several
+        # prompts succeeds (then self._probing turns False) or is refused (then 1).
+        self.max_prompts = max_prompts_per_request or _LEARNED_LIMITS.get(self._key)
+        self._probing = self.max_prompts is None
 
     def classify(self, texts: Sequence[str], labels: Sequence[str], labels_only: bool = False) -> ClassifyResult:
         if isinstance(texts, str) or isinstance(labels, str):
@@ -90,31 +137,68 @@ class OpenAICompatibleBlackBox(BlackBoxLM):
         check_strings(labels, "labels")
         if not labels or len(set(labels)) != len(labels) or any(not label for label in labels):
             raise ValidationFailed(f"labels must be distinct non-empty strings, got {labels}", param="labels")
-        scores = np.zeros((len(texts), len(labels)), np.float32)
-        floored = np.zeros((len(texts), len(labels)), bool)
-        cost = Usage()
-        score = self._first_token if self.label_mode == "first_token" else self._echo
-        firsts = self._first_tokens(labels) if self.label_mode == "first_token" else None  # may refuse the labels
-        step = self.chunk_size if self.label_mode == "first_token" else max(1, self.chunk_size // len(labels))
-        for start in range(0, len(texts), step):
-            chunk = texts[start : start + step]
-            rows, marks, usage = score(chunk, labels, firsts)
-            scores[start : start + len(chunk)], floored[start : start + len(chunk)] = rows, marks
-            cost.add(usage)
+        if self.label_mode == "first_token":
+            firsts = self._first_tokens(labels)  # may refuse the labels
+            choices, cost = self._complete_all({"max_tokens": 1, "logprobs": self.top_logprobs}, texts)
+            scores, floored = self._first_token(choices, labels, firsts)
+        else:
+            prompts = [text + label for text in texts for label in labels]
+            choices, cost = self._complete_all({"max_tokens": 1, "echo": True, "logprobs": 1}, prompts)
+            scores, floored = self._echo(choices, texts, labels)
         self.usage.add(cost)
-        predictions = [int(i) for i in scores.argmax(axis=1)] if len(texts) else []
+        predictions = [int(i) for i in pick_labels(scores, texts)[0]] if len(texts) else []
         return ClassifyResult(predictions, None if labels_only else scores, cost,
                               floored=None if labels_only else floored)
 
-    def _complete(self, payload: dict, n_prompts: int) -> tuple[list[dict], Usage]:
-        exchange = self.transport.request("POST", "/completions", {"model": self.model, "temperature": 0, **payload})
-        choices = require(exchange.body, "choices", "/completions")
-        if not isinstance(choices, list) or len(choices) != n_prompts:
-            raise BadResponse(f"/completions returned {len(choices) if isinstance(choices, list) else choices!r} "
-                              f"choices for {n_prompts} prompts")
+    def _complete_all(self, payload: dict, prompts: list[str]) -> tuple[list[dict], Usage]:
+        """The choices for ``prompts``, in order, over as many requests as the server's limit needs."""
+        choices: list[dict] = []
+        cost = Usage()
+        start = 0
+        while start < len(prompts):
+            size = min(len(prompts) - start, self.chunk_size, self.max_prompts or self.chunk_size)
+            group = prompts[start : start + size]
+            probe = self._probing and size > 1
+            try:
+                got, usage = self._complete(payload, group, probe=probe)
+            except BlackBoxError as err:
+                if not probe or not refuses_batch(err):
+                    raise
+                # Refused with several prompts: try the first alone. If that fails too, its error (not the
+                # batch's) is the one to show, and nothing is learned.
+                got, usage = self._complete(payload, group[:1])
+                self._learn(1, f"a request of {size} prompts got {err.message}")
+                size = 1
+            else:
+                if probe:
+                    self._probing = False  # several prompts a request work here
+            choices += got
+            cost.add(usage)
+            start += size
+        return choices, cost
+
+    def _learn(self, limit: int, why: str) -> None:
+        self.max_prompts, self._probing = limit, False
+        with _LEARNED_LOCK:
+            known = _LEARNED_LIMITS.get(self._key)
+            _LEARNED_LIMITS[self._key] = limit
+        if known != limit:
+            log.warning("%s takes %d prompt(s) per request: %s. Sending %d per request from now on "
+                        "(service.client.max_prompts_per_request=%d skips this probe)", self.url, limit, why, limit, limit)
+
+    def _complete(self, payload: dict, prompts: list[str], probe: bool = False) -> tuple[list[dict], Usage]:
+        prompt = prompts[0] if len(prompts) == 1 else prompts  # one prompt as a string: every server takes that
+        exchange = self.transport.request("POST", "/completions",
+                                          {"model": self.model, "temperature": 0, "prompt": prompt, **payload},
+                                          retry_5xx=not probe)
+        where = f"POST {self.transport.url('/completions')}"
+        choices = require(exchange.body, "choices", where)
+        if not isinstance(choices, list) or len(choices) != len(prompts):
+            got = len(choices) if isinstance(choices, list) else repr(choices)[:100]
+            raise WrongChoiceCount(f"{where} returned {got} choices for {len(prompts)} prompts")
         choices = sorted(choices, key=lambda c: c.get("index", 0))
         usage = exchange.body.get("usage") or {}
-        return choices, Usage(requests=1, queries=n_prompts, prompt_tokens=int(usage.get("prompt_tokens", 0)),
+        return choices, Usage(requests=1, queries=len(prompts), prompt_tokens=int(usage.get("prompt_tokens", 0)),
                               completion_tokens=int(usage.get("completion_tokens", 0)),
                               bytes_sent=exchange.bytes_sent, bytes_received=exchange.bytes_received)
 
@@ -127,10 +211,9 @@ class OpenAICompatibleBlackBox(BlackBoxLM):
                                    "them apart: use label_mode=echo or other label words", param="labels")
         return firsts
 
-    def _first_token(self, texts: list[str], labels: list[str], firsts: list[str] | None):
-        choices, usage = self._complete({"prompt": texts, "max_tokens": 1, "logprobs": self.top_logprobs}, len(texts))
-        rows = np.zeros((len(texts), len(labels)), np.float32)
-        marks = np.zeros((len(texts), len(labels)), bool)
+    def _first_token(self, choices: list[dict], labels: list[str], firsts: list[str] | None):
+        rows = np.zeros((len(choices), len(labels)), np.float32)
+        marks = np.zeros((len(choices), len(labels)), bool)
         for i, choice in enumerate(choices):
             top = top_logprobs_of(choice)
             floor = label_floor(top)
@@ -143,11 +226,9 @@ class OpenAICompatibleBlackBox(BlackBoxLM):
             for c, key in enumerate(keys):
                 rows[i, c] = top[key] if key is not None else floor
                 marks[i, c] = key is None
-        return rows, marks, usage
+        return rows, marks
 
-    def _echo(self, texts: list[str], labels: list[str], firsts=None):
-        prompts = [text + label for text in texts for label in labels]
-        choices, usage = self._complete({"prompt": prompts, "max_tokens": 1, "echo": True, "logprobs": 1}, len(prompts))
+    def _echo(self, choices: list[dict], texts: list[str], labels: list[str]):
         rows = np.zeros((len(texts), len(labels)), np.float32)
         for r, choice in enumerate(choices):
             i, c = divmod(r, len(labels))
@@ -161,7 +242,7 @@ class OpenAICompatibleBlackBox(BlackBoxLM):
             if not picked:
                 raise BadResponse(f"no token of label {labels[c]!r} found in the echoed prompt")
             rows[i, c] = sum(picked)
-        return rows, np.zeros_like(rows, dtype=bool), usage
+        return rows, np.zeros_like(rows, dtype=bool)
 
     def close(self) -> None:
         self.transport.close()

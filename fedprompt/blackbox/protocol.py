@@ -134,11 +134,16 @@ def classify_request(texts: Sequence[str], labels: Sequence[str], labels_only: b
     return {"model": model, **body} if model else body
 
 
-def classify_response(model_id: str, scores: np.ndarray, labels_only: bool, prompt_tokens: int) -> dict:
+def classify_response(model_id: str, scores: np.ndarray, labels_only: bool, prompt_tokens: int,
+                      texts: Sequence[str]) -> dict:
+    """The answer to a classify request; ``predictions`` break exact ties by the texts
+    (:func:`fedprompt.ties.pick_labels`), as every client does."""
+    from fedprompt.ties import pick_labels
+
     return {
         "object": "classification",
         "model": model_id,
-        "predictions": [int(i) for i in np.argmax(scores, axis=1)],
+        "predictions": [int(i) for i in pick_labels(scores, texts)[0]],
         "logprobs": None if labels_only else [[float(v) for v in row] for row in scores],
         "usage": {"queries": int(scores.shape[0]), "prompt_tokens": int(prompt_tokens), "completion_tokens": 0},
     }

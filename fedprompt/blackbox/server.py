@@ -218,7 +218,7 @@ def create_app(model, settings: ServerSettings = ServerSettings(), *, tokenizer=
         cost = Usage(requests=1, queries=len(plan.texts), prompt_tokens=plan.prompt_tokens)
         reserved = accountant.reserve(account, cost)
         scores = await run_job(batcher().submit_classify(plan.texts, plan.labels), account, reserved)
-        body = classify_response(engine.model_id, scores, req.labels_only, plan.prompt_tokens)
+        body = classify_response(engine.model_id, scores, req.labels_only, plan.prompt_tokens, plan.texts)
         return respond(request, body, account, reserved, cost.copy())
 
     async def complete(request, account, prompts, max_tokens, top_k, echo, stop):

@@ -153,6 +153,8 @@ class ClientSettings:
     backoff_s: float = 0.5
     max_backoff_s: float = 8.0
     chunk_size: int = 128          # texts per HTTP request
+    # openai: prompts per /v1/completions request; None = find out (several, then one if the server refuses)
+    max_prompts_per_request: int | None = None
     ca_file: str | None = None     # PEM CA bundle that verifies an https:// service (None: the system's)
     openai_model: str | None = None
     label_mode: str = "first_token"
@@ -170,6 +172,11 @@ class ClientSettings:
             raise ConfigError(f"service.client.retries must be an integer >= 0, got {self.retries!r}")
         if not isinstance(self.backoff_s, (int, float)) or self.backoff_s < 0:
             raise ConfigError(f"service.client.backoff_s must be >= 0, got {self.backoff_s!r}")
+        if self.max_prompts_per_request is not None and (
+                isinstance(self.max_prompts_per_request, bool) or not isinstance(self.max_prompts_per_request, int)
+                or self.max_prompts_per_request < 1):
+            raise ConfigError("service.client.max_prompts_per_request must be an integer >= 1 or null (find out), "
+                              f"got {self.max_prompts_per_request!r}")
         if not isinstance(self.top_logprobs, int) or not 1 <= self.top_logprobs <= 20:
             raise ConfigError(f"service.openai.top_logprobs must be an integer in 1..20, got {self.top_logprobs!r}")
         if self.ca_file is not None and not os.path.isfile(os.path.expanduser(str(self.ca_file))):

@@ -2,7 +2,7 @@
 
 from fedprompt.models.classifier import EvalResult, PromptedClassifier
 from fedprompt.models.registry import EMBEDDED, check_model_name, load_causal_lm, load_tokenizer, materialize
-from fedprompt.models.scoring import calibrate_mean, encode_label_words, score_label_words
+from fedprompt.models.scoring import calibrate_mean, encode_label_words, pick_labels, score_label_words
 from fedprompt.models.soft_prompt import SoftPrompt
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "load_causal_lm",
     "load_tokenizer",
     "materialize",
+    "pick_labels",
     "score_label_words",
 ]

@@ -10,6 +10,7 @@ import numpy as np
 
 from fedprompt.data.task import Example, TaskSpec
 from fedprompt.models.scoring import calibrate_mean, encode_label_words, score_label_words
+from fedprompt.ties import pick_labels
 
 
 @dataclass
@@ -19,9 +20,22 @@ class EvalResult:
     examples_per_s: float
     seconds: float
     calibrated_accuracy: float | None = None
+    ties: int = 0  # rows whose best label score was shared exactly (broken by scoring.pick_labels' rule)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_scores(cls, scores: np.ndarray, gold: Sequence[int], inputs: Sequence[str], seconds: float,
+                    calibrate: bool = False) -> "EvalResult":
+        """Accuracy of (N, C) label scores against ``gold``; ``inputs`` (the formatted texts) key the tie rule."""
+        labels = np.asarray(gold)
+        predictions, ties = pick_labels(scores, inputs)
+        result = cls(accuracy=float((predictions == labels).mean()), n=len(labels),
+                     examples_per_s=len(labels) / max(seconds, 1e-9), seconds=seconds, ties=ties)
+        if calibrate:
+            result.calibrated_accuracy = float((pick_labels(calibrate_mean(scores), inputs)[0] == labels).mean())
+        return result
 
 
 class PromptedClassifier:
@@ -44,16 +58,9 @@ class PromptedClassifier:
     def evaluate(
         self, examples: Sequence[Example], prompt: str | None = None, calibrate: bool = False, soft_prompt=None, progress=None
     ) -> EvalResult:
+        inputs = self.inputs(examples, prompt)
         start = time.perf_counter()
-        scores = self.log_scores(examples, prompt, soft_prompt, progress)
+        scores = score_label_words(self.model, self.tokenizer, inputs, self.spec.label_words, batch_size=self.batch_size,
+                                   soft_prompt=soft_prompt, progress=progress)
         seconds = time.perf_counter() - start
-        labels = np.array([e.label for e in examples])
-        result = EvalResult(
-            accuracy=float((scores.argmax(1) == labels).mean()),
-            n=len(examples),
-            examples_per_s=len(examples) / max(seconds, 1e-9),
-            seconds=seconds,
-        )
-        if calibrate:
-            result.calibrated_accuracy = float((calibrate_mean(scores).argmax(1) == labels).mean())
-        return result
+        return EvalResult.from_scores(scores, [e.label for e in examples], inputs, seconds, calibrate)
