@@ -6,7 +6,7 @@ Stages, each at epsilon = infinity and at epsilon = --epsilon (8), on the first 
 
 1. large zero-shot: the large model (model=, SmolLM2-135M) with the task's manual prompt, no soft prompt;
 2. direct: a soft prompt tuned centrally on the large model, on all clients' examples pooled, with the same
-   number of steps and batch size as the clients take together (central DP-SGD, delta = 1/N, at epsilon);
+   number of steps and batch size as the clients take together (central DP-SGD, delta = min(1e-5, 1/(10 N)), at epsilon);
 3. student: ``fedprompt run method=post`` (Flower, Ray): --clients clients (IID split of the train split),
    --rounds rounds of --local-steps steps each, DP-SGD per client at epsilon; the global prompt on the student;
 4. pasted: that global prompt evaluated on the large model as it is;
@@ -147,6 +147,7 @@ def main(argv=None) -> dict:
     from fedprompt.cli import load_task_checked
     from fedprompt.config import compose
     from fedprompt.fl.data import training_examples
+    from fedprompt.fl.post.client import local_totals
     from fedprompt.fl.run import cmd_run
     from fedprompt.methods.post import (PromptConfig, SoftPromptTuner, TrainConfig, TransferConfig, initial_prompt,
                                         load_prompt)
@@ -248,8 +249,11 @@ def main(argv=None) -> dict:
             f"federation.eval_limit={args.eval_limit}", "federation.eval_references=false", "partition=iid",
                 f"partition.k_shot={k_shot}", f"output_dir={run_dir}",
             ]))
+            costs = {"train-s": fl["client_train_s"], "tokens": fl["client_tokens"]}
+            if costs["tokens"] is None:  # DP clients keep these to themselves: their own logs in the run folder
+                costs = local_totals(run_dir)
             table.add("student (federated)", tag, fl["final_accuracy"], time.perf_counter() - t0,
-                      compute_s=fl["client_train_s"], flops=flops("student", fl["client_tokens"]),
+                      compute_s=round(costs["train-s"], 3), flops=flops("student", int(costs["tokens"])),
                       epsilon_spent=fl["epsilon"], steps=steps, run_dir=str(run_dir), student=student_id)
         student_prompt = load_prompt(run_dir / "prompt.safetensors")[0]
 

@@ -1,4 +1,5 @@
-"""DP-SGD for soft prompts: exact per-example gradients, Opacus' own epsilon, cumulative accounting, bad input."""
+"""DP-SGD for soft prompts: exact per-example gradients, Opacus' own epsilon, cumulative accounting, delta's default,
+seeded (simulation) and secret (secure) noise, bad input."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fedprompt.data.task import Example, TaskSpec
 from fedprompt.errors import ConfigError, DataError
 from fedprompt.methods.post.tuning import SoftPromptTuner, TrainConfig
 from fedprompt.models import SoftPrompt, load_causal_lm, load_tokenizer
-from fedprompt.privacy.dp import DPSoftPromptSGD, PrivacyConfig, plan_dp
+from fedprompt.privacy.dp import DPSoftPromptSGD, PrivacyConfig, default_delta, plan_dp
 
 SPEC = TaskSpec(name="toy", labels=("negative", "positive"), label_words=(" negative", " positive"),
                 template="{prompt}\n\nReview: {text}", manual_prompt="Is this review positive or negative?",
@@ -57,8 +58,8 @@ def test_per_example_gradients_equal_a_per_example_loop(tuner):
 def test_reported_epsilon_is_opacus_accountant_for_the_same_steps_and_sampling(tuner):
     privacy = PrivacyConfig(epsilon=8.0)
     plan = plan_dp(privacy, num_examples=len(EXAMPLES), batch_size=4, planned_steps=6)
-    assert plan.delta == pytest.approx(1 / len(EXAMPLES)) and plan.sample_rate == pytest.approx(4 / len(EXAMPLES))
-    expected_sigma = get_noise_multiplier(target_epsilon=8.0, target_delta=1 / len(EXAMPLES),
+    assert plan.delta == 1e-5 and plan.sample_rate == pytest.approx(4 / len(EXAMPLES))
+    expected_sigma = get_noise_multiplier(target_epsilon=8.0, target_delta=1e-5,
                                           sample_rate=4 / len(EXAMPLES), steps=6, accountant="rdp")
     assert plan.noise_multiplier == pytest.approx(expected_sigma)
 
@@ -68,7 +69,7 @@ def test_reported_epsilon_is_opacus_accountant_for_the_same_steps_and_sampling(t
         history = result.history
         reference = RDPAccountant()
         reference.history = [(expected_sigma, 4 / len(EXAMPLES), 3 * (round_ + 1))]
-        assert result.epsilon == pytest.approx(reference.get_epsilon(delta=1 / len(EXAMPLES)), rel=1e-9)
+        assert result.epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
         epsilons.append(result.epsilon)
     assert 0 < epsilons[0] < epsilons[1] <= 8.0 + 0.01  # cumulative: grows, and stays within the target
 
@@ -84,6 +85,41 @@ def test_dp_training_moves_the_prompt_and_adds_noise(tuner):
         assert not hasattr(prompt.weight, "grad_sample")  # Opacus' hooks and attributes are gone afterwards
         prompts.append(prompt.weight.detach())
     assert not torch.allclose(prompts[0], prompts[1])
+
+
+@pytest.mark.parametrize("n, delta", [(8, 1e-5), (128, 1e-5), (10_000, 1e-5), (50_000, 2e-6), (10**6, 1e-7)])
+def test_delta_defaults_to_the_smaller_of_1e_5_and_a_tenth_of_1_over_n(n, delta):
+    assert default_delta(n) == pytest.approx(delta)
+    assert plan_dp(PrivacyConfig(epsilon=8.0), num_examples=n, batch_size=4, planned_steps=2).delta == pytest.approx(delta)
+    assert plan_dp(PrivacyConfig(epsilon=8.0, delta=1e-3), num_examples=n, batch_size=4, planned_steps=2).delta == 1e-3
+
+
+def test_simulation_noise_replays_from_the_seed_and_secure_noise_does_not(tuner):
+    """The same seed twice: the same prompt with seeded noise (what a resumed simulation needs), two different
+    prompts with noise_seed=secure (a server knowing the seed cannot replay it)."""
+    def twice(noise_seed: str) -> list[torch.Tensor]:
+        plan = plan_dp(PrivacyConfig(epsilon=8.0, noise_seed=noise_seed), num_examples=len(EXAMPLES), batch_size=4,
+                       planned_steps=2)
+        return [tuner.train(fresh_prompt(tuner), EXAMPLES, steps=2, seed=7, plan=plan).prompt.weight.detach()
+                for _ in range(2)]
+
+    simulated, secure = twice("simulation"), twice("secure")
+    assert torch.equal(simulated[0], simulated[1])
+    assert not torch.allclose(secure[0], secure[1])
+    assert not torch.allclose(secure[0], simulated[0]) and not torch.allclose(secure[1], simulated[0])
+
+
+def test_secure_noise_has_the_planned_scale(tuner):
+    """Opacus' secure_mode noise (a sum of draws, against floating-point attacks) keeps the standard deviation."""
+    prompt = fresh_prompt(tuner)
+    plan = plan_dp(PrivacyConfig(epsilon=8.0, noise_seed="secure"), num_examples=24, batch_size=4, planned_steps=1)
+    dp = DPSoftPromptSGD(prompt, torch.optim.SGD(prompt.parameters(), lr=1.0), plan, generator=torch.Generator())
+    assert dp.optimizer.secure_mode
+    before = prompt.weight.detach().clone()
+    dp.step_empty()
+    dp.close()
+    expected_std = plan.noise_multiplier * plan.max_grad_norm / plan.expected_batch_size
+    assert (prompt.weight.detach() - before).std().item() == pytest.approx(expected_std, rel=0.2)
 
 
 def test_an_empty_poisson_batch_is_a_noise_only_step_that_is_accounted(tuner):
@@ -123,6 +159,7 @@ def test_unreachable_targets_are_clear_errors(privacy, n, batch, steps, message)
     (dict(delta=1.5), "privacy.delta must be in"),
     (dict(max_grad_norm=0.0), "max_grad_norm must be > 0"),
     (dict(accountant="gdp2"), "privacy.accountant"),
+    (dict(noise_seed="urandom"), "privacy.noise_seed='urandom' is not one of"),
 ])
 def test_bad_privacy_settings(node, message):
     with pytest.raises(ConfigError, match=message):

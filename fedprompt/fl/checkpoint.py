@@ -350,7 +350,8 @@ class CheckpointedRounds:
 # --- clients: context.state on disk -----------------------------------------------------------------------------
 
 
-def _client_dir(cfg, context) -> Path | None:
+def client_dir(cfg, context) -> Path | None:
+    """This client's own folder, ``clients/<partition-id>/`` of the run folder (None outside a fedprompt run)."""
     pid = context.node_config.get("partition-id")
     if not cfg.get("output_dir") or pid is None:
         return None  # `flwr run .` by hand, or a SuperNode without a partition: nothing to resume into
@@ -363,7 +364,7 @@ def _state_files(folder: Path) -> list[tuple[int, Path]]:
 
 def restore_client_state(cfg, context, server_round: int) -> None:
     """Put the newest ``context.state`` this client saved before ``server_round`` into ``context``."""
-    folder = _client_dir(cfg, context)
+    folder = client_dir(cfg, context)
     earlier = [p for r, p in _state_files(folder) if r < server_round] if folder and folder.is_dir() else []
     if earlier:
         state = _record_from_bytes(earlier[-1].read_bytes())
@@ -373,7 +374,7 @@ def restore_client_state(cfg, context, server_round: int) -> None:
 
 def save_client_state(cfg, context, server_round: int) -> None:
     """Save ``context.state`` after ``server_round``; keep only the two newest (one round may be redone)."""
-    folder = _client_dir(cfg, context)
+    folder = client_dir(cfg, context)
     if folder is None or not len(context.state):
         return
     from flwr.common.serde import recorddict_to_proto

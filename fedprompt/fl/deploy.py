@@ -280,12 +280,27 @@ def local_run(cfg: DictConfig, settings: DeploySettings) -> Iterator[tuple[Local
         yield deployment, folder, run_config
 
 
+def check_secret_noise(cfg: DictConfig) -> None:
+    """Refuse (one line, before anything starts) DP noise the server could replay: ``method.privacy.noise_seed=
+    simulation`` seeds it from (seed, round, partition-id), all known to the server. Refused rather than switched
+    to ``secure`` behind the user's back, so that the run's config.yaml says which noise was used."""
+    from fedprompt.fl.config import method_config
+    from fedprompt.privacy.dp import PrivacyConfig
+
+    privacy = getattr(method_config(cfg), "privacy", None)
+    if isinstance(privacy, PrivacyConfig) and privacy.enabled and privacy.noise_seed != "secure":
+        raise ConfigError(f"fedprompt deploy: method.privacy.noise_seed={privacy.noise_seed} seeds the DP noise from "
+                          "(seed, round, partition-id), which the server knows and can replay; deploy with "
+                          "method.privacy.noise_seed=secure")
+
+
 def cmd_deploy(cfg: DictConfig) -> dict:
     from fedprompt.fl.protocol import git_state
     from fedprompt.fl.run import app_dir, finish_run, prepare, start_run_folder
     from fedprompt.redact import SECRETS, redact_config
 
     start = time.perf_counter()
+    check_secret_noise(cfg)
     settings = DeploySettings.from_config(cfg)
     if settings.connection and cfg.service.get("api_key") is not None:
         raise ConfigError(f"service.api_key does not reach a remote deployment's apps (a key is never written into "

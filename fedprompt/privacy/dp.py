@@ -12,14 +12,27 @@ batch inside ``forward``, so example ``b``'s gradient is the gradient of the los
 copy: the first ``P`` positions of the gradient of the module's output. That is the grad sampler
 registered here for Opacus' ``GradSampleModule``; every other weight is frozen, so nothing else needs one.
 
-The guarantee is per client (example-level DP w.r.t. that client's own N examples, delta = 1/N by
-default) and holds for everything the client releases, since every release is a function of the noisy
-prompt. The accountant's history (sigma, q, steps) must be kept across rounds (:meth:`DPSoftPromptSGD.history`)
-so that epsilon is cumulative.
+The guarantee is per client: example-level DP w.r.t. that client's own N examples, with delta =
+min(1e-5, 1 / (10 N)) by default (:func:`default_delta`). It covers the noisy prompt and what is computed
+from public values alone (N, the hyper-parameters, the planned steps: epsilon, delta, sigma); a DP
+client releases nothing else (fedprompt/fl/post/client.py: no loss, token count, batch size or timing).
+N itself is released (it is FedAvg's weight and sets the sampling rate, hence sigma and epsilon):
+docs/privacy.md says what that means. The accountant's history (sigma, q, steps) must be kept across
+rounds (:meth:`DPSoftPromptSGD.history`) so that epsilon is cumulative.
+
+Randomness (``noise_seed``): ``simulation`` draws the Poisson batches and the noise from a torch
+generator seeded from (run seed, round, partition id), so a simulation is reproducible and resumable,
+but whoever knows the seed (the server does) can replay the noise: no guarantee outside a simulation.
+``secure`` reseeds the generator from ``os.urandom`` (64 bits, never stored or sent) before the first
+batch and before every step, and uses Opacus' ``secure_mode`` noise (a sum of several Gaussian draws,
+against floating-point attacks on the sampler). Opacus' own cryptographic generator needs ``torchcsprng``,
+which has no package for the torch fedprompt uses: the generator stays torch's CPU generator (Mersenne
+Twister), unpredictable through its seed but not a cryptographic generator (docs/privacy.md).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -35,6 +48,7 @@ from fedprompt.errors import ConfigError
 from fedprompt.models.soft_prompt import SoftPrompt
 
 ACCOUNTANTS = ("rdp", "prv")
+NOISE_SEEDS = ("simulation", "secure")
 
 # Opacus' backward hook sits on the SoftPrompt, whose inputs (frozen embeddings) never need gradients:
 # torch warns that the hook then fires on the outputs' gradients, which is exactly what the grad sampler reads.
@@ -53,9 +67,10 @@ class PrivacyConfig:
     """DP-SGD settings of one client (``method.privacy``). ``epsilon: null`` trains without DP."""
 
     epsilon: Optional[float] = None  # target epsilon after all planned steps; null: no DP
-    delta: Optional[float] = None  # null: 1 / (the client's number of examples)
+    delta: Optional[float] = None  # null: min(1e-5, 1 / (10 N)), N the client's number of examples
     max_grad_norm: float = 1.0  # C: every per-example gradient is clipped to this L2 norm
     accountant: str = "rdp"  # rdp | prv (Opacus' accountants)
+    noise_seed: str = "simulation"  # simulation: seeded, reproducible (the server can replay it) | secure: os.urandom
 
     @property
     def enabled(self) -> bool:
@@ -65,11 +80,24 @@ class PrivacyConfig:
         if self.epsilon is not None and not self.epsilon > 0:
             raise ConfigError(f"privacy.epsilon must be > 0 (or null / inf for no DP), got {self.epsilon}")
         if self.delta is not None and not 0 < self.delta < 1:
-            raise ConfigError(f"privacy.delta must be in (0, 1) (or null for 1/N), got {self.delta}")
+            raise ConfigError(f"privacy.delta must be in (0, 1) (or null for min(1e-5, 1/(10 N))), got {self.delta}")
         if not self.max_grad_norm > 0:
             raise ConfigError(f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.accountant not in ACCOUNTANTS:
             raise ConfigError(f"privacy.accountant={self.accountant!r} is not one of {list(ACCOUNTANTS)}")
+        if self.noise_seed not in NOISE_SEEDS:
+            raise ConfigError(f"privacy.noise_seed={self.noise_seed!r} is not one of {list(NOISE_SEEDS)}")
+
+
+def default_delta(num_examples: int) -> float:
+    """delta when ``privacy.delta`` is null: min(1e-5, 1 / (10 N)), well below 1/N (a delta near 1/N allows
+    releasing one example in clear)."""
+    return min(1e-5, 1.0 / (10 * num_examples))
+
+
+def secure_seed() -> int:
+    """64 bits from the operating system's CSPRNG: a seed no one else knows (never stored or sent)."""
+    return int.from_bytes(os.urandom(8), "little")
 
 
 @dataclass(frozen=True)
@@ -84,6 +112,11 @@ class DPPlan:
     planned_steps: int
     target_epsilon: float
     accountant: str
+    noise_seed: str = "simulation"
+
+    @property
+    def secure(self) -> bool:
+        return self.noise_seed == "secure"
 
     def epsilon_after(self, steps: int) -> float:
         """What Opacus' accountant reports after ``steps`` steps of this plan (for checks and tests)."""
@@ -111,7 +144,7 @@ def plan_dp(privacy: PrivacyConfig, num_examples: int, batch_size: int, planned_
             f"most {num_examples} or give each client more data (fewer clients, partition.k_shot)"
         )
     rate = batch_size / num_examples
-    delta = privacy.delta if privacy.delta is not None else 1.0 / num_examples
+    delta = privacy.delta if privacy.delta is not None else default_delta(num_examples)
     try:
         sigma = get_noise_multiplier(target_epsilon=float(privacy.epsilon), target_delta=delta, sample_rate=rate,
                                      steps=planned_steps, accountant=privacy.accountant)
@@ -123,7 +156,8 @@ def plan_dp(privacy: PrivacyConfig, num_examples: int, batch_size: int, planned_
         ) from None
     return DPPlan(noise_multiplier=float(sigma), sample_rate=rate, expected_batch_size=batch_size, delta=delta,
                   max_grad_norm=privacy.max_grad_norm, planned_steps=planned_steps,
-                  target_epsilon=float(privacy.epsilon), accountant=privacy.accountant)
+                  target_epsilon=float(privacy.epsilon), accountant=privacy.accountant,
+                  noise_seed=privacy.noise_seed)
 
 
 History = list[tuple[float, float, int]]  # Opacus' accountant history: (noise multiplier, sample rate, steps)
@@ -135,15 +169,19 @@ class DPSoftPromptSGD:
     Use :attr:`module` in the forward pass (it records per-example gradients), call :meth:`step` after
     ``loss.backward()`` (``loss`` the mean of the batch's per-example losses), or :meth:`step_empty` for a
     Poisson batch that drew no example (noise only, still accounted: skipping it would change the mechanism).
+    ``generator`` draws the batches and the noise; with a secure plan (``noise_seed=secure``) it is reseeded
+    from ``os.urandom`` here and before every step, and the noise is Opacus' ``secure_mode`` noise.
     """
 
     def __init__(self, prompt: SoftPrompt, optimizer: torch.optim.Optimizer, plan: DPPlan,
                  history: History | None = None, generator: torch.Generator | None = None) -> None:
+        if plan.secure:
+            generator = (generator or torch.Generator()).manual_seed(secure_seed())
         self.prompt, self.plan, self.generator = prompt, plan, generator
         self.module = GradSampleModule(prompt, batch_first=True, loss_reduction="mean")
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier,
                                      max_grad_norm=plan.max_grad_norm, expected_batch_size=plan.expected_batch_size,
-                                     loss_reduction="mean", generator=generator)
+                                     loss_reduction="mean", generator=generator, secure_mode=plan.secure)
         self.accountant = create_accountant(plan.accountant)
         self.accountant.history = [tuple(h) for h in (history or [])]
         self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(plan.sample_rate))
@@ -154,6 +192,8 @@ class DPSoftPromptSGD:
                                                   generator=self.generator, steps=steps))
 
     def step(self) -> None:
+        if self.plan.secure:  # a fresh secret seed per step: no stretch of generator output spans two steps
+            self.generator.manual_seed(secure_seed())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -5,16 +5,24 @@ partition (on the model ``method.model``: the distilled student by default), wit
 ``method.privacy.epsilon`` is set, and replies with its prompt and numbers (records.py). With DP its
 accountant's history is kept in ``context.state``, which Flower keeps per node across the rounds of a
 run, so the epsilon it reports is cumulative; the noise is planned once for all ``federation.rounds``.
+
+With DP the reply holds the noisy prompt and public values only (:data:`~fedprompt.fl.post.records.DP_REPLY_METRICS`):
+the numbers computed from the client's data (loss, token and example counts of its batches, timing) stay
+on the client, in its own folder's :data:`LOCAL_LOG` (the cost figures of an experiment are read there).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
-from fedprompt.fl.post.records import PRIVACY_STATE, arrays_to_prompt, history_to_record, prompt_to_arrays, record_to_history
+from fedprompt.fl.post.records import (DP_REPLY_METRICS, PRIVACY_STATE, arrays_to_prompt, history_to_record,
+                                        prompt_to_arrays, record_to_history)
 from fedprompt.fl.records import ARRAYS, CONFIG, METRICS
 
 
@@ -28,6 +36,7 @@ class ClientState:
 
 
 _STATE: dict[str, ClientState] = {}
+LOCAL_LOG = "post-local.json"  # {round: the numbers a DP client keeps to itself}, in clients/<partition-id>/
 
 
 def client_state(run_config, cfg) -> ClientState:
@@ -80,8 +89,38 @@ def train(msg: Message, context: Context, cfg) -> Message:
         "train-s": result.seconds, "epsilon": result.epsilon, "delta": result.delta,
         "noise-multiplier": result.noise_multiplier,
     }
+    if plan is not None:  # the noisy prompt and public values only; the rest stays here
+        write_local_log(cfg, context, server_round, {k: v for k, v in metrics.items() if k not in DP_REPLY_METRICS})
+        metrics = {k: v for k, v in metrics.items() if k in DP_REPLY_METRICS}
     content = RecordDict({
         ARRAYS: prompt_to_arrays(result.prompt),
         METRICS: MetricRecord({k: v for k, v in metrics.items() if v is not None}),
     })
     return Message(content, reply_to=msg)
+
+
+def write_local_log(cfg, context: Context, server_round: int, numbers: dict) -> None:
+    """Add round ``server_round``'s ``numbers`` to the client's :data:`LOCAL_LOG` (a redone round replaces its entry)."""
+    from fedprompt.fl.checkpoint import client_dir
+
+    folder = client_dir(cfg, context)
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCAL_LOG
+    log = json.loads(path.read_text()) if path.is_file() else {}
+    log[str(server_round)] = numbers
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(log, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def local_totals(run_folder: str | Path) -> dict[str, float]:
+    """The DP clients' own numbers of a run folder (every :data:`LOCAL_LOG`), summed over clients and rounds: what
+    the experimenter, who holds every client's folder in a simulation, counts costs with; the server never reads them."""
+    totals: dict[str, float] = {}
+    for path in sorted(Path(run_folder).glob(f"clients/*/{LOCAL_LOG}")):
+        for numbers in json.loads(path.read_text()).values():
+            for key in ("tokens", "train-s", "examples-seen", "empty-batches"):
+                totals[key] = totals.get(key, 0.0) + float(numbers.get(key, 0.0))
+    return totals

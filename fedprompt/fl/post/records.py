@@ -10,10 +10,11 @@ Client -> server (the reply)::
     "arrays":  ArrayRecord {"prompt": Array float32 (P, H)}  the client's locally tuned prompt
     "metrics": MetricRecord {...}                            numbers only, see :data:`REPLY_METRICS`
 
-FedAvg averages the "prompt" arrays weighted by "num-examples". With DP, the prompt the client sends is
-the output of DP-SGD, so the reply is covered by the client's (epsilon, delta); the metrics are the
-mean training loss on noisy-gradient steps (and sizes and costs), which this implementation does not
-privatize: leave them out of a deployment where N or the loss must stay secret.
+FedAvg averages the "prompt" arrays weighted by "num-examples". Without DP the metrics are all of
+:data:`REPLY_METRICS`. With DP the reply carries :data:`DP_REPLY_METRICS` only: the prompt is the output
+of DP-SGD, and every number beside it is a function of public values (the client's example count N, which
+is released, and the run's hyper-parameters); the loss, the batches' token and example counts and the
+training time are computed from the client's data, so a DP client keeps them (client.LOCAL_LOG).
 
 A client's accountant lives in its ``context.state`` (Flower keeps it per node for the whole run) as
 :data:`PRIVACY_STATE`: the noise multiplier, sampling rate and number of steps of each stretch of steps.
@@ -43,6 +44,9 @@ REPLY_METRICS = (
     "delta",             # DP only
     "noise-multiplier",  # DP only: sigma of this client's DP-SGD
 )
+# What a DP client sends beside its noisy prompt: N (public: FedAvg's weight, the sampling rate) and values
+# computed from N and the run's hyper-parameters alone (the accountant's epsilon and delta, sigma, the steps).
+DP_REPLY_METRICS = ("num-examples", "partition-id", "steps", "epsilon", "delta", "noise-multiplier")
 
 
 def prompt_to_arrays(prompt: SoftPrompt) -> ArrayRecord:

@@ -4,7 +4,8 @@ accuracy.png / summary.json / checkpoint.json (resume), and the final global pro
 ``prompt.safetensors``).
 
 Round 0 is the text-initialised prompt. The server reads only the evaluation split; it never sees a
-client's examples, only their prompts and numbers.
+client's examples, only their prompts and numbers (with DP: public numbers only). With DP, summary.json
+reports each client's accounted (epsilon, delta) and the largest of each (:func:`privacy_summary`).
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def run_server(grid: Grid, cfg) -> dict:
         "num_clients": int(fed.num_clients), "partition": dict(cfg.partition), "eval_split": str(fed.eval_split),
         "eval_n": len(examples), "manual_prompt": spec.manual_prompt, "prompt_tokens": init.num_tokens,
         "local_steps": method.train.local_steps, "batch_size": method.train.batch_size,
-        "target_epsilon": method.privacy.epsilon if method.privacy.enabled else None, **provenance(cfg),
+        "target_epsilon": method.privacy.epsilon if method.privacy.enabled else None,
+        "noise_seed": method.privacy.noise_seed if method.privacy.enabled else None, **provenance(cfg),
     })
     rounds = CheckpointedRounds(cfg, folder, report, strategy)  # resume=true: the report so far is restored here
     if fed.eval_references:  # the tuned-on model with the manual prompt or no instruction, no soft prompt
@@ -130,10 +132,32 @@ def run_server(grid: Grid, cfg) -> dict:
                           train_config=ConfigRecord(), evaluate_fn=evaluate)
     # Totals from the report's rows, which a resumed run restored: they cover the rounds before a stop too.
     metrics = [row.get("client_metrics") or {} for row in report.rows]
-    epsilons = [m["epsilon-max"] for m in metrics if "epsilon-max" in m]
-    epsilon = max(epsilons) if epsilons else None
+    privacy = privacy_summary(report.rows, int(fed.num_clients)) if method.privacy.enabled else {
+        "epsilon_per_client": None, "delta_per_client": None, "epsilon": None, "delta": None}
     path = save_prompt(arrays_to_prompt(result.arrays), folder / PROMPT_FILE, task=spec.name, tuning_model=name,
-                       epsilon=epsilon, rounds=int(fed.rounds))
-    return report.finish(prompt_file=str(path), epsilon=epsilon,
-                         client_train_s=round(sum(m.get("train-s", 0.0) for m in metrics), 3),
-                         client_tokens=int(sum(m.get("tokens", 0.0) for m in metrics)))
+                       epsilon=privacy["epsilon"], delta=privacy["delta"], rounds=int(fed.rounds))
+    # A DP client does not send its training time or tokens (computed from its data): null then, see
+    # fedprompt.fl.post.client.local_totals for the clients' own figures.
+    released = not method.privacy.enabled
+    return report.finish(prompt_file=str(path), **privacy,
+                         client_train_s=round(sum(m.get("train-s", 0.0) for m in metrics), 3) if released else None,
+                         client_tokens=int(sum(m.get("tokens", 0.0) for m in metrics)) if released else None)
+
+
+def privacy_summary(rows: list[dict], num_clients: int) -> dict:
+    """Each client's (epsilon, delta) after its last valid reply (epsilon is cumulative), in partition order (null
+    for a client with none), and the largest of each. A reply refused as malformed or come after its round's
+    timeout is not counted; ``target_epsilon`` bounds every client whatever it sent (sigma is planned for a
+    client that trains in every round)."""
+    epsilons: list[float | None] = [None] * num_clients
+    deltas: list[float | None] = [None] * num_clients
+    for row in rows:
+        for client in (row.get("aggregation") or {}).get("clients", []):
+            pid = int(client.get("partition-id", -1))
+            if 0 <= pid < num_clients and "epsilon" in client:
+                epsilons[pid], deltas[pid] = float(client["epsilon"]), float(client["delta"])
+    released_eps = [e for e in epsilons if e is not None]
+    released_delta = [d for d in deltas if d is not None]
+    return {"epsilon_per_client": epsilons, "delta_per_client": deltas,
+            "epsilon": max(released_eps) if released_eps else None,
+            "delta": max(released_delta) if released_delta else None}

@@ -1,5 +1,6 @@
-"""FedAvg of soft prompts: Flower's Message-API FedAvg, weighted by each client's number of examples, plus
-the per-round record the run report needs (sizes, failures, each client's metrics and epsilon)."""
+"""FedAvg of soft prompts: Flower's Message-API FedAvg, weighted by each client's number of examples (public,
+DP or not: docs/privacy.md), plus the per-round record the run report needs (sizes, failures, each client's
+metrics and epsilon)."""
 
 from __future__ import annotations
 
@@ -72,14 +73,17 @@ class PromptFedAvg(RecordedFedAvg):
 
 
 def _combine(clients: list[dict]) -> dict[str, float]:
-    """Costs summed over clients; the loss weighted by examples; the largest epsilon (the run's guarantee)."""
+    """Costs summed over the clients that report them; the loss weighted by examples (when every client reports
+    one: DP clients report none); the largest epsilon and delta (the run's guarantee)."""
     if not clients:
         return {}
     weights = [float(c[WEIGHT_KEY]) for c in clients]
-    out = {key: float(sum(float(c.get(key, 0)) for c in clients)) for key in _SUMMED}
-    out["loss"] = float(sum(w * float(c.get("loss", 0.0)) for w, c in zip(weights, clients)) / sum(weights))
+    out = {key: float(sum(float(c.get(key, 0)) for c in clients)) for key in _SUMMED if any(key in c for c in clients)}
+    if all("loss" in c for c in clients):
+        out["loss"] = float(sum(w * float(c["loss"]) for w, c in zip(weights, clients)) / sum(weights))
     out[WEIGHT_KEY] = float(sum(weights))
-    epsilons = [float(c["epsilon"]) for c in clients if "epsilon" in c]
-    if epsilons:
-        out["epsilon-max"] = max(epsilons)
+    for key, name in (("epsilon", "epsilon-max"), ("delta", "delta-max")):
+        values = [float(c[key]) for c in clients if key in c]
+        if values:
+            out[name] = max(values)
     return out

@@ -121,7 +121,8 @@ class SoftPromptTuner:
         """``steps`` (default ``local_steps``) optimizer steps on ``examples``; ``prompt`` is updated in place.
 
         ``plan`` (a :class:`~fedprompt.privacy.dp.DPPlan`) turns on DP-SGD; ``history`` is the accountant's
-        history from earlier calls (rounds), so the returned epsilon is cumulative.
+        history from earlier calls (rounds), so the returned epsilon is cumulative. ``seed`` fixes the batches
+        (and the DP noise), except under a secure plan (``noise_seed=secure``): then they come from os.urandom.
         """
         if not examples:
             raise DataError("this client has no training examples; every client needs at least one "
