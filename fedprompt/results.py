@@ -246,7 +246,7 @@ def _plot_alpha(groups: list[dict], group_keys: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_rounds(runs, group_keys: list[str], path: Path) -> None:
+def _plot_rounds(runs, group_keys: list[str], groups: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,6 +267,11 @@ def _plot_rounds(runs, group_keys: list[str], path: Path) -> None:
         if all(s.ci95 is not None for s in stats):
             ax.fill_between(rounds, [s.ci95[0] for s in stats], [s.ci95[1] for s in stats], color=line.get_color(),
                             alpha=0.15)
+        reference = next((g["reference"] for g in groups if g["group"] == dict(zip(group_keys, label)) and g["reference"]),
+                         None)
+        if reference:  # the untuned prompt to beat, on the same examples
+            ax.axhline(reference["accuracy"], color=line.get_color(), linestyle="--", linewidth=1,
+                       label=f"reference ({reference['kind']})" + (f", {name}" if group_keys else ""))
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy (mean, 95% CI over seeds)")
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -318,7 +323,7 @@ def cmd_report(folder: Path, overrides: list[str]) -> dict:
     if "partition.alpha" in group_keys:
         _plot_alpha(groups, group_keys, out / "accuracy_vs_alpha.png")
         plots.append(str(out / "accuracy_vs_alpha.png"))
-    _plot_rounds(runs, group_keys, out / "accuracy_per_round.png")
+    _plot_rounds(runs, group_keys, groups, out / "accuracy_per_round.png")
     plots.append(str(out / "accuracy_per_round.png"))
     print(text)
     return {

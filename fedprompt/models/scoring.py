@@ -122,8 +122,6 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         return prompted_logits(model, input_ids, attention_mask, soft_prompt, keep_last).float()
 
 
-
-
 def prompted_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, soft_prompt=None,
                     keep_last: int | None = None) -> torch.Tensor:
     """:func:`forward_logits` with autograd on (soft-prompt training backpropagates through it).
