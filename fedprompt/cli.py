@@ -29,7 +29,7 @@ commands:
   run     a federated simulation (Flower, Ray backend, via `flwr run`): method=feddtpt|post|rapt|fedprompt|bbt|bdpl;
           a Hydra app: `-m` sweeps (one run per job under multirun/), `--cfg job` shows the config
   resume  continue a stopped run from its last completed round: fedprompt resume <run folder>
-  report  tables (mean +- std over seeds) and plots of a run or sweep folder: fedprompt report <folder>
+  report  tables (mean and 95% CI over seeds, gain over the reference) and plots: fedprompt report <folder>
   deploy  the same run on a Flower deployment: SuperLink + N SuperNodes over TLS, see docs/deployment.md
   distill a small student of model= (kept layers, distilled on public text), for POST; see docs/post.md
   transfer  lift a student's soft prompt (transfer.prompt=...) to model= with POST's transfer
@@ -50,6 +50,31 @@ examples:
 
 data: data_dir=<folder with one sub-folder per task>, else $FEDPROMPT_DATA_DIR, else the HF hub.
 """
+
+
+# `fedprompt <command> --help`: the config files whose keys the command reads (their comments are the help).
+COMMAND_CONF = {"eval": ["config.yaml", "service/default.yaml"], "serve": ["service/default.yaml"],
+                "deploy": ["deploy/default.yaml", "federation/default.yaml"], "distill": ["distill/default.yaml"],
+                "transfer": ["transfer/default.yaml"]}
+FOLDER_USAGE = {"resume": "fedprompt resume <run folder> [key=value ...]: only launch settings may change "
+                          "(progress, verbose, federation.round_timeout_s, federation.superlink_port, service.api_key)",
+                "report": "fedprompt report <run or sweep folder> [out=<folder>]: report.md, report.csv, report.json "
+                          "and plots in <folder>/report/ (docs/experiments.md, Reports)"}
+
+
+def command_help(command: str) -> str:
+    """What ``fedprompt <command> --help`` prints: its usage line, then the keys it reads with their defaults
+    and one-line help, as the conf/ files declare them (``key=value`` overrides any of them)."""
+    from fedprompt.config import conf_dir
+
+    if command in FOLDER_USAGE:
+        return f"usage: {FOLDER_USAGE[command]}"
+    parts = [f"usage: fedprompt {command} [key=value ...]; the keys it reads, their defaults and help:"]
+    for name in COMMAND_CONF[command]:
+        keys = "root keys" if name == "config.yaml" else f"{name.split('/')[0]}.* keys"
+        text = (conf_dir() / name).read_text().split("\nhydra:")[0]  # the root file's Hydra node is run's only
+        parts.append(f"\n# {keys} ({name}):\n{text.rstrip()}")
+    return "\n".join(parts)
 
 
 def output_dir(cfg: DictConfig, command: str) -> Path:
@@ -221,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0 if args else 2
     command, overrides = args[0], args[1:]
+    if command != "run" and ("-h" in overrides or "--help" in overrides) and command in {*COMMAND_CONF, *FOLDER_USAGE}:
+        print(command_help(command))
+        return 0
     if command == "run":  # a Hydra application with Hydra's own command line (-m, --cfg, hydra.*)
         from fedprompt.fl.hydra_app import main as run_app  # lazy: Flower and Ray only when simulating
 

@@ -92,3 +92,13 @@ def test_eval_embedded_smollm2_on_sst2(capsys, tmp_path):
     record = json.loads(out.strip().splitlines()[-1])
     assert record["model"] == "smollm2-135m" and record["n"] == 32
     assert record["accuracy"] >= 0.6  # 0.79-0.82 on the full splits; 32 examples leave room for noise
+
+
+@pytest.mark.parametrize("command, shown", [("eval", "split: test"), ("distill", "distill.* keys"),
+                                            ("transfer", "alpha_split:"), ("serve", "service.* keys"),
+                                            ("report", "usage: fedprompt report <run or sweep folder>"),
+                                            ("resume", "usage: fedprompt resume <run folder>")])
+def test_every_command_has_its_own_help(capsys, command, shown):
+    assert cli.main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert shown in out and "error" not in out.splitlines()[0]
