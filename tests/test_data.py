@@ -24,6 +24,18 @@ def test_any_folder_works_with_labels_from_meta(tiny_data):
     assert len(rows) == 12 and {r.label for r in rows} == {0, 1}
 
 
+def test_the_task_config_renames_the_classes_of_a_folder_without_touching_meta(tiny_data):
+    """A dataset whose meta.json names (or orders) its classes wrongly is fixed from the config alone."""
+    task = load_task({**TOY, "labels": ["bad", "good"], "manual_prompt": "Is it {labels}?"}, tiny_data)
+    assert task.spec.labels == ("bad", "good") and task.spec.label_words == (" bad", " good")
+    assert task.spec.manual_prompt == "Is it bad, good?"
+    assert json.loads((tiny_data / "toy" / "meta.json").read_text())["labels"] == ["negative", "positive"]
+    words = load_task({**TOY, "labels": ["bad", "good"], "label_words": [" awful", " great"]}, tiny_data).spec
+    assert words.label_words == (" awful", " great")
+    with pytest.raises(DataError, match="task.labels names 3 classes .* has 2"):
+        load_task({**TOY, "labels": ["a", "b", "c"]}, tiny_data)
+
+
 def test_data_dir_from_environment(tiny_data, monkeypatch):
     monkeypatch.setenv("FEDPROMPT_DATA_DIR", str(tiny_data))
     assert load_task(TOY).folder == tiny_data / "toy"

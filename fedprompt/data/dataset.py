@@ -40,21 +40,23 @@ class TaskData:
 def load_task(task_cfg: Mapping[str, Any], data_dir: str | os.PathLike | None = None) -> TaskData:
     """Resolve the task's data source, read its label names, and build its :class:`TaskSpec`.
 
-    Label names come from the folder's meta.json (so any folder in the shared format works without
-    code changes), else from ``task.labels``, else from the hub dataset's features.
+    Label names come from ``task.labels`` when the config sets them (a dataset whose meta.json names its
+    classes badly can be fixed without rewriting its files: the i-th name is class i), else from the
+    folder's meta.json (so any folder in the shared format works without code changes), else from the hub
+    dataset's features. Names given in the config must be as many as the data's classes.
     """
     folder = resolve_task_dir(task_cfg, data_dir)
-    labels: list[str] | None
+    cfg_labels = list(task_cfg.get("labels") or [])
+    labels: list[str]
     if folder is not None:
-        labels = read_meta(folder)["labels"]
-    elif task_cfg.get("labels"):
-        labels = list(task_cfg["labels"])
+        labels, source = read_meta(folder)["labels"], f"{folder}/meta.json"
+    elif cfg_labels:
+        return TaskData(spec=task_from_config(task_cfg, cfg_labels), folder=None, task_cfg=task_cfg)
     else:
-        _, labels = load_hub_split(task_cfg, "train")
-    cfg_labels = task_cfg.get("labels")
-    if folder is not None and cfg_labels and list(cfg_labels) != list(labels):
+        labels, source = load_hub_split(task_cfg, "train")[1], f"the hub dataset {(task_cfg.get('hf') or {}).get('path')}"
+    if cfg_labels and len(cfg_labels) != len(labels):
         raise DataError(
-            f"task {task_cfg['name']!r}: task.labels {list(cfg_labels)} differ from {folder}/meta.json "
-            f"{labels}; remove task.labels or fix meta.json"
+            f"task {task_cfg['name']!r}: task.labels names {len(cfg_labels)} classes {cfg_labels}, but {source} has "
+            f"{len(labels)} {labels}; give one name per class, in class-index order"
         )
-    return TaskData(spec=task_from_config(task_cfg, labels), folder=folder, task_cfg=task_cfg)
+    return TaskData(spec=task_from_config(task_cfg, cfg_labels or labels), folder=folder, task_cfg=task_cfg)
