@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # FedDTPT on SST-2 under label skew: 4 Dirichlet alphas x 3 seeds = 12 Flower simulations, one command,
-# then the table (mean +- std over seeds) and the accuracy-against-alpha plot. Small settings so that
-# the sweep fits in ~30-40 minutes on a busy 2-core CPU machine: 16 examples per class (32 in all; 8 a class
-# cannot be split over 4 clients at alpha=0.05 for every seed) over 4 clients, 2 rounds, 48 black-box
-# queries per client per round (batches of <= 8 local + 4 public examples), 100 test examples per evaluation.
+# then the report (mean and 95% CI over seeds, gain over the reference) and the accuracy-against-alpha
+# plot. Small settings so that the sweep fits in ~30-40 minutes on a busy 2-core CPU machine: 16 examples
+# per class (32 in all; 8 a class cannot be split over 4 clients at alpha=0.05 for every seed) over 4
+# clients, 2 rounds, 48 black-box queries per client per round (batches of <= 8 local + 4 public
+# examples), 100 test examples per evaluation.
 # Interrupted? Run the same command again with resume=true: finished jobs are kept, a stopped job
 # continues from its last completed round, the others start.
 #
