@@ -25,12 +25,12 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from fedprompt.errors import ConfigError, DataError
+from fedprompt.fl.protocol import PREDICTION_KEY
 from fedprompt.stats import paired_bootstrap, seed_interval
 
 # Settings that say where or how a run was launched, not what it computed; never a grouping key.
 LAUNCH_KEYS = ("seed", "output_dir", "resume", "progress", "data_dir", "federation.superlink_port",
                "federation.round_timeout_s", "federation.audit_replies")
-PREDICTION_KEY = {"manual": "manual", "zero-shot": "zero_shot"}
 
 
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:

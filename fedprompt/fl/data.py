@@ -94,8 +94,8 @@ def public_examples(cfg: DictConfig, task, spec: TaskSpec) -> list[Example]:
 
         raise ConfigError(
             f"the public pool needs examples of the {fed.public_split} split, but none are left "
-            f"once the evaluation examples are set aside; lower federation.public_size or, when the pool and the "
-            f"evaluation share a split, federation.eval_limit (with eval_sample_seed) to leave rows for the pool")
+            "once the evaluation examples are set aside; lower federation.public_size or, when the pool and the "
+            "evaluation share a split, federation.eval_limit (with eval_sample_seed) to leave rows for the pool")
     return sample_balanced(source, size, spec.num_labels, seed=int(cfg.seed) + 1)
 
 

@@ -31,7 +31,8 @@ from fedprompt.data.leakage import content_ids, ids_digest
 
 # What a method's server supplies: predicted class per example for an untuned instruction text.
 Predict = Callable[[Sequence[Example], str], np.ndarray]
-REFERENCE_KINDS = ("manual", "zero-shot")
+# Reference kind -> its array in predictions.npz (fedprompt report pairs the final prompt with it).
+PREDICTION_KEY = {"manual": "manual", "zero-shot": "zero_shot"}
 
 
 def untuned_prompts(spec: TaskSpec) -> dict[str, str]:
@@ -42,14 +43,19 @@ def _accuracy(predictions: np.ndarray, examples: Sequence[Example]) -> float:
     return float(np.mean(np.asarray(predictions) == np.array([e.label for e in examples])))
 
 
+def _save_examples(report, evaluation: Sequence[Example]) -> None:
+    """The evaluation examples' content ids and labels in predictions.npz, and the ids' digest in the facts."""
+    ids = content_ids(evaluation)
+    report.info["eval_ids_sha256"] = ids_digest(ids)
+    report.save_predictions(ids=ids, label=np.array([e.label for e in evaluation], dtype=np.int16))
+
+
 def measure_references(report, predict: Predict, spec: TaskSpec, evaluation: Sequence[Example],
                        validation: Sequence[Example]) -> None:
     """Score both untuned prompts on ``evaluation``, choose the reference on ``validation`` (the same list
     when the run evaluates on validation), and write them into ``report`` (info and predictions.npz).
     A resumed run that measured them before its stop keeps what it measured."""
-    ids = content_ids(evaluation)
-    report.info["eval_ids_sha256"] = ids_digest(ids)
-    if report.info.get("reference_kind") and {"manual", "zero_shot"} <= set(report.predictions):
+    if report.info.get("reference_kind") and set(PREDICTION_KEY.values()) <= set(report.predictions):
         return
     on_eval = {kind: np.asarray(predict(evaluation, text)) for kind, text in untuned_prompts(spec).items()}
     if validation is evaluation:
@@ -64,8 +70,8 @@ def measure_references(report, predict: Predict, spec: TaskSpec, evaluation: Seq
         reference_accuracy=accuracy[kind],
         reference_choice={"split": "validation", "n": len(validation), **choice},  # accuracy per kind
     )
-    report.save_predictions(ids=ids, label=np.array([e.label for e in evaluation], dtype=np.int16),
-                            manual=on_eval["manual"].astype(np.int16), zero_shot=on_eval["zero-shot"].astype(np.int16))
+    _save_examples(report, evaluation)
+    report.save_predictions(**{PREDICTION_KEY[k]: p.astype(np.int16) for k, p in on_eval.items()})
 
 
 def round_accuracy(report, evaluation: Sequence[Example], server_round: int, last_round: int,
@@ -76,9 +82,7 @@ def round_accuracy(report, evaluation: Sequence[Example], server_round: int, las
         return None
     if server_round == last_round:
         if "ids" not in report.predictions:  # references off: ids and labels still make the file usable
-            ids = content_ids(evaluation)
-            report.info["eval_ids_sha256"] = ids_digest(ids)
-            report.save_predictions(ids=ids, label=np.array([e.label for e in evaluation], dtype=np.int16))
+            _save_examples(report, evaluation)
         report.save_predictions(final=np.asarray(predictions).astype(np.int16))
     return _accuracy(predictions, evaluation)
 

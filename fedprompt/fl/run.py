@@ -148,7 +148,6 @@ def resume_point(cfg: DictConfig, folder: Path):
 
 def cmd_run(cfg: DictConfig) -> dict:
     from fedprompt.fl.launch import flwr_run, local_superlink
-
     from fedprompt.fl.protocol import git_state
 
     start = time.perf_counter()

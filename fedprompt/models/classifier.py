@@ -55,6 +55,10 @@ class PromptedClassifier:
             batch_size=self.batch_size, soft_prompt=soft_prompt, progress=progress,
         )
 
+    def predict(self, examples: Sequence[Example], prompt: str | None = None, soft_prompt=None) -> np.ndarray:
+        """The predicted class per example, exact ties broken by the shared rule (fedprompt.ties.pick_labels)."""
+        return pick_labels(self.log_scores(examples, prompt, soft_prompt), self.inputs(examples, prompt))[0]
+
     def evaluate(
         self, examples: Sequence[Example], prompt: str | None = None, calibrate: bool = False, soft_prompt=None, progress=None
     ) -> EvalResult:

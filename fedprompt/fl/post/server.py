@@ -115,13 +115,12 @@ def run_server(grid: Grid, cfg) -> dict:
     })
     rounds = CheckpointedRounds(cfg, folder, report, strategy)  # resume=true: the report so far is restored here
     if fed.eval_references:  # the tuned-on model with the manual prompt or no instruction, no soft prompt
-        measure_references(report, lambda rows, text: classifier.log_scores(rows, text).argmax(1), spec, examples,
-                           reference_examples(cfg, task))
+        measure_references(report, classifier.predict, spec, examples, reference_examples(cfg, task))
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         prompt = arrays_to_prompt(arrays).to(device)
         start = time.perf_counter()
-        predictions = classifier.log_scores(examples, soft_prompt=prompt).argmax(1)
+        predictions = classifier.predict(examples, soft_prompt=prompt)
         accuracy = round_accuracy(report, examples, server_round, int(fed.rounds), predictions)
         report.add(server_round, [], accuracy, len(examples), 0, time.perf_counter() - start,
                    strategy.rounds.get(server_round))
