@@ -39,6 +39,8 @@ TWO_CLUSTERS = {
     "b0": arc(math.pi / 2), "b1": arc(math.pi / 2 + 0.1), "b2": arc(math.pi / 2 + 0.2),
     "n0": [0, 0, 1.0], "n1": [-1, 0, 0.2], "n2": [0, -1, -0.5], "n3": [0, 0, -1.0],
 }
+# The tests of clustering switch the attention filter off; its own tests are further down.
+NO_FILTER = AggregateConfig(attention_threshold=0)
 TWO_CLUSTER_PROMPTS = [["a0", "n0", "b0"], ["b1", "a1", "n1", "n3"], ["b2", "n2", "a2"]]
 
 
@@ -54,7 +56,7 @@ def brute_force_weights(prompts, table):
 
 
 def test_weights_are_softmaxed_similarity_to_other_clients():
-    result = FedDTPTAggregator(AggregateConfig(), TableEmbedder(TWO_CLUSTERS)).aggregate(TWO_CLUSTER_PROMPTS)
+    result = FedDTPTAggregator(NO_FILTER, TableEmbedder(TWO_CLUSTERS)).aggregate(TWO_CLUSTER_PROMPTS)
     expected = brute_force_weights(TWO_CLUSTER_PROMPTS, TWO_CLUSTERS)
     for got, want in zip(result.weights, expected):
         assert got == pytest.approx(want, abs=1e-9)
@@ -62,11 +64,13 @@ def test_weights_are_softmaxed_similarity_to_other_clients():
 
 
 def test_dbscan_keeps_one_word_per_cluster_at_the_knee_in_position_order():
-    config = AggregateConfig(min_samples=3, min_eps=1e-3)  # a floor below the knee, which therefore decides
+    # min_eps below the knee, which therefore decides
+    config = AggregateConfig(attention_threshold=0, min_samples=3, min_eps=1e-3, knee_k=3)
     result = FedDTPTAggregator(config, TableEmbedder(TWO_CLUSTERS)).aggregate(TWO_CLUSTER_PROMPTS)
-    # k = min_samples = 3 (self included): a cluster's k-distances are 1 - cos(0.1) and 1 - cos(0.2); the
-    # noise words' are > 0.3. The knee of the sorted curve is the last in-cluster value.
-    assert result.knee_found and not result.fallbacks
+    # k = 3 (self included): a cluster's k-distances are 1 - cos(0.1) and 1 - cos(0.2); the noise words'
+    # are > 0.3. The knee of the sorted curve is the last in-cluster value.
+    assert result.knee_found and not result.fallbacks and not result.eps_floored
+    assert result.knee == result.eps
     assert result.eps == pytest.approx(1 - math.cos(0.2))
     assert (result.n_clusters, result.n_noise, result.min_samples) == (2, 4, 3)
     assert all(l == -1 for c, p in enumerate(TWO_CLUSTER_PROMPTS) for w, l in zip(p, result.labels[c]) if w.startswith("n"))
@@ -85,7 +89,7 @@ def test_a_cluster_sits_where_most_clients_put_its_word():
     # order (y, x); two of three clients put x first, and the clusters' median positions follow them.
     table = {w: one_hot(i) for i, w in enumerate(["x", "y", "a1", "a2", "b1", "b2"])}
     prompts = [["x", "y", "a1", "a2"], ["x", "y", "b1", "b2"], ["y", "x"]]
-    result = FedDTPTAggregator(AggregateConfig(min_samples=3), TableEmbedder(table)).aggregate(prompts)
+    result = FedDTPTAggregator(AggregateConfig(attention_threshold=0, min_samples=3), TableEmbedder(table)).aggregate(prompts)
     assert {c["client"] for c in result.chosen} == {2}
     assert result.prompt == ["x", "y"]
 
@@ -93,9 +97,9 @@ def test_a_cluster_sits_where_most_clients_put_its_word():
 def test_identical_prompts_come_back_unchanged():
     table = {w: one_hot(i) for i, w in enumerate(["judge", "the", "review", "tone"])}
     prompts = [["judge", "the", "review", "tone"]] * 4
-    result = FedDTPTAggregator(AggregateConfig(), TableEmbedder(table)).aggregate(prompts)
+    result = FedDTPTAggregator(NO_FILTER, TableEmbedder(table)).aggregate(prompts)
     assert result.prompt == ["judge", "the", "review", "tone"]
-    assert result.n_clusters == 4 and result.n_noise == 0
+    assert result.fallbacks == ["identical-replies"]
 
 
 def test_knee_of_known_curves():
@@ -116,8 +120,8 @@ def test_step_to_a_plateau_merges_only_the_shared_word():
     # merge every word), floored to min_eps.
     table = {w: one_hot(i) for i, w in enumerate(["shared", "x0", "x1", "x2", "y0", "y1", "y2"])}
     prompts = [["x0", "shared", "y0"], ["x1", "shared", "y1"], ["x2", "y2", "shared"]]
-    result = FedDTPTAggregator(AggregateConfig(), TableEmbedder(table)).aggregate(prompts)
-    assert result.eps == pytest.approx(AggregateConfig().min_eps)
+    result = FedDTPTAggregator(NO_FILTER, TableEmbedder(table)).aggregate(prompts)
+    assert result.eps == pytest.approx(NO_FILTER.min_eps)
     assert result.prompt == ["shared"] and result.n_clusters == 1 and result.n_noise == 6
 
 
@@ -125,8 +129,8 @@ def test_no_knee_falls_back_to_min_eps():
     # All words mutually orthogonal: a flat k-distance curve has no knee; eps = min_eps, all noise.
     table = {w: one_hot(i) for i, w in enumerate(["x0", "x1", "x2", "y0", "y1", "y2"])}
     prompts = [["x0", "y0"], ["x1", "y1"], ["x2", "y2"]]
-    result = FedDTPTAggregator(AggregateConfig(), TableEmbedder(table)).aggregate(prompts)
-    assert result.knee_found is False and result.eps == pytest.approx(AggregateConfig().min_eps)
+    result = FedDTPTAggregator(NO_FILTER, TableEmbedder(table)).aggregate(prompts)
+    assert result.knee_found is False and result.eps == pytest.approx(NO_FILTER.min_eps)
     assert result.fallbacks == ["no-knee", "no-cluster"]
     assert result.prompt == ["x0", "y0"]  # all equally central: the lowest client index
 
@@ -138,19 +142,19 @@ def test_no_cluster_falls_back_to_the_most_central_client_prompt():
     table = {"p": one_hot(0), "q": one_hot(1), "r": one_hot(2), "s": one_hot(3),
              "m1": r2 * (one_hot(0) + one_hot(2)), "m2": r2 * (one_hot(1) + one_hot(3))}
     prompts = [["p", "q"], ["m1", "m2"], ["r", "s"]]
-    result = FedDTPTAggregator(AggregateConfig(eps=0.01), TableEmbedder(table)).aggregate(prompts)
+    result = FedDTPTAggregator(AggregateConfig(attention_threshold=0, eps=0.01), TableEmbedder(table)).aggregate(prompts)
     assert result.n_clusters == 0 and result.n_noise == 6
     assert result.fallbacks == ["no-cluster"]
     assert result.prompt == ["m1", "m2"]
 
 
 def test_min_samples_is_a_count_or_a_fraction_of_clients_capped_at_the_clients():
-    fraction = FedDTPTAggregator(AggregateConfig(min_samples=0.3), TableEmbedder({}))
+    fraction = FedDTPTAggregator(AggregateConfig(attention_threshold=0, min_samples=0.3), TableEmbedder({}))
     assert [fraction.min_samples(n) for n in (1, 2, 3, 10, 1000)] == [1, 2, 2, 3, 300]
-    count = FedDTPTAggregator(AggregateConfig(min_samples=5), TableEmbedder({}))
+    count = FedDTPTAggregator(AggregateConfig(attention_threshold=0, min_samples=5), TableEmbedder({}))
     assert [count.min_samples(n) for n in (1, 2, 10)] == [1, 2, 5]
     table = {w: one_hot(i) for i, w in enumerate(["same", "words", "here"])}
-    result = FedDTPTAggregator(AggregateConfig(min_samples=5), TableEmbedder(table)).aggregate([["same", "words", "here"]] * 2)
+    result = FedDTPTAggregator(AggregateConfig(attention_threshold=0, min_samples=5), TableEmbedder(table)).aggregate([["same", "words", "here"], ["same", "words", "here", "here"]])
     assert result.min_samples == 2
     assert result.prompt == ["same", "words", "here"]
 
@@ -158,7 +162,7 @@ def test_min_samples_is_a_count_or_a_fraction_of_clients_capped_at_the_clients()
 def test_each_distinct_word_is_embedded_once():
     table = {w: one_hot(i) for i, w in enumerate(["same", "words", "here", "odd"])}
     embedder = TableEmbedder(table)
-    FedDTPTAggregator(AggregateConfig(), embedder).aggregate([["same", "words", "here"]] * 5 + [["odd", "words"]])
+    FedDTPTAggregator(NO_FILTER, embedder).aggregate([["same", "words", "here"]] * 5 + [["odd", "words"]])
     assert sorted(embedder.calls[0]) == ["here", "odd", "same", "words"]
 
 
@@ -166,13 +170,13 @@ def test_weighted_distinct_words_cluster_like_all_points():
     # 40 clients share most words; rare words (1-2 clients) must stay noise, shared ones survive.
     rng = np.random.default_rng(0)
     base = [f"b{i}" for i in range(6)]
-    table = {w: rng.normal(size=16) for w in base + [f"r{i}" for i in range(30)]}
+    table = {w: one_hot(i, 36) for i, w in enumerate(base + [f"r{i}" for i in range(30)])}
     prompts = []
     for c in range(40):
         p = list(base)
         p[int(rng.integers(6))] = f"r{int(rng.integers(30))}"
         prompts.append(p)
-    result = FedDTPTAggregator(AggregateConfig(), TableEmbedder(table)).aggregate(prompts)
+    result = FedDTPTAggregator(NO_FILTER, TableEmbedder(table)).aggregate(prompts)
     assert result.min_samples == 12 and result.prompt == base
 
 
@@ -180,7 +184,7 @@ def test_fedavg_maps_position_means_to_the_nearest_word():
     s = 1 / math.sqrt(2)
     table = {"a": [1, 0, 0], "b": [0, 1, 0], "m": [s, s, 0], "x": [0, 0, 1], "y": [0, 0.1, 1], "z": [0, -0.1, 1], "tail": [1, 1, 1]}
     prompts = [["a", "x"], ["b", "y", "tail"], ["m", "z"]]  # median length 2: "tail" has no position there
-    result = FedDTPTAggregator(AggregateConfig(mode="fedavg"), TableEmbedder(table)).aggregate(prompts)
+    result = FedDTPTAggregator(AggregateConfig(attention_threshold=0, mode="fedavg"), TableEmbedder(table)).aggregate(prompts)
     assert result.prompt == ["m", "x"]
     assert result.mode == "fedavg" and result.eps is None
 
@@ -188,14 +192,14 @@ def test_fedavg_maps_position_means_to_the_nearest_word():
 def test_no_clustering_keeps_top_n_distinct_words_by_weight():
     table = {"common": one_hot(0), "rare1": one_hot(1), "rare2": one_hot(2), "rare3": one_hot(3)}
     prompts = [["common", "rare1"], ["common", "rare2"], ["rare3", "common"]]
-    one = FedDTPTAggregator(AggregateConfig(mode="no-clustering", top_n=1), TableEmbedder(table)).aggregate(prompts)
+    one = FedDTPTAggregator(AggregateConfig(attention_threshold=0, mode="no-clustering", top_n=1), TableEmbedder(table)).aggregate(prompts)
     assert one.prompt == ["common"]
-    two = FedDTPTAggregator(AggregateConfig(mode="no-clustering", top_n=2), TableEmbedder(table)).aggregate(prompts)
+    two = FedDTPTAggregator(AggregateConfig(attention_threshold=0, mode="no-clustering", top_n=2), TableEmbedder(table)).aggregate(prompts)
     assert two.prompt == ["common", "rare1"]  # "common" once (duplicates dropped); ties: lowest client
 
 
 def test_kmeans_keeps_one_word_per_fixed_cluster():
-    result = FedDTPTAggregator(AggregateConfig(mode="kmeans", kmeans_k=2), TableEmbedder(TWO_CLUSTERS)).aggregate(
+    result = FedDTPTAggregator(AggregateConfig(attention_threshold=0, mode="kmeans", kmeans_k=2), TableEmbedder(TWO_CLUSTERS)).aggregate(
         [["a0", "b0"], ["b1", "a1"], ["a2", "b2"]]
     )
     assert result.n_clusters == 2 and result.n_noise == 0
@@ -206,9 +210,9 @@ def test_one_word_per_slot_keeps_the_edit_most_clients_share():
     # Seven clients edited the middle word of one prompt: four to "or", three to "and"; all kept the rest.
     table = {w: one_hot(i) for i, w in enumerate(["positive", "or", "and", "negative"])}
     prompts = [["positive", "or", "negative"]] * 4 + [["positive", "and", "negative"]] * 3
-    per_cluster = FedDTPTAggregator(AggregateConfig(min_samples=3), TableEmbedder(table)).aggregate(prompts)
+    per_cluster = FedDTPTAggregator(AggregateConfig(attention_threshold=0, min_samples=3), TableEmbedder(table)).aggregate(prompts)
     assert per_cluster.prompt == ["positive", "or", "and", "negative"]  # the paper: one word per cluster
-    per_slot = FedDTPTAggregator(AggregateConfig(min_samples=3, one_word_per_slot=True), TableEmbedder(table))
+    per_slot = FedDTPTAggregator(AggregateConfig(attention_threshold=0, min_samples=3, one_word_per_slot=True), TableEmbedder(table))
     result = per_slot.aggregate(prompts)
     assert result.prompt == ["positive", "or", "negative"]
     assert result.dropped == [{"word": "and", "slot": 1}]
@@ -222,8 +226,10 @@ def test_bad_config_fails_before_any_embedding():
         FedDTPTAggregator(AggregateConfig(mode="mean"), TableEmbedder({}))
     with pytest.raises(ConfigError, match="one_word_per_slot"):
         FedDTPTAggregator(AggregateConfig(mode="fedavg", one_word_per_slot=True), TableEmbedder({}))
-    with pytest.raises(ConfigError, match="non-empty"):
-        FedDTPTAggregator(AggregateConfig(), TableEmbedder({})).aggregate([[], []])
+    with pytest.raises(ConfigError, match="attention_threshold"):
+        FedDTPTAggregator(AggregateConfig(attention_threshold=1.5), TableEmbedder({}))
+    with pytest.raises(ConfigError, match="at least one"):
+        FedDTPTAggregator(AggregateConfig(), TableEmbedder({})).aggregate([])
 
 
 def test_default_embedder_minilm_end_to_end():
@@ -240,3 +246,78 @@ def test_default_embedder_minilm_end_to_end():
     result = FedDTPTAggregator(AggregateConfig(), embedder).aggregate(prompts)
     assert result.prompt and set(result.prompt) <= {w for p in prompts for w in p}
     assert "review" in result.prompt and result.prompt.index("Is") < result.prompt.index("review")
+
+
+# Six clients; three wrote "rate the film review", three the synonyms "grade the movie critique"; each also
+# kept one word of its own. Each synonym pair lies in its own plane, at cosine distance 0.2, 0.25 and 0.3
+# (above min_eps); every other pair of words is orthogonal (distance 1).
+def _pair(i: int, distance: float) -> tuple[np.ndarray, np.ndarray]:
+    theta = math.acos(1 - distance)
+    return (np.r_[np.zeros(2 * i), 1.0, 0.0, np.zeros(14 - 2 * i)],
+            np.r_[np.zeros(2 * i), math.cos(theta), math.sin(theta), np.zeros(14 - 2 * i)])
+
+
+SYNONYMS = {w: one_hot(6 + i, 16) for i, w in enumerate(["the"] + [f"own{c}" for c in range(6)])}  # dims 6-12
+for i, (a, b, d) in enumerate([("rate", "grade", 0.2), ("film", "movie", 0.25), ("review", "critique", 0.3)]):
+    SYNONYMS[a], SYNONYMS[b] = _pair(i, d)
+SYNONYM_PROMPTS = [["rate", "the", "film", "review", f"own{c}"] if c < 3 else ["grade", "the", "movie", "critique", f"own{c}"]
+                   for c in range(6)]
+
+
+def test_the_knee_is_taken_over_distinct_words_so_duplicates_do_not_pull_it_to_zero():
+    result = FedDTPTAggregator(NO_FILTER, TableEmbedder(SYNONYMS)).aggregate(SYNONYM_PROMPTS)
+    # 30 points, 13 distinct words. Over all points, copies of one word sit at distance 0 and drag the
+    # knee there; over distinct words the curve is 0.2, 0.2, 0.25, 0.25, 0.3, 0.3, then 1 (seven words
+    # with no synonym): the knee is the last synonym distance.
+    assert result.knee == pytest.approx(0.3) and result.knee > NO_FILTER.min_eps
+    assert result.eps == result.knee and not result.eps_floored and result.knee_found
+
+
+def test_synonyms_from_different_clients_merge_when_the_elbow_says_so():
+    result = FedDTPTAggregator(NO_FILTER, TableEmbedder(SYNONYMS)).aggregate(SYNONYM_PROMPTS)
+    assert result.n_clusters == 4 and len(result.prompt) == 4  # the + one word of each synonym pair
+    for pair in ({"rate", "grade"}, {"film", "movie"}, {"review", "critique"}):
+        assert len(pair & set(result.prompt)) == 1
+    assert result.prompt[1] == "the" and not any(w.startswith("own") for w in result.prompt)
+    # A fixed eps below their distances (the old floor) keeps both of each pair: a prompt no client scored.
+    fixed = FedDTPTAggregator(AggregateConfig(attention_threshold=0, eps=0.15), TableEmbedder(SYNONYMS))
+    assert len(fixed.aggregate(SYNONYM_PROMPTS).prompt) == 7
+
+
+def test_a_knee_below_min_eps_is_floored_and_says_so():
+    config = AggregateConfig(attention_threshold=0, min_eps=0.5)
+    result = FedDTPTAggregator(config, TableEmbedder(SYNONYMS)).aggregate(SYNONYM_PROMPTS)
+    assert result.knee == pytest.approx(0.3) and result.eps == 0.5 and result.eps_floored
+
+
+def test_the_attention_filter_drops_a_word_unlike_every_other_clients_words():
+    table = {w: one_hot(i) for i, w in enumerate(["rate", "the", "review", "zebra"])}
+    prompts = [["rate", "the", "review"], ["rate", "the", "review", "zebra"], ["rate", "the", "review"]]
+    result = FedDTPTAggregator(AggregateConfig(attention_threshold=0.5), TableEmbedder(table)).aggregate(prompts)
+    assert [(f["client"], f["position"], f["word"]) for f in result.filtered] == [(1, 3, "zebra")]
+    assert result.filtered[0]["attention"] < 0.5 / 4  # under half its client's uniform share
+    assert result.labels[1][3] == -2  # filtered before clustering; the shared words all clustered
+    assert result.prompt == ["rate", "the", "review"]
+    # With the filter off, "zebra" reaches DBSCAN (and is noise there: one client).
+    off = FedDTPTAggregator(NO_FILTER, TableEmbedder(table)).aggregate(prompts)
+    assert off.filtered == [] and off.labels[1][3] == -1
+
+
+def test_the_filter_scale_does_not_depend_on_the_number_of_clients():
+    table = {w: one_hot(i) for i, w in enumerate(["rate", "the", "review", "zebra"])}
+    few = [["rate", "the", "review", "zebra"]] + [["rate", "the", "review"]] * 2
+    many = [["rate", "the", "review", "zebra"]] + [["rate", "the", "review"]] * 200
+    agg = FedDTPTAggregator(AggregateConfig(attention_threshold=0.5), TableEmbedder(table))
+    a, b = agg.aggregate(few).filtered, agg.aggregate(many).filtered
+    assert [f["word"] for f in a] == [f["word"] for f in b] == ["zebra"]
+    assert a[0]["attention"] == pytest.approx(b[0]["attention"], rel=1e-6)  # mean, not sum, of similarities
+
+
+def test_empty_and_identical_replies():
+    table = {w: one_hot(i) for i, w in enumerate(["rate", "the", "review"])}
+    agg = FedDTPTAggregator(NO_FILTER, TableEmbedder(table))
+    assert agg.aggregate([["rate", "the"]] * 3).fallbacks == ["identical-replies"]
+    majority = agg.aggregate([[], [], ["rate", "the"]])
+    assert majority.prompt == [] and majority.fallbacks == ["majority-empty"] and majority.empty_replies == 2
+    minority = agg.aggregate([[], ["rate", "the", "review"], ["rate", "the"]])
+    assert minority.prompt == ["rate", "the"] and minority.empty_replies == 1 and minority.min_samples == 2

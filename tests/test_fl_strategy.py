@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedprompt.fl.feddtpt.records import arrays_to_prompt, prompt_to_arrays
@@ -39,7 +39,7 @@ def server_identity(monkeypatch):
 
 
 def make_strategy(**kwargs) -> FedDTPTStrategy:
-    aggregator = FedDTPTAggregator(AggregateConfig(min_samples=2, eps=0.5), OneHot())
+    aggregator = FedDTPTAggregator(AggregateConfig(min_samples=2, eps=0.5, attention_threshold=0), OneHot())
     return FedDTPTStrategy(aggregator, **kwargs)
 
 
@@ -61,7 +61,7 @@ def test_aggregate_train_merges_valid_replies_and_records_failures(tmp_path):
                reply(11, PROMPTS[11], 60, 1.0), reply(12, PROMPTS[12], 50, 0.75)]
     arrays, metrics = strategy.aggregate_train(1, replies)
 
-    expected = FedDTPTAggregator(AggregateConfig(min_samples=2, eps=0.5), OneHot()).aggregate(
+    expected = FedDTPTAggregator(AggregateConfig(min_samples=2, eps=0.5, attention_threshold=0), OneHot()).aggregate(
         sorted(PROMPTS.values(), key=" ".join))  # replies go to the aggregator in text order
     assert arrays_to_prompt(arrays) == expected.prompt
     assert set(expected.prompt) == {"classify", "the", "review"}  # each word at least two clients used
@@ -118,8 +118,7 @@ def test_prompt_encoding_round_trips_and_rejects_whitespace():
     assert arrays_to_prompt(prompt_to_arrays(words)) == words
     with pytest.raises(ValueError):
         prompt_to_arrays(["two words"])
-    with pytest.raises(ValueError):
-        prompt_to_arrays([])
+    assert arrays_to_prompt(prompt_to_arrays([])) == []  # the empty prompt: zero-shot
 
 
 def _sent_by_the_grid(strategy: FedDTPTStrategy, nodes) -> list[Message]:
@@ -130,8 +129,11 @@ def _sent_by_the_grid(strategy: FedDTPTStrategy, nodes) -> list[Message]:
     return messages
 
 
-@pytest.mark.parametrize("min_replies, aggregated", [(1, True), (2, False)])
-def test_failed_lost_and_silent_clients_are_recorded_and_min_replies_decides(min_replies, aggregated):
+@pytest.mark.parametrize("min_replies, why", [
+    (1, "1 valid reply of 4 sampled: one client is no consensus"),
+    (2, "1 valid replies < federation.min_replies=2"),
+])
+def test_failed_lost_and_silent_clients_are_recorded_and_one_reply_keeps_the_prompt(min_replies, why):
     from flwr.common.constant import ErrorCode
     from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
@@ -149,10 +151,8 @@ def test_failed_lost_and_silent_clients_are_recorded_and_min_replies_decides(min
     assert sorted((f["node"], f["code"]) for f in stats.failures) == [
         (12, ErrorCode.CLIENT_APP_RAISED_EXCEPTION), (13, ErrorCode.NODE_UNAVAILABLE), (14, None)]
     assert stats.replies == 1 and stats.missing == 1
-    if aggregated:
-        assert arrays_to_prompt(arrays) == PROMPTS[11] and stats.skipped is None
-    else:  # Strategy.start keeps the previous global prompt; the report says why
-        assert arrays is None and stats.skipped == "1 valid replies < federation.min_replies=2"
+    # Strategy.start keeps the previous global prompt; the report says why
+    assert arrays is None and stats.skipped == why
 
 
 @pytest.mark.parametrize("merged_scores_lower", [True, False])
@@ -201,3 +201,36 @@ def test_public_check_scores_on_the_public_pool_and_caches_the_old_prompt():
     assert check(["good"], ["bad"]) == {"kept": False, "old_accuracy": 1.0, "new_accuracy": 0.5, "examples": 4}
     assert check(["good"], ["good", "too"])["kept"] is True  # a tie or better keeps the merge
     assert len(box.texts) == 12  # "good" was scored once
+
+
+def test_bad_replies_are_recorded_and_skipped_and_the_rest_merged():
+    strategy = make_strategy(max_tokens=4)
+    to = {m.metadata.dst_node_id: m for m in _sent_by_the_grid(strategy, [11, 12, 13, 14, 15])}
+    garbage = ArrayRecord({"prompt": Array(np.frombuffer(b"\xff\xfe bad", dtype=np.uint8).copy())})
+    replies = [
+        Message(RecordDict({"arrays": prompt_to_arrays(PROMPTS[11])}), reply_to=to[11]),
+        Message(RecordDict({"arrays": prompt_to_arrays(PROMPTS[12])}), reply_to=to[12]),
+        Message(RecordDict({"arrays": garbage}), reply_to=to[13]),  # not UTF-8
+        Message(RecordDict({"arrays": prompt_to_arrays(["the"] * 5)}), reply_to=to[14]),  # > max_tokens
+        Message(RecordDict({"arrays": prompt_to_arrays([])}), reply_to=to[15]),  # empty: a valid vote for zero-shot
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    stats = strategy.rounds[1]
+    reasons = {f["node"]: f["reason"] for f in stats.failures}
+    assert sorted(reasons) == [13, 14]
+    assert "malformed reply" in reasons[13] and "utf-8" in reasons[13].lower()
+    assert reasons[14] == "prompt of 5 words > method.search.max_tokens=4"
+    assert stats.replies == 3 and stats.aggregation["empty_replies"] == 1
+    assert arrays_to_prompt(arrays) == ["classify", "the"]  # the words both non-empty replies share
+
+
+def test_identical_replies_come_back_and_a_majority_of_empty_ones_gives_zero_shot():
+    strategy = make_strategy()
+    list(strategy.configure_train(1, prompt_to_arrays(["please"]), ConfigRecord(), FakeGrid([11, 12, 13])))
+    arrays, _ = strategy.aggregate_train(1, [reply(n, PROMPTS[11], 1, 1.0) for n in (11, 12, 13)])
+    assert arrays_to_prompt(arrays) == PROMPTS[11]
+    assert strategy.rounds[1].aggregation["fallbacks"] == ["identical-replies"]
+    list(strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid([11, 12, 13])))
+    arrays, _ = strategy.aggregate_train(2, [reply(11, PROMPTS[11], 1, 1.0), reply(12, [], 1, 1.0), reply(13, [], 1, 1.0)])
+    assert arrays_to_prompt(arrays) == []
+    assert strategy.rounds[2].aggregation["fallbacks"] == ["majority-empty"]

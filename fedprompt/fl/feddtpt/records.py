@@ -42,8 +42,8 @@ REPLY_METRICS = (
 
 def prompt_to_arrays(words: Sequence[str]) -> ArrayRecord:
     words = [str(w) for w in words]
-    if not words or any(not w or any(c.isspace() for c in w) for w in words):
-        raise ValueError(f"a prompt is a non-empty list of words without whitespace, got {words!r}")
+    if any(not w or any(c.isspace() for c in w) for w in words):
+        raise ValueError(f"a prompt is a list of words without whitespace (empty: zero-shot), got {words!r}")
     data = np.frombuffer(" ".join(words).encode("utf-8"), dtype=np.uint8)
     return ArrayRecord({PROMPT: Array(data.copy())})
 
@@ -51,7 +51,5 @@ def prompt_to_arrays(words: Sequence[str]) -> ArrayRecord:
 def arrays_to_prompt(arrays: ArrayRecord) -> list[str]:
     if PROMPT not in arrays:
         raise ValueError(f"the ArrayRecord carries no {PROMPT!r} array (keys: {list(arrays)})")
-    words = arrays[PROMPT].numpy().astype(np.uint8).tobytes().decode("utf-8").split()
-    if not words:
-        raise ValueError("the prompt array is empty")
-    return words
+    # An empty prompt is the zero-shot instruction: a client's search may delete every word.
+    return arrays[PROMPT].numpy().astype(np.uint8).tobytes().decode("utf-8").split()

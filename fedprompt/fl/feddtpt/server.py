@@ -103,6 +103,7 @@ def run_server(grid: Grid, cfg) -> dict:
     strategy = FedDTPTStrategy(
         method.build_aggregator(), fraction_train=float(fed.fraction_train),
         min_train_nodes=int(fed.min_train_clients), min_replies=int(fed.min_replies), seed=int(cfg.seed),
+        max_tokens=method.search.max_tokens,
         min_available_nodes=int(fed.min_available_clients or fed.num_clients),
         audit_path=folder / "replies.jsonl" if fed.audit_replies else None,
         # The public pool is public (federation.public_split), not client data: the server may score on it.

@@ -33,11 +33,13 @@ class FedDTPTStrategy(Strategy):
        ``server-round``.
     2. Each ClientApp edits the prompt word by word against the black-box LLM on its own data and replies
        with its prompt (same ``ArrayRecord`` layout) and a ``MetricRecord`` "metrics".
-    3. ``aggregate_train``: replies with errors are recorded and skipped; the valid replies' prompts,
-       ordered by their text (node ids are random per run), go to ``FedDTPTAggregator.aggregate`` (similarity-weighted words, DBSCAN at
-       the knee eps, one word per cluster, original order), whose prompt becomes the new global
-       ``ArrayRecord``. Fewer than ``min_replies`` valid replies (failed clients, clients that missed the
-       round's timeout, lost nodes): the round is recorded as skipped and the global prompt is kept.
+    3. ``aggregate_train``: replies with errors, undecodable bytes (not UTF-8) or more than ``max_tokens``
+       words are recorded as failures and skipped; the valid replies' prompts, ordered by their text (node
+       ids are random per run), go to ``FedDTPTAggregator.aggregate`` (attention filter, DBSCAN at the knee
+       eps, one word per cluster, original order), whose prompt becomes the new global ``ArrayRecord``.
+       Fewer than ``min_replies`` valid replies (failed clients, clients that missed the round's timeout,
+       lost nodes), or a single one when several clients were sampled: the round is recorded as skipped
+       and the global prompt is kept.
     4. With ``server_check`` (off in the paper): ``server_check(old, merged)`` scores both prompts (the
        server's public pool through the black box) and returns ``{"kept": bool, ...}``; a merged prompt
        that is not kept is recorded and the global prompt stays, the clients' own acceptance rule
@@ -55,6 +57,7 @@ class FedDTPTStrategy(Strategy):
         min_train_nodes: int = 1,
         min_available_nodes: int = 1,
         min_replies: int = 1,
+        max_tokens: int | None = None,
         seed: int = 0,
         wait_for_nodes_s: float = 300.0,
         audit_path: str | Path | None = None,
@@ -67,6 +70,7 @@ class FedDTPTStrategy(Strategy):
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes
         self.min_replies = min_replies
+        self.max_tokens = max_tokens  # longer replies are refused (method.search.max_tokens: no client may send more)
         self.seed = seed
         self.wait_for_nodes_s = wait_for_nodes_s
         self.audit_path = Path(audit_path) if audit_path else None
@@ -126,8 +130,14 @@ class FedDTPTStrategy(Strategy):
                 continue
             try:
                 prompt = arrays_to_prompt(msg.content[ARRAYS])
-            except (KeyError, ValueError, UnicodeDecodeError) as err:
+            except (KeyError, ValueError, UnicodeDecodeError) as err:  # UnicodeDecodeError: non-UTF-8 bytes
                 stats.failures.append({"node": self._sender(msg), "code": -1, "reason": f"malformed reply: {err}"})
+                log(WARNING, "aggregate_train: node %d sent a malformed reply (%s), skipped", self._sender(msg), err)
+                continue
+            if self.max_tokens is not None and len(prompt) > self.max_tokens:
+                reason = f"prompt of {len(prompt)} words > method.search.max_tokens={self.max_tokens}"
+                stats.failures.append({"node": self._sender(msg), "code": -1, "reason": reason})
+                log(WARNING, "aggregate_train: node %d sent a %s, skipped", self._sender(msg), reason)
                 continue
             prompts.append(prompt)
             metrics.append(dict(msg.content[METRICS]) if METRICS in msg.content else {})
@@ -138,8 +148,10 @@ class FedDTPTStrategy(Strategy):
         prompts, metrics = [prompts[i] for i in order], [metrics[i] for i in order]
         stats.replies = len(prompts)
         stats.client_prompts = [" ".join(p) for p in prompts]
-        if len(prompts) < self.min_replies:
-            stats.skipped = f"{len(prompts)} valid replies < federation.min_replies={self.min_replies}"
+        if len(prompts) < self.min_replies or (len(prompts) == 1 and stats.sampled > 1):
+            stats.skipped = (f"{len(prompts)} valid replies < federation.min_replies={self.min_replies}"
+                             if len(prompts) < self.min_replies else
+                             f"1 valid reply of {stats.sampled} sampled: one client is no consensus")
             log(WARNING, "aggregate_train: round %d skipped (%s); the global prompt is kept", server_round, stats.skipped)
             stats.train_s = time.perf_counter() - stats.started
             return None, None

@@ -1,30 +1,32 @@
 """FedDTPT's server step: merge the clients' discrete prompts into one global prompt.
 
-Every word of every client prompt is a point (client, position, word) with an embedding. Its weight is
-its summed cosine similarity to the *other* clients' words, softmaxed within its own client prompt
-(the paper's attention filter: words many clients agree on weigh more). Then, by ``mode``:
+Every word of every client prompt is a point (client, position, word) with an embedding. As in the paper
+(Wu et al. 2024; docs/feddtpt.md gives the formulas):
 
-- ``dbscan`` (the paper): eps is the knee (kneed) of the sorted k-nearest-neighbour cosine-distance
-  curve, k = min_samples; DBSCAN groups the points; each cluster keeps its highest-weight word.
-  eps is floored at ``min_eps`` because the same word from several clients is at distance 0. No knee
-  (a flat or straight curve, i.e. no density structure): eps = ``min_eps``, so only (near-)identical
-  words merge. (A quantile of the k-distances would merge everything when all words are equally far.)
-  min_samples is a count or a fraction of the clients (0.3: 3 of 10, 300 of 1,000), at least 2 and at
-  most the number of clients, so a word every client uses always forms a cluster.
-  No cluster at all (everything noise): the global prompt is the most central client prompt, the one
-  whose words have the highest mean summed similarity to the other clients (ties: lowest client index).
-- ``fedavg`` (ablation): the median prompt length L; position p is the mean embedding of the clients'
-  p-th words (clients shorter than p+1 skip it), mapped to the nearest word in the union of words.
-- ``no-clustering`` (ablation): the ``top_n`` highest-weight words (default L), duplicates dropped.
-- ``kmeans`` (ablation): k-means with ``kmeans_k`` clusters (default L); highest-weight word of each.
+1. **Attention.** A word's weight is its summed cosine similarity to the *other* clients' words, softmaxed
+   within its own client prompt (words many clients agree on weigh more).
+2. **Attention filter** ("an attention mechanism based on semantic similarity to filter all local prompt
+   tokens"): a word whose attention falls below ``attention_threshold`` times its client's uniform share is
+   dropped before clustering (the sum is scaled to a mean for this, so the rule does not depend on how many
+   clients there are; the paper gives no threshold: ours is chosen on validation, docs/feddtpt.md).
+3. **Elbow + DBSCAN** (``mode: dbscan``): eps is the knee (kneed) of the sorted k-distance curve over the
+   *distinct* surviving words (k = 2: each word's distance to its nearest other word); each distinct word is one DBSCAN point whose count is its
+   sample weight, so identical words from several clients meet the core condition without pulling the
+   knee to 0. ``min_eps`` is only a guard (``eps_floored`` says when it fired). min_samples is a count or
+   a fraction of the replies (0.3: 3 of 10, 300 of 1,000), at least 2 and at most the replies.
+4. Each cluster keeps its highest-weight word; survivors are ordered by relative position,
+   (position + 0.5) / length, a cluster's by the median over its members (where most clients put that
+   word); ties go by position, then client.
 
-``one_word_per_slot`` (dbscan, kmeans; off in the paper): a cluster's slot is floor(place * L); of the
-clusters in one slot only the one with the most distinct clients survives, so competing edits of one
-word ("or" / "and") do not both enter the prompt.
+Where the paper is silent we chose (and record in ``fallbacks``): identical replies come back unchanged; an
+empty prompt is a vote for no instruction, and a majority of them gives the empty (zero-shot) prompt;
+no cluster (all noise) or everything filtered gives the most central client prompt, the one whose words have
+the highest mean summed similarity to the other clients' (ties: lowest client index).
 
-Survivors are ordered by relative position, (position + 0.5) / length, so prompts of different lengths
-interleave sensibly: a cluster's survivor by the median over the cluster's members (where most clients
-put that word), a word kept without clustering by its own; ties go by position, then client.
+Ablations (``mode``): ``fedavg`` (the median length L; position p is the mean embedding of the clients'
+p-th words, mapped to the nearest word), ``no-clustering`` (the ``top_n`` highest-weight words, default L),
+``kmeans`` (``kmeans_k`` clusters, default L). ``one_word_per_slot`` (dbscan, kmeans; off in the paper):
+of the clusters in one slot floor(place * L) only the one with the most distinct clients survives.
 """
 
 from __future__ import annotations
@@ -97,7 +99,12 @@ class AggregationResult:
     min_samples: int | None = None
     n_clusters: int = 0
     n_noise: int = 0
-    fallbacks: list[str] = field(default_factory=list)  # each fallback taken ("no-knee", "no-cluster")
+    knee: float | None = None  # the knee of the distinct-word k-distance curve (None: none found or eps fixed)
+    eps_floored: bool = False  # True when eps is min_eps because the knee was below it or missing
+    empty_replies: int = 0  # clients that returned the empty prompt (a vote for no instruction)
+    filtered: list[dict] = field(default_factory=list)  # words the attention filter dropped, with their attention
+    fallbacks: list[str] = field(default_factory=list)  # each fallback taken ("identical-replies",
+    # "majority-empty", "all-filtered", "no-knee", "no-cluster")
     dropped: list[dict] = field(default_factory=list)  # one_word_per_slot: survivors that lost their slot
 
     @property
@@ -139,75 +146,97 @@ class FedDTPTAggregator:
         self.embedder = embedder if embedder is not None else SentenceEmbedder(self.config.embedder, self.config.device)
 
     def aggregate(self, client_prompts: Sequence[Sequence[str]]) -> AggregationResult:
-        """Merge the clients' prompts (lists of words, position = index) into the global prompt."""
+        """Merge the clients' prompts (lists of words, position = index) into the global prompt.
+
+        An empty prompt is a client's vote for no instruction (zero-shot): it counts as a reply (in
+        min_samples and in every word's support) and contributes no word. When more than half of the
+        replies are empty the global prompt is empty too (``fallbacks``: "majority-empty").
+        """
         cfg = self.config
         prompts = [[w for w in p if w and w.strip()] for p in client_prompts]
-        if not any(prompts):
-            raise ConfigError("aggregation needs at least one non-empty client prompt")
-        lengths = [len(p) for p in prompts]
-        client = np.repeat(np.arange(len(prompts)), lengths)  # points are ordered by client, then position
-        position = np.concatenate([np.arange(n) for n in lengths])
-        words = [w for p in prompts for w in p]
-        rel = (position + 0.5) / np.asarray(lengths)[client]
-        # Identical words embed identically: embed and cluster each distinct word once, weighted by its
-        # count (DBSCAN and k-means take sample weights; duplicates sit at distance 0, so the clustering
-        # is the one of all points), which keeps 1,000 clients' prompts cheap.
-        vocab, inverse, counts = np.unique(np.array(words, dtype=object), return_inverse=True, return_counts=True)
-        xu = _normalise(np.asarray(self.embedder.encode(list(vocab)), dtype=np.float64))
-        if xu.shape[0] != len(vocab):
-            raise ModelError(f"the embedder returned {xu.shape[0]} vectors for {len(vocab)} words")
-        x = xu[inverse]
-
-        raw, weights = self._weights(x, client, len(prompts))
-        n_clients = sum(1 for n in lengths if n)
-        median_len = max(1, int(round(np.median([n for n in lengths if n]))))
-        split = np.cumsum(lengths)[:-1]
-        result = AggregationResult(prompt=[], mode=cfg.mode, labels=[],
-                                   weights=[w.tolist() for w in np.split(weights, split)])
-
-        def keep(picks: Sequence[int], where: np.ndarray | None = None) -> None:
-            # ``where``: each pick's place in the prompt (default: its own relative position).
-            place = dict(zip(picks, where)) if where is not None else {j: rel[j] for j in picks}
-            order = sorted(picks, key=lambda j: (place[j], position[j], client[j]))
-            result.prompt = [words[j] for j in order]
-            result.chosen = [{"client": int(client[j]), "position": int(position[j]), "word": words[j],
-                              "weight": float(weights[j])} for j in order]
-
+        if not prompts:
+            raise ConfigError("aggregation needs at least one client prompt")
+        result = AggregationResult(prompt=[], mode=cfg.mode, labels=[], weights=[[] for _ in prompts])
+        result.empty_replies = sum(1 for p in prompts if not p)
+        if 2 * result.empty_replies > len(prompts):
+            result.fallbacks.append("majority-empty")
+            return result
+        if all(p == prompts[0] for p in prompts):  # nothing to merge (and no curve to find a knee on)
+            result.prompt = list(prompts[0])
+            result.fallbacks.append("identical-replies")
+            return result
+        points = _Points(prompts, self.embedder)
+        raw, weights = self._weights(points.x, points.client, len(prompts))
+        result.weights = [w.tolist() for w in np.split(weights, points.split)]
+        keep = self._attention_filter(points, raw, result)
+        if not keep.any():
+            result.fallbacks.append("all-filtered")
+            return self._most_central(points, raw, weights, result)
+        pts = points.subset(keep)
+        raw_all, weights_all, weights = raw, weights, weights[keep]
         if cfg.mode == "fedavg":
-            result.prompt = self._fedavg(x, xu, list(vocab), position, median_len)
+            result.prompt = self._fedavg(pts.x, pts.xu, pts.vocab, pts.position, pts.median_len)
             return result
         if cfg.mode == "no-clustering":
             top, seen = [], set()
-            for j in np.lexsort((position, client, -weights)):  # by weight, ties: lowest client, position
-                if words[j] not in seen:
-                    seen.add(words[j])
+            for j in np.lexsort((pts.position, pts.client, -weights)):  # by weight, ties: lowest client, position
+                if pts.words[j] not in seen:
+                    seen.add(pts.words[j])
                     top.append(int(j))
-            keep(top[: cfg.top_n or median_len])
+            pts.keep(result, top[: cfg.top_n or pts.median_len], weights)
             return result
         if cfg.mode == "kmeans":
             from sklearn.cluster import KMeans
 
-            k = min(cfg.kmeans_k or median_len, len(vocab))  # no more clusters than distinct words
+            k = min(cfg.kmeans_k or pts.median_len, len(pts.vocab))  # no more clusters than distinct words
             km = KMeans(n_clusters=k, n_init=10, random_state=cfg.random_state)
-            labels = km.fit_predict(xu, sample_weight=counts)[inverse]
+            labels = km.fit_predict(pts.xu, sample_weight=pts.counts)[pts.inverse]
         else:
-            labels = self._dbscan(xu, counts, n_clients, result)[inverse]
-        result.labels = [l.tolist() for l in np.split(labels, split)]
+            labels = self._dbscan(pts.xu, pts.counts, len(prompts), result)[pts.inverse]
+        result.labels = [l.tolist() for l in points.scatter(keep, labels, -2)]  # -2: filtered out, -1: noise
         clusters = sorted(set(labels.tolist()) - {-1})
         result.n_clusters, result.n_noise = len(clusters), int(np.sum(labels == -1))
         if not clusters:
-            mean_raw = [raw[client == c].mean() if lengths[c] else -np.inf for c in range(len(prompts))]
-            result.fallbacks.append("no-cluster")  # kept the most central client prompt
-            keep(list(np.flatnonzero(client == int(np.argmax(mean_raw)))))
-            return result
+            result.fallbacks.append("no-cluster")
+            return self._most_central(points, raw_all, weights_all, result)
         # np.argmax takes the first of equal weights: the lowest (client, position). A cluster sits at the
         # median relative position of its members: the place most clients gave that word, so one client's
         # odd placement of a shared word does not reorder the prompt.
         survivors = [int(np.flatnonzero(labels == c)[np.argmax(weights[labels == c])]) for c in clusters]
-        places = np.array([np.median(rel[labels == c]) for c in clusters])
+        places = np.array([np.median(pts.rel[labels == c]) for c in clusters])
         if cfg.one_word_per_slot:
-            survivors, places = self._one_per_slot(survivors, places, clusters, labels, client, weights, median_len, words, result)
-        keep(survivors, places)
+            survivors, places = self._one_per_slot(survivors, places, clusters, labels, pts.client, weights,
+                                                   pts.median_len, pts.words, result)
+        pts.keep(result, survivors, weights, places)
+        return result
+
+    def _attention_filter(self, points: "_Points", raw: np.ndarray, result: AggregationResult) -> np.ndarray:
+        """Which points survive the attention filter (all of them when ``attention_threshold`` is 0).
+
+        The attention of a word is the softmax, over its own client's words, of its mean cosine similarity
+        to the other clients' words divided by ``filter_temperature``: the paper's weight (softmax of the
+        summed similarity) with the sum scaled by the number of words it runs over, so that the filter
+        means the same for 3 clients as for 1,000. A word is kept when its attention is at least
+        ``attention_threshold`` times its client's uniform share (1 / its prompt's length).
+        """
+        cfg = self.config
+        n_words = np.bincount(points.client, minlength=points.n_clients)
+        others = np.maximum(len(points.client) - n_words[points.client], 1)
+        z = (raw / others) / cfg.filter_temperature
+        attention = _softmax_within(z, points.client, points.n_clients)
+        keep = attention * n_words[points.client] >= cfg.attention_threshold - 1e-12
+        result.filtered = [{"client": int(points.client[j]), "position": int(points.position[j]),
+                            "word": points.words[j], "attention": float(attention[j])} for j in np.flatnonzero(~keep)]
+        return keep
+
+    @staticmethod
+    def _most_central(points: "_Points", raw: np.ndarray, weights: np.ndarray, result: AggregationResult) -> AggregationResult:
+        """The client prompt whose words have the highest mean summed similarity to the other clients'
+        (ties: the lowest client index); empty prompts never win."""
+        mean_raw = [raw[points.client == c].mean() if np.any(points.client == c) else -np.inf
+                    for c in range(points.n_clients)]
+        best = int(np.argmax(mean_raw))
+        points.keep(result, list(np.flatnonzero(points.client == best)), weights)
         return result
 
     @staticmethod
@@ -237,13 +266,7 @@ class FedDTPTAggregator:
         own = np.zeros((n, x.shape[1]))
         np.add.at(own, client, x)
         raw = np.einsum("nd,nd->n", x, x.sum(0) - own[client])
-        z = raw / self.config.temperature
-        top = np.full(n, -np.inf)
-        np.maximum.at(top, client, z)
-        e = np.exp(z - top[client])
-        total = np.zeros(n)
-        np.add.at(total, client, e)
-        return raw, e / total[client]
+        return raw, _softmax_within(raw / self.config.temperature, client, n)
 
     def min_samples(self, n_clients: int) -> int:
         """DBSCAN's min_samples for this many clients: a count, or a fraction of the clients (rounded
@@ -260,18 +283,23 @@ class FedDTPTAggregator:
         min_samples = self.min_samples(n_clients)
         eps = cfg.eps
         if eps is None:
-            # Each point's distance to its k-th nearest point, itself included (as DBSCAN counts it in
-            # min_samples), over the weighted distinct words: walk the neighbours until k points are seen.
-            k = min(cfg.knee_k or min_samples, int(counts.sum()))
-            nn = NearestNeighbors(n_neighbors=min(k, len(xu)), metric="cosine", algorithm="brute").fit(xu)
-            dist, idx = nn.kneighbors(xu)
-            reach = np.cumsum(counts[idx], axis=1) >= k
-            kd = np.clip(dist[np.arange(len(xu)), np.argmax(reach, axis=1)], 0.0, None)
-            eps = knee_eps(np.repeat(kd, counts), cfg.knee_sensitivity)
-            result.knee_found = eps is not None
-            if eps is None:
+            # The k-distance curve over *distinct* words: the same word from several clients is one point
+            # (its count weighs DBSCAN's core condition below, not the curve), so the curve shows how far
+            # apart different words are and its knee is where DBSCAN should stop merging. Each word's
+            # distance to its k-th nearest distinct word, itself included; the default k = 2 is the distance
+            # to the nearest *other* word, so the knee separates words that have a near-synonym among the
+            # replies from words that have none. (k = min_samples, DBSCAN's usual heuristic, counts
+            # points; over distinct words it would ask for min_samples different words, which shared
+            # words never have.)
+            k = min(cfg.knee_k or 2, len(xu))
+            dist, _ = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(xu).kneighbors(xu)
+            knee = knee_eps(np.clip(dist[:, -1], 0.0, None), cfg.knee_sensitivity)
+            result.knee, result.knee_found = knee, knee is not None
+            if knee is None:
                 result.fallbacks.append("no-knee")  # eps = min_eps: only near-identical words merge
-            eps = max(eps or 0.0, cfg.min_eps)
+            # min_eps is a guard, not a setting: it fires when the knee sits below it (or there is none)
+            result.eps_floored = knee is None or knee < cfg.min_eps
+            eps = cfg.min_eps if result.eps_floored else knee
         result.eps, result.min_samples = float(eps), int(min_samples)
         return DBSCAN(eps=eps, min_samples=min_samples, metric="cosine", algorithm="brute").fit_predict(
             xu, sample_weight=counts)
@@ -285,6 +313,68 @@ class FedDTPTAggregator:
             mean = _normalise(rows.mean(0, keepdims=True))[0]
             out.append(vocab[int(np.argmax(xu @ mean))])
         return out
+
+
+class _Points:
+    """Every word of every client prompt as a point (client, position, word), and its distinct words.
+
+    Identical words embed identically: each distinct word is embedded (and clustered) once, weighted by
+    its count (DBSCAN and k-means take sample weights), which keeps 1,000 clients' prompts cheap.
+    """
+
+    def __init__(self, prompts: Sequence[Sequence[str]], embedder: Embedder) -> None:
+        self.n_clients = len(prompts)
+        self.lengths = np.array([len(p) for p in prompts])
+        self.client = np.repeat(np.arange(len(prompts)), self.lengths)  # ordered by client, then position
+        self.position = np.concatenate([np.arange(n) for n in self.lengths])
+        self.words = [w for p in prompts for w in p]
+        self.rel = (self.position + 0.5) / np.maximum(self.lengths, 1)[self.client]
+        self.split = np.cumsum(self.lengths)[:-1]
+        self.median_len = max(1, int(round(np.median([n for n in self.lengths if n]))))
+        vocab, self.inverse, self.counts = np.unique(np.array(self.words, dtype=object), return_inverse=True,
+                                                     return_counts=True)
+        self.vocab = list(vocab)
+        xu = np.asarray(embedder.encode(self.vocab), dtype=np.float64)
+        if xu.ndim != 2 or xu.shape[0] != len(self.vocab):
+            raise ModelError(f"the embedder returned {xu.shape[0] if xu.ndim else 0} vectors for {len(self.vocab)} words")
+        self.xu = _normalise(xu)
+        self.x = self.xu[self.inverse]
+
+    def subset(self, keep: np.ndarray) -> "_Points":
+        """The kept points only (client indices and lengths unchanged, so positions stay comparable)."""
+        sub = object.__new__(_Points)
+        sub.n_clients, sub.lengths, sub.median_len, sub.split = self.n_clients, self.lengths, self.median_len, None
+        sub.client, sub.position, sub.rel = self.client[keep], self.position[keep], self.rel[keep]
+        sub.words = [w for w, k in zip(self.words, keep) if k]
+        vocab, sub.inverse, sub.counts = np.unique(np.array(sub.words, dtype=object), return_inverse=True, return_counts=True)
+        sub.vocab, sub.x = list(vocab), self.x[keep]
+        sub.xu = sub.x[np.unique(sub.inverse, return_index=True)[1]]
+        return sub
+
+    def scatter(self, keep: np.ndarray, values: np.ndarray, fill: int) -> list[np.ndarray]:
+        """Per-client arrays over all points: ``values`` at the kept points, ``fill`` elsewhere."""
+        full = np.full(len(self.client), fill, dtype=np.asarray(values).dtype)
+        full[keep] = values
+        return np.split(full, self.split)
+
+    def keep(self, result: AggregationResult, picks: Sequence[int], weights: np.ndarray,
+             where: np.ndarray | None = None) -> None:
+        """The global prompt: the picked points in order of ``where`` (default: their own relative place)."""
+        place = dict(zip(picks, where)) if where is not None else {j: self.rel[j] for j in picks}
+        order = sorted(picks, key=lambda j: (place[j], self.position[j], self.client[j]))
+        result.prompt = [self.words[j] for j in order]
+        result.chosen = [{"client": int(self.client[j]), "position": int(self.position[j]), "word": self.words[j],
+                          "weight": float(weights[j])} for j in order]
+
+
+def _softmax_within(z: np.ndarray, group: np.ndarray, n: int) -> np.ndarray:
+    """Softmax of ``z`` within each group (a client's words)."""
+    top = np.full(n, -np.inf)
+    np.maximum.at(top, group, z)
+    e = np.exp(z - top[group])
+    total = np.zeros(n)
+    np.add.at(total, group, e)
+    return e / total[group]
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

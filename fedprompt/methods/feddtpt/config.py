@@ -153,6 +153,8 @@ class AggregateConfig:
     embedder: str = DEFAULT_EMBEDDER
     device: str = "auto"
     temperature: float = 1.0
+    attention_threshold: float = 0.5
+    filter_temperature: float = 0.05
     min_samples: float = 0.3
     knee_k: int | None = None
     knee_sensitivity: float = 1.0
@@ -177,6 +179,13 @@ class AggregateConfig:
             raise ConfigError("aggregate.embedder is empty; use all-MiniLM-L6-v2, an HF encoder id or a local folder")
         if self.temperature <= 0:
             raise ConfigError(f"aggregate.temperature must be > 0, got {self.temperature}")
+        if self.filter_temperature <= 0:
+            raise ConfigError(f"aggregate.filter_temperature must be > 0, got {self.filter_temperature}")
+        if not 0 <= self.attention_threshold <= 1:
+            raise ConfigError(
+                f"aggregate.attention_threshold is a share of the uniform attention: it must be in [0, 1] "
+                f"(0 = no filter), got {self.attention_threshold}"
+            )
         if not (0 < self.min_samples < 1 or (self.min_samples >= 1 and float(self.min_samples).is_integer())):
             raise ConfigError(
                 f"aggregate.min_samples must be a count >= 1 or a fraction of the clients in (0, 1), got {self.min_samples}"
