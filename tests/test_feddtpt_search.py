@@ -91,6 +91,9 @@ def replay(start, history):
             continue
         if e.op == "insert":
             tokens.insert(e.position, e.new)
+        elif e.op == "delete_span":
+            assert tokens[e.position : e.position + e.span] == e.old.split()
+            del tokens[e.position : e.position + e.span]
         else:
             assert tokens[e.position] == e.old
             if e.op == "delete":
@@ -301,11 +304,36 @@ def test_bad_inputs_fail_before_any_query():
     with pytest.raises(ConfigError, match="budget"):
         SearchConfig(budget=10, local_batch_size=16, public_batch_size=4).validate()
     search = PromptSearch(cfg(), ListProposer(["alpha"]))
-    with pytest.raises(ConfigError, match="non-empty start prompt"):
-        search.run(bb, SPEC, [], LOCAL)
+    with pytest.raises(ConfigError, match="min_tokens"):
+        SearchConfig(min_tokens=-1).validate()
     with pytest.raises(Exception, match="no local examples"):
         search.run(bb, SPEC, START, [])
     assert bb.calls == []
+
+
+def test_span_deletion_reaches_the_empty_prompt_when_every_word_hurts():
+    start = ["awful", "awful", "awful", "awful", "awful"]  # each lowers the fake model's quality
+    config = cfg(edit_ops={"replace": 0.1, "delete_span": 1.0}, budget=BATCH * 12)
+    result, bb = run(config, ListProposer([]), prompt=start)
+    assert result.prompt == [] and result.accuracy > result.start_accuracy
+    assert replay(start, result.history) == []
+    assert {e.op for e in result.history if e.accepted} == {"delete_span"}
+    assert all(e.span >= 2 and len(e.old.split()) == e.span for e in result.history if e.op == "delete_span")
+    assert result.queries <= config.budget and sum(len(c[0]) for c in bb.calls) == result.queries
+
+
+def test_span_deletion_respects_min_tokens():
+    start = ["awful", "awful", "please", "label", "this", "text"]
+    result, _ = run(cfg(edit_ops={"replace": 0.1, "delete_span": 1.0}, min_tokens=2), ListProposer([]), prompt=start)
+    assert "awful" not in result.prompt and len(result.prompt) >= 2 and result.accuracy > result.start_accuracy
+
+
+def test_an_empty_start_prompt_is_zero_shot_and_can_only_grow():
+    result, bb = run(cfg(), ListProposer(["excellent", "alpha"]), prompt=[])
+    assert result.start_accuracy is not None and all(e.op == "insert" for e in result.history[:4])
+    assert result.prompt[:1] == ["excellent"] and result.accuracy > result.start_accuracy
+    first_texts = bb.calls[0][0]
+    assert first_texts[0].startswith(SEP)  # the start prompt was scored as the empty instruction
 
 
 # ---- proposers on tiny models ---------------------------------------------------------------------

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 SEED_STYLES = ("concise", "moderate", "detailed")
 FEEDBACK = ("accuracy", "balanced", "margin", "none")
 ACCEPT = ("no-drop", "improve")
-EDIT_OPS = ("replace", "insert", "delete")
+EDIT_OPS = ("replace", "insert", "delete", "delete_span")
 PROPOSERS = ("lm-infill", "mlm", "embedding-neighbours", "random")
 AGG_MODES = ("dbscan", "fedavg", "no-clustering", "kmeans")
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
@@ -82,9 +82,10 @@ class SearchConfig:
     candidates_per_step: int = 4
     feedback: str = "accuracy"
     accept: str = "improve"
-    edit_ops: dict[str, float] = field(default_factory=lambda: {"replace": 0.7, "insert": 0.15, "delete": 0.15})
+    edit_ops: dict[str, float] = field(
+        default_factory=lambda: {"replace": 0.6, "insert": 0.1, "delete": 0.1, "delete_span": 0.2})
     explore: float = 0.2
-    min_tokens: int = 3
+    min_tokens: int = 0
     max_tokens: int = 40
     resample_batch: bool = False
     public_shared: bool = False
@@ -105,7 +106,7 @@ class SearchConfig:
             raise ConfigError(f"search.edit_ops: weights must be >= 0 and replace > 0, got {dict(self.edit_ops)}")
         if not 0.0 <= self.explore <= 1.0:
             raise ConfigError(f"search.explore must be in [0, 1], got {self.explore}")
-        _positive("search.min_tokens", self.min_tokens)
+        _at_least("search.min_tokens", self.min_tokens, 0)
         if self.max_tokens < self.min_tokens:
             raise ConfigError(f"search.max_tokens ({self.max_tokens}) < search.min_tokens ({self.min_tokens})")
         if self.max_steps is not None:

@@ -4,10 +4,12 @@ A prompt is a list of whitespace words. One call of :meth:`PromptSearch.run` is 
 round: it starts from the global prompt, draws a batch (local examples + a small class-balanced public
 batch), scores the start prompt, then repeats until the query budget is spent:
 
-1. pick an edit (replace a word, insert one, delete one; weights in config) and a position, steered
+1. pick an edit (replace a word, insert one, delete one, delete a span; weights in config) and a position, steered
    by the history: a position's weight is (edits there that improved + 1) / (steps there + 2), and with
    probability ``explore`` the position is uniform instead;
-2. ask the proposer for new words there, skipping (position, old, new) triples already tried;
+2. ask the proposer for new words there, skipping (position, old, new) triples already tried; a span
+   deletion needs no proposer: its candidates delete 2, 4, 8, ... words from the position on, up to the
+   end of the prompt, so one step can reach the empty prompt (zero-shot) when ``min_tokens`` is 0;
 3. score every candidate prompt on the batch in one black-box call and keep the best one if the
    feedback does not drop (``accept: no-drop``, the paper's rule) or only if it rises (``improve``);
    feedback is the batch accuracy; or its balanced form, the mean recall over the classes in the batch,
@@ -40,13 +42,14 @@ class Edit:
     """One scored (or, without feedback, applied) candidate edit."""
 
     step: int
-    op: str  # replace | insert | delete
+    op: str  # replace | insert | delete | delete_span
     position: int  # index of the word replaced/deleted, or of the slot inserted into
     old: str | None  # None for an insertion
     new: str | None  # None for a deletion
     accuracy: float | None  # batch accuracy of the edited prompt; None when not scored (feedback=none)
     margin: float | None  # mean gold-label log-prob margin (feedback=margin only)
     accepted: bool
+    span: int = 1  # words a deletion removed (delete_span: 2 or more, ``old`` holds them joined by spaces)
 
 
 @dataclass
@@ -119,9 +122,8 @@ class _Run:
     def __init__(self, cfg, proposer, blackbox, spec, prompt, local, public, seed, public_seed=None,
                  edit_seed=None) -> None:
         self.cfg, self.proposer, self.bb, self.spec = cfg, proposer, blackbox, spec
+        # An empty start prompt is the zero-shot instruction; the search can only insert into it.
         self.tokens = prompt.split() if isinstance(prompt, str) else [w for w in prompt if w.strip()]
-        if not self.tokens:
-            raise ConfigError("the search needs a non-empty start prompt (round 0: FedDTPTConfig.initial_prompt)")
         if not local:
             raise DataError("the client has no local examples to search on")
         self.local, self.public = list(local), list(public)
@@ -193,9 +195,13 @@ class _Run:
     # ---- choosing an edit -------------------------------------------------------------------------
     def _ops(self) -> list[str]:
         n = len(self.tokens)
+        if n == 0:  # the empty prompt: only an insertion can change it
+            return ["insert"] if self.cfg.edit_ops.get("insert", 0) > 0 and ("insert", 0) not in self.exhausted else []
         ops = [op for op, w in self.cfg.edit_ops.items() if w > 0]
         if n <= self.cfg.min_tokens:
             ops = [op for op in ops if op != "delete"]
+        if n < self.cfg.min_tokens + 2:  # a span is 2 words or more
+            ops = [op for op in ops if op != "delete_span"]
         if n >= self.cfg.max_tokens:
             ops = [op for op in ops if op != "insert"]
         return [op for op in ops if any((op, p) not in self.exhausted for p in range(n))]
@@ -204,6 +210,8 @@ class _Run:
         ops = self._ops()
         if not ops:
             return None
+        if not self.tokens:
+            return "insert", 0
         w = np.array([self.cfg.edit_ops[op] for op in ops], dtype=float)
         op = ops[self.edit_rng.choice(len(ops), p=w / w.sum())]
         open_ = np.array([(op, p) not in self.exhausted for p in range(len(self.tokens))], dtype=float)
@@ -212,13 +220,19 @@ class _Run:
         return op, int(self.edit_rng.choice(len(self.tokens), p=weights / weights.sum()))
 
     def _candidates(self, op: str, pos: int, limit: int) -> list[tuple[int, str | None, str | None, list[str]]]:
-        """Up to ``limit`` untried edits as (position, old, new, edited prompt)."""
+        """Up to ``limit`` untried edits as (position, old, new, edited prompt); a span deletion's ``old``
+        is the deleted words joined by spaces."""
         t = self.tokens
         if op == "delete":
             key = (pos, t[pos], None)
             return [] if key in self.tried else [(pos, t[pos], None, t[:pos] + t[pos + 1 :])]
+        if op == "delete_span":
+            most = len(t) - max(self.cfg.min_tokens, 0)  # words that may go
+            lengths = sorted({min(2**i, len(t) - pos, most) for i in range(1, 8)} - {0, 1})
+            spans = [(pos, " ".join(t[pos : pos + k]), None, t[:pos] + t[pos + k :]) for k in lengths]
+            return [c for c in spans if c[:3] not in self.tried][:limit]
         if op == "insert":
-            slot = pos + int(self.edit_rng.integers(2))  # before or after the picked word
+            slot = pos + int(self.edit_rng.integers(2)) if t else 0  # before or after the picked word
             left, right, old = t[:slot], t[slot:], None
         else:
             slot, left, right, old = pos, t[:pos], t[pos + 1 :], t[pos]
@@ -230,6 +244,7 @@ class _Run:
     # ---- applying an edit -------------------------------------------------------------------------
     def _apply(self, op: str, slot: int, tokens: list[str]) -> None:
         """Make ``tokens`` current, shifting per-position statistics and tried triples on insert/delete."""
+        removed = len(self.tokens) - len(tokens)  # words a deletion took out (from ``slot`` on)
         self.tokens = tokens
         if op == "replace":
             return
@@ -237,9 +252,10 @@ class _Run:
             self.tries.insert(slot, 0)
             self.gains.insert(slot, 0)
             self.tried = {(p + 1 if p >= slot else p, o, n) for p, o, n in self.tried}
-        else:  # delete: triples at the deleted word are void, later ones move left
-            del self.tries[slot], self.gains[slot]
-            self.tried = {(p - 1 if p > slot else p, o, n) for p, o, n in self.tried if p != slot}
+        else:  # delete(_span): triples inside the deleted words are void, later ones move left
+            del self.tries[slot : slot + removed], self.gains[slot : slot + removed]
+            self.tried = {(p - removed if p >= slot + removed else p, o, n) for p, o, n in self.tried
+                          if not slot <= p < slot + removed}
 
     # ---- the loop ---------------------------------------------------------------------------------
     def search(self) -> SearchResult:
@@ -276,12 +292,14 @@ class _Run:
                 self.exhausted.add((op, pos))
                 continue
             steps += 1
-            self.tries[pos] += 1
+            if self.tokens:
+                self.tries[pos] += 1
             for slot, old, new, _ in cands:
                 self.tried.add((slot, old, new))
             if no_feedback:
                 slot, old, new, tokens = cands[0]
-                self.history.append(Edit(steps, op, slot, old, new, None, None, True))
+                self.history.append(Edit(steps, op, slot, old, new, None, None, True,
+                                         len(old.split()) if op == "delete_span" else 1))
                 self._apply(op, slot, tokens)
                 self.exhausted.clear()
                 continue
@@ -292,9 +310,10 @@ class _Run:
             accept = gain or (cfg.accept == "no-drop" and self._key(scores[best]) == self._key(current))
             for i, (slot, old, new, _) in enumerate(cands):
                 s = scores[i]
-                self.history.append(Edit(steps, op, slot, old, new, s.accuracy, s.margin, accept and i == best))
+                span = len(old.split()) if op == "delete_span" else 1
+                self.history.append(Edit(steps, op, slot, old, new, s.accuracy, s.margin, accept and i == best, span))
             if accept:
-                if gain:
+                if gain and self.tokens:
                     self.gains[pos] += 1
                 slot, _, _, tokens = cands[best]
                 self._apply(op, slot, tokens)
