@@ -19,7 +19,7 @@ for task in "${tasks[@]}"; do
     [ -f "$out/multirun.yaml" ] && resume=(resume=true)
     "$FEDPROMPT" run -m task="$task" method=feddtpt federation.num_clients=10 federation.rounds=2 \
         method.search.budget=300 partition=dirichlet partition.alpha=1.0 \
-        federation.eval_split=validation federation.eval_limit=400 federation.eval_sample_seed=0 \
+        federation.eval_split=validation federation.eval_limit=400 federation.eval_sample_seed=0 federation.eval_overlap=exclude \
         method.aggregate.attention_threshold="$THRESHOLDS" seed=0 progress=false hydra.sweep.dir="$out" \
         "${resume[@]}" || echo "$task: some runs failed (see above)" >&2
     "$FEDPROMPT" report "$out"
