@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.config import check_writable_dir, compose, group_options, make_dir, validate_common
-from fedprompt.errors import ConfigError, FedPromptError
+from fedprompt.errors import ConfigError, FedPromptError, Interrupted
 from fedprompt.redact import redact_overrides
 
 USAGE = """usage: fedprompt <command> [key=value ...]
@@ -267,6 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedPromptError as err:
         print(f"fedprompt {command}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:  # `fedprompt resume` stopped again
+        print(f"fedprompt {command}: {stop}", file=sys.stderr)
+        return stop.exit_code
     print(json.dumps(record))
     return 0
 

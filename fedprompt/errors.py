@@ -1,8 +1,11 @@
 """Errors that fedprompt raises on bad input.
 
 Every one of them says what is wrong and how to fix it, and is raised before expensive work (model
-loads, training) starts. The CLI prints them without a traceback.
+loads, training) starts. The CLI prints them without a traceback. :class:`Interrupted` is no error: a signal
+that stopped a command, printed in one line too.
 """
+
+import signal
 
 
 class FedPromptError(ValueError):
@@ -19,3 +22,20 @@ class DataError(FedPromptError):
 
 class ModelError(FedPromptError):
     """A model cannot be resolved or loaded."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP stopped a command. A KeyboardInterrupt, so that nothing that handles errors (a
+    sweep going on to its next job) carries on; the CLI prints it in one line and exits with 128 + the signal."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        self.signum = int(signum)
+        super().__init__(message or f"stopped by {self.name}")
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process the signal killed

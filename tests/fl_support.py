@@ -51,3 +51,38 @@ def find_leaks(blob: bytes, texts=TRAIN_TEXTS) -> list[str]:
             leaks.append(text)
         leaks += [" ".join(words[i : i + 3]) for i in range(len(words) - 2) if tuple(words[i : i + 3]) in grams]
     return leaks
+
+
+# --- the processes of a run, found by a marker the test puts in the launcher's environment (all inherit it) ---
+
+MARK_ENV = "FEDPROMPT_TEST_MARK"
+
+
+def marked_processes(mark: str) -> list:
+    """Live processes (zombies are dead) whose environment holds MARK_ENV=mark: the launcher and all it started."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(MARK_ENV) == mark and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def wait_until_gone(mark: str, within_s: float) -> float:
+    """Seconds until no process holds ``mark``; an AssertionError naming the survivors after ``within_s``
+    (they are killed then, so that a failed test leaves nothing behind)."""
+    import time
+
+    start = time.monotonic()
+    while survivors := marked_processes(mark):
+        if time.monotonic() - start > within_s:
+            names = [f"{p.pid} {' '.join(p.cmdline())[:80]}" for p in survivors]
+            for proc in survivors:
+                proc.kill()
+            raise AssertionError(f"{len(survivors)} processes of the run alive {within_s} s after the stop: {names}")
+        time.sleep(0.2)
+    return time.monotonic() - start

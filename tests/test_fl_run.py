@@ -118,8 +118,8 @@ def test_a_command_line_key_reaches_the_apps_but_no_file_of_the_run(capsys, tmp_
     seen: list[tuple[str | None, str]] = []
 
     @contextmanager
-    def superlink(log_path, cwd, port=0):
-        yield dict(os.environ)  # the real one hands the flwr processes this environment (plus Flower's settings)
+    def superlink(log_path, cwd, port=0, extra_env=None):
+        yield {**os.environ, **extra_env}  # the real one hands the flwr processes this environment (plus Flower's)
 
     def flwr_run(app_dir, run_config, num_supernodes, client_cpus, client_gpus, env, log, echo=None, echo_all=True):
         text = tomllib.loads(run_config.read_text())[RUN_CONFIG_KEY]

@@ -1,7 +1,8 @@
 """Resume: a run stopped between rounds continues from its last completed round and ends exactly as the
 uninterrupted run with the same seed. The mechanism alone (a toy strategy that draws from the global
 RNG and keeps state, clients' context.state on disk), then a real `fedprompt run` stopped after round 1
-of 3 by a signal, resumed with `fedprompt resume`, and compared with an uninterrupted run."""
+of 3 (SIGTERM to the launcher, or SIGKILL to the launcher's process group): every process of the run is
+gone within seconds, status.json says where it stopped, and `fedprompt resume` ends as an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +25,7 @@ from omegaconf import OmegaConf
 from fedprompt import cli
 from fedprompt.fl.checkpoint import CheckpointedRounds, restore_client_state, save_client_state
 from fedprompt.fl.report import RunReport
-from tests.fl_support import tiny_overrides, write_secret_task
+from tests.fl_support import MARK_ENV, marked_processes, tiny_overrides, wait_until_gone, write_secret_task
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: the server pauses after checkpointing PAUSE_ENV's round
@@ -134,30 +136,81 @@ def _trajectory(folder: Path) -> list[tuple]:
     return [(r["round"], r["accuracy"], r["prompt"], r.get("client_prompts"), r["queries"]) for r in rows]
 
 
-def _run_stopped_after_round_1(args: list[str], whole: Path, stopped: Path, capsys) -> None:
-    """``whole`` uninterrupted; ``stopped`` killed after round 1 and not yet resumed."""
-    assert cli.main(["run", *args, f"output_dir={whole}"]) == 0, capsys.readouterr().err[-3000:]
+def _rounds_json_but_timings(folder: Path) -> list:
+    """rounds.json without its seconds (train_s, wall_s, the clients' search-s, ...): all else must be equal."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if not k.endswith(("_s", "-s"))}
+        return [strip(v) for v in value] if isinstance(value, list) else value
 
+    return strip(json.loads((folder / "rounds.json").read_text()))
+
+
+def _start_paused(args: list[str], folder: Path, mark: str) -> subprocess.Popen:
+    """`fedprompt run` into ``folder``, its processes marked with ``mark``, waiting after round 1's checkpoint."""
     path = os.pathsep.join([str(REPO), str(HOOKS), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, PAUSE_ENV: "1", "PYTHONPATH": path}
-    proc = subprocess.Popen([sys.executable, "-m", "fedprompt.cli", "run", *args, f"output_dir={stopped}"], env=env,
+    env = {**os.environ, PAUSE_ENV: "1", "PYTHONPATH": path, MARK_ENV: mark}
+    proc = subprocess.Popen([sys.executable, "-m", "fedprompt.cli", "run", *args, f"output_dir={folder}"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_round(folder, 1, proc)
+    commands = " ".join(" ".join(p.cmdline()) for p in marked_processes(mark))
+    for part in ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "ClientAppActor", "flwr run"):
+        assert part in commands, f"no {part} among the run's processes: the check below would prove nothing"
+    return proc
+
+
+def _stop(proc: subprocess.Popen, folder: Path, mark: str, kill_group: bool) -> None:
+    """SIGTERM to the launcher (`kill <pid>`): every process of the run gone within 10 s, the launcher too, and it
+    says where it stopped; or SIGKILL to the launcher's group (`kill -9 -<pgid>`): the watchdog's work, 30 s.
+    Either way status.json says "interrupted at round 1", and the folder holds nothing of a later round."""
     try:
-        _wait_for_round(stopped, 1, proc)
-        proc.send_signal(signal.SIGTERM)  # `kill <pid>`: the run stops, its SuperLink with it
-        assert proc.wait(timeout=120) != 0
+        if kill_group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        gone_s = wait_until_gone(mark, within_s=30 if kill_group else 10)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert json.loads((stopped / "checkpoint.json").read_text())["round"] == 1
-    assert not (stopped / "summary.json").exists()
+    print(f"every process of the run gone {gone_s:.1f} s after the {'SIGKILL' if kill_group else 'SIGTERM'}")
+    err = proc.stderr.read()
+    if kill_group:
+        assert proc.wait() == -signal.SIGKILL
+    else:  # one line, no traceback, and a shell's code for a stop by SIGTERM
+        assert proc.wait() == 128 + signal.SIGTERM, err[-3000:]
+        assert err.strip().splitlines()[-1].startswith("fedprompt run: interrupted at round 1 of 3 by SIGTERM;"), err
+        assert "Traceback" not in err
+    status = json.loads((folder / "status.json").read_text())
+    by = "the launcher's death" if kill_group else "SIGTERM"
+    assert (status["state"], status["round"], status["num_rounds"], status["by"]) == ("interrupted", 1, 3, by)
+    assert status["message"].endswith(f"continue with `fedprompt resume {folder}`")
+    assert json.loads((folder / "checkpoint.json").read_text())["round"] == 1
+    assert len(json.loads((folder / "rounds.json").read_text())) == 2  # rounds 0 and 1: nothing ran on
+    assert not (folder / "summary.json").exists() and not (folder / "result.json").exists()
 
 
-def test_a_run_stopped_after_round_1_of_3_resumes_and_ends_as_the_uninterrupted_run(capsys, tmp_path, tiny_model_dir):
+def _run_stopped_after_round_1(args: list[str], whole: Path, stopped: Path, capsys, kill_group: bool = False) -> None:
+    """``whole`` uninterrupted; ``stopped`` stopped after round 1 (see _stop) and not yet resumed."""
+    assert cli.main(["run", *args, f"output_dir={whole}"]) == 0, capsys.readouterr().err[-3000:]
+    mark = uuid.uuid4().hex
+    _stop(_start_paused(args, stopped, mark), stopped, mark, kill_group)
+
+
+def test_sigterm_stops_every_process_of_the_run_within_10_s(tmp_path, tiny_model_dir):
+    """`kill <launcher pid>` after round 1 of 3: SuperLink, SuperExec, flwr-simulation, Ray, `flwr run` and the
+    launcher are gone within 10 s, and status.json says the run was interrupted at round 1 (see _stop)."""
+    args = [*tiny_overrides(write_secret_task(tmp_path / "data"), tiny_model_dir), "federation.rounds=3"]
+    mark, folder = uuid.uuid4().hex, tmp_path / "stopped"
+    _stop(_start_paused(args, folder, mark), folder, mark, kill_group=False)
+
+
+def test_a_run_killed_after_round_1_of_3_resumes_and_ends_as_the_uninterrupted_run(capsys, tmp_path, tiny_model_dir):
+    """SIGKILL to the launcher's process group (the launcher can clean nothing up): its watchdog stops the run
+    within 30 s and marks it interrupted; refused overwrites; the resume's rounds equal the uninterrupted run's."""
     args = [*tiny_overrides(write_secret_task(tmp_path / "data"), tiny_model_dir), "federation.rounds=3",
             "partition=dirichlet", "partition.alpha=1.0"]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    _run_stopped_after_round_1(args, whole, stopped, capsys)
+    _run_stopped_after_round_1(args, whole, stopped, capsys, kill_group=True)
     capsys.readouterr()
     assert cli.main(["run", *args, f"output_dir={stopped}"]) == 2  # a new run would overwrite it: refused
     assert "holds an unfinished run" in capsys.readouterr().err
@@ -168,6 +221,9 @@ def test_a_run_stopped_after_round_1_of_3_resumes_and_ends_as_the_uninterrupted_
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["resumed_from_round"] == 1 and result["rounds"] == 3
     assert _trajectory(stopped) == _trajectory(whole)
+    assert _rounds_json_but_timings(stopped) == _rounds_json_but_timings(whole)
+    status = json.loads((stopped / "status.json").read_text())
+    assert (status["state"], status["round"], status["num_rounds"]) == ("completed", 3, 3)
     summaries = [json.loads((f / "summary.json").read_text()) for f in (whole, stopped)]
     assert summaries[0]["final_prompt"] == summaries[1]["final_prompt"]
     assert summaries[0]["queries"] == summaries[1]["queries"]

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedprompt.errors import ConfigError, FedPromptError
+from fedprompt.errors import ConfigError, FedPromptError, Interrupted
 
 
 def _parse(argv: Sequence[str]):
@@ -140,6 +140,9 @@ def main(argv: Sequence[str]) -> int:
     sys.argv = ["fedprompt run", *flags, *overrides]
     try:
         hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)(job)()
+    except Interrupted as stop:  # a sweep stops too: its later jobs would be stopped the same way
+        print(f"fedprompt run: {stop}", file=sys.stderr)
+        return stop.exit_code
     finally:
         sys.argv = saved_argv
     if not records:  # --help, --cfg, ...: Hydra printed what was asked

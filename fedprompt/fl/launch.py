@@ -14,6 +14,9 @@ process's environment, and stops it afterwards:
 
 ``--stream`` returns when the run has ended but exits 0 even when it failed, so the run's status is read
 back with ``flwr ls fedprompt --run-id <id> --format json``.
+
+The SuperLink's environment carries ``extra_env``: ``fedprompt run`` puts its run's token there, so that every
+process the SuperLink starts, wherever Flower and Ray put it, is stopped with the run (fedprompt.fl.tree).
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, TextIO
+from typing import Iterator, Mapping, Sequence, TextIO
+
+import psutil
 
 from fedprompt.errors import FedPromptError
+from fedprompt.fl.tree import GRACE_S, stop_processes
 
 CONNECTION = "fedprompt"
 # Offline and quiet: no telemetry, no update check, no runtime pip installs, no Ray usage stats.
@@ -84,8 +90,10 @@ def _healthy(port: int) -> bool:
 
 
 @contextmanager
-def local_superlink(log_path: Path, cwd: Path, port: int = 0, startup_s: float = 60.0) -> Iterator[dict[str, str]]:
-    """A SuperLink of our own; yields the environment that ``flwr`` commands need to reach it."""
+def local_superlink(log_path: Path, cwd: Path, port: int = 0, startup_s: float = 60.0,
+                    extra_env: Mapping[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """A SuperLink of our own, with ``extra_env`` in its environment; yields the environment that ``flwr``
+    commands need to reach it. On leaving, the SuperLink and everything it started are stopped."""
     home = Path(tempfile.mkdtemp(prefix="fedprompt-flwr-"))
     port = port or free_port()
     (home / "config.toml").write_text(
@@ -95,7 +103,7 @@ def local_superlink(log_path: Path, cwd: Path, port: int = 0, startup_s: float =
     # The SuperLink starts `flower-superexec` (and that the app processes) by name from PATH: put this
     # interpreter's scripts first, so an un-activated venv (`.venv/bin/fedprompt ...`) finds its own.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(home), "PATH": path}
+    env = {**os.environ, **QUIET_ENV, **(extra_env or {}), "FLWR_HOME": str(home), "PATH": path}
     command = [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:"]
     with log_path.open("ab") as log_file:
@@ -110,24 +118,30 @@ def local_superlink(log_path: Path, cwd: Path, port: int = 0, startup_s: float =
             time.sleep(0.2)
         yield env
     finally:
-        stop_process_group(proc)
+        stop_process_group(proc, grace_s=GRACE_S)  # the run is over or stopped: its state is on disk
         shutil.rmtree(home, ignore_errors=True)
 
 
-def stop_process_group(proc: subprocess.Popen) -> None:
-    """Stop a process started with ``start_new_session=True`` and everything it started."""
-    # SIGTERM lets the SuperLink stop its SuperExec; the process group catches anything left of ours.
-    for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """Stop a process started with ``start_new_session=True``, its process group and all its descendants.
+
+    The group alone is not enough: Flower starts the SuperExec (and with it flwr-simulation and Ray) in a
+    session of its own, and these outlive a SuperLink that exits (they were seen running for minutes). So
+    the descendants are listed while the tree is still whole, and all of them are stopped at once: SIGTERM,
+    ``grace_s`` to exit cleanly, then SIGKILL.
+    """
+    if proc.poll() is not None:
+        return
+    try:
+        root = psutil.Process(proc.pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    stop_processes(family, grace_s)  # one SIGTERM each: Flower takes a second one as "exit now"
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # members of the group that are no descendant (orphans), if any
+    with suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5.0)  # reap it
 
 
 # What the console shows of Flower's stream unless verbose=true: the server's line per round and errors; the

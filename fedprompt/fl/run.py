@@ -8,11 +8,16 @@ partition's sizes (partition.json), and the Flower log (flower.log, superlink.lo
 rounds.json/csv, accuracy.png and summary.json there; the returned dict is summary.json plus the
 launcher's own figures. After every round the server writes checkpoint.json; ``resume=true`` (or
 ``fedprompt resume <folder>``) continues from it (fedprompt.fl.checkpoint).
+
+Every process of the run carries the run's token and is stopped with it (fedprompt.fl.tree): at the end,
+on Ctrl-C, SIGTERM or SIGHUP, and by a watchdog if the launcher is killed. status.json says how the run
+ended, "interrupted at round r of n" included (fedprompt.fl.status).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -24,7 +29,7 @@ from typing import Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.config import make_dir
-from fedprompt.errors import ConfigError
+from fedprompt.errors import ConfigError, Interrupted
 
 
 def app_dir() -> Path:
@@ -85,21 +90,47 @@ def write_run_config(cfg: DictConfig, folder: Path) -> Path:
     return path
 
 
+# Ctrl-C, `kill <pid>` and a closed terminal all stop a run the same way.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """``kill <pid>`` stops a run as Ctrl-C does: the SuperLink is shut down, the checkpoint stays for resume."""
+def signals_interrupt() -> Iterator[None]:
+    """STOP_SIGNALS raise :class:`Interrupted` here, so that the run's processes are stopped on the way out and
+    the checkpoint stays for resume (the default SIGTERM and SIGHUP would end this process and nothing else)."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"stopped by signal {signum}")
+        raise Interrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def recorded_status(folder: Path, checkpoint) -> Iterator[None]:
+    """status.json says "running" while inside, then how it ended: completed, failed, or interrupted at the
+    round a resume continues from (then the Interrupted raised carries that message)."""
+    from fedprompt.fl.status import checkpoint_round, mark_interrupted, write_status
+
+    write_status(folder, "running", pid=os.getpid(), resumed_from_round=None if checkpoint is None else checkpoint.round)
+    try:
+        yield
+    except KeyboardInterrupt as stop:  # an Interrupted, or a plain Ctrl-C where no handler could be set
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        status = mark_interrupted(folder, signal.Signals(signum).name)
+        raise Interrupted(signum, status.get("message", "")) from None
+    except BaseException as err:
+        write_status(folder, "failed", error=" ".join(f"{type(err).__name__}: {err}".split())[:2000])
+        raise
+    done, total = checkpoint_round(folder)
+    write_status(folder, "completed", round=done, num_rounds=total)
 
 
 def finished(folder: Path, checkpoint) -> bool:
@@ -147,7 +178,6 @@ def resume_point(cfg: DictConfig, folder: Path):
 
 
 def cmd_run(cfg: DictConfig) -> dict:
-    from fedprompt.fl.launch import flwr_run, local_superlink
     from fedprompt.fl.protocol import git_state
 
     start = time.perf_counter()
@@ -157,13 +187,24 @@ def cmd_run(cfg: DictConfig) -> dict:
     cfg, folder, run_config, checkpoint = start_run_folder(cfg, partition)
     if finished(folder, checkpoint):
         return json.loads((folder / "result.json").read_text())  # resume=true on a finished run: nothing to run
+    # The handlers outermost: a signal anywhere inside, the clean-up included, raises rather than kills.
+    with signals_interrupt(), recorded_status(folder, checkpoint):
+        outcome = simulate(cfg, root, folder, run_config, checkpoint)
+        return finish_run(folder, outcome, start, checkpoint, code)
+
+
+def simulate(cfg: DictConfig, root: Path, folder: Path, run_config: Path, checkpoint):
+    """The Flower run: a SuperLink of its own and ``flwr run``, all of it one process tree stopped as one."""
+    from fedprompt.fl.launch import flwr_run, local_superlink
+    from fedprompt.fl.tree import RunProcesses
+
     fed = cfg.federation
-    with sigterm_as_interrupt(), local_superlink(folder / "superlink.log", cwd=folder, port=int(fed.superlink_port)) as env, \
+    with RunProcesses(folder) as tree, \
+            local_superlink(folder / "superlink.log", cwd=folder, port=int(fed.superlink_port), extra_env=tree.env) as env, \
             (folder / "flower.log").open("a" if checkpoint else "w", buffering=1) as log:  # line-buffered: a kill loses nothing
-        outcome = flwr_run(root, run_config, int(fed.num_clients), int(fed.client_cpus), float(fed.client_gpus),
-                           env, log, echo=sys.stderr if cfg.get("progress", True) or cfg.get("verbose") else None,
-                           echo_all=bool(cfg.get("verbose")))
-    return finish_run(folder, outcome, start, checkpoint, code)
+        return flwr_run(root, run_config, int(fed.num_clients), int(fed.client_cpus), float(fed.client_gpus),
+                        env, log, echo=sys.stderr if cfg.get("progress", True) or cfg.get("verbose") else None,
+                        echo_all=bool(cfg.get("verbose")))
 
 
 def start_run_folder(cfg: DictConfig, partition: dict):
