@@ -25,7 +25,7 @@ from fedprompt.blackbox.errors import AuthError, BlackBoxError, BodyTimedOut, Ov
 from fedprompt.blackbox.protocol import encode_json
 from fedprompt.blackbox.settings import Limits
 
-OPEN_PATHS = frozenset({"/health"})  # answered without a key: load balancers and `fedprompt deploy` poll it
+OPEN = frozenset({("GET", "/health"), ("HEAD", "/health")})  # no key: load balancers and `fedprompt deploy` poll it
 MAX_HEAD_BYTES = 64 * 1024           # request line + headers; h11 answers 400 past it
 
 
@@ -64,7 +64,7 @@ class Gate:
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
         account = None
-        if scope["path"] not in OPEN_PATHS:
+        if (scope["method"], scope["path"]) not in OPEN:
             try:
                 account = state["account"] = self.accountant.authenticate(_header(scope, b"authorization"))
             except AuthError as err:
@@ -152,6 +152,14 @@ class GuardedH11(H11Protocol):
         super().handle_events()
         if self.cycle is not cycle:  # a request head arrived: from here the body timeout applies
             self._cancel_head_timer()
+
+    def send_400_response(self, msg: str) -> None:
+        # h11 found the request malformed mid-body (a bad chunk) while the app may already be answering it:
+        # this 400 ends the connection, so whatever the app sends next is dropped, as for a client that left.
+        super().send_400_response(msg)
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
 
     def on_response_complete(self) -> None:
         self._arm_head_timer()  # the next request on this keep-alive connection gets its own head limit
