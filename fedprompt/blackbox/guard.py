@@ -26,7 +26,7 @@ from fedprompt.blackbox.protocol import encode_json
 from fedprompt.blackbox.settings import Limits
 
 OPEN = frozenset({("GET", "/health"), ("HEAD", "/health")})  # no key: load balancers and `fedprompt deploy` poll it
-MAX_HEAD_BYTES = 64 * 1024           # request line + headers; h11 answers 400 past it
+MAX_HEAD_BYTES = 16 * 1024           # request line + headers (uvicorn's default, made explicit); 400 past it
 
 
 async def send_error(send, err: BlackBoxError, close: bool = True) -> None:
