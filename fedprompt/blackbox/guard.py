@@ -153,6 +153,12 @@ class GuardedH11(H11Protocol):
         if self.cycle is not cycle:  # a request head arrived: from here the body timeout applies
             self._cancel_head_timer()
 
+    def shutdown(self) -> None:
+        idle = self.cycle is None or self.cycle.response_complete
+        super().shutdown()
+        if idle:  # a TLS close waits for the client's close_notify, which an idle pooled client never sends
+            self.transport.abort()
+
     def send_400_response(self, msg: str) -> None:
         # h11 found the request malformed mid-body (a bad chunk) while the app may already be answering it:
         # this 400 ends the connection, so whatever the app sends next is dropped, as for a client that left.

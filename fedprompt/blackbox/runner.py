@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -19,8 +20,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-# In-flight requests get this long to finish once the server is told to stop. The model's work was stopped
-# first (ServiceServer), so they are answered at once; the grace only bounds a client slow to read.
+# Once told to stop, the server lets requests already on the model finish for WORK_GRACE_S, then stops the
+# model's work (they are answered 503 "shutting down"), and closes what is left at SHUTDOWN_GRACE_S.
+WORK_GRACE_S = 2.0
 SHUTDOWN_GRACE_S = 3
 
 
@@ -36,15 +38,21 @@ def uvicorn_config(app, host: str, port: int, log_level: str = "warning", ssl_ce
 
 
 class ServiceServer(uvicorn.Server):
-    """uvicorn that, told to stop, first stops the model's work (``app.state.begin_shutdown``): requests
-    waiting for the model are answered 503 "shutting down" at once instead of holding the exit for up to
-    ``request_timeout_s``, and the worker thread is out of torch before the interpreter exits."""
+    """uvicorn that, told to stop, gives the requests on the model ``WORK_GRACE_S`` to finish, then stops the
+    model's work (``app.state.begin_shutdown``): what still waits is answered 503 "shutting down" instead of
+    holding the exit for up to ``request_timeout_s``, and the worker thread is out of torch before the
+    interpreter exits."""
 
     async def shutdown(self, sockets=None) -> None:
         begin = getattr(getattr(self.config.app, "state", None), "begin_shutdown", None)
-        if begin is not None:
-            begin()
-        await super().shutdown(sockets=sockets)
+        timer = asyncio.get_running_loop().call_later(WORK_GRACE_S, begin) if begin is not None else None
+        try:
+            await super().shutdown(sockets=sockets)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if begin is not None:
+                begin()  # idempotent; the lifespan's close then waits for the worker
 
 
 class RunningServer:
