@@ -105,6 +105,12 @@ class LimitsSchema:
     max_request_bytes: int = 0
     request_timeout_s: float = 0.0
     max_queue: int = 0
+    max_connections: int = 0
+    header_timeout_s: float = 0.0
+    body_timeout_s: float = 0.0
+    keep_alive_s: float = 0.0
+    max_echo_mb: float = 0.0
+    max_logprob_entries: int = 0
 
 
 @dataclass

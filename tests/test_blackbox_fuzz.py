@@ -1,5 +1,5 @@
-"""A quick version of benchmarks/blackbox_fuzz.py: a few hundred random and malformed requests against a
-real server with keys and small limits; no answer may be 5xx and the server must still answer /health."""
+"""A quick version of benchmarks/blackbox_fuzz.py: a few hundred random, malformed and hostile requests against
+a real server with keys and small limits; no answer may be 5xx and the server must still answer /health."""
 
 from __future__ import annotations
 
@@ -27,3 +27,7 @@ def test_fuzz_gets_no_5xx_and_the_server_survives(tiny_model_dir, tmp_path):
     for status in ("200", "400", "401", "404", "413", "422"):
         assert statuses.get(status, 0) > 0, statuses
     assert result["requests"] == 300
+    # ... and every kind of abuse (issue 25): slow bodies and heads get 408, strangers' uploads 401 unread
+    kinds = result["by_kind"]
+    assert set(kinds["slow-body"]) == {"408"} and set(kinds["slow-head"]) == {"408"}, kinds
+    assert set(kinds["big-unauthenticated"]) <= {"401", "none"} and "echo" in kinds and "client-timeout" in kinds

@@ -5,6 +5,11 @@ takes a job it keeps collecting for ``wait_ms`` (or until ``max_texts`` texts ar
 classify jobs that share their labels into one :meth:`ScoringEngine.classify_group` call and completion
 jobs into one :meth:`ScoringEngine.complete_group` call. While the model is busy, new requests pile up
 and are merged into the next call without waiting at all.
+
+A caller that gives up (its time limit, its client gone) calls :meth:`JobFuture.stop`: a queued job is then
+skipped, and a running one stops at the engine's next batch boundary (once every job merged with it has
+stopped too). :meth:`DynamicBatcher.close` stops everything the same way, so shutdown waits for one batch at
+most, never for the queue.
 """
 
 from __future__ import annotations
@@ -17,10 +22,25 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedprompt.blackbox.engine import CompletionJob, ScoringEngine
-from fedprompt.blackbox.errors import Overloaded
+from fedprompt.blackbox.engine import CompletionJob, ScoringEngine, Stopped
+from fedprompt.blackbox.errors import Overloaded, ShuttingDown
 
 log = logging.getLogger(__name__)
+
+
+class JobFuture(Future):
+    """A Future whose caller can also stop the work: ``cancel()`` only drops a job not yet started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.cancel()
+
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
 
 
 @dataclass
@@ -29,7 +49,7 @@ class _Job:
     key: Any             # classify: the labels tuple; jobs with equal keys are merged
     payload: Any         # classify: list of texts; complete: CompletionJob
     size: int
-    future: Future = field(default_factory=Future)
+    future: JobFuture = field(default_factory=JobFuture)
 
 
 class DynamicBatcher:
@@ -38,6 +58,7 @@ class DynamicBatcher:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._pending = 0
         self._lock = threading.Lock()
+        self._closing = threading.Event()
         self.merged_calls = 0
         self.jobs_done = 0
         self._thread = threading.Thread(target=self._run, name="fedprompt-batcher", daemon=True)
@@ -47,13 +68,20 @@ class DynamicBatcher:
     def pending(self) -> int:
         return self._pending
 
-    def submit_classify(self, texts: list[str], labels: tuple[str, ...]) -> Future:
+    def submit_classify(self, texts: list[str], labels: tuple[str, ...]) -> JobFuture:
         return self._submit(_Job("classify", labels, texts, len(texts)))
 
-    def submit_complete(self, job: CompletionJob) -> Future:
-        return self._submit(_Job("complete", None, job, len(job.prompts) * max(job.max_tokens, 1)))
+    def submit_complete(self, job: CompletionJob) -> JobFuture:
+        queued = _Job("complete", None, job, len(job.prompts) * max(job.max_tokens, 1))
+        job.stopped = lambda: self._stopped(queued)
+        return self._submit(queued)
 
-    def _submit(self, job: _Job) -> Future:
+    def _stopped(self, job: _Job) -> bool:
+        return job.future.stop_requested() or self._closing.is_set()
+
+    def _submit(self, job: _Job) -> JobFuture:
+        if self._closing.is_set():
+            raise ShuttingDown("the server is shutting down; retry against its restart", retry_after=5.0)
         with self._lock:
             if self._pending and self._pending + job.size > self.max_queue:
                 raise Overloaded(f"server busy: {self._pending} texts are waiting (limit {self.max_queue}, "
@@ -62,9 +90,21 @@ class DynamicBatcher:
         self._queue.put(job)
         return job.future
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+    def begin_close(self) -> None:
+        """Stop taking work: queued jobs are answered ShuttingDown, a running one stops at its next batch
+        boundary. Returns at once (safe to call from the event loop and more than once)."""
+        if not self._closing.is_set():
+            self._closing.set()
+            self._queue.put(None)
+
+    def close(self, timeout_s: float = 10.0) -> bool:
+        """:meth:`begin_close`, then wait for the worker. True when it has exited (it is then safe to end the
+        process: no thread is inside torch, which would abort the interpreter's exit)."""
+        self.begin_close()
+        self._thread.join(timeout=timeout_s)
+        if self._thread.is_alive():
+            log.warning("the model worker did not stop within %.0f s (one forward pass takes longer)", timeout_s)
+        return not self._thread.is_alive()
 
     def _collect(self, first: _Job) -> list[_Job]:
         jobs, size = [first], first.size
@@ -95,11 +135,14 @@ class DynamicBatcher:
             self.merged_calls += 1
 
     def _start(self, job: _Job) -> bool:
-        """False for a job whose caller gave up (timed out) before the model got to it."""
-        if job.future.set_running_or_notify_cancel():
-            return True
-        self._done(job)
-        return False
+        """False for a job whose caller gave up (timed out) before the model got to it, or when closing."""
+        if not job.future.set_running_or_notify_cancel():
+            self._done(job)
+            return False
+        if self._closing.is_set():
+            self._finish(job, None)
+            return False
+        return True
 
     def _done(self, job: _Job) -> None:
         with self._lock:
@@ -109,9 +152,13 @@ class DynamicBatcher:
     def _run_group(self, kind: str, key: Any, group: list[_Job]) -> None:
         try:
             if kind == "classify":
-                results = self.engine.classify_group(key, [j.payload for j in group])
+                # merged jobs share forward passes: the work stops only once none of them wants it
+                everyone_stopped = lambda: all(self._stopped(j) for j in group)  # noqa: E731
+                results = self.engine.classify_group(key, [j.payload for j in group], everyone_stopped)
             else:
                 results = self.engine.complete_group([j.payload for j in group])
+        except Stopped:
+            results = [None] * len(group)
         except Exception:
             if len(group) > 1:  # isolate the job that fails so the others still get their answers
                 for job in group:
@@ -122,5 +169,14 @@ class DynamicBatcher:
             group[0].future.set_exception(RuntimeError("the model failed on this request; see the server log"))
             return
         for job, result in zip(group, results):
-            self._done(job)
+            self._finish(job, result)
+
+    def _finish(self, job: _Job, result: Any) -> None:
+        self._done(job)
+        if self._closing.is_set():  # the caller may still wait: tell it why there is no answer
+            job.future.set_exception(ShuttingDown("the server is shutting down; retry against its restart",
+                                                  retry_after=5.0))
+        elif job.future.stop_requested():  # the caller has gone: a partial answer must not look complete
+            job.future.set_exception(Stopped())
+        else:
             job.future.set_result(result)

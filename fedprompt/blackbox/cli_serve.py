@@ -26,14 +26,12 @@ def cmd_serve(cfg: DictConfig) -> dict:
         print(f"fedprompt serve: warning: no API keys and host {settings.host}: anyone who can reach this port can "
               "use the model; set service.api_keys_file or $FEDPROMPT_API_KEYS", file=sys.stderr)
 
-    import uvicorn
-
-    from fedprompt.blackbox.runner import uvicorn_config
+    from fedprompt.blackbox.runner import ServiceServer, uvicorn_config
     from fedprompt.blackbox.server import create_app
 
     app = create_app(str(cfg.model.name), settings, device=cfg.model.get("device"), dtype=cfg.model.get("dtype"),
                      accountant=accountant)
-    server = uvicorn.Server(uvicorn_config(app, settings.host, settings.port, settings.log_level,
+    server = ServiceServer(uvicorn_config(app, settings.host, settings.port, settings.log_level,
                                            settings.tls_certfile, settings.tls_keyfile))
     _announce(server, settings, accountant.auth_required)
     # uvicorn re-raises the signal that stopped it once it has shut down; a no-op SIGTERM handler and a
@@ -48,6 +46,8 @@ def cmd_serve(cfg: DictConfig) -> dict:
         raise ConfigError(f"cannot serve on {settings.host}:{settings.port}: {err}") from None
     if not server.started:
         raise ConfigError(f"the server did not start on {settings.host}:{settings.port} (port in use? see the log above)")
+    if app.state.worker_stopped is False:  # one forward pass outlasted the wait (service shutdown, docs/blackbox.md)
+        print("fedprompt serve: warning: the model was still inside a forward pass at exit", file=sys.stderr)
     engine = app.state.engine
     return {"served": engine.model_id, "host": settings.host, "port": settings.port,
             "forward_calls": engine.forward_calls, "texts_scored": engine.texts_scored,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,18 @@ from fedprompt.models.scoring import (
 
 # JSON has no -inf; a log-prob this low means "impossible" and survives the round trip exactly.
 LOGPROB_FLOOR = float(np.finfo(np.float32).min)
+# Echo keeps every position's logits: the batch's float32 logits plus one row's float32 log-softmax, so a
+# position costs about this many bytes per vocabulary entry (Limits.max_echo_mb divides by it).
+ECHO_BYTES_PER_LOGIT = 8
+
+
+class Stopped(Exception):
+    """Every caller of a model call gave up (timed out, disconnected) or the server is shutting down: the
+    engine raises it between batches so the rest of the work is never done."""
+
+
+def _never() -> bool:
+    return False
 
 
 class LRUCache:
@@ -82,6 +94,8 @@ class CompletionJob:
     top_k: int = 0
     echo: bool = False
     stop: tuple[str, ...] = ()
+    # True once the caller gave up: checked between forward passes, so abandoned work stops within one
+    stopped: Callable[[], bool] = field(default=_never, repr=False, compare=False)
 
 
 @dataclass
@@ -110,6 +124,8 @@ class ScoringEngine:
         eos = eos if isinstance(eos, (list, tuple)) else [eos]
         self.eos_ids = {int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None}
         self.device = next(model.parameters()).device
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.vocab_size = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
         self._lock = threading.Lock()
         self._token_text: dict[int, str] = {}
         self.forward_calls = 0
@@ -155,7 +171,7 @@ class ScoringEngine:
                                   f"{lim.max_request_tokens} (service.limits.max_request_tokens): send fewer texts")
         return ClassifyPlan(list(texts), tuple(labels), lengths, tokens)
 
-    def plan_prompts(self, prompts: Sequence[str], max_tokens: int, echo: bool = False) -> list[PromptPlan]:
+    def plan_prompts(self, prompts: Sequence[str], max_tokens: int, echo: bool = False, top_k: int = 0) -> list[PromptPlan]:
         lim = self.limits
         if not prompts:
             raise ValidationFailed("prompt is empty: send a string or a non-empty list of strings", param="prompt")
@@ -170,8 +186,38 @@ class ScoringEngine:
         if total > lim.max_request_tokens:
             raise PayloadTooLarge(f"the request needs up to {total} tokens; the limit is {lim.max_request_tokens} "
                                   "(service.limits.max_request_tokens)")
+        if echo:
+            self._check_echo(lengths)
+        self._check_logprob_entries(lengths, max_tokens, echo, top_k)
         return [PromptPlan(p, list(ids), [tuple(o) for o in offs])
                 for p, ids, offs in zip(prompts, enc["input_ids"], enc["offset_mapping"])]
+
+    def echo_positions(self) -> int:
+        """Positions (rows x padded length) whose logits fit in ``max_echo_mb``: the echo memory bound."""
+        return max(int(self.limits.max_echo_mb * 2**20 // (self.vocab_size * ECHO_BYTES_PER_LOGIT)), 1)
+
+    def _check_echo(self, lengths: list[int]) -> None:
+        # Echo needs the logits of every prompt position; longer prompts are batched below this bound, and
+        # one prompt over it alone would exceed it, so it is refused before any model work.
+        most = self.echo_positions()
+        for i, n in enumerate(lengths):
+            if n > most:
+                need = n * self.vocab_size * ECHO_BYTES_PER_LOGIT / 2**20
+                raise PayloadTooLarge(
+                    f"echo of prompt[{i}] ({n} tokens) needs {need:.0f} MB of logits ({n} positions x {self.vocab_size} "
+                    f"vocabulary x {ECHO_BYTES_PER_LOGIT} bytes), over this server's echo bound of "
+                    f"{self.limits.max_echo_mb:g} MB (service.limits.max_echo_mb): echo prompts of at most {most} "
+                    "tokens, or drop echo", param="prompt")
+
+    def _check_logprob_entries(self, lengths: list[int], max_tokens: int, echo: bool, top_k: int) -> None:
+        # Each top log-prob is a Python object while the answer is built (~250 bytes): bound their number.
+        positions = sum(lengths) * echo + max_tokens * len(lengths)
+        entries = positions * top_k
+        if entries > self.limits.max_logprob_entries:
+            raise PayloadTooLarge(
+                f"the answer would hold {entries} top log-probs ({positions} positions x logprobs={top_k}), over this "
+                f"server's limit of {self.limits.max_logprob_entries} (service.limits.max_logprob_entries): ask for "
+                "fewer logprobs, fewer max_tokens or prompts per request, or drop echo", param="logprobs")
 
     def _check_lengths(self, lengths: list[int], what: str, extra: int) -> None:
         for i, n in enumerate(lengths):
@@ -190,8 +236,10 @@ class ScoringEngine:
         """(N, C) float32 log p(label | text); assumes :meth:`plan_classify` accepted the request."""
         return self.classify_group(tuple(labels), [list(texts)])[0]
 
-    def classify_group(self, labels: tuple[str, ...], text_lists: list[list[str]]) -> list[np.ndarray]:
-        """Score several requests that share their labels in one call; repeated texts are scored once."""
+    def classify_group(self, labels: tuple[str, ...], text_lists: list[list[str]],
+                       stopped: Callable[[], bool] = _never) -> list[np.ndarray]:
+        """Score several requests that share their labels in one call; repeated texts are scored once.
+        Raises :class:`Stopped` between batches once ``stopped()`` (every caller gave up)."""
         rows: dict[str, np.ndarray | None] = {}
         missing = []
         for texts in text_lists:
@@ -201,8 +249,15 @@ class ScoringEngine:
                     if rows[text] is None:
                         missing.append(text)
         if missing:
+            def between_batches(_done) -> None:
+                if stopped():
+                    raise Stopped()
+
             with self._lock:
-                scores = score_label_words(self.model, self.tokenizer, missing, labels, batch_size=self.batch_size)
+                if stopped():  # gave up while waiting for the lock
+                    raise Stopped()
+                scores = score_label_words(self.model, self.tokenizer, missing, labels, batch_size=self.batch_size,
+                                           progress=between_batches)
                 self.forward_calls += 1
                 self.texts_scored += len(missing)
             scores = np.nan_to_num(scores, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR, posinf=0.0).astype(np.float32)
@@ -243,28 +298,56 @@ class ScoringEngine:
 
     @torch.no_grad()
     def complete_group(self, jobs: list[CompletionJob]) -> list[list[Completion]]:
-        """Answer completion jobs; prompts that need at most one new token share batched forward passes."""
+        """Answer completion jobs; prompts that need at most one new token share batched forward passes.
+
+        A job whose ``stopped()`` turns true gets no more forward passes (its answer is left partial; the
+        caller has gone). Echo rows are batched apart, within ``max_echo_mb``; the others keep one position."""
         out = [[Completion() for _ in job.prompts] for job in jobs]
         single = [(j, p) for j, job in enumerate(jobs) if job.max_tokens == 1 or (job.max_tokens == 0 and job.echo)
                   for p in range(len(job.prompts))]
         with self._lock:
-            for idx in length_sorted_batches([len(jobs[j].prompts[p].ids) for j, p in single], self.batch_size):
-                rows = [single[i] for i in idx]
-                padded = self.tokenizer.pad({"input_ids": [jobs[j].prompts[p].ids for j, p in rows]}, padding=True,
-                                            return_tensors="pt", padding_side="left")
-                echo = any(jobs[j].echo for j, _ in rows)  # else only the last position is needed
-                logits = forward_logits(self.model, padded["input_ids"].to(self.device),
-                                        padded["attention_mask"].to(self.device), keep_last=None if echo else 1)
-                self.forward_calls += 1
-                for b, (j, p) in enumerate(rows):
-                    job, n = jobs[j], len(jobs[j].prompts[p].ids)
-                    self._fill(out[j][p], job, jobs[j].prompts[p].ids, logits[b, logits.shape[1] - n:].float())
+            for echo in (False, True):
+                rows = [(j, p) for j, p in single if jobs[j].echo == echo]
+                for batch in self._single_batches(jobs, rows, echo):
+                    batch = [(j, p) for j, p in batch if not jobs[j].stopped()]
+                    if batch:
+                        self._single_pass(jobs, out, batch, echo)
             for j, job in enumerate(jobs):
                 if job.max_tokens > 1:
                     for p, plan in enumerate(job.prompts):
+                        if job.stopped():
+                            break
                         out[j][p] = self._generate(job, plan.ids)
                         self.forward_calls += 1
         return out
+
+    def _single_batches(self, jobs: list[CompletionJob], rows: list[tuple[int, int]], echo: bool):
+        """Length-sorted batches of ``rows``; with echo also at most ``echo_positions()`` padded positions."""
+        lengths = [len(jobs[j].prompts[p].ids) for j, p in rows]
+        if not echo:
+            for idx in length_sorted_batches(lengths, self.batch_size):
+                yield [rows[i] for i in idx]
+            return
+        budget, batch = self.echo_positions(), []
+        for i in np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable"):
+            # sorted by length, so the row added last is the longest: it sets the padded width
+            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * lengths[i] > budget):
+                yield batch
+                batch = []
+            batch.append(rows[i])
+        if batch:
+            yield batch
+
+    def _single_pass(self, jobs: list[CompletionJob], out: list[list[Completion]], rows: list[tuple[int, int]],
+                     echo: bool) -> None:
+        padded = self.tokenizer.pad({"input_ids": [jobs[j].prompts[p].ids for j, p in rows]}, padding=True,
+                                    return_tensors="pt", padding_side="left")
+        logits = forward_logits(self.model, padded["input_ids"].to(self.device),
+                                padded["attention_mask"].to(self.device), keep_last=None if echo else 1)
+        self.forward_calls += 1
+        for b, (j, p) in enumerate(rows):
+            ids = jobs[j].prompts[p].ids
+            self._fill(out[j][p], jobs[j], ids, logits[b, logits.shape[1] - len(ids):].float())
 
     def _fill(self, comp: Completion, job: CompletionJob, ids: list[int], logits: torch.Tensor) -> None:
         """Echo log-probs and, if asked for, the first greedy token from one unpadded row of logits."""
@@ -311,6 +394,8 @@ class ScoringEngine:
         past, next_logits = output_cache(result), logits[-1]
         for step in range(job.max_tokens):
             if not self._step(comp, torch.log_softmax(next_logits, dim=-1), job) or step == job.max_tokens - 1:
+                break
+            if job.stopped():  # one token step is the smallest unit of work: stop here, the caller has gone
                 break
             result = self.model(input_ids=torch.tensor([[comp.gen_ids[-1]]], device=self.device),
                                 **cache_kwargs(self.model, past))

@@ -85,6 +85,28 @@ class RequestTimedOut(BlackBoxError):
     code = "timeout"
 
 
+class BodyTimedOut(InvalidRequest):
+    """The client sent its body too slowly (service.limits.body_timeout_s)."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class ClientGone(BlackBoxError):
+    """The client closed the connection before its answer; nobody reads this one (nginx's 499)."""
+
+    status = 499
+    code = "client_closed_request"
+
+
+class ShuttingDown(BlackBoxError):
+    """The server was asked to stop while the request waited for the model: retry (against its restart)."""
+
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+
 class ServiceUnavailable(BlackBoxError):
     """Client side: the server could not be reached or kept failing after all retries."""
 

@@ -3,7 +3,12 @@
 Endpoints (docs/blackbox.md has the JSON): ``POST /v1/classify`` (batch label scoring),
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` (OpenAI protocol, greedy), ``GET /v1/models``,
 ``GET /v1/usage``, ``GET /health``. Every client mistake is answered with a 4xx JSON error
-``{"error": {"message", "type", "param", "code"}}``; a 5xx means a bug or an overloaded server.
+``{"error": {"message", "type", "param", "code"}}``; a 5xx means a bug, a request that ran past
+``request_timeout_s`` or a server shutting down.
+
+:mod:`fedprompt.blackbox.guard` checks the key and reads the body (within its limits) before any handler
+runs. A request whose time runs out, or whose client disconnects, has its model work stopped at the next
+batch boundary and its reservation released (docs/blackbox.md, "Limits and abuse").
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import sys
 import threading
 import time
 from contextlib import asynccontextmanager
-from concurrent.futures import Future
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,9 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedprompt.blackbox.accounting import Account, Accountant
 from fedprompt.blackbox.base import Usage
-from fedprompt.blackbox.batching import DynamicBatcher
+from fedprompt.blackbox.batching import DynamicBatcher, JobFuture
 from fedprompt.blackbox.engine import CompletionJob, ScoringEngine
-from fedprompt.blackbox.errors import BlackBoxError, Forbidden, InvalidRequest, NotFound, PayloadTooLarge, RequestTimedOut
+from fedprompt.blackbox.errors import BlackBoxError, ClientGone, Forbidden, InvalidRequest, NotFound, RequestTimedOut
+from fedprompt.blackbox.guard import Gate
 from fedprompt.blackbox.openai_format import chat_body, completion_body
 from fedprompt.blackbox.protocol import (ChatCompletionRequest, ClassifyRequest, CompletionRequest, check_sampling,
                                          classify_response, encode_json, parse_request, stop_strings)
@@ -50,54 +55,6 @@ def rss_mb() -> float | None:
         return None
 
 
-class BodyLimit:
-    """ASGI middleware: read the body up to ``limit`` bytes, answer 413 past it, and record its size.
-
-    Checking here, before routing, means an oversize upload is refused without being parsed."""
-
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_large = PayloadTooLarge(f"request body over {self.limit} bytes (service.limits.max_request_bytes); "
-                                    "send fewer or shorter texts per request")
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _send_error(send, too_large)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                return await _send_error(send, too_large)
-            if not message.get("more_body", False):
-                break
-        scope.setdefault("state", {})["body_bytes"] = size
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
-
-
-async def _send_error(send, err: BlackBoxError) -> None:
-    body = encode_json(err.to_json())
-    await send({"type": "http.response.start", "status": err.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
-
-
 def create_app(model, settings: ServerSettings = ServerSettings(), *, tokenizer=None, device: str | None = "auto",
                dtype: str | None = "auto", accountant: Accountant | None = None) -> FastAPI:
     """The service app for ``model``: a :class:`ScoringEngine`, a loaded model (with ``tokenizer``), or a
@@ -113,22 +70,30 @@ def create_app(model, settings: ServerSettings = ServerSettings(), *, tokenizer=
             state["batcher"] = DynamicBatcher(engine, settings.max_texts, settings.wait_ms, limits.max_queue)
         return state["batcher"]
 
+    def begin_shutdown() -> None:
+        # Called as soon as the server is told to stop: waiting requests are answered "shutting down" and
+        # the model stops at its next batch boundary, so shutdown never waits for the queue.
+        if state["batcher"] is not None:
+            state["batcher"].begin_close()
+
     @asynccontextmanager
     async def lifespan(app):
         batcher()
         try:
             yield
         finally:
-            await run_in_threadpool(state["batcher"].close)
+            app.state.worker_stopped = await run_in_threadpool(state["batcher"].close)
             state["batcher"] = None
 
     app = FastAPI(title="fedprompt black-box LLM service", version="1", lifespan=lifespan)
-    app.add_middleware(BodyLimit, limit=limits.max_request_bytes)
-    app.state.engine, app.state.accountant = engine, accountant
+    app.add_middleware(Gate, accountant=accountant, limits=limits)
+    app.state.engine, app.state.accountant, app.state.limits = engine, accountant, limits
+    app.state.begin_shutdown, app.state.worker_stopped = begin_shutdown, None
 
     async def authenticate(request: Request) -> Account:
-        account = accountant.authenticate(request.headers.get("authorization"))
-        request.state.account = account
+        account = getattr(request.state, "account", None)  # the Gate checked the key before the body
+        if account is None:
+            account = request.state.account = accountant.authenticate(request.headers.get("authorization"))
         return account
 
     def check_model(name: str | None) -> None:
@@ -136,17 +101,34 @@ def create_app(model, settings: ServerSettings = ServerSettings(), *, tokenizer=
             raise NotFound(f"model {name!r} is not served here; this server serves {engine.model_id!r} (GET /v1/models)",
                            param="model", code="model_not_found")
 
-    async def run_job(future: Future, account: Account, reserved: Usage):
+    async def run_job(request: Request, future: JobFuture, account: Account, reserved: Usage):
+        """The job's result; past ``request_timeout_s`` or when the client leaves, the job is stopped (the
+        model drops it at its next batch boundary) and its reservation released: the key is not charged."""
+        answer = asyncio.wrap_future(future)
+        gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=limits.request_timeout_s)
-        except asyncio.TimeoutError:
-            future.cancel()
-            accountant.release(account, reserved)
-            raise RequestTimedOut(f"the request did not finish within {limits.request_timeout_s} s "
-                                  "(service.limits.request_timeout_s); send fewer texts per request", retry_after=5.0) from None
-        except BaseException:
+            done, _ = await asyncio.wait({answer, gone}, timeout=limits.request_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (the server's shutdown grace ran out)
+            future.stop()
             accountant.release(account, reserved)
             raise
+        finally:
+            gone.cancel()
+        if answer in done:
+            try:
+                return answer.result()
+            except BaseException:
+                accountant.release(account, reserved)
+                raise
+        future.stop()
+        answer.cancel()
+        accountant.release(account, reserved)
+        if gone in done:
+            raise ClientGone("the client closed the connection; its work was stopped")
+        raise RequestTimedOut(f"the request did not finish within {limits.request_timeout_s:g} s "
+                              "(service.limits.request_timeout_s); its work was stopped and not charged: send fewer "
+                              "texts or tokens per request", retry_after=5.0)
 
     def respond(request: Request, body: dict, account: Account, reserved: Usage, actual: Usage) -> Response:
         content = encode_json(body)
@@ -217,7 +199,7 @@ def create_app(model, settings: ServerSettings = ServerSettings(), *, tokenizer=
         plan = await run_in_threadpool(engine.plan_classify, req.texts, req.labels)
         cost = Usage(requests=1, queries=len(plan.texts), prompt_tokens=plan.prompt_tokens)
         reserved = accountant.reserve(account, cost)
-        scores = await run_job(batcher().submit_classify(plan.texts, plan.labels), account, reserved)
+        scores = await run_job(request, batcher().submit_classify(plan.texts, plan.labels), account, reserved)
         body = classify_response(engine.model_id, scores, req.labels_only, plan.prompt_tokens, plan.texts)
         return respond(request, body, account, reserved, cost.copy())
 
@@ -227,12 +209,12 @@ def create_app(model, settings: ServerSettings = ServerSettings(), *, tokenizer=
                                  "(service.limits.max_new_tokens)", param="max_tokens")
         if top_k > limits.max_logprobs:
             raise InvalidRequest(f"at most {limits.max_logprobs} log-probs per position, asked for {top_k}", param="logprobs")
-        plans = await run_in_threadpool(engine.plan_prompts, prompts, max_tokens, echo)
+        plans = await run_in_threadpool(engine.plan_prompts, prompts, max_tokens, echo, top_k)
         prompt_tokens = sum(len(p.ids) for p in plans)
         reserved = accountant.reserve(account, Usage(requests=1, queries=len(plans), prompt_tokens=prompt_tokens,
                                                      completion_tokens=max_tokens * len(plans)))
         job = CompletionJob(plans, max_tokens, top_k, echo, stop)
-        comps = await run_job(batcher().submit_complete(job), account, reserved)
+        comps = await run_job(request, batcher().submit_complete(job), account, reserved)
         actual = Usage(requests=1, queries=len(plans), prompt_tokens=prompt_tokens,
                        completion_tokens=sum(len(c.gen_ids) for c in comps))
         return plans, comps, reserved, actual
@@ -264,6 +246,12 @@ def create_app(model, settings: ServerSettings = ServerSettings(), *, tokenizer=
         return respond(request, chat_body(engine, plans[0], comps[0], req.logprobs), account, reserved, actual)
 
     return app
+
+
+async def _disconnected(receive) -> None:
+    """Returns when the client has closed the connection (the body was read: nothing else can arrive)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _engine(model, tokenizer, settings: ServerSettings, device, dtype) -> ScoringEngine:

@@ -54,6 +54,13 @@ class Limits:
     max_request_bytes: int = 4 * 1024 * 1024
     request_timeout_s: float = 300.0  # queue wait + compute; past it the server answers 503 + Retry-After
     max_queue: int = 4096            # texts waiting for the model; past it new requests get 429 + Retry-After
+    # Abuse limits (docs/blackbox.md, "Limits and abuse"): they bound what one client can hold of the server.
+    max_connections: int = 64        # connections served at once; more are answered 429 + Retry-After and closed
+    header_timeout_s: float = 10.0   # the request line and headers must arrive within this (slowloris)
+    body_timeout_s: float = 30.0     # the whole body must arrive within this after the headers; else 408
+    keep_alive_s: float = 5.0        # an idle keep-alive connection is closed after this
+    max_echo_mb: float = 512.0       # echo: logits one forward pass may hold (positions x vocab x 8 bytes)
+    max_logprob_entries: int = 100_000  # top log-probs in one answer: prompts x positions x logprobs (~250 B each)
 
     def __post_init__(self) -> None:
         _positive("service.limits", **{f.name: getattr(self, f.name) for f in fields(self)})

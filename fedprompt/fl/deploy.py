@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import ssl
 import subprocess
@@ -137,6 +138,9 @@ class LocalDeployment:
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         self.env = {**os.environ, **QUIET_ENV, "PATH": path}
         # The flwr CLI (register, ls, run) gets its own FLWR_HOME with the connection to our SuperLink.
+        self.service_env: dict[str, str] = {}
+        if self.own_service:  # before env_cli, so that the flwr CLI hands the same environment to the apps
+            self.env, self.service_env = service_key_env(cfg, self.env)
         self.env_cli = {**self.env, "FLWR_HOME": str(self.folder / "flwr-cli")}
         self.superlink: subprocess.Popen | None = None
         self.supernodes: list[subprocess.Popen] = []
@@ -172,11 +176,13 @@ class LocalDeployment:
         for proc in procs:
             stop_process_group(proc)  # waits, and kills what is left
 
-    def _spawn(self, name: str, command: list[str], home: Path | None = None) -> subprocess.Popen:
+    def _spawn(self, name: str, command: list[str], home: Path | None = None,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
         """A process in its own session (its own process group, as on its own host), logging to <name>.log."""
         cwd = home or self.folder
         cwd.mkdir(parents=True, exist_ok=True)
-        env = {**self.env, "FLWR_HOME": str(home)} if home else self.env
+        env = env or self.env
+        env = {**env, "FLWR_HOME": str(home)} if home else env
         with (self.folder / f"{name}.log").open("ab") as log:
             log.write(("$ " + " ".join(command) + "\n").encode())
             log.flush()
@@ -192,7 +198,8 @@ class LocalDeployment:
                                                      "tls": {"certfile": str(cert), "keyfile": str(key)}}})
         config = self.folder / "service.yaml"
         config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        self.service = self._spawn("service", [sys.executable, "-m", "fedprompt.blackbox.cli_serve", str(config)])
+        self.service = self._spawn("service", [sys.executable, "-m", "fedprompt.blackbox.cli_serve", str(config)],
+                                   env={**self.env, **self.service_env})
         _wait(lambda: _https_ok(self.service_url + "/health", self.certs.ca), "the black-box service",
               [self.service], self.folder / "service.log", self.settings.startup_timeout_s)
 
@@ -263,6 +270,27 @@ class LocalDeployment:
         """SIGKILL SuperNode i and its ClientApps at once, as when its host dies: no goodbye to the SuperLink."""
         os.killpg(self.supernodes[i].pid, signal.SIGKILL)
         self.supernodes[i].wait(timeout=30)
+
+
+def service_key_env(cfg: DictConfig, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The local service's API key: the run's own (``service.api_key``, already moved to $FEDPROMPT_API_KEY by
+    :func:`fedprompt.redact.redact_config`) or a fresh random one. Returns (every process's environment, with
+    the key the clients send; the extra environment of the service, which accepts it).
+
+    Only environments carry the key: the service's config file, the run folder and the logs never do, and
+    the key dies with the deployment. The service also keeps the keys of ``service.api_keys_file``."""
+    from fedprompt.blackbox.accounting import parse_keys_file
+    from fedprompt.redact import SECRETS
+
+    client_var, server_var = SECRETS["service.api_key"], str(cfg.service.get("api_keys_env") or "FEDPROMPT_API_KEYS")
+    key = env.get(client_var) if cfg.service.get("api_key") is not None else None
+    key = key or secrets.token_urlsafe(32)
+    keys_file = cfg.service.get("api_keys_file")
+    listed = {spec.key for spec in parse_keys_file(keys_file)} if keys_file else set()
+    served = env.get(server_var, "").replace(",", " ").split()
+    if key not in listed and key not in served:  # listed twice is refused by the service
+        served.append(key)
+    return {**env, client_var: key}, {server_var: " ".join(served)}
 
 
 @contextmanager
