@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# FedDTPT's ablation table (issue 22, docs/feddtpt.md "Ablations"): the frozen headline config of a task
+# (simulations/headline/feddtpt_<task>.yaml: same clients, split, budget, seeds 0,1,2, test split) with ONE
+# change per row, each row into simulations/results/ablations/feddtpt_<task>_<row>/ with its report. The
+# paper's server itself is the headline row (simulations/results/headline/feddtpt_<task>/).
+#
+#   bash simulations/ablations/feddtpt.sh trec                  # every row
+#   bash simulations/ablations/feddtpt.sh trec kmeans fedavg    # some rows
+#
+# Interrupted? Run the same command again: finished seeds are kept, a stopped one resumes.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RESULTS=${RESULTS:-simulations/results/ablations}
+SEEDS=${SEEDS:-0,1,2}
+FEDPROMPT=${FEDPROMPT:-fedprompt}
+declare -A ROWS=(
+    [no_filter]="method.aggregate.attention_threshold=0"                 # the attention filter off
+    [filter_0.5]="method.aggregate.attention_threshold=0.5"              # the filter at 0.5
+    [fixed_eps]="method.aggregate.eps=0.15"                              # eps fixed at the old floor, no elbow
+    [vote]="method.aggregate.eps=0.000001"                               # identical words only: a per-word vote of >= min_samples clients
+    [kmeans]="method.aggregate.mode=kmeans"                              # k-means, k = median prompt length
+    [fedavg]="method.aggregate.mode=fedavg"                              # FedAvg of word embeddings per position
+    [no_clustering]="method.aggregate.mode=no-clustering"                # the top-L words by attention weight
+    [no_span]="method.search.edit_ops.replace=0.7 method.search.edit_ops.insert=0.15 method.search.edit_ops.delete=0.15 method.search.edit_ops.delete_span=0 method.search.min_tokens=3"  # the search before issue 22
+)
+task=${1:?usage: feddtpt.sh TASK [ROW ...]; rows: ${!ROWS[*]}}
+shift
+rows=("$@")
+[ ${#rows[@]} -eq 0 ] && rows=(no_filter fixed_eps vote kmeans fedavg no_clustering no_span)
+config=simulations/headline/feddtpt_$task.yaml
+mapfile -t overrides < <(sed -nE 's/^[[:space:]]*-[[:space:]]+//p' "$config")
+for row in "${rows[@]}"; do
+    [ -n "${ROWS[$row]+x}" ] || { echo "unknown row $row; rows: ${!ROWS[*]}" >&2; exit 2; }
+    out="$RESULTS/feddtpt_${task}_$row"
+    resume=()
+    [ -f "$out/multirun.yaml" ] && resume=(resume=true)
+    # shellcheck disable=SC2086  # a row is a list of overrides
+    "$FEDPROMPT" run -m "${overrides[@]}" ${ROWS[$row]} seed="$SEEDS" progress=false hydra.sweep.dir="$out" \
+        "${resume[@]}" || echo "$task/$row: some runs failed (see above)" >&2
+    "$FEDPROMPT" report "$out"
+done
