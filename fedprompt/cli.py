@@ -154,8 +154,8 @@ def _calibration_record(settings, calib, bias, seed: int) -> dict:
 
 def _eval_inprocess(cfg: DictConfig, spec, examples, prompt: str | None, calib) -> tuple[Path, dict, object]:
     from fedprompt.methods.baselines import evaluate_prompt
-    from fedprompt.models.calibration import estimate_bias
     from fedprompt.models import PromptedClassifier, encode_label_words, load_causal_lm, load_tokenizer
+    from fedprompt.models.calibration import estimate_bias
 
     tokenizer = load_tokenizer(str(cfg.model.name))
     encode_label_words(tokenizer, spec.label_words)  # a label word that tokenizes to nothing: fail now
