@@ -142,6 +142,10 @@ def cmd_eval(cfg: DictConfig) -> dict:
                    "data": task.source, "output_dir": str(out)})
     (out / "result.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    if record["accuracy"] < record["majority_accuracy"]:  # said where it is seen, not only in the JSON
+        print(f"fedprompt eval: note: accuracy {record['accuracy']:.3f} is below always answering the most frequent "
+              f"class ({record['majority_accuracy']:.3f}); a prompt chosen on validation may do better: "
+              "fedprompt task init <folder> (docs/tasks.md)", file=sys.stderr)
     return record
 
 

@@ -75,6 +75,13 @@ def test_fallback_eval_reports_its_calibration_and_the_majority_class(capsys, ti
     assert plain["accuracy"] == record["uncalibrated_accuracy"]  # the same scores, without the bias
 
 
+def test_eval_says_when_it_is_below_the_majority_class(capsys, tiny_data, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("fedprompt.models.calibration.majority_rate", lambda labels: 1.0)
+    assert cli.main(["eval", "progress=false", f"data_dir={tiny_data}", f"model={tiny_model_dir}", "task=toy",
+                     f"output_dir={tmp_path}"]) == 0
+    assert "is below always answering the most frequent class (1.000)" in capsys.readouterr().err
+
+
 def _init(capsys, *args) -> tuple[int, dict | None, str]:
     code = cli.main(["task", "init", *args])
     out, err = capsys.readouterr()
