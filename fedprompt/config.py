@@ -3,6 +3,12 @@
 ``model=<name>`` and ``task=<name>`` accept more than the files in ``conf/``: a model that has no
 config file is treated as a Hugging Face id or local folder (``conf/model/hf.yaml``), a task that has
 none as a folder in the shared format under the data folder (``conf/task/custom.yaml``).
+
+The user's config folder (:func:`user_conf_dir`: ``$FEDPROMPT_CONF_DIR``, else ``$XDG_CONFIG_HOME/fedprompt``,
+i.e. ``~/.config/fedprompt``) adds config files of the user's own, in the same layout as ``conf/``
+(``task/<name>.yaml``, ``model/<name>.yaml``, ...): ``fedprompt task init`` writes there, and every command
+finds them as if they were in ``conf/`` (they are on Hydra's search path). A ``$FEDPROMPT_CONF_DIR`` that
+holds a ``config.yaml`` of its own is instead a whole replacement of ``conf/`` (a copy to edit).
 """
 
 from __future__ import annotations
@@ -18,16 +24,66 @@ from fedprompt.errors import ConfigError
 CONF_ENV = "FEDPROMPT_CONF_DIR"
 
 
+PACKAGE_CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
 def conf_dir() -> Path:
-    """``$FEDPROMPT_CONF_DIR``, else the ``conf/`` folder beside the package (the repository's)."""
-    path = Path(os.environ.get(CONF_ENV) or Path(__file__).resolve().parents[1] / "conf")
-    if not (path / "config.yaml").is_file():
-        raise ConfigError(f"no config.yaml in {path}; set {CONF_ENV} to fedprompt's conf/ folder")
+    """The primary config folder: ``$FEDPROMPT_CONF_DIR`` when it holds a ``config.yaml`` (a whole copy of
+    ``conf/``), else the ``conf/`` folder beside the package (the repository's)."""
+    env = os.environ.get(CONF_ENV)
+    if env and (Path(env).expanduser() / "config.yaml").is_file():
+        return Path(env).expanduser()
+    if not (PACKAGE_CONF / "config.yaml").is_file():
+        raise ConfigError(f"no config.yaml in {PACKAGE_CONF}; set {CONF_ENV} to a copy of fedprompt's conf/ folder")
+    return PACKAGE_CONF
+
+
+def user_conf_path() -> Path:
+    """Where the user's config folder is, whether or not it exists: ``$FEDPROMPT_CONF_DIR``, else
+    ``$XDG_CONFIG_HOME/fedprompt`` (``~/.config/fedprompt``). ``fedprompt task init`` writes here."""
+    env = os.environ.get(CONF_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config").expanduser() / "fedprompt"
+
+
+def user_conf_dir() -> Path | None:
+    """The user's config folder to search after ``conf/``; None when there is none (or it is the primary
+    folder itself, a whole copy of ``conf/``). A ``$FEDPROMPT_CONF_DIR`` that does not exist is an error: a
+    typo would otherwise hide the user's configs without a word."""
+    path = user_conf_path()
+    if (path / "config.yaml").is_file():
+        return None
+    if not path.is_dir():
+        if os.environ.get(CONF_ENV):
+            raise ConfigError(f"{CONF_ENV}={str(path)!r} is not a folder; create it (fedprompt task init does) or "
+                              "unset it")
+        return None
     return path
 
 
+def search_path_overrides() -> list[str]:
+    """The Hydra override that puts the user's config folder on the search path (none without one).
+
+    Hydra looks in ``conf/`` first, so a user file named like one of ``conf/``'s would be ignored without a
+    word: refused instead."""
+    user = user_conf_dir()
+    if user is None:
+        return []
+    primary = conf_dir()
+    shadowed = sorted(str(p.relative_to(user)) for p in user.glob("*/*.yaml") if (primary / p.relative_to(user)).is_file())
+    if shadowed:
+        raise ConfigError(f"{user}: {', '.join(shadowed)} would be ignored: conf/ has files of the same name; "
+                          "rename yours (e.g. task/<name>.yaml, used as task=<name>)")
+    if "'" in str(user):
+        raise ConfigError(f"user config folder {str(user)!r}: a quote in its path cannot be passed to Hydra; move it")
+    return [f"hydra.searchpath=['file://{user.resolve()}']"]
+
+
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+    """The config files of ``group`` (``task``, ``model``, ...): ``conf/``'s and the user's."""
+    folders = [conf_dir(), *filter(None, [user_conf_dir()])]
+    return sorted({p.stem for folder in folders for p in (folder / group).glob("*.yaml")})
 
 
 # group -> (the option that takes any name, the key that holds the name)
@@ -65,7 +121,8 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
 
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            cfg = hydra_compose(config_name=config_name, overrides=rewrite_shorthands(overrides))
+            cfg = hydra_compose(config_name=config_name,
+                                overrides=rewrite_shorthands(overrides) + search_path_overrides())
     except (HydraException, OmegaConfBaseException) as err:
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line
         raise ConfigError(f"bad override in {list(overrides)}: {message}") from None

@@ -43,6 +43,8 @@ class TaskSchema:
     is_pair: bool = False
     path: Optional[str] = None
     hf: Optional[HubSchema] = None
+    calibration: str = "none"  # none | mean (fedprompt.models.calibration); absent: none
+    calibration_examples: int = 64
 
 
 @dataclass

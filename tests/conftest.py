@@ -88,3 +88,6 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     # The CLI exports a command-line service.api_key into this process (fedprompt.redact): undone after each test.
     monkeypatch.delenv("FEDPROMPT_API_KEY", raising=False)
+    # The user's config folder (fedprompt.config.user_conf_dir): none of the developer's own task files.
+    monkeypatch.delenv("FEDPROMPT_CONF_DIR", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))

@@ -221,7 +221,7 @@ def test_eval_through_an_openai_server_sends_its_requests_there(capsys, monkeypa
     with one_prompt_server(model, tok) as server:
         code = cli.main(["eval", "task=toy", f"data_dir={tiny_data}", f"model={tiny_model_dir}", "service.kind=openai",
                          f"service.url={server.url}", "service.openai.model=tiny", "service.openai.label_mode=echo",
-                         "calibrate=true", "progress=false", f"output_dir={tmp_path / 'run'}"])
+                         "calibrate=true", "task.calibration=none", "progress=false", f"output_dir={tmp_path / 'run'}"])
         out, err = capsys.readouterr()
         assert code == 0, err
         sent = list(server.prompts_per_request)
@@ -247,7 +247,8 @@ def test_eval_counts_ties_and_does_not_give_them_all_to_the_first_label(capsys, 
     with one_prompt_server(*tiny, fixed_top=top) as server:
         code = cli.main(["eval", "task=toy", f"data_dir={tiny_data}", f"model={tiny_model_dir}", "service.kind=openai",
                          f"service.url={server.url}", "service.openai.model=tiny", "progress=false",
-                         "service.client.max_prompts_per_request=1", f"output_dir={tmp_path / 'run'}"])
+                         "service.client.max_prompts_per_request=1", "task.calibration=none",
+                         f"output_dir={tmp_path / 'run'}"])
     out, err = capsys.readouterr()
     assert code == 0, err
     record = json.loads(out.strip().splitlines()[-1])
@@ -264,12 +265,24 @@ def test_eval_through_http_names_the_service(capsys, tiny, tiny_model_dir, tiny_
     with serving(*tiny, limits=Limits(max_batch=128, max_prompt_tokens=128)) as server:
         url = server.url
         code = cli.main(["eval", "task=toy", f"data_dir={tiny_data}", f"model={tiny_model_dir}", "service.kind=http",
-                         f"service.url={url}/", "progress=false", f"output_dir={tmp_path / 'run'}"])
+                         f"service.url={url}/", "progress=false", "task.calibration=none", f"output_dir={tmp_path / 'run'}"])
         out, err = capsys.readouterr()
         assert code == 0, err
+        # The fallback's default calibration: its training rows go through the same server, first.
+        code = cli.main(["eval", "task=toy", f"data_dir={tiny_data}", f"model={tiny_model_dir}", "service.kind=http",
+                         f"service.url={url}/", "progress=false", f"output_dir={tmp_path / 'calibrated'}"])
+        calibrated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert code == 0
     record = json.loads(out.strip().splitlines()[-1])
     assert record["service"] == "http" and record["url"] == url and record["model"] == "tiny"
     assert record["usage"]["requests"] == 1 and record["usage"]["queries"] == 12 and record["dtype"] is None
+    assert calibrated["usage"]["queries"] == 12 + 12 and calibrated["calibration"]["examples"] == 12
+    assert calibrated["uncalibrated_accuracy"] == record["accuracy"]
+    local = cli.main(["eval", "task=toy", f"data_dir={tiny_data}", f"model={tiny_model_dir}", "progress=false",
+                      f"output_dir={tmp_path / 'local'}"])
+    local = json.loads(capsys.readouterr().out.strip().splitlines()[-1]) if local == 0 else None
+    assert local["accuracy"] == calibrated["accuracy"]  # in-process and through the server: the same calibration
+    assert local["calibration"]["bias"] == pytest.approx(calibrated["calibration"]["bias"], abs=1e-3)
 
 
 # ---- errors ---------------------------------------------------------------------------------------

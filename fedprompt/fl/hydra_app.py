@@ -109,7 +109,7 @@ def main(argv: Sequence[str]) -> int:
     """``fedprompt run [Hydra flags] [key=value ...]``; returns the exit code."""
     import hydra
 
-    from fedprompt.config import conf_dir, rewrite_shorthands
+    from fedprompt.config import conf_dir, rewrite_shorthands, search_path_overrides
     from fedprompt.redact import redact_overrides
 
     args = _parse(argv)
@@ -119,6 +119,7 @@ def main(argv: Sequence[str]) -> int:
     runs = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)  # else Hydra answers
     try:
         overrides = redact_overrides(rewrite_shorthands(args.overrides))  # Hydra writes no key into .hydra/
+        overrides += search_path_overrides()  # the user's config folder (task init's task files)
         if runs:
             overrides = _launch_overrides(overrides, bool(args.multirun))
             check_jobs(expand_jobs(overrides, bool(args.multirun)), args.config_name or "config", bool(args.multirun))
