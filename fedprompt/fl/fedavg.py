@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
@@ -17,12 +18,15 @@ class RecordedFedAvg(FedAvg):
     """``FedAvg`` that keeps ``self.rounds[r]``, round r's :class:`RoundStats`.
 
     ``configure_train`` (FedAvg's sampling and messages) records when the round started, how many clients
-    were sampled and the bytes sent to them; a subclass's ``aggregate_train`` records the replies' side.
+    were sampled and the bytes sent to them; a subclass's ``aggregate_train`` records the replies' side, and
+    first hands them to ``fedprompt.fl.records.audit_replies(self.audit_path, ...)`` (``audit_path``: where
+    ``federation.audit_replies`` appends every reply as received; None, the default, writes nothing).
     """
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, audit_path: str | Path | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.rounds: dict[int, RoundStats] = {}
+        self.audit_path = Path(audit_path) if audit_path else None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         stats = self.rounds.setdefault(server_round, RoundStats())

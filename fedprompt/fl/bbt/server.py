@@ -75,6 +75,7 @@ def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
     from fedprompt.fl.feddtpt.server import predict_prompt
     from fedprompt.fl.protocol import measure_references, provenance, round_accuracy
+    from fedprompt.fl.records import audit_path
     from fedprompt.fl.report import RunReport
     from fedprompt.fl.run import run_folder
     from fedprompt.methods.bbt.projection import projection_for
@@ -89,7 +90,8 @@ def run_server(grid: Grid, cfg) -> dict:
     strategy = BBTStrategy(method.mode, method.intrinsic_dim, method.sigma0, min_replies=int(fed.min_replies),
                            fraction_train=float(fed.fraction_train), fraction_evaluate=0.0,
                            min_train_nodes=int(fed.min_train_clients),
-                           min_available_nodes=int(fed.min_available_clients or fed.num_clients))
+                           min_available_nodes=int(fed.min_available_clients or fed.num_clients),
+                           audit_path=audit_path(cfg, folder))
     report = RunReport(folder, {
         "method": method.name, "mode": method.mode, "task": spec.name, "model": str(cfg.model.name),
         "service": str(cfg.service.kind), "num_clients": int(fed.num_clients), "partition": dict(cfg.partition),

@@ -12,7 +12,7 @@ from flwr.supercore import log
 
 from fedprompt.fl.bbt.records import arrays_to_point, point_to_arrays
 from fedprompt.fl.fedavg import RecordedFedAvg
-from fedprompt.fl.records import ARRAYS, METRICS, record_bytes
+from fedprompt.fl.records import ARRAYS, METRICS, audit_replies, record_bytes
 from fedprompt.fl.report import RoundStats
 from fedprompt.methods.bbt.aggregate import fedavg_bbt, fedbpt
 
@@ -42,6 +42,7 @@ class BBTStrategy(RecordedFedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.rounds.setdefault(server_round, RoundStats())
         replies = list(replies)
+        audit_replies(self.audit_path, server_round, replies)
         stats.missing = max(0, stats.sampled - len(replies))
         points, clients = [], []
         for msg in replies:

@@ -70,6 +70,7 @@ def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
     from fedprompt.fl.feddtpt.server import predict_prompt
     from fedprompt.fl.protocol import measure_references, provenance, round_accuracy
+    from fedprompt.fl.records import audit_path
     from fedprompt.fl.report import RunReport
     from fedprompt.fl.run import run_folder
     from fedprompt.methods.bdpl import BDPLClient, argmax_prompt, candidate_vocab
@@ -85,7 +86,8 @@ def run_server(grid: Grid, cfg) -> dict:
     blackbox = make_blackbox(cfg)
     strategy = BDPLFedAvg(clients_per_round=method.clients_per_round, seed=int(cfg.seed),
                           min_replies=int(fed.min_replies),
-                          min_available_nodes=int(fed.min_available_clients or fed.num_clients), vocab=vocab)
+                          min_available_nodes=int(fed.min_available_clients or fed.num_clients), vocab=vocab,
+                          audit_path=audit_path(cfg, folder))
     report = RunReport(folder, {
         "method": method.name, "variant": "fedone" if method.clients_per_round == 1 else "federated-bdpl",
         "task": spec.name, "model": str(cfg.model.name), "service": str(cfg.service.kind),

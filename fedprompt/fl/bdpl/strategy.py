@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -20,7 +21,7 @@ from flwr.supercore import log
 
 from fedprompt.fl.bdpl.records import LOGITS, arrays_to_logits
 from fedprompt.fl.fedavg import RecordedFedAvg
-from fedprompt.fl.records import ARRAYS, METRICS, record_bytes
+from fedprompt.fl.records import ARRAYS, METRICS, audit_replies, record_bytes
 from fedprompt.fl.report import RoundStats
 
 WEIGHT_KEY = "num-examples"
@@ -49,9 +50,10 @@ class BDPLFedAvg(RecordedFedAvg):
     """
 
     def __init__(self, clients_per_round: int = 1, seed: int = 0, min_replies: int = 1, min_available_nodes: int = 1,
-                 vocab: Sequence[str] | None = None, wait_for_nodes_s: float = 300.0) -> None:
+                 vocab: Sequence[str] | None = None, wait_for_nodes_s: float = 300.0,
+                 audit_path: str | Path | None = None) -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients_per_round,
-                         min_available_nodes=min_available_nodes, weighted_by_key=WEIGHT_KEY)
+                         min_available_nodes=min_available_nodes, weighted_by_key=WEIGHT_KEY, audit_path=audit_path)
         self.clients_per_round, self.seed, self.min_replies = int(clients_per_round), int(seed), int(min_replies)
         self.vocab = list(vocab) if vocab is not None else None
         self.wait_for_nodes_s = wait_for_nodes_s
@@ -71,18 +73,20 @@ class BDPLFedAvg(RecordedFedAvg):
             time.sleep(0.5)
         return nodes
 
-    def _ask_partitions(self, nodes: Sequence[int], grid: Grid) -> None:
+    def _ask_partitions(self, server_round: int, nodes: Sequence[int], grid: Grid) -> None:
         unknown = [n for n in nodes if n not in self._partition_of]
         if not unknown:
             return
         asks = [Message(RecordDict(), message_type=PARTITION_QUERY, dst_node_id=n) for n in unknown]
-        for reply in grid.send_and_receive(asks, timeout=self.wait_for_nodes_s):
+        answers = list(grid.send_and_receive(asks, timeout=self.wait_for_nodes_s))
+        audit_replies(self.audit_path, server_round, answers)  # client-to-server messages too
+        for reply in answers:
             if reply.has_error() or METRICS not in reply.content or "partition-id" not in reply.content[METRICS]:
                 continue
             self._partition_of[int(reply.metadata.src_node_id)] = int(reply.content[METRICS]["partition-id"])
 
     def _activate(self, server_round: int, nodes: Sequence[int], grid: Grid) -> list[int]:
-        self._ask_partitions(nodes, grid)
+        self._ask_partitions(server_round, nodes, grid)
         by_partition = {self._partition_of[n]: n for n in nodes if n in self._partition_of}
         if len(by_partition) == len(nodes):
             return sorted(by_partition[p] for p in sample_clients(list(by_partition), self.clients_per_round,
@@ -110,6 +114,7 @@ class BDPLFedAvg(RecordedFedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.rounds.setdefault(server_round, RoundStats())
         replies = list(replies)
+        audit_replies(self.audit_path, server_round, replies)
         stats.missing = max(0, stats.sampled - len(replies))
         valid = []
         for msg in replies:

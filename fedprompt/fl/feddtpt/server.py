@@ -89,6 +89,7 @@ def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import eval_examples, load_task_and_spec, public_examples, reference_examples
     from fedprompt.fl.protocol import measure_references, provenance, round_accuracy
+    from fedprompt.fl.records import audit_path
     from fedprompt.fl.report import RunReport
     from fedprompt.fl.run import run_folder
     from fedprompt.fl.feddtpt.strategy import FedDTPTStrategy
@@ -105,7 +106,7 @@ def run_server(grid: Grid, cfg) -> dict:
         min_train_nodes=int(fed.min_train_clients), min_replies=int(fed.min_replies), seed=int(cfg.seed),
         max_tokens=method.search.max_tokens,
         min_available_nodes=int(fed.min_available_clients or fed.num_clients),
-        audit_path=folder / "replies.jsonl" if fed.audit_replies else None,
+        audit_path=audit_path(cfg, folder),
         # The public pool is public (federation.public_split), not client data: the server may score on it.
         server_check=public_check(blackbox, spec, public_examples(cfg, task, spec)) if method.aggregate.server_check else None,
     )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -18,7 +16,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedprompt.fl.feddtpt.records import arrays_to_prompt, prompt_to_arrays
-from fedprompt.fl.records import ARRAYS, CONFIG, METRICS, record_bytes, serialize_content
+from fedprompt.fl.records import ARRAYS, CONFIG, METRICS, audit_replies, record_bytes
 from fedprompt.fl.report import RoundStats
 
 
@@ -47,7 +45,7 @@ class FedDTPTStrategy(Strategy):
 
     There is no federated evaluation; pass ``evaluate_fn`` to ``start`` to score the global prompt
     centrally. Per-round sizes, failures and the aggregation's details are kept in ``self.rounds``.
-    With ``audit_path`` every reply is appended there as received (its serialized content, base64).
+    With ``audit_path`` every reply is appended there as received (``fedprompt.fl.records.audit_replies``).
     """
 
     def __init__(
@@ -120,7 +118,7 @@ class FedDTPTStrategy(Strategy):
         stats.missing = max(0, stats.sampled - len(replies))
         for node in sorted(set(stats.nodes) - {self._sender(m) for m in replies}):  # the round's timeout passed first
             stats.failures.append({"node": node, "code": None, "reason": "no reply within federation.round_timeout_s"})
-        self._audit(server_round, replies)
+        audit_replies(self.audit_path, server_round, replies, node_of=self._sender)
         prompts, metrics = [], []
         for msg in replies:
             if msg.has_error():
@@ -175,16 +173,6 @@ class FedDTPTStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
-
-    def _audit(self, server_round: int, replies: list[Message]) -> None:
-        if self.audit_path is None:
-            return
-        with self.audit_path.open("a") as fh:
-            for msg in replies:
-                row = {"round": server_round, "node": int(msg.metadata.src_node_id),
-                       "error": msg.error.reason if msg.has_error() else None,
-                       "content": None if msg.has_error() else base64.b64encode(serialize_content(msg.content)).decode()}
-                fh.write(json.dumps(row) + "\n")
 
 
 def _combine(metrics: list[dict[str, float]]) -> dict[str, float]:

@@ -87,6 +87,7 @@ def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
     from fedprompt.fl.post.strategy import PromptFedAvg
     from fedprompt.fl.protocol import measure_references, provenance, round_accuracy
+    from fedprompt.fl.records import audit_path
     from fedprompt.fl.report import RunReport
     from fedprompt.fl.run import run_folder
     from fedprompt.methods.post import initial_prompt, save_prompt
@@ -104,7 +105,8 @@ def run_server(grid: Grid, cfg) -> dict:
     device = next(model.parameters()).device
     init = initial_prompt(method.prompt, spec, tokenizer, model)
     strategy = PromptFedAvg(fraction_train=float(fed.fraction_train), fraction_evaluate=0.0,
-                            min_train_nodes=int(fed.min_train_clients), min_available_nodes=int(fed.num_clients))
+                            min_train_nodes=int(fed.min_train_clients), min_available_nodes=int(fed.num_clients),
+                            audit_path=audit_path(cfg, folder))
     report = RunReport(folder, {
         "method": method.name, "task": spec.name, "model": str(cfg.model.name), "tuning_model": name,
         "num_clients": int(fed.num_clients), "partition": dict(cfg.partition), "eval_split": str(fed.eval_split),

@@ -14,7 +14,7 @@ from flwr.supercore import log
 
 from fedprompt.fl.fedavg import RecordedFedAvg
 from fedprompt.fl.post.records import PROMPT
-from fedprompt.fl.records import ARRAYS, METRICS, record_bytes
+from fedprompt.fl.records import ARRAYS, METRICS, audit_replies, record_bytes
 from fedprompt.fl.report import RoundStats
 
 WEIGHT_KEY = "num-examples"
@@ -41,6 +41,7 @@ class PromptFedAvg(RecordedFedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.rounds.setdefault(server_round, RoundStats())
         replies = list(replies)
+        audit_replies(self.audit_path, server_round, replies)
         stats.missing = max(0, stats.sampled - len(replies))
         valid = []
         for msg in replies:

@@ -44,6 +44,7 @@ def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
     from fedprompt.fl.protocol import measure_references, provenance, round_accuracy
     from fedprompt.fl.rapt.strategy import RAPTStrategy
+    from fedprompt.fl.records import audit_path
     from fedprompt.fl.report import RunReport
     from fedprompt.fl.run import run_folder
     from fedprompt.methods.rapt import RAPTTrainer, privatize_examples
@@ -66,7 +67,7 @@ def run_server(grid: Grid, cfg) -> dict:
 
     queries = privatized(examples, int(cfg.seed) + 7)
     strategy = RAPTStrategy(trainer, fraction_train=float(fed.fraction_train), min_train_nodes=int(fed.min_train_clients),
-                            min_available_nodes=int(fed.num_clients))
+                            min_available_nodes=int(fed.num_clients), audit_path=audit_path(cfg, folder))
     report = RunReport(folder, {
         "method": method.name, "task": spec.name, "model": str(cfg.model.name), "num_clients": int(fed.num_clients),
         "partition": dict(cfg.partition), "eval_split": str(fed.eval_split), "eval_n": len(queries),

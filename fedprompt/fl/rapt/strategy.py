@@ -13,13 +13,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
+from pathlib import Path
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.supercore import log
 
 from fedprompt.fl.fedavg import RecordedFedAvg
 from fedprompt.fl.rapt.records import arrays_to_examples, prompt_to_arrays
-from fedprompt.fl.records import ARRAYS, METRICS, record_bytes
+from fedprompt.fl.records import ARRAYS, METRICS, audit_replies, record_bytes
 from fedprompt.fl.report import RoundStats
 
 
@@ -27,14 +28,15 @@ class RAPTStrategy(RecordedFedAvg):
     """RAPT (Li, Tan, Liu 2023) over Flower: clients privatize, the server trains on what they sent."""
 
     def __init__(self, trainer, *, fraction_train: float = 1.0, min_train_nodes: int = 1,
-                 min_available_nodes: int = 1) -> None:
+                 min_available_nodes: int = 1, audit_path: str | Path | None = None) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
-                         min_available_nodes=min_available_nodes)
+                         min_available_nodes=min_available_nodes, audit_path=audit_path)
         self.trainer = trainer
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.rounds.setdefault(server_round, RoundStats())
         replies = list(replies)
+        audit_replies(self.audit_path, server_round, replies)
         stats.missing = max(0, stats.sampled - len(replies))
         received, sums = 0, {"tokens": 0.0, "unchanged": 0.0}
         for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
