@@ -321,3 +321,21 @@ def test_empty_and_identical_replies():
     assert majority.prompt == [] and majority.fallbacks == ["majority-empty"] and majority.empty_replies == 2
     minority = agg.aggregate([[], ["rate", "the", "review"], ["rate", "the"]])
     assert minority.prompt == ["rate", "the"] and minority.empty_replies == 1 and minority.min_samples == 2
+
+
+def test_agreement_attention_keeps_a_word_every_client_kept_however_unlike_the_rest():
+    # "number?" is in every prompt but orthogonal to everything else; "rate"/"the" are near one another, as
+    # instruction words are. The paper's similarity score filters the shared label word; agreement keeps it
+    # and drops only the word no other client has.
+    near = {"rate": arc(0.0), "the": arc(0.3), "type": arc(0.15)}
+    table = {w: np.r_[v, np.zeros(5)] for w, v in near.items()}
+    table.update({"number?": one_hot(5), "zebra": one_hot(6)})
+    prompts = [["rate", "the", "type", "number?"], ["rate", "the", "type", "number?", "zebra"], ["rate", "the", "number?"]]
+    paper = FedDTPTAggregator(AggregateConfig(attention_threshold=0.5), TableEmbedder(table)).aggregate(prompts)
+    assert "number?" in {f["word"] for f in paper.filtered}
+    agree = FedDTPTAggregator(AggregateConfig(attention_threshold=0.5, attention_score="agreement"),
+                              TableEmbedder(table)).aggregate(prompts)
+    assert {f["word"] for f in agree.filtered} == {"zebra"}
+    assert "number?" in agree.prompt
+    with pytest.raises(ConfigError, match="attention_score"):
+        FedDTPTAggregator(AggregateConfig(attention_score="votes"), TableEmbedder({}))

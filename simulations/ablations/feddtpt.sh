@@ -16,6 +16,7 @@ FEDPROMPT=${FEDPROMPT:-fedprompt}
 declare -A ROWS=(
     [no_filter]="method.aggregate.attention_threshold=0"                 # the attention filter off
     [filter_0.5]="method.aggregate.attention_threshold=0.5"              # the filter at 0.5
+    [agreement]="method.aggregate.attention_score=agreement"             # ours: the filter scores agreement, not similarity
     [fixed_eps]="method.aggregate.eps=0.15"                              # eps fixed at the old floor, no elbow
     [vote]="method.aggregate.eps=0.000001"                               # identical words only: a per-word vote of >= min_samples clients
     [kmeans]="method.aggregate.mode=kmeans"                              # k-means, k = median prompt length
@@ -26,7 +27,7 @@ declare -A ROWS=(
 task=${1:?usage: feddtpt.sh TASK [ROW ...]; rows: ${!ROWS[*]}}
 shift
 rows=("$@")
-[ ${#rows[@]} -eq 0 ] && rows=(no_filter fixed_eps vote kmeans fedavg no_clustering no_span)
+[ ${#rows[@]} -eq 0 ] && rows=(no_filter agreement fixed_eps vote kmeans fedavg no_clustering no_span)
 config=simulations/headline/feddtpt_$task.yaml
 mapfile -t overrides < <(sed -nE 's/^[[:space:]]*-[[:space:]]+//p' "$config")
 for row in "${rows[@]}"; do

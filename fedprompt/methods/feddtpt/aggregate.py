@@ -218,11 +218,17 @@ class FedDTPTAggregator:
         summed similarity) with the sum scaled by the number of words it runs over, so that the filter
         means the same for 3 clients as for 1,000. A word is kept when its attention is at least
         ``attention_threshold`` times its client's uniform share (1 / its prompt's length).
+        ``attention_score: agreement`` (our option, not the paper) replaces the mean similarity by
+        :func:`_agreement`, so a word that every client kept scores 1 however unlike the rest of the prompt
+        it is (the paper's score filters shared label words such as "number?" on TREC).
         """
         cfg = self.config
         n_words = np.bincount(points.client, minlength=points.n_clients)
-        others = np.maximum(len(points.client) - n_words[points.client], 1)
-        z = (raw / others) / cfg.filter_temperature
+        if cfg.attention_score == "agreement":
+            score = _agreement(points)
+        else:
+            score = raw / np.maximum(len(points.client) - n_words[points.client], 1)
+        z = score / cfg.filter_temperature
         attention = _softmax_within(z, points.client, points.n_clients)
         keep = attention * n_words[points.client] >= cfg.attention_threshold - 1e-12
         result.filtered = [{"client": int(points.client[j]), "position": int(points.position[j]),
@@ -365,6 +371,19 @@ class _Points:
         result.prompt = [self.words[j] for j in order]
         result.chosen = [{"client": int(self.client[j]), "position": int(self.position[j]), "word": self.words[j],
                           "weight": float(weights[j])} for j in order]
+
+
+def _agreement(points: _Points) -> np.ndarray:
+    """Per point: the mean over the other replies (empty ones included, as 0) of the best cosine match
+    in that reply's prompt, clipped at 0. 1 = every other client has this very word."""
+    sim = np.clip(points.xu @ points.xu.T, 0.0, None)  # distinct x distinct
+    best = np.zeros((len(points.vocab), points.n_clients))  # best match of each distinct word in each client
+    for c in range(points.n_clients):
+        ids = np.unique(points.inverse[points.client == c])
+        if len(ids):
+            best[:, c] = sim[:, ids].max(1)
+    u, c = points.inverse, points.client
+    return (best[u].sum(1) - best[u, c]) / max(points.n_clients - 1, 1)
 
 
 def _softmax_within(z: np.ndarray, group: np.ndarray, n: int) -> np.ndarray:

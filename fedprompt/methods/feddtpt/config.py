@@ -24,6 +24,7 @@ FEEDBACK = ("accuracy", "balanced", "margin", "none")
 ACCEPT = ("no-drop", "improve")
 EDIT_OPS = ("replace", "insert", "delete", "delete_span")
 PROPOSERS = ("lm-infill", "mlm", "embedding-neighbours", "random")
+ATTENTION_SCORES = ("similarity", "agreement")
 AGG_MODES = ("dbscan", "fedavg", "no-clustering", "kmeans")
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 
@@ -155,6 +156,7 @@ class AggregateConfig:
     device: str = "auto"
     temperature: float = 1.0
     attention_threshold: float = 0.5
+    attention_score: str = "similarity"
     filter_temperature: float = 0.05
     min_samples: float = 0.3
     knee_k: int | None = None
@@ -180,6 +182,7 @@ class AggregateConfig:
             raise ConfigError("aggregate.embedder is empty; use all-MiniLM-L6-v2, an HF encoder id or a local folder")
         if self.temperature <= 0:
             raise ConfigError(f"aggregate.temperature must be > 0, got {self.temperature}")
+        _choice("aggregate.attention_score", self.attention_score, ATTENTION_SCORES)
         if self.filter_temperature <= 0:
             raise ConfigError(f"aggregate.filter_temperature must be > 0, got {self.filter_temperature}")
         if not 0 <= self.attention_threshold <= 1:
