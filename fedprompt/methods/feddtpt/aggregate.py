@@ -173,17 +173,17 @@ class FedDTPTAggregator:
             result.fallbacks.append("all-filtered")
             return self._most_central(points, raw, weights, result)
         pts = points.subset(keep)
-        raw_all, weights_all, weights = raw, weights, weights[keep]
+        kept_w = weights[keep]  # the kept points' weights, aligned with pts
         if cfg.mode == "fedavg":
             result.prompt = self._fedavg(pts.x, pts.xu, pts.vocab, pts.position, pts.median_len)
             return result
         if cfg.mode == "no-clustering":
             top, seen = [], set()
-            for j in np.lexsort((pts.position, pts.client, -weights)):  # by weight, ties: lowest client, position
+            for j in np.lexsort((pts.position, pts.client, -kept_w)):  # by weight, ties: lowest client, position
                 if pts.words[j] not in seen:
                     seen.add(pts.words[j])
                     top.append(int(j))
-            pts.keep(result, top[: cfg.top_n or pts.median_len], weights)
+            pts.keep(result, top[: cfg.top_n or pts.median_len], kept_w)
             return result
         if cfg.mode == "kmeans":
             from sklearn.cluster import KMeans
@@ -198,16 +198,16 @@ class FedDTPTAggregator:
         result.n_clusters, result.n_noise = len(clusters), int(np.sum(labels == -1))
         if not clusters:
             result.fallbacks.append("no-cluster")
-            return self._most_central(points, raw_all, weights_all, result)
+            return self._most_central(points, raw, weights, result)
         # np.argmax takes the first of equal weights: the lowest (client, position). A cluster sits at the
         # median relative position of its members: the place most clients gave that word, so one client's
         # odd placement of a shared word does not reorder the prompt.
-        survivors = [int(np.flatnonzero(labels == c)[np.argmax(weights[labels == c])]) for c in clusters]
+        survivors = [int(np.flatnonzero(labels == c)[np.argmax(kept_w[labels == c])]) for c in clusters]
         places = np.array([np.median(pts.rel[labels == c]) for c in clusters])
         if cfg.one_word_per_slot:
-            survivors, places = self._one_per_slot(survivors, places, clusters, labels, pts.client, weights,
+            survivors, places = self._one_per_slot(survivors, places, clusters, labels, pts.client, kept_w,
                                                    pts.median_len, pts.words, result)
-        pts.keep(result, survivors, weights, places)
+        pts.keep(result, survivors, kept_w, places)
         return result
 
     def _attention_filter(self, points: "_Points", raw: np.ndarray, result: AggregationResult) -> np.ndarray:
