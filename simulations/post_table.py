@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--transfer-lr", type=float, default=0.03)
     ap.add_argument("--transfer-init", choices=("text", "student"), default="text",
                     help="the large model's prompt starts from the text init or from the student's prompt")
+    ap.add_argument("--transfer-logits", choices=("vocab", "labels"), default="vocab",
+                    help="the transfer's KL terms over all next-token logits (POST's) or the label words' only "
+                         "(the ablation row 'POST transfer (label-word KL)')")
     ap.add_argument("--out", default=str(ROOT / "simulations" / "results"))
     ap.add_argument("--set", action="append", default=[], help="extra fedprompt overrides, key=value")
     ap.add_argument("--student", default=None,
@@ -126,7 +129,7 @@ class Table:
         self.path.write_text(json.dumps({**self.info, "rows": self.rows}, indent=2) + "\n")
 
 
-TRANSFER_ARGS = ("transfer_steps", "public_size", "transfer_lr", "transfer_init")
+TRANSFER_ARGS = ("transfer_steps", "public_size", "transfer_lr", "transfer_init", "transfer_logits")
 LARGE_STAGES = ("large zero-shot", "direct (large, central)")
 STAGES = (*LARGE_STAGES, "student (federated)", "student prompt pasted on large", "POST transfer")
 
@@ -186,7 +189,7 @@ def main(argv=None) -> dict:
     train = training_examples(compose([*base, f"partition.k_shot={k_shot}"]), task, spec)
     evaluation = task.split("test")[: args.eval_limit]
     tcfg = TransferConfig(public_size=args.public_size, steps=args.transfer_steps, batch_size=args.batch_size,
-                          lr=args.transfer_lr)
+                          lr=args.transfer_lr, logits=args.transfer_logits)
     public, public_task, public_split = public_examples(tcfg, spec.name, cfg.get("data_dir"), int(cfg.seed))
     alpha_examples = task.split(tcfg.alpha_split)[: tcfg.alpha_limit]
     info.update(train_examples=len(train), eval_n=len(evaluation), public=f"{public_task}/{public_split}",
@@ -329,7 +332,8 @@ def markdown(record: dict) -> str:
         if r.get("alpha") is not None:
             notes.append(f"alpha {r['alpha']:.2f}, student+prompt on val {r['student_prompt_accuracy']}")
         flops = f"{r['flops'] / 1e9:.0f}" if r.get("flops") is not None else ""
-        stage = r["stage"] + (" *" if r.get("reused_from") else "")
+        stage = r["stage"] + (" (label-word KL)" if r.get("transfer", {}).get("transfer_logits") == "labels" else "")
+        stage += " *" if r.get("reused_from") else ""
         lines.append(f"| {stage} | {r['epsilon'] or '-'} | {r['accuracy']:.4f} | {r['wall_s']:.0f} | "
                      f"{r.get('compute_s', '')} | {flops} | {'; '.join(notes)} |")
     lines += ["", "| epsilon | gap recovered | direct gain | POST gain | cost ratio (time) | cost ratio (FLOPs) |",

@@ -94,3 +94,24 @@ def test_a_finished_table_resumes_when_there_is_no_partial_one(tmp_path):
     assert table.done("student (federated)", "inf", student="old")
     other = post_table.Table(tmp_path / "x.partial.json", _info(tmp_path, rounds=9), finished=finished)
     assert other.rows == []  # other settings: start afresh
+
+
+def test_the_label_word_ablation_has_its_own_row_name_and_old_transfer_rows_run_again(tmp_path):
+    assert post_table.parse_args([]).transfer_logits == "vocab"  # POST's KL over the whole vocabulary
+    rows = [{"stage": "POST transfer", "epsilon": "inf", "accuracy": 0.5, "wall_s": 1.0, "alpha": 1.0,
+             "student_prompt_accuracy": 0.3, "transfer": {"transfer_logits": "labels"}},
+            {"stage": "POST transfer", "epsilon": "8", "accuracy": 0.5, "wall_s": 1.0, "alpha": 1.0,
+             "student_prompt_accuracy": 0.3, "transfer": {"transfer_logits": "vocab"}}]
+    record = {"task": "agnews", "model": "m", "machine": "cpu", "manual_prompt": "p", "eval_n": 1, "train_examples": 1,
+              "public": "agnews/validation", "public_n": 1, "total_steps": 1, "total_wall_s": 2.0, "rows": rows,
+              "summary": {}}
+    text = post_table.markdown(record)
+    assert "| POST transfer (label-word KL) | inf |" in text and "| POST transfer | 8 |" in text
+    # a finished table's transfer rows from before transfer_logits existed (label words) are not current
+    finished = tmp_path / "post_agnews.json"
+    _finished_table(finished, _info(tmp_path))
+    table = post_table.Table(tmp_path / "post_agnews.partial.json", _info(tmp_path), finished=finished)
+    args = post_table.parse_args(["--task", "agnews"])
+    settings = {"transfer": {k: getattr(args, k) for k in post_table.TRANSFER_ARGS}, "student": "old"}
+    assert "transfer_logits" in settings["transfer"]
+    assert table.current("POST transfer", "inf", **settings) is None

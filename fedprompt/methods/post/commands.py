@@ -1,15 +1,17 @@
 """``fedprompt distill`` and ``fedprompt transfer``: POST's two steps around the federated tuning.
 
 Both check their input first (config values, the teacher's depth, data folders, label words, the prompt
-file and its width, and that no text they learn or choose from is in the evaluation examples, by content:
-fedprompt.data.leakage) and only then load models. Each writes its run folder (``outputs/<command>/...`` or
-``output_dir=``): result.json (also the returned record), config.yaml, and distill's loss curve or
-transfer's prompt.
+file, its width and whether it fits the large model's context, a student with the large model's tokenizer,
+vocabulary and hidden size, a non-empty public set, and that no text they learn or choose from is in the
+evaluation examples, by content: fedprompt.data.leakage) and only then load models. Each writes its run
+folder (``outputs/<command>/...`` or ``output_dir=``): result.json (also the returned record), config.yaml,
+and distill's loss curve or transfer's prompt.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedprompt.data import Example, load_task
 from fedprompt.data.dataset import TaskData
 from fedprompt.data.leakage import check_disjoint, content_key, without
-from fedprompt.errors import ConfigError
+from fedprompt.errors import ConfigError, DataError
 
 
 def _task_examples(name: str, split: str, data_dir) -> list[Example]:
@@ -55,6 +57,12 @@ def distill_texts(data, data_dir, chat_format: str | None, seed: int,
         texts += [spec.format(e) for e in task.split(data.split)]
     order = np.random.default_rng(seed).permutation(len(texts))
     return [texts[i] for i in order]
+
+
+def _text_config(config):
+    """The part of a model config that describes the language model (multimodal configs nest it)."""
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
 
 
 def _write(out: Path, cfg: DictConfig, record: dict) -> dict:
@@ -159,11 +167,17 @@ def transfer_prompt(student_tuner, large_tuner, student_prompt, init_prompt, pub
         info["student_prompt_accuracy"] = accuracy(student_tuner, student_prompt.to(student_tuner.device))
         info["chance"] = chance
         alpha = alpha_rule(info["zero_shot_accuracy"], info["student_prompt_accuracy"], chance)
+        # POST's rule at its cap, not a refusal (alpha_rule says why); said once, and kept in the record.
+        info["alpha_capped_at_chance"] = info["student_prompt_accuracy"] <= chance
+        if info["alpha_capped_at_chance"]:
+            print(f"fedprompt transfer: note: the student's prompt scores {info['student_prompt_accuracy']:.3f} on "
+                  f"the alpha set, no better than chance ({chance:.3f}): alpha = 1 (POST's rule at its cap), so the "
+                  "loss is the KL of the logit differences alone", file=sys.stderr, flush=True)
     else:
         alpha = float(tcfg.alpha)
     info["alpha_s"] = round(time.perf_counter() - start, 3)
     transfer = PromptTransfer(student_tuner, large_tuner, steps=tcfg.steps, batch_size=tcfg.batch_size, lr=tcfg.lr,
-                              temperature=tcfg.temperature)
+                              temperature=tcfg.temperature, logits=tcfg.logits)
     info["result"] = transfer.run(student_prompt, public, alpha, init_prompt, seed=seed)
     return info
 
@@ -175,7 +189,7 @@ def cmd_transfer(cfg: DictConfig) -> dict:
     from fedprompt.config import validate_common
     from fedprompt.methods.post import PromptConfig, SoftPromptTuner, TrainConfig, TransferConfig, initial_prompt
     from fedprompt.methods.post.prompts import load_prompt, save_prompt
-    from fedprompt.methods.post.tuning import label_token_ids
+    from fedprompt.methods.post.tuning import check_prompt_fits, label_token_ids
     from fedprompt.models import PromptedClassifier, load_causal_lm, load_tokenizer, materialize
     from fedprompt.models.distill import resolve_model
 
@@ -187,10 +201,17 @@ def cmd_transfer(cfg: DictConfig) -> dict:
     student_prompt, meta = load_prompt(tcfg.prompt)
     large_name = str(cfg.model.name)
     student_name = resolve_model(tcfg.student, large_name)
-    hidden = int(AutoConfig.from_pretrained(materialize(large_name)).hidden_size)
+    large_cfg = _text_config(AutoConfig.from_pretrained(materialize(large_name)))
+    student_cfg = _text_config(AutoConfig.from_pretrained(materialize(student_name)))
+    hidden = int(large_cfg.hidden_size)
     if student_prompt.weight.shape[1] != hidden:
         raise ConfigError(f"the prompt in {tcfg.prompt} has width {student_prompt.weight.shape[1]} but {large_name} has "
                           f"hidden size {hidden}: transfer needs a student distilled from this model")
+    for key in ("vocab_size", "hidden_size"):
+        theirs, ours = getattr(student_cfg, key, None), getattr(large_cfg, key, None)
+        if theirs != ours:
+            raise ConfigError(f"the student {student_name} has {key} {theirs} but {large_name} has {ours}: "
+                              "a student must be distilled from the large model (same tokenizer and vocabulary)")
     task = load_task_checked(cfg)
     spec = task.spec.with_chat_format(cfg.model.get("chat_format"))
     examples = task.split(str(cfg.split))
@@ -203,14 +224,29 @@ def cmd_transfer(cfg: DictConfig) -> dict:
     check_disjoint({f"the transfer's public set ({public_task} {public_split})": public,
                     f"the alpha set ({spec.name} {tcfg.alpha_split})": alpha_examples},
                    f"{spec.name} {cfg.split}", examples)
+    if not public:
+        raise DataError(f"the public transfer set ({public_task} {public_split}) is empty: point "
+                        "transfer.public_task / transfer.public_split at a split with rows (transfer.public_size >= 1)")
+    if tcfg.alpha is None and not alpha_examples:
+        raise DataError(f"the alpha set ({spec.name} {tcfg.alpha_split}) is empty: POST's rule needs labelled "
+                        "examples; set transfer.alpha_split to a split with rows or give transfer.alpha")
     tokenizer = load_tokenizer(large_name)
+    student_tokenizer = load_tokenizer(student_name)
+    if student_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"the student {student_name} has another tokenizer than {large_name} "
+                          f"({len(student_tokenizer)} vs {len(tokenizer)} tokens): a student must be distilled from the "
+                          "large model (same tokenizer)")
     label_token_ids(tokenizer, spec.label_words)
+    longest = max(len(ids) for ids in tokenizer([spec.format(e) for e in [*public, *examples]],
+                                                add_special_tokens=True)["input_ids"])
+    check_prompt_fits(student_prompt.num_tokens, longest, getattr(large_cfg, "max_position_embeddings", None),
+                      remedy=f"the prompt in {tcfg.prompt} is too long for {large_name}, or the inputs are")
     out = output_dir(cfg, "transfer")
 
     device, dtype = cfg.model.get("device"), cfg.model.get("dtype")
     train = TrainConfig(batch_size=tcfg.batch_size, lr=tcfg.lr)
     large = SoftPromptTuner(load_causal_lm(large_name, device, dtype), tokenizer, spec, train)
-    student = SoftPromptTuner(load_causal_lm(student_name, device, dtype), load_tokenizer(student_name), spec, train)
+    student = SoftPromptTuner(load_causal_lm(student_name, device, dtype), student_tokenizer, spec, train)
     if tcfg.init == "student":
         init = load_prompt(tcfg.prompt)[0]
     else:

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from fedprompt.errors import ConfigError
 from fedprompt.methods.post.prompts import PromptConfig
+from fedprompt.methods.post.transfer import check_logits
 from fedprompt.methods.post.tuning import TrainConfig
 from fedprompt.privacy.dp import PrivacyConfig
 from fedprompt.typed_config import from_node
@@ -60,6 +61,8 @@ class TransferConfig:
     batch_size: int = 16
     lr: float = 0.01
     temperature: float = 2.0
+    # vocab: both KL terms over all next-token logits at the answer position (POST's) | labels: label words (ablation)
+    logits: str = "vocab"
     alpha: Optional[float] = None  # null: POST's rule from ZS and C on alpha_split
     alpha_split: str = "validation"
     alpha_limit: int = 200
@@ -79,6 +82,7 @@ class TransferConfig:
             raise ConfigError(f"transfer.alpha must be in [0, 1] (or null for POST's rule), got {self.alpha}")
         if self.init not in INITS:
             raise ConfigError(f"transfer.init={self.init!r} is not one of {list(INITS)}")
+        check_logits(self.logits)
 
     def public_source(self, task: str) -> tuple[str, str]:
         """(task, split) of the public transfer set for the tuned ``task``."""

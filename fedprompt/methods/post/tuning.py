@@ -88,12 +88,12 @@ def context_length(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def check_prompt_fits(num_tokens: int, longest_input: int, context: int | None) -> None:
+def check_prompt_fits(num_tokens: int, longest_input: int, context: int | None,
+                      remedy: str = "use fewer prompt tokens (method.prompt.num_tokens) or shorter inputs") -> None:
     """A ConfigError when the prompt plus the longest input exceed the model's context."""
     if context is not None and num_tokens + longest_input > context:
         raise ConfigError(f"a soft prompt of {num_tokens} tokens plus the longest input ({longest_input} tokens) "
-                          f"exceeds the model's context of {context} positions; use fewer prompt tokens "
-                          "(method.prompt.num_tokens) or shorter inputs")
+                          f"exceeds the model's context of {context} positions; {remedy}")
 
 
 class SoftPromptTuner:
@@ -111,10 +111,21 @@ class SoftPromptTuner:
         batch = self.tokenizer.pad({"input_ids": list(seqs)}, padding=True, padding_side="left", return_tensors="pt")
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
-    def label_logits(self, prompt_module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``(B, C)`` float32 logits of the label words at the answer position (autograd on)."""
+    def answer_logits(self, prompt_module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, V)`` float32 next-token logits over the whole vocabulary at the answer position (autograd on).
+
+        The answer position is the last input position of the left-padded batch (the formatted example ends
+        with the answer prefix), with ``prompt_module`` (a :class:`SoftPrompt`, a wrapper of one, or None)
+        prepended. The LM head runs at that one position only (``keep_last=1``). POST's transfer reads all V
+        logits (``transfer.logits=vocab``); :meth:`label_logits` reads the label words' columns of it.
+        """
         logits = prompted_logits(self.model, input_ids, attention_mask, prompt_module, keep_last=1)[:, -1]
-        return logits[:, self.label_ids].float()
+        return logits.float()
+
+    def label_logits(self, prompt_module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, C)`` float32 logits of the label words at the answer position (autograd on): the label
+        words' columns of :meth:`answer_logits`."""
+        return self.answer_logits(prompt_module, input_ids, attention_mask)[:, self.label_ids]
 
     def train(self, prompt: SoftPrompt, examples: Sequence[Example], steps: int | None = None, *, seed: int = 0,
               plan=None, history=None) -> TrainResult:
