@@ -1,5 +1,5 @@
-"""The shared round driver (fedprompt.fl.rounds): eval_every, min_replies, the checkpoint every round, and POST's
-and RAPT's servers on it. The servers run in this process against an in-process Grid that hands each message to
+"""The shared round driver (fedprompt.fl.rounds): eval_every, min_replies, the checkpoint every round, and every
+method's server on it. The servers run in this process against an in-process Grid that hands each message to
 the real ClientApp (no Ray: seconds), with clients that fail on demand."""
 
 from __future__ import annotations
@@ -152,7 +152,11 @@ class InProcessGrid:
     def send_and_receive(self, messages, timeout=None):
         replies = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's Grid does when it sends
             node = int(msg.metadata.dst_node_id)
+            if "config" not in msg.content:  # BDPL's partition query
+                replies.append(client_app.app(msg, self.contexts[node]))
+                continue
             server_round = int(msg.content["config"]["server-round"])
             if server_round in self.stop_at:
                 raise Stopped
@@ -164,10 +168,14 @@ class InProcessGrid:
 
 
 def _overrides(method: str, data: Path, model: Path, folder: Path, *extra: str) -> list[str]:
+    from tests.fl_support import tiny_overrides
+    from tests.test_bbt import bbt_overrides
+    from tests.test_bdpl import bdpl_overrides
     from tests.test_post_fl import post_overrides
     from tests.test_rapt_fl import rapt_overrides
 
-    base = rapt_overrides(data, model) if method == "rapt" else post_overrides(data, model)
+    base = {"rapt": rapt_overrides, "post": post_overrides, "feddtpt": tiny_overrides, "bbt": bbt_overrides,
+            "bdpl": lambda d, m: [*bdpl_overrides(d, m), "method.clients_per_round=2"]}[method](data, model)
     return [*base, "federation.rounds=3", "federation.eval_limit=8", "federation.eval_references=false",
             f"output_dir={folder}", *extra]
 
@@ -178,8 +186,8 @@ def _run_server(method: str, cfg, grid) -> dict:
     return federated_method(method).load("server")(grid, cfg)
 
 
-@pytest.mark.parametrize("method", ["post", "rapt"])
-def test_post_and_rapt_honour_min_replies_and_eval_every(server_identity, tmp_path, tiny_model_dir, method):
+@pytest.mark.parametrize("method", ["post", "rapt", "feddtpt", "bbt", "bdpl"])
+def test_every_method_honours_min_replies_and_eval_every(server_identity, tmp_path, tiny_model_dir, method):
     folder = tmp_path / "run"
     cfg = compose(_overrides(method, write_secret_task(tmp_path / "data"), tiny_model_dir, folder,
                              "federation.min_replies=2", "federation.eval_every=2"))
@@ -193,12 +201,11 @@ def test_post_and_rapt_honour_min_replies_and_eval_every(server_identity, tmp_pa
     assert [r["accuracy"] is None for r in rows] == [False, True, False, False]
     assert [r["eval_n"] for r in rows] == [8, 0, 8, 8]
     assert json.loads((folder / "checkpoint.json").read_text())["round"] == 3
+    assert rows[1]["replies"] == 1
     if method == "rapt":  # the skipped round's examples are not pooled: round 2 starts the pool
         assert rows[1]["client_metrics"]["examples-pooled"] == 0
         assert rows[2]["client_metrics"]["examples-pooled"] == rows[2]["client_metrics"]["examples-received"] > 0
         assert summary["train_steps"] == 2 * 2  # rounds 2 and 3 only
-    else:
-        assert rows[1]["replies"] == 1
 
 
 def test_a_rapt_run_stopped_in_round_2_resumes_to_the_uninterrupted_run(server_identity, tmp_path, tiny_model_dir):
