@@ -1,7 +1,7 @@
-"""POST's server: FedAvg of the clients' soft prompts, a central evaluation of the global prompt every
-round on the model the prompts are tuned on, and the results (the run folder's rounds.json / csv /
-accuracy.png / summary.json / checkpoint.json (resume), and the final global prompt as
-``prompt.safetensors``).
+"""POST's server: FedAvg of the clients' soft prompts, a central evaluation of the global prompt on the model the
+prompts are tuned on (round 0, every ``federation.eval_every``-th round and the last: fedprompt.fl.rounds), and
+the results (the run folder's rounds.json / csv / accuracy.png / summary.json / checkpoint.json (resume), and
+the final global prompt as ``prompt.safetensors``).
 
 Round 0 is the text-initialised prompt. The server reads only the evaluation split; it never sees a
 client's examples, only their prompts and numbers (with DP: public numbers only). With DP, summary.json
