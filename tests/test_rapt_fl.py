@@ -150,8 +150,9 @@ def sent(node: int) -> Message:
     return Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node, message_type=MessageType.TRAIN)
 
 
-def reply(node: int, examples, unchanged: float) -> Message:
-    metrics = {"num-examples": len(examples), "tokens": 10 * len(examples), "tokens-unchanged": unchanged, "privatize-s": 0.1}
+def reply(node: int, examples, unchanged: float, pid: int = 0) -> Message:
+    metrics = {"num-examples": len(examples), "tokens": 10 * len(examples), "tokens-unchanged": unchanged, "privatize-s": 0.1,
+               "partition-id": pid}
     return Message(RecordDict({"arrays": examples_to_arrays(examples, 2), "metrics": MetricRecord(metrics)}), reply_to=sent(node))
 
 
@@ -160,11 +161,12 @@ def test_the_strategy_trains_on_valid_replies_and_records_the_rest(server_identi
     strategy.rounds[1] = RoundStats(sampled=5)  # as configure_train would have left it
     good = [PrivateExample((1, 2, 3), 0, None, (1, 2)), PrivateExample((4, 5, 6, 7), 1, None, (4, 5))]
     bad_label = [PrivateExample((1, 2, 3), -1, None, (1, 2))]
-    replies = [reply(13, good, 0.2), Message(Error(2, "boom"), reply_to=sent(99)), reply(12, bad_label, 0.0),
-               reply(11, good[:1], 0.5)]
+    replies = [reply(13, good, 0.2, pid=0), Message(Error(2, "boom"), reply_to=sent(99)), reply(12, bad_label, 0.0, pid=1),
+               reply(11, good[:1], 0.5, pid=2)]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert torch.equal(arrays_to_prompt(arrays), strategy.trainer.soft_prompt.weight.detach())
-    assert strategy.trainer.examples == good[:1] + good and strategy.trainer.trained == 1
+    # pooled in partition order (0, then 2), not in node-id order (11, then 13): node ids are random per run
+    assert strategy.trainer.examples == good + good[:1] and strategy.trainer.trained == 1
     stats = strategy.rounds[1]
     assert stats.replies == 2 and stats.missing == 1
     assert [f["node"] for f in stats.failures] == [12, 99] and "malformed" in stats.failures[0]["reason"]
@@ -176,3 +178,35 @@ def test_no_examples_yet_keeps_the_prompt(server_identity):
     strategy = RAPTStrategy(FakeTrainer())
     assert strategy.aggregate_train(1, [Message(Error(2, "x"), reply_to=sent(11))]) == (None, None)
     assert strategy.trainer.trained == 0
+
+
+def test_the_pool_follows_the_partition_ids_whatever_the_node_ids(server_identity):
+    """Flower draws node ids at random per run; the pool (and so the batches a seed draws) must not depend on them."""
+    shares = [[PrivateExample((1, 2, 3 + p), p % 2, None, (1, 2))] for p in range(3)]
+
+    def pool(nodes):
+        strategy = RAPTStrategy(FakeTrainer())
+        strategy.aggregate_train(1, [reply(node, shares[p], 0.0, pid=p) for p, node in enumerate(nodes)])
+        return strategy.trainer.examples
+
+    expected = shares[0] + shares[1] + shares[2]
+    assert pool([30, 20, 10]) == pool([10, 30, 20]) == pool([20, 10, 30]) == expected
+
+
+@pytest.mark.parametrize("min_replies, skipped", [(2, True), (1, False)])
+def test_a_round_with_fewer_valid_replies_than_min_replies_pools_and_trains_nothing(server_identity, min_replies, skipped):
+    strategy = RAPTStrategy(FakeTrainer(), min_replies=min_replies)
+    earlier = [PrivateExample((7, 8, 9), 1, None, (7, 8))]
+    strategy.trainer.examples.extend(earlier)  # pooled in an earlier round
+    strategy.rounds[2] = RoundStats(sampled=2)
+    new = [PrivateExample((1, 2, 3), 0, None, (1, 2))]
+    arrays, metrics = strategy.aggregate_train(2, [reply(11, new, 0.0, pid=0), Message(Error(2, "lost"), reply_to=sent(12))])
+    stats = strategy.rounds[2]
+    assert stats.replies == 1 and len(stats.failures) == 1
+    if skipped:
+        assert arrays is None and strategy.trainer.trained == 0 and strategy.trainer.examples == earlier
+        assert stats.skipped == "1 valid replies < federation.min_replies=2"
+        assert metrics["examples-received"] == 1 and metrics["examples-pooled"] == 1
+    else:
+        assert arrays is not None and strategy.trainer.trained == 1 and strategy.trainer.examples == earlier + new
+        assert stats.skipped is None

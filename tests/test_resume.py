@@ -257,3 +257,28 @@ def test_a_dp_post_run_resumes_with_its_accountants_and_ends_as_the_uninterrupte
     prompts = [load_file(f / "prompt.safetensors") for f in (whole, stopped)]
     assert prompts[0].keys() == prompts[1].keys()
     assert all((prompts[0][k] == prompts[1][k]).all() for k in prompts[0])
+
+
+def test_a_rapt_run_resumes_with_its_trainer_and_ends_as_the_uninterrupted_run(capsys, tmp_path, tiny_model_dir):
+    """RAPT trains on the server: its pool of privatized examples, head, optimizer and batch sampler are the
+    strategy's checkpoint state, so `fedprompt resume` after round 1 of 3 ends with the same soft prompt and rows
+    (eval_every=2: round 1 is not scored, rounds 0, 2 and 3 are)."""
+    import torch
+
+    from tests.test_rapt_fl import rapt_overrides
+
+    args = [*rapt_overrides(write_secret_task(tmp_path / "data"), tiny_model_dir), "federation.rounds=3",
+            "federation.eval_limit=8", "federation.eval_every=2"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    _run_stopped_after_round_1(args, whole, stopped, capsys)
+    capsys.readouterr()
+    assert cli.main(["resume", str(stopped)]) == 0, capsys.readouterr().err[-3000:]
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["resumed_from_round"] == 1 and result["rounds"] == 3
+    assert _trajectory(stopped) == _trajectory(whole)
+    assert _rounds_json_but_timings(stopped) == _rounds_json_but_timings(whole)
+    assert [r["accuracy"] is None for r in json.loads((whole / "rounds.json").read_text())] == [False, True, False, False]
+    assert torch.equal(torch.load(stopped / "soft_prompt.pt"), torch.load(whole / "soft_prompt.pt"))
+    summaries = [json.loads((f / "summary.json").read_text()) for f in (whole, stopped)]
+    assert summaries[0]["examples_received"] == summaries[1]["examples_received"] > 0
+    assert summaries[0]["train_steps"] == summaries[1]["train_steps"] == 3 * 2

@@ -317,6 +317,7 @@ class CheckpointedRounds:
         self.folder, self.report, self.strategy = Path(folder), report, strategy
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.resumed = check_resumable(self.folder, self.config) if cfg.get("resume") else None
+        self.last_arrays: ArrayRecord | None = None  # the global arrays after the last round run (or restored)
         if self.resumed is not None:
             report.restore(self.resumed.rows, self.resumed.info)
 
@@ -327,6 +328,8 @@ class CheckpointedRounds:
         done, arrays = 0, initial_arrays
         if self.resumed is not None:
             done, arrays = self.resumed.round, self.resumed.arrays
+        self.last_arrays = arrays
+        if self.resumed is not None:
             if self.resumed.strategy is not None:
                 self.strategy.restore_state(self.resumed.strategy)
             set_rng_state(self.resumed.rng)  # last: nothing may draw between here and the next round
@@ -336,6 +339,7 @@ class CheckpointedRounds:
             if flower_round == 0 and done:
                 return None  # evaluated and reported before the stop
             server_round = flower_round + done
+            self.last_arrays = round_arrays
             metrics = evaluate_fn(server_round, round_arrays) if evaluate_fn is not None else None
             state = getattr(self.strategy, "checkpoint_state", None)
             Checkpoint(server_round, num_rounds, self.config, round_arrays, self.report.rows, self.report.info,

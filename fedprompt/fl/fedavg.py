@@ -21,10 +21,13 @@ class RecordedFedAvg(FedAvg):
     were sampled and the bytes sent to them; a subclass's ``aggregate_train`` records the replies' side, and
     first hands them to ``fedprompt.fl.records.audit_replies(self.audit_path, ...)`` (``audit_path``: where
     ``federation.audit_replies`` appends every reply as received; None, the default, writes nothing).
+    ``min_replies`` (``federation.min_replies``) is the valid replies a subclass's round needs: with fewer it
+    records the round as skipped and keeps the global arrays (``fedprompt.fl.rounds.too_few_replies``).
     """
 
-    def __init__(self, audit_path: str | Path | None = None, **kwargs) -> None:
+    def __init__(self, audit_path: str | Path | None = None, min_replies: int = 1, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.min_replies = int(min_replies)
         self.rounds: dict[int, RoundStats] = {}
         self.audit_path = Path(audit_path) if audit_path else None
 

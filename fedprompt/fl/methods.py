@@ -14,9 +14,9 @@ registry imports no method (and no torch):
   the service it talks to); returns facts to record in the run folder.
 
 ``privacy`` lists the mechanisms (``privacy.name``, see ``fedprompt.schema.PRIVACY``) the method implements.
-To be resumable (``resume=true``) a method's server runs its rounds through
-``fedprompt.fl.checkpoint.CheckpointedRounds`` and its clients keep cross-round state only in
-``context.state`` (docs/experiments.md, "Resume").
+Every method's server runs its rounds through the shared round driver, ``fedprompt.fl.rounds.RoundDriver``
+(every ``federation.*`` key honoured alike, a checkpoint every round, so the run is resumable:
+``resume=true``); its clients keep cross-round state only in ``context.state`` (docs/experiments.md, "Resume").
 """
 
 from __future__ import annotations

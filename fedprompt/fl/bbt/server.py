@@ -10,11 +10,10 @@ Each client's CMA-ES is seeded per (seed, round, partition), so a resumed run re
 
 from __future__ import annotations
 
-import time
 from logging import INFO
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -70,28 +69,25 @@ def predict_soft_prompt(blackbox, spec, examples, soft_prompt: np.ndarray) -> np
 
 def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.fl.bbt.strategy import BBTStrategy
-    from fedprompt.fl.checkpoint import CheckpointedRounds
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
     from fedprompt.fl.feddtpt.server import predict_prompt
-    from fedprompt.fl.protocol import measure_references, provenance, round_accuracy
+    from fedprompt.fl.protocol import measure_references, provenance
     from fedprompt.fl.records import audit_path
     from fedprompt.fl.report import RunReport
+    from fedprompt.fl.rounds import Federation, RoundDriver, Scored
     from fedprompt.fl.run import run_folder
     from fedprompt.methods.bbt.projection import projection_for
 
-    fed = cfg.federation
+    fed, federation = cfg.federation, Federation.from_cfg(cfg)
     method = method_config(cfg)
     folder = run_folder(cfg)
     task, spec = load_task_and_spec(cfg)
     examples = eval_examples(cfg, task)  # the server reads only the evaluation split, never client data
     blackbox = soft_prompt_blackbox(cfg)
     projection = projection_for(method, blackbox, spec.manual_prompt, int(cfg.seed))
-    strategy = BBTStrategy(method.mode, method.intrinsic_dim, method.sigma0, min_replies=int(fed.min_replies),
-                           fraction_train=float(fed.fraction_train), fraction_evaluate=0.0,
-                           min_train_nodes=int(fed.min_train_clients),
-                           min_available_nodes=int(fed.min_available_clients or fed.num_clients),
-                           audit_path=audit_path(cfg, folder))
+    strategy = BBTStrategy(method.mode, method.intrinsic_dim, method.sigma0, fraction_evaluate=0.0,
+                           audit_path=audit_path(cfg, folder), **federation.fedavg_kwargs())
     report = RunReport(folder, {
         "method": method.name, "mode": method.mode, "task": spec.name, "model": str(cfg.model.name),
         "service": str(cfg.service.kind), "num_clients": int(fed.num_clients), "partition": dict(cfg.partition),
@@ -100,30 +96,21 @@ def run_server(grid: Grid, cfg) -> dict:
         "popsize": method.popsize, "local_iterations": method.local_iterations, "batch_size": method.batch_size,
         "projection_std": projection.std, "projection_seed": projection.seed, **provenance(cfg),
     })
-    rounds = CheckpointedRounds(cfg, folder, report, strategy)  # resume=true: the report so far is restored here
+    driver = RoundDriver(cfg, folder, report, strategy, examples)  # resume=true: the report so far is restored here
     if fed.eval_references:  # the manual prompt or no instruction, without a soft prompt
         measure_references(report, lambda rows, text: predict_prompt(blackbox, spec, rows, text), spec, examples,
                            reference_examples(cfg, task))
 
-    every, last = int(fed.eval_every), int(fed.rounds)
-
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def score(server_round: int, arrays: ArrayRecord, due: bool) -> Scored:
         z, sigma = arrays_to_point(arrays, method.intrinsic_dim)
-        start = time.perf_counter()
-        due = server_round % every == 0 or server_round == last  # round 0 and the final prompt always
-        predictions = predict_soft_prompt(blackbox, spec, examples, projection.prompt(z)) if due else None
-        accuracy = round_accuracy(report, examples, server_round, last, predictions)
-        queries = len(examples) if due else 0
-        report.add(server_round, [], accuracy, len(examples) if due else 0, queries, time.perf_counter() - start,
-                   strategy.rounds.get(server_round))
-        log(INFO, "round %d: accuracy %s of the global prompt (|z| %.3f, sigma %.4f)", server_round, accuracy,
-            float(np.linalg.norm(z)), sigma)
-        return MetricRecord({"accuracy": accuracy}) if due else None
+        log(INFO, "round %d: the global prompt's |z| %.3f, sigma %.4f", server_round, float(np.linalg.norm(z)), sigma)
+        if not due:
+            return Scored()
+        return Scored(predictions=predict_soft_prompt(blackbox, spec, examples, projection.prompt(z)),
+                      queries=len(examples))
 
     try:
-        result = rounds.start(grid, point_to_arrays(np.zeros(method.intrinsic_dim, np.float32), method.sigma0),
-                              num_rounds=int(fed.rounds), timeout=float(fed.round_timeout_s),
-                              train_config=ConfigRecord(), evaluate_fn=evaluate)
+        result = driver.run(grid, point_to_arrays(np.zeros(method.intrinsic_dim, np.float32), method.sigma0), score)
     finally:
         blackbox.close()
     z, sigma = arrays_to_point(result.arrays, method.intrinsic_dim)

@@ -14,6 +14,7 @@ from fedprompt.fl.bbt.records import arrays_to_point, point_to_arrays
 from fedprompt.fl.fedavg import RecordedFedAvg
 from fedprompt.fl.records import ARRAYS, METRICS, audit_replies, record_bytes
 from fedprompt.fl.report import RoundStats
+from fedprompt.fl.rounds import too_few_replies
 from fedprompt.methods.bbt.aggregate import fedavg_bbt, fedbpt
 
 WEIGHT_KEY = "num-examples"
@@ -60,9 +61,7 @@ class BBTStrategy(RecordedFedAvg):
         stats.aggregation = {"clients": clients, "mode": self.mode}
         stats.metrics = _combine(clients)
         arrays = None
-        if len(points) < self.min_replies:
-            stats.skipped = f"{len(points)} valid replies, fewer than federation.min_replies={self.min_replies}"
-        else:
+        if not too_few_replies(stats, len(points), self.min_replies, server_round, kept="global point"):
             weights = [float(c[WEIGHT_KEY]) for c in clients]
             if self.mode == "fedavg":
                 z, sigma = fedavg_bbt([p[0] for p in points], weights), self.sigma0

@@ -13,12 +13,10 @@ global logits alone.
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from fedprompt.fl.bdpl.records import arrays_to_logits, logits_to_arrays
 
@@ -60,23 +58,21 @@ def check(cfg, spec) -> dict:
 
 
 def run_server(grid: Grid, cfg) -> dict:
-    from logging import INFO
-
     from fedprompt.blackbox import make_blackbox
     from fedprompt.fl.bdpl.client import vocab_model
     from fedprompt.fl.bdpl.strategy import BDPLFedAvg
-    from fedprompt.fl.checkpoint import CheckpointedRounds
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
     from fedprompt.fl.feddtpt.server import predict_prompt
-    from fedprompt.fl.protocol import measure_references, provenance, round_accuracy
+    from fedprompt.fl.protocol import measure_references, provenance
     from fedprompt.fl.records import audit_path
     from fedprompt.fl.report import RunReport
+    from fedprompt.fl.rounds import Federation, RoundDriver, Scored
     from fedprompt.fl.run import run_folder
     from fedprompt.methods.bdpl import BDPLClient, argmax_prompt, candidate_vocab
     from fedprompt.models import load_tokenizer
 
-    fed = cfg.federation
+    fed, federation = cfg.federation, Federation.from_cfg(cfg)
     method = method_config(cfg)
     folder = run_folder(cfg)  # `fedprompt run` sets output_dir; `flwr run .` by hand: outputs/run/...
     task, spec = load_task_and_spec(cfg)
@@ -84,10 +80,10 @@ def run_server(grid: Grid, cfg) -> dict:
     vocab = candidate_vocab(load_tokenizer(vocab_model(cfg)), method)
     policy = BDPLClient(method, vocab)  # only for the shape and the initial logits; the server runs no steps
     blackbox = make_blackbox(cfg)
+    # fraction_train and min_train_clients do not apply: method.clients_per_round clients a round
     strategy = BDPLFedAvg(clients_per_round=method.clients_per_round, seed=int(cfg.seed),
-                          min_replies=int(fed.min_replies),
-                          min_available_nodes=int(fed.min_available_clients or fed.num_clients), vocab=vocab,
-                          audit_path=audit_path(cfg, folder))
+                          min_replies=federation.min_replies, min_available_nodes=federation.min_available_clients,
+                          vocab=vocab, audit_path=audit_path(cfg, folder))
     report = RunReport(folder, {
         "method": method.name, "variant": "fedone" if method.clients_per_round == 1 else "federated-bdpl",
         "task": spec.name, "model": str(cfg.model.name), "service": str(cfg.service.kind),
@@ -98,31 +94,21 @@ def run_server(grid: Grid, cfg) -> dict:
         "local_steps": method.local_steps, "batch_size": method.batch_size, "lr": method.lr,
         "optimizer": method.optimizer, "query_budget": method.query_budget, **provenance(cfg),
     })
-    rounds = CheckpointedRounds(cfg, folder, report, strategy)  # resume=true: the report so far is restored here
+    driver = RoundDriver(cfg, folder, report, strategy, examples)  # resume=true: the report so far is restored here
     if fed.eval_references:
         measure_references(report, lambda rows, text: predict_prompt(blackbox, spec, rows, text), spec, examples,
                            reference_examples(cfg, task))
 
-    every, last = int(fed.eval_every), int(fed.rounds)
     final: dict[str, np.ndarray] = {}
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def score(server_round: int, arrays: ArrayRecord, due: bool) -> Scored:
         logits = arrays_to_logits(arrays, policy.shape)
         final["logits"] = logits
         words = [vocab[int(i)] for i in argmax_prompt(logits)]
-        start = time.perf_counter()
-        due = server_round % every == 0 or server_round == last  # round 0 and the final prompt always
-        predictions = predict_prompt(blackbox, spec, examples, words) if due else None
-        accuracy = round_accuracy(report, examples, server_round, last, predictions)
-        queries = len(examples) if due else 0
-        row = report.add(server_round, words, accuracy, len(examples) if due else 0, queries,
-                         time.perf_counter() - start, strategy.rounds.get(server_round))
-        log(INFO, "round %d: accuracy %s, argmax prompt %r", server_round, accuracy, row["prompt"])
-        return MetricRecord({"accuracy": accuracy}) if due else None
+        return Scored(words, predict_prompt(blackbox, spec, examples, words) if due else None, len(examples))
 
     try:
-        rounds.start(grid, logits_to_arrays(policy.initial_logits()), num_rounds=int(fed.rounds),
-                     timeout=float(fed.round_timeout_s), train_config=ConfigRecord(), evaluate_fn=evaluate)
+        driver.run(grid, logits_to_arrays(policy.initial_logits()), score)
     finally:
         blackbox.close()
     np.save(folder / LOGITS_FILE, final["logits"])

@@ -9,13 +9,11 @@ summary.json at the end. The search is seeded per (seed, round, partition) and t
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Sequence
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from fedprompt.fl.feddtpt.records import arrays_to_prompt, prompt_to_arrays
 
@@ -82,19 +80,17 @@ def public_check(blackbox, spec, public) -> Callable[[list[str], list[str]], dic
 
 
 def run_server(grid: Grid, cfg) -> dict:
-    from logging import INFO
-
     from fedprompt.blackbox import make_blackbox
-    from fedprompt.fl.checkpoint import CheckpointedRounds
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import eval_examples, load_task_and_spec, public_examples, reference_examples
-    from fedprompt.fl.protocol import measure_references, provenance, round_accuracy
+    from fedprompt.fl.protocol import measure_references, provenance
     from fedprompt.fl.records import audit_path
     from fedprompt.fl.report import RunReport
+    from fedprompt.fl.rounds import Federation, RoundDriver, Scored
     from fedprompt.fl.run import run_folder
     from fedprompt.fl.feddtpt.strategy import FedDTPTStrategy
 
-    fed = cfg.federation
+    fed, federation = cfg.federation, Federation.from_cfg(cfg)
     method = method_config(cfg)
     folder = run_folder(cfg)  # `fedprompt run` sets output_dir; `flwr run .` by hand: outputs/run/...
     task, spec = load_task_and_spec(cfg)
@@ -102,10 +98,8 @@ def run_server(grid: Grid, cfg) -> dict:
     seed_prompt = method.initial_prompt(spec)
     blackbox = make_blackbox(cfg)
     strategy = FedDTPTStrategy(
-        method.build_aggregator(), fraction_train=float(fed.fraction_train),
-        min_train_nodes=int(fed.min_train_clients), min_replies=int(fed.min_replies), seed=int(cfg.seed),
-        max_tokens=method.search.max_tokens,
-        min_available_nodes=int(fed.min_available_clients or fed.num_clients),
+        method.build_aggregator(), seed=int(cfg.seed), max_tokens=method.search.max_tokens,
+        **federation.fedavg_kwargs(),  # fraction_train, min_train_nodes, min_available_nodes, min_replies
         audit_path=audit_path(cfg, folder),
         # The public pool is public (federation.public_split), not client data: the server may score on it.
         server_check=public_check(blackbox, spec, public_examples(cfg, task, spec)) if method.aggregate.server_check else None,
@@ -117,32 +111,22 @@ def run_server(grid: Grid, cfg) -> dict:
         "aggregate_mode": method.aggregate.mode, "proposer": method.proposer.name, "feedback": method.search.feedback,
         "budget_per_client_round": method.search.budget, **provenance(cfg),
     })
-    rounds = CheckpointedRounds(cfg, folder, report, strategy)  # resume=true: the report so far is restored here
+    driver = RoundDriver(cfg, folder, report, strategy, examples)  # resume=true: the report so far is restored here
     if fed.eval_references:
         measure_references(report, lambda rows, text: predict_prompt(blackbox, spec, rows, text), spec, examples,
                            reference_examples(cfg, task))
     seed_is_manual = seed_prompt == spec.manual_prompt.split() and "manual" in report.predictions
 
-    every, last = int(fed.eval_every), int(fed.rounds)
-
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def score(server_round: int, arrays: ArrayRecord, due: bool) -> Scored:
         words = arrays_to_prompt(arrays)
-        start = time.perf_counter()
-        due = server_round % every == 0 or server_round == last  # round 0 and the final prompt always
-        predictions, queries = None, 0
-        if due and server_round == 0 and seed_is_manual:  # the seed is the manual prompt, scored just before
-            predictions = report.predictions["manual"]
-        elif due:
-            predictions, queries = predict_prompt(blackbox, spec, examples, words), len(examples)
-        accuracy = round_accuracy(report, examples, server_round, last, predictions)
-        row = report.add(server_round, words, accuracy, len(examples) if due else 0, queries,
-                         time.perf_counter() - start, strategy.rounds.get(server_round))
-        log(INFO, "round %d: accuracy %s, prompt %r", server_round, accuracy, row["prompt"])
-        return MetricRecord({"accuracy": accuracy}) if due else None
+        if not due:
+            return Scored(words)
+        if server_round == 0 and seed_is_manual:  # the seed is the manual prompt, scored just before
+            return Scored(words, report.predictions["manual"], 0)
+        return Scored(words, predict_prompt(blackbox, spec, examples, words), len(examples))
 
     try:
-        rounds.start(grid, prompt_to_arrays(seed_prompt), num_rounds=int(fed.rounds),
-                     timeout=float(fed.round_timeout_s), train_config=ConfigRecord(), evaluate_fn=evaluate)
+        driver.run(grid, prompt_to_arrays(seed_prompt), score)
     finally:
         blackbox.close()
     return report.finish(server_usage=blackbox.usage.to_dict())

@@ -1,7 +1,7 @@
-"""POST's server: FedAvg of the clients' soft prompts, a central evaluation of the global prompt every
-round on the model the prompts are tuned on, and the results (the run folder's rounds.json / csv /
-accuracy.png / summary.json / checkpoint.json (resume), and the final global prompt as
-``prompt.safetensors``).
+"""POST's server: FedAvg of the clients' soft prompts, a central evaluation of the global prompt on the model the
+prompts are tuned on (round 0, every ``federation.eval_every``-th round and the last: fedprompt.fl.rounds), and
+the results (the run folder's rounds.json / csv / accuracy.png / summary.json / checkpoint.json (resume), and
+the final global prompt as ``prompt.safetensors``).
 
 Round 0 is the text-initialised prompt. The server reads only the evaluation split; it never sees a
 client's examples, only their prompts and numbers (with DP: public numbers only). With DP, summary.json
@@ -11,13 +11,10 @@ reports each client's accounted (epsilon, delta) and the largest of each (:func:
 from __future__ import annotations
 
 import json
-import time
-from logging import INFO
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from fedprompt.fl.post.records import arrays_to_prompt, prompt_to_arrays
 
@@ -82,19 +79,19 @@ def check(cfg, spec) -> dict:
 
 
 def run_server(grid: Grid, cfg) -> dict:
-    from fedprompt.fl.checkpoint import CheckpointedRounds
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
     from fedprompt.fl.post.strategy import PromptFedAvg
-    from fedprompt.fl.protocol import measure_references, provenance, round_accuracy
+    from fedprompt.fl.protocol import measure_references, provenance
     from fedprompt.fl.records import audit_path
     from fedprompt.fl.report import RunReport
+    from fedprompt.fl.rounds import Federation, RoundDriver, Scored
     from fedprompt.fl.run import run_folder
     from fedprompt.methods.post import initial_prompt, save_prompt
     from fedprompt.models import PromptedClassifier, load_causal_lm, load_tokenizer
     from fedprompt.models.distill import resolve_model
 
-    fed = cfg.federation
+    fed, federation = cfg.federation, Federation.from_cfg(cfg)
     method = method_config(cfg)
     folder = run_folder(cfg)
     task, spec = load_task_and_spec(cfg)
@@ -104,9 +101,7 @@ def run_server(grid: Grid, cfg) -> dict:
     classifier = PromptedClassifier(model, tokenizer, spec, batch_size=int(cfg.batch_size))
     device = next(model.parameters()).device
     init = initial_prompt(method.prompt, spec, tokenizer, model)
-    strategy = PromptFedAvg(fraction_train=float(fed.fraction_train), fraction_evaluate=0.0,
-                            min_train_nodes=int(fed.min_train_clients), min_available_nodes=int(fed.num_clients),
-                            audit_path=audit_path(cfg, folder))
+    strategy = PromptFedAvg(fraction_evaluate=0.0, audit_path=audit_path(cfg, folder), **federation.fedavg_kwargs())
     report = RunReport(folder, {
         "method": method.name, "task": spec.name, "model": str(cfg.model.name), "tuning_model": name,
         "num_clients": int(fed.num_clients), "partition": dict(cfg.partition), "eval_split": str(fed.eval_split),
@@ -115,22 +110,17 @@ def run_server(grid: Grid, cfg) -> dict:
         "target_epsilon": method.privacy.epsilon if method.privacy.enabled else None,
         "noise_seed": method.privacy.noise_seed if method.privacy.enabled else None, **provenance(cfg),
     })
-    rounds = CheckpointedRounds(cfg, folder, report, strategy)  # resume=true: the report so far is restored here
+    driver = RoundDriver(cfg, folder, report, strategy, examples)  # resume=true: the report so far is restored here
     if fed.eval_references:  # the tuned-on model with the manual prompt or no instruction, no soft prompt
         measure_references(report, classifier.predict, spec, examples, reference_examples(cfg, task))
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def score(server_round: int, arrays: ArrayRecord, due: bool) -> Scored:
+        if not due:
+            return Scored()
         prompt = arrays_to_prompt(arrays).to(device)
-        start = time.perf_counter()
-        predictions = classifier.predict(examples, soft_prompt=prompt)
-        accuracy = round_accuracy(report, examples, server_round, int(fed.rounds), predictions)
-        report.add(server_round, [], accuracy, len(examples), 0, time.perf_counter() - start,
-                   strategy.rounds.get(server_round))
-        log(INFO, "round %d: accuracy %.4f of the global prompt on %s", server_round, accuracy, name)
-        return MetricRecord({"accuracy": accuracy})
+        return Scored(predictions=classifier.predict(examples, soft_prompt=prompt))
 
-    result = rounds.start(grid, prompt_to_arrays(init), num_rounds=int(fed.rounds), timeout=float(fed.round_timeout_s),
-                          train_config=ConfigRecord(), evaluate_fn=evaluate)
+    result = driver.run(grid, prompt_to_arrays(init), score)
     # Totals from the report's rows, which a resumed run restored: they cover the rounds before a stop too.
     metrics = [row.get("client_metrics") or {} for row in report.rows]
     privacy = privacy_summary(report.rows, int(fed.num_clients)) if method.privacy.enabled else {

@@ -16,6 +16,7 @@ from fedprompt.fl.fedavg import RecordedFedAvg
 from fedprompt.fl.post.records import PROMPT
 from fedprompt.fl.records import ARRAYS, METRICS, audit_replies, record_bytes
 from fedprompt.fl.report import RoundStats
+from fedprompt.fl.rounds import too_few_replies
 
 WEIGHT_KEY = "num-examples"
 _SUMMED = ("steps", "examples-seen", "empty-batches", "tokens", "train-s")
@@ -26,6 +27,8 @@ class PromptFedAvg(RecordedFedAvg):
 
     Replies that are errors, or that do not carry a prompt of the global prompt's shape and a positive
     example count, are recorded as failures and left out of the average (plain FedAvg would stop the run).
+    Fewer than ``min_replies`` valid replies (``federation.min_replies``): the round is recorded as skipped and
+    the global prompt is kept.
     ``self.rounds[r]`` holds round r's :class:`RoundStats`; its ``aggregation["clients"]`` lists every
     client's metrics (epsilon included) in partition order.
     """
@@ -53,10 +56,12 @@ class PromptFedAvg(RecordedFedAvg):
             valid.append(msg)
             stats.bytes_up += record_bytes(msg.content)
         stats.replies = len(valid)
-        arrays, _ = super().aggregate_train(server_round, valid) if valid else (None, None)
-        clients = sorted((dict(m.content[METRICS]) for m in valid), key=lambda m: m.get("partition-id", -1))
+        valid.sort(key=lambda m: float(m.content[METRICS].get("partition-id", -1)))  # node ids are random per run
+        clients = [dict(m.content[METRICS]) for m in valid]
         stats.aggregation = {"clients": clients}
         stats.metrics = _combine(clients)
+        skipped = too_few_replies(stats, len(valid), max(self.min_replies, 1), server_round)
+        arrays, _ = (None, None) if skipped else super().aggregate_train(server_round, valid)
         stats.train_s = time.perf_counter() - stats.started
         return arrays, MetricRecord(stats.metrics) if clients else None
 

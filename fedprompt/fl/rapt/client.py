@@ -77,6 +77,6 @@ def train(msg: Message, context: Context, cfg) -> Message:
     before = [t for r in raw[:n] for t in r[m:]] + [t for r in raw[n:] for t in r]
     metrics = {"num-examples": n, "tokens": len(sent),
                "tokens-unchanged": float(np.mean(np.asarray(sent) == np.asarray(before))) if sent else 0.0,
-               "privatize-s": time.perf_counter() - start}
+               "privatize-s": time.perf_counter() - start, "partition-id": partition_id}
     content = RecordDict({ARRAYS: examples_to_arrays(private, m), METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=msg)

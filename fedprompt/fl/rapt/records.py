@@ -15,10 +15,11 @@ Client -> server (the reply): this round's share of the client's examples, priva
         "pair-ids":     int32 (total_pair,) privatized text_pair tokens (pair tasks; empty otherwise)
         "pair-lengths": int32 (n or 0,)
     }
-    "metrics": MetricRecord {"num-examples", "tokens", "tokens-unchanged", "privatize-s"}   numbers only
+    "metrics": MetricRecord {"num-examples", "tokens", "tokens-unchanged", "privatize-s", "partition-id"}   numbers only
 
 Nothing else leaves a client: no raw text, no raw token ids. ``tokens-unchanged`` is the fraction of the
-client's text tokens the noise left as they were (what nearest-neighbour inversion recovers), an aggregate.
+client's text tokens the noise left as they were (what nearest-neighbour inversion recovers), an aggregate;
+``partition-id`` orders the replies on the server (node ids are random per run; POST and BBT send it too).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from fedprompt.methods.rapt.inputs import PrivateExample
 
 SOFT_PROMPT = "soft-prompt"
 DATA_KEYS = ("ids", "lengths", "labels", "plain", "pair-ids", "pair-lengths")
-REPLY_METRICS = ("num-examples", "tokens", "tokens-unchanged", "privatize-s")
+REPLY_METRICS = ("num-examples", "tokens", "tokens-unchanged", "privatize-s", "partition-id")
 
 
 def prompt_to_arrays(weight: torch.Tensor) -> ArrayRecord:

@@ -1,21 +1,21 @@
-"""RAPT's server (the service): the strategy, a central evaluation every round, the results.
+"""RAPT's server (the service): the strategy, a central evaluation, the results.
 
 The service model is loaded once; the strategy trains the soft prompt (and head) on the privatized examples
-clients send. After every round the prompt is scored on ``federation.eval_split`` (first ``eval_limit``
-examples), privatized here the way a user would privatize a query (same eta, random plain tokens in front,
-one fixed seed so that every round is scored on the same privatized set). Round 0 is the initial prompt.
-The run folder gets rounds.json / rounds.csv / accuracy.png, soft_prompt.pt (the product: the head is
-dropped) and summary.json.
+clients send. The rounds run through the shared round driver (fedprompt.fl.rounds): federation.min_replies,
+min_available_clients and eval_every hold as for every method, and checkpoint.json is written after every
+round with the trainer's state, so ``fedprompt resume`` continues a RAPT run from its last completed round.
+Round 0, every ``federation.eval_every``-th round and the last are scored on ``federation.eval_split`` (first
+``eval_limit`` examples), privatized here the way a user would privatize a query (same eta, random plain
+tokens in front, one fixed seed so that every round is scored on the same privatized set). Round 0 is the
+initial prompt. The run folder gets rounds.json / rounds.csv / accuracy.png / checkpoint.json, soft_prompt.pt
+(the product: the head is dropped) and summary.json.
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from fedprompt.fl.rapt.records import arrays_to_prompt, prompt_to_arrays
 
@@ -38,20 +38,19 @@ def check(cfg, spec) -> dict:
 
 
 def run_server(grid: Grid, cfg) -> dict:
-    from logging import INFO
-
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
-    from fedprompt.fl.protocol import measure_references, provenance, round_accuracy
+    from fedprompt.fl.protocol import measure_references, provenance
     from fedprompt.fl.rapt.strategy import RAPTStrategy
     from fedprompt.fl.records import audit_path
     from fedprompt.fl.report import RunReport
+    from fedprompt.fl.rounds import Federation, RoundDriver, Scored
     from fedprompt.fl.run import run_folder
     from fedprompt.methods.rapt import RAPTTrainer, privatize_examples
     from fedprompt.models import SoftPrompt, load_causal_lm, load_tokenizer
     from fedprompt.privacy.dchi import load_privatizer
 
-    fed, method = cfg.federation, method_config(cfg)
+    fed, method, federation = cfg.federation, method_config(cfg), Federation.from_cfg(cfg)
     folder = run_folder(cfg)
     task, spec = load_task_and_spec(cfg)
     tokenizer = load_tokenizer(str(cfg.model.name))
@@ -66,8 +65,7 @@ def run_server(grid: Grid, cfg) -> dict:
                                   plain_tokens=method.plain_tokens, plain_vocab=method.reconstruction.plain_vocab)[0]
 
     queries = privatized(examples, int(cfg.seed) + 7)
-    strategy = RAPTStrategy(trainer, fraction_train=float(fed.fraction_train), min_train_nodes=int(fed.min_train_clients),
-                            min_available_nodes=int(fed.num_clients), audit_path=audit_path(cfg, folder))
+    strategy = RAPTStrategy(trainer, audit_path=audit_path(cfg, folder), **federation.fedavg_kwargs())
     report = RunReport(folder, {
         "method": method.name, "task": spec.name, "model": str(cfg.model.name), "num_clients": int(fed.num_clients),
         "partition": dict(cfg.partition), "eval_split": str(fed.eval_split), "eval_n": len(queries),
@@ -76,6 +74,8 @@ def run_server(grid: Grid, cfg) -> dict:
         "plain_tokens": method.plain_tokens, "prompt_tokens": method.prompt.num_tokens,
         "steps_per_round": method.train.steps,
     })
+    # resume=true: the report so far is restored here; the trainer's state (pool, head, optimizer) when it starts
+    driver = RoundDriver(cfg, folder, report, strategy, examples)
     if fed.eval_references:  # the untuned prompts on the same privatized queries (validation: privatized alike)
         validation = reference_examples(cfg, task)
         private = {id(examples): queries}
@@ -85,17 +85,14 @@ def run_server(grid: Grid, cfg) -> dict:
                            validation)
     prompt = SoftPrompt(method.prompt.num_tokens, trainer.soft_prompt.weight.shape[1]).to(trainer.device)
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def score(server_round: int, arrays: ArrayRecord, due: bool) -> Scored:
+        if not due:
+            return Scored()
         with torch.no_grad():
             prompt.weight.copy_(arrays_to_prompt(arrays).to(prompt.weight.device))
-        start = time.perf_counter()
-        accuracy = round_accuracy(report, examples, server_round, int(fed.rounds), trainer.predict(queries, prompt))
-        report.add(server_round, [], accuracy, len(queries), 0, time.perf_counter() - start, strategy.rounds.get(server_round))
-        log(INFO, "round %d: accuracy %.4f on %d privatized queries", server_round, accuracy, len(queries))
-        return MetricRecord({"accuracy": accuracy})
+        return Scored(predictions=trainer.predict(queries, prompt))
 
-    result = strategy.start(grid, prompt_to_arrays(trainer.soft_prompt.weight), num_rounds=int(fed.rounds),
-                            timeout=float(fed.round_timeout_s), train_config=ConfigRecord(), evaluate_fn=evaluate)
+    result = driver.run(grid, prompt_to_arrays(trainer.soft_prompt.weight), score)
     torch.save(arrays_to_prompt(result.arrays), folder / "soft_prompt.pt")
     return report.finish(examples_received=len(trainer.examples), train_steps=trainer.steps_done,
                          soft_prompt=str(folder / "soft_prompt.pt"))

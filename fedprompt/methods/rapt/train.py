@@ -16,6 +16,7 @@ the soft prompt alone, used on privatized inputs (plain tokens still in front) a
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Sequence
 
@@ -110,6 +111,27 @@ class RAPTTrainer:
                 raise ConfigError("a privatized example's plain tokens are not in reconstruction.plain_vocab; "
                                   "clients and service must share the reconstruction config")
         self.examples.extend(examples)
+
+    def state(self) -> dict:
+        """Everything training changes, as plain objects (a resume restores it with :meth:`load_state`): the soft
+        prompt, the head, the optimizer's moments, the batch sampler's RNG, the steps done, the examples pooled."""
+        return {"soft_prompt": self.soft_prompt.weight.detach().cpu().clone(),
+                "head": None if self.head is None else {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "rng": json.dumps(self.rng.bit_generator.state),
+                "steps_done": int(self.steps_done), "examples": list(self.examples)}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from a :meth:`state` of a trainer built with the same model, task, config and seed."""
+        with torch.no_grad():
+            self.soft_prompt.weight.copy_(state["soft_prompt"].to(self.soft_prompt.weight.device))
+        if (self.head is None) != (state["head"] is None):
+            raise ConfigError("the saved RAPT state and this config disagree on method.reconstruction.enabled")
+        if self.head is not None:
+            self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.bit_generator.state = json.loads(state["rng"])
+        self.steps_done = int(state["steps_done"])
+        self.examples = list(state["examples"])
 
     def train(self, steps: int | None = None) -> dict[str, float]:
         """``steps`` (default ``train.steps``) optimizer steps on random batches of the examples received."""

@@ -1,0 +1,157 @@
+"""The round template every method's server runs: one driver for sampling, sending, aggregating, evaluating
+and checkpointing, so that every ``federation.*`` key means the same in every method.
+
+A method's ``run_server`` builds its strategy and its run report, then::
+
+    fed = Federation.from_cfg(cfg)
+    strategy = MyStrategy(..., **fed.fedavg_kwargs())        # or the same values under its own names
+    driver = RoundDriver(cfg, folder, report, strategy, examples)   # resume=true: the report so far restored
+    ...                                                      # the references (report.info may already know them)
+    result = driver.run(grid, initial_arrays, score)
+
+and writes its own files from ``result.arrays``. Each round r = 1..``federation.rounds``:
+
+1. **sample and send** (the strategy's ``configure_train``): wait until ``federation.min_available_clients``
+   SuperNodes (null: ``num_clients``) are connected, sample ``max(ceil(fraction_train x N),
+   min_train_clients)`` of them and send them the global arrays; Flower's Grid waits up to
+   ``federation.round_timeout_s`` for the replies;
+2. **aggregate** (the strategy's ``aggregate_train``): error and malformed replies are recorded as failures
+   and left out; fewer than ``federation.min_replies`` valid replies and the round is recorded as skipped
+   (``RoundStats.skipped``, the row's ``skipped``) and the global arrays are kept;
+3. **evaluate** (``score``): rounds 0, every ``federation.eval_every``-th and the last are scored
+   (``due``); the others get a row with ``accuracy: null`` and no evaluation cost;
+4. **checkpoint**: ``checkpoint.json`` after every round, round 0 included
+   (:class:`fedprompt.fl.checkpoint.CheckpointedRounds`), so ``fedprompt resume`` continues any method from its
+   last completed round.
+
+The driver refuses (ValueError) a strategy whose ``min_replies`` or ``min_available_nodes`` is not the
+config's: a method that forgot to pass one on fails at once instead of silently ignoring the key.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from logging import INFO
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+from flwr.supercore import log
+
+
+@dataclass(frozen=True)
+class Federation:
+    """The ``federation.*`` keys the round template honours, resolved (``min_available_clients`` null ->
+    ``num_clients``)."""
+
+    num_clients: int
+    rounds: int
+    eval_every: int
+    fraction_train: float
+    min_train_clients: int
+    min_replies: int
+    min_available_clients: int
+    round_timeout_s: float
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "Federation":
+        fed = cfg.federation
+        return cls(num_clients=int(fed.num_clients), rounds=int(fed.rounds), eval_every=int(fed.get("eval_every", 1)),
+                   fraction_train=float(fed.get("fraction_train", 1.0)),
+                   min_train_clients=int(fed.get("min_train_clients", 1)), min_replies=int(fed.get("min_replies", 1)),
+                   min_available_clients=int(fed.get("min_available_clients") or fed.num_clients),
+                   round_timeout_s=float(fed.get("round_timeout_s", 3600)))
+
+    def due(self, server_round: int) -> bool:
+        """Whether round ``server_round`` is scored: round 0, every ``eval_every``-th round and the last."""
+        return server_round % self.eval_every == 0 or server_round == self.rounds
+
+    def fedavg_kwargs(self) -> dict:
+        """The sampling and reply keys as :class:`fedprompt.fl.fedavg.RecordedFedAvg` takes them."""
+        return {"fraction_train": self.fraction_train, "min_train_nodes": self.min_train_clients,
+                "min_available_nodes": self.min_available_clients, "min_replies": self.min_replies}
+
+
+@dataclass
+class Scored:
+    """What a method's ``score`` returns for one round: the words the row shows (a discrete prompt; ``[]`` for
+    a soft prompt), the predicted class per evaluation example (None when the round is not due) and the
+    black-box queries the evaluation cost."""
+
+    prompt: Sequence[str] = field(default_factory=list)
+    predictions: np.ndarray | None = None
+    queries: int = 0
+
+
+# score(server_round, arrays, due) -> Scored: the method's central evaluation of the global arrays.
+Score = Callable[[int, ArrayRecord, bool], Scored]
+
+
+def too_few_replies(stats, valid: int, min_replies: int, server_round: int, kept: str = "global prompt") -> bool:
+    """True (and the round recorded as skipped in ``stats``) when ``valid`` < ``min_replies``."""
+    if valid >= min_replies:
+        return False
+    from logging import WARNING
+
+    stats.skipped = f"{valid} valid replies < federation.min_replies={min_replies}"
+    log(WARNING, "aggregate_train: round %d skipped (%s); the %s is kept", server_round, stats.skipped, kept)
+    return True
+
+
+def check_strategy(strategy: Strategy, fed: Federation) -> None:
+    """ValueError if ``strategy`` was built with other reply or availability minimums than the config's."""
+    for attribute, key, wanted in (("min_replies", "min_replies", fed.min_replies),
+                                   ("min_available_nodes", "min_available_clients", fed.min_available_clients)):
+        have = getattr(strategy, attribute, None)
+        if have is None or int(have) != wanted:
+            raise ValueError(f"{type(strategy).__name__}.{attribute} is {have!r} but federation.{key} resolves to "
+                             f"{wanted}: pass the config's value on (fedprompt.fl.rounds.Federation)")
+
+
+class RoundDriver:
+    """Runs a method's rounds (see the module's docstring); ``examples`` are the evaluation examples the
+    ``score`` callback predicts, in order."""
+
+    def __init__(self, cfg, folder: Path, report, strategy: Strategy, examples: Sequence) -> None:
+        from fedprompt.fl.checkpoint import CheckpointedRounds
+
+        self.fed = Federation.from_cfg(cfg)
+        check_strategy(strategy, self.fed)
+        self.report, self.strategy, self.examples = report, strategy, examples
+        # resume=true: the folder's checkpoint is checked and the report so far restored here, before the
+        # method measures anything (report.info may already hold the references).
+        self.checkpointed = CheckpointedRounds(cfg, folder, report, strategy)
+
+    @property
+    def resumed(self):
+        return self.checkpointed.resumed
+
+    def evaluate(self, score: Score, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Round ``server_round``'s row: scored if due, else ``accuracy: null`` (no evaluation cost)."""
+        from fedprompt.fl.protocol import round_accuracy
+
+        due = self.fed.due(server_round)
+        start = time.perf_counter()
+        scored = score(server_round, arrays, due)
+        predictions = scored.predictions if due else None
+        accuracy = round_accuracy(self.report, self.examples, server_round, self.fed.rounds, predictions)
+        rounds = getattr(self.strategy, "rounds", {})
+        row = self.report.add(server_round, list(scored.prompt), accuracy, len(self.examples) if due else 0,
+                              int(scored.queries) if due else 0, time.perf_counter() - start, rounds.get(server_round))
+        log(INFO, "round %d: accuracy %s%s", server_round, accuracy, f", prompt {row['prompt']!r}" if row["prompt"] else "")
+        return MetricRecord({"accuracy": accuracy}) if due else None
+
+    def run(self, grid: Grid, initial_arrays: ArrayRecord, score: Score,
+            train_config: ConfigRecord | None = None) -> Result:
+        """All remaining rounds (all of them unless resumed); the Result's arrays are the last global arrays."""
+        result = self.checkpointed.start(grid, initial_arrays, num_rounds=self.fed.rounds,
+                                         timeout=self.fed.round_timeout_s,
+                                         train_config=train_config if train_config is not None else ConfigRecord(),
+                                         evaluate_fn=lambda r, arrays: self.evaluate(score, r, arrays))
+        if not len(result.arrays):  # no round changed the arrays (all skipped, or resumed at the end)
+            result.arrays = self.checkpointed.last_arrays
+        return result
