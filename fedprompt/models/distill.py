@@ -12,6 +12,11 @@ real (non-padding) tokens, the cosine over the last hidden states (the LM head's
 ``a_answer`` (default 0, off in POST) weighs once more the KL at the last token, which in a task-formatted
 text is the answer position: one token in ~50 of the plain average, and the only one classification reads.
 
+With a :class:`~fedprompt.models.teacher_cache.TeacherCache` (``distill.teacher_cache``, offline distillation)
+the teacher is not run at the steps: its top-k log-probabilities, tail mass and hidden states are read from disk
+and the KL is the top-k + tail KL of :func:`~fedprompt.models.teacher_cache.topk_kl`. A
+:class:`DistillCheckpoint` saves the training state every N steps and resumes it (same settings only).
+
 The embeddings and the (tied) LM head stay frozen by default: the student keeps the large model's
 input space, so a soft prompt tuned on the student can be pasted onto, or initialise, the large
 model's prompt, and the LM head's weight gradient (the largest matmul) is skipped.
