@@ -198,7 +198,7 @@ N = len(CORPUS) + 1  # rows of a split with the leaked sentence
      f"the transfer's public set (other train): 1 of its {N} examples are also in the evaluation set (toy test, "),
     ("transfer", ("toy", "validation"), ["transfer.public_task=other"],  # alpha_split: validation (default)
      f"the alpha set (toy validation): 1 of its {N} examples are also in the evaluation set (toy test, "),
-    ("distill", ("other", "train"), ["distill.data.tasks=[toy,other]", "distill.eval_limit=4"],
+    ("distill", ("other", "train"), ["distill.data.tasks=[other]", "distill.eval_limit=4"],
      f"the distillation text (other train): 1 of its {N} examples are also in the evaluation set (toy test, 4 "),
 ])
 def test_a_learning_set_sharing_a_test_sentence_is_refused_before_any_model_loads(

@@ -12,6 +12,11 @@ real (non-padding) tokens, the cosine over the last hidden states (the LM head's
 ``a_answer`` (default 0, off in POST) weighs once more the KL at the last token, which in a task-formatted
 text is the answer position: one token in ~50 of the plain average, and the only one classification reads.
 
+With a :class:`~fedprompt.models.teacher_cache.TeacherCache` (``distill.teacher_cache``, offline distillation)
+the teacher is not run at the steps: its top-k log-probabilities, tail mass and hidden states are read from disk
+and the KL is the top-k + tail KL of :func:`~fedprompt.models.teacher_cache.topk_kl`. A
+:class:`DistillCheckpoint` saves the training state every N steps and resumes it (same settings only).
+
 The embeddings and the (tied) LM head stay frozen by default: the student keeps the large model's
 input space, so a soft prompt tuned on the student can be pasted onto, or initialise, the large
 model's prompt, and the LM head's weight gradient (the largest matmul) is skipped.
@@ -20,7 +25,10 @@ model's prompt, and the LM head's weight gradient (the largest matmul) is skippe
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +39,7 @@ import torch
 from fedprompt.errors import ConfigError, DataError
 from fedprompt.models.registry import fast_bf16
 from fedprompt.models.scoring import position_ids_from_mask
+from fedprompt.models.teacher_cache import CachedTargets, TeacherCache, texts_digest, topk_kl
 
 _LAYER_KEY = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
 
@@ -127,6 +136,25 @@ class DistillDataConfig:
 
 
 @dataclass
+class TeacherCacheConfig:
+    """Offline distillation (fedprompt.models.teacher_cache): the teacher's outputs computed once, read at each step."""
+
+    enabled: bool = True  # false: the teacher runs forward beside the student at every step (online)
+    top_k: int = 128  # teacher log-probabilities kept per token (plus one tail bucket); the vocabulary: exact KL
+    hidden_dtype: str = "float16"  # the cached last hidden states (only when loss.a_cos > 0): float16 | float32
+    batch_size: Optional[int] = None  # texts per teacher forward while building; null: distill.batch_size
+    dir: Optional[str] = None  # null: <student folder>.teacher_cache (one sub-folder per setting's hash)
+
+    def validate(self) -> None:
+        if self.top_k < 1:
+            raise ConfigError(f"distill.teacher_cache.top_k must be >= 1 (the teacher's ids kept per token), got {self.top_k}")
+        if self.hidden_dtype not in ("float16", "float32"):
+            raise ConfigError(f"distill.teacher_cache.hidden_dtype={self.hidden_dtype!r} is not one of ['float16', 'float32']")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"distill.teacher_cache.batch_size must be >= 1 or null, got {self.batch_size}")
+
+
+@dataclass
 class DistillConfig:
     """``fedprompt distill`` (the ``distill`` config node); the teacher is ``model``."""
 
@@ -143,11 +171,18 @@ class DistillConfig:
     output: Optional[str] = None  # student folder; null: <cache>/students/<teacher> (what method.model=student loads)
     eval_limit: int = 300  # zero-shot accuracy of teacher and student on this many examples of task/split
     seed: int = 0
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
+    # Student, optimizer, step and RNG every N steps into <output>/distill_checkpoint (0: never); a rerun with the
+    # same settings resumes from it, one with other settings is refused.
+    checkpoint_every: int = 50
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "max_length", "eval_limit"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"distill.{key} must be >= 1, got {getattr(self, key)}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"distill.checkpoint_every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
+        self.teacher_cache.validate()
         if not self.lr > 0:
             raise ConfigError(f"distill.lr must be > 0, got {self.lr}")
         self.data.validate()
@@ -180,25 +215,46 @@ def resolve_model(name: str, teacher: str) -> str:
 
 
 def distill_loss(student_out, teacher_out, input_ids: torch.Tensor, mask: torch.Tensor,
-                 w: DistillLossWeights) -> tuple[torch.Tensor, dict[str, float]]:
-    """The weighted loss of one batch and its parts (floats, for the loss curve)."""
+                 w: DistillLossWeights, cached: Optional[CachedTargets] = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted loss of one batch and its parts (floats, for the loss curve).
+
+    ``cached`` (offline distillation): the teacher's top-k log-probabilities, tail mass and hidden states of the
+    batch's real tokens from a :class:`~fedprompt.models.teacher_cache.TeacherCache`; ``teacher_out`` is then
+    unused and the KL is :func:`~fedprompt.models.teacher_cache.topk_kl` (the exact KL when top_k is the vocabulary).
+    """
     real = mask.bool()
-    s_logits, t_logits = student_out.logits.float()[real], teacher_out.logits.float()[real]  # (tokens, V)
+    s_logits = student_out.logits.float()[real]  # (tokens, V)
     temp = w.temperature
-    kl = _softened_kl(s_logits, t_logits, temp)
+    if cached is None:
+        t_logits = teacher_out.logits.float()[real]
+
+        def kl_of(rows):
+            return _softened_kl(s_logits[rows], t_logits[rows], temp)
+
+        t_hidden = teacher_out.hidden_states[-1][real].float()
+    else:
+        def kl_of(rows):
+            return topk_kl(s_logits[rows], cached.logp[rows], cached.ids[rows], cached.log_tail[rows], temp)
+
+        t_hidden = cached.hidden
+    kl = kl_of(slice(None))
     # Next-token targets: position t predicts token t+1 where both are real tokens.
     pairs = real[:, :-1] & real[:, 1:]
     lm = torch.nn.functional.cross_entropy(student_out.logits[:, :-1][pairs].float(), input_ids[:, 1:][pairs])
-    s_hidden, t_hidden = student_out.hidden_states[-1][real].float(), teacher_out.hidden_states[-1][real].float()
-    cos = (1 - torch.nn.functional.cosine_similarity(s_hidden, t_hidden, dim=-1)).mean()
-    total = w.a_ce * kl + w.a_lm * lm + w.a_cos * cos
-    parts = {"kl": kl.item(), "lm": lm.item(), "cos": cos.item()}
+    total = w.a_ce * kl + w.a_lm * lm
+    parts = {"kl": kl.item(), "lm": lm.item()}
+    if t_hidden is not None:
+        s_hidden = student_out.hidden_states[-1][real].float()
+        cos = (1 - torch.nn.functional.cosine_similarity(s_hidden, t_hidden, dim=-1)).mean()
+        total = total + w.a_cos * cos
+        parts["cos"] = cos.item()
+    elif w.a_cos:
+        raise ConfigError("distill.loss.a_cos > 0 needs the teacher's hidden states, which this teacher cache lacks")
     if w.a_answer:
-        # The last real token of each row (either padding side): where a task-formatted text's answer comes.
-        last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
-        rows = torch.arange(mask.shape[0], device=mask.device)
-        s_last, t_last = student_out.logits[rows, last].float(), teacher_out.logits[rows, last].float()
-        answer = _softened_kl(s_last, t_last, temp)
+        # The last real token of each row (either padding side): where a task-formatted text's answer comes; in the
+        # flattened real tokens, the last of each row's run.
+        last = real.sum(1).cumsum(0) - 1
+        answer = kl_of(last)
         total = total + w.a_answer * answer
         parts["answer"] = answer.item()
     return total, {"loss": total.item(), **parts}
@@ -224,17 +280,99 @@ class DistillReport:
     tokens: int
     seconds: float
     curve: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0  # the checkpoint's step this run started from (0: from the start)
+
+
+CHECKPOINT_DIR = "distill_checkpoint"
+# Settings that do not change what distillation computes: a rerun may change them and still resume.
+_NOT_SETTINGS = {"output", "eval_limit", "checkpoint_every"}
+_NOT_CACHE_SETTINGS = {"dir", "batch_size"}
+
+
+def distill_settings(config: DistillConfig, texts: Sequence[str], **extra) -> dict:
+    """What a distillation's result depends on (checkpoints resume only with the same): the config less its output
+    and evaluation keys, the texts (a hash, in order) and ``extra`` (the teacher, the kept layers)."""
+    settings = {k: v for k, v in asdict(config).items() if k not in _NOT_SETTINGS}
+    settings["teacher_cache"] = {k: v for k, v in settings["teacher_cache"].items() if k not in _NOT_CACHE_SETTINGS}
+    if not config.teacher_cache.enabled:
+        settings["teacher_cache"] = {"enabled": False}
+    return {**settings, "texts": texts_digest(texts), "n_texts": len(texts), **extra}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class DistillCheckpoint:
+    """``<folder>/distill_checkpoint``: the trainable student weights, optimizer, schedule, step, data order and
+    RNG states every ``every`` steps (written whole to a temporary file, then renamed), with the settings."""
+
+    def __init__(self, folder: Path, every: int, settings: dict):
+        self.folder = Path(folder) / CHECKPOINT_DIR
+        self.every = int(every)
+        self.settings = json.loads(json.dumps(settings))  # as stored: lists, not tuples
+
+    @property
+    def state_path(self) -> Path:
+        return self.folder / "state.pt"
+
+    def check(self) -> Optional[int]:
+        """The step of a checkpoint made with these settings (None: none); a ConfigError for other settings."""
+        path = self.folder / "settings.json"
+        if not (path.is_file() and self.state_path.is_file()):
+            return None
+        saved = json.loads(path.read_text())
+        if saved["settings"] != self.settings:
+            old, new = _flat(saved["settings"]), _flat(self.settings)
+            keys = sorted(set(old) | set(new), key=lambda k: (k not in old or k not in new, k))  # changed values first
+            diff = [f"{k} {old.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in keys if old.get(k) != new.get(k)]
+            raise ConfigError(f"{self.folder.parent} holds a distillation checkpoint (step {saved['step']}) made with other "
+                              f"settings ({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}): rerun with those settings "
+                              f"to resume, or delete {self.folder} (or set another distill.output) to start over")
+        return int(saved["step"])
+
+    def load(self) -> Optional[dict]:
+        if self.check() is None:
+            return None
+        return torch.load(self.state_path, map_location="cpu", weights_only=False)
+
+    def save(self, state: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        (self.folder / "settings.tmp").write_text(json.dumps({"step": state["step"], "settings": self.settings}))
+        os.replace(tmp, self.state_path)
+        os.replace(self.folder / "settings.tmp", self.folder / "settings.json")
+
+    def remove(self) -> None:
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
 
 
 def distill(teacher, student, tokenizer, texts: Sequence[str], config: DistillConfig, log_every: int = 10,
-            progress: Callable[[int, dict], None] | None = None) -> DistillReport:
-    """Train ``student`` (in place) to imitate ``teacher`` on ``texts``; cycles over them in seeded order."""
+            progress: Callable[[int, dict], None] | None = None, cache: Optional[TeacherCache] = None,
+            checkpoint: Optional[DistillCheckpoint] = None) -> DistillReport:
+    """Train ``student`` (in place) to imitate ``teacher`` on ``texts``; cycles over them in seeded order.
+
+    ``cache``: read the teacher's outputs from it (offline; ``teacher`` is then not run and may be None).
+    ``checkpoint``: save to it every ``checkpoint.every`` steps, and start from it if it holds a step.
+    """
     if not texts:
         raise DataError("no text to distil on; check distill.data (its tasks' splits are empty?)")
+    if cache is not None and abs(cache.temperature - config.loss.temperature) > 1e-12:
+        raise ConfigError(f"the teacher cache holds probabilities at T={cache.temperature}, the loss uses "
+                          f"T={config.loss.temperature}; build the cache at the loss's temperature")
     steps, batch_size = config.steps, config.batch_size
     device = next(student.parameters()).device
     autocast = fast_bf16(device.type) if config.autocast is None else bool(config.autocast)
-    teacher.eval()
+    if teacher is not None:
+        teacher.eval()
     student.train()
     for name, param in student.named_parameters():
         param.requires_grad_(config.train_embeddings or not _is_embedding(student, param))
@@ -243,9 +381,20 @@ def distill(teacher, student, tokenizer, texts: Sequence[str], config: DistillCo
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
     generator = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
-    curve, window, tokens = [], [], 0
-    start = time.perf_counter()
-    for step in range(steps):
+    curve, window, tokens, first, elapsed = [], [], 0, 0, 0.0
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None:
+        unexpected = student.load_state_dict(state["student"], strict=False).unexpected_keys
+        if unexpected or set(state["student"]) != {n for n, p in student.named_parameters() if p.requires_grad}:
+            raise ConfigError(f"the checkpoint in {checkpoint.folder} does not fit this student; delete it to start over")
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        order, curve, window, tokens = list(state["order"]), list(state["curve"]), list(state["window"]), int(state["tokens"])
+        first, elapsed = int(state["step"]), float(state["seconds"])
+    start = time.perf_counter() - elapsed
+    for step in range(first, steps):
         if len(order) < batch_size:
             order += torch.randperm(len(texts), generator=generator).tolist()
         batch = [texts[i] for i in order[:batch_size]]
@@ -253,11 +402,16 @@ def distill(teacher, student, tokenizer, texts: Sequence[str], config: DistillCo
         enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=config.max_length).to(device)
         kwargs = dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True,
                       position_ids=position_ids_from_mask(enc.attention_mask), use_cache=False)
-        with torch.no_grad():
-            teacher_out = teacher(**kwargs)
+        if cache is None:
+            with torch.no_grad():
+                teacher_out = teacher(**kwargs)
+            targets = None
+        else:
+            teacher_out = None
+            targets = cache.targets(batch, enc.attention_mask.sum(1).tolist(), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             student_out = student(**kwargs)
-        loss, parts = distill_loss(student_out, teacher_out, enc.input_ids, enc.attention_mask, config.loss)
+        loss, parts = distill_loss(student_out, teacher_out, enc.input_ids, enc.attention_mask, config.loss, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -272,14 +426,20 @@ def distill(teacher, student, tokenizer, texts: Sequence[str], config: DistillCo
             window = []
             if progress is not None:
                 progress(step + 1, row)
+        if checkpoint is not None and checkpoint.every and (step + 1) % checkpoint.every == 0 and step + 1 < steps:
+            checkpoint.save({
+                "step": step + 1, "student": {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad},
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "order": order,
+                "curve": curve, "window": window, "tokens": tokens, "seconds": time.perf_counter() - start})
     student.eval()
     student.requires_grad_(False)
     info = student.config.fedprompt_student
     return DistillReport(
         layers=list(info["layers"]), teacher_layers=int(info["teacher_layers"]),
-        student_parameters=_count(student), teacher_parameters=_count(teacher),
+        student_parameters=_count(student), teacher_parameters=_count(teacher) if teacher is not None else 0,
         trainable_parameters=sum(p.numel() for p in trainable), steps=steps, texts=len(texts), tokens=tokens,
-        seconds=round(time.perf_counter() - start, 2), curve=curve,
+        seconds=round(time.perf_counter() - start, 2), curve=curve, resumed_from=first,
     )
 
 
@@ -311,6 +471,8 @@ def loss_curve_plot(curve: Sequence[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     steps = [r["step"] for r in curve]
     for key in ("loss", "kl", "lm", "cos"):
+        if not all(key in r for r in curve):
+            continue
         ax.plot(steps, [r[key] for r in curve], label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (weighted total and its parts)")

@@ -48,6 +48,36 @@ def check_student_text(cfg, student: str) -> None:
                    remedy="or distil a student on other tasks (fedprompt distill distill.data.tasks=[...])")
 
 
+def student_distill_data(student: str) -> tuple[list[str], str | None, str]:
+    """The tasks and split a student was distilled on, from its config.json (``fedprompt_student.distill_data``)
+    or its distill_report.json, and which file said so; ([], None, "") for a model with neither."""
+    folder = Path(student)
+    config = folder / "config.json"
+    if config.is_file():
+        data = (json.loads(config.read_text()).get("fedprompt_student") or {}).get("distill_data")
+        if data:
+            return list(data.get("tasks") or []), data.get("split"), str(config)
+    report = folder / "distill_report.json"
+    if report.is_file():
+        data = json.loads(report.read_text())
+        return list(data.get("data_tasks") or []), data.get("data_split"), str(report)
+    return [], None, ""
+
+
+def check_student_not_distilled_on(task: str, student: str) -> None:
+    """Refuse (one line, before any model loads) a student distilled on ``task``'s train split: the clients'
+    private training text of this run."""
+    from fedprompt.errors import DataError
+
+    tasks, split, source = student_distill_data(student)
+    if task in tasks and split == "train":
+        others = [t for t in tasks if t != task] or [t for t in ("rte", "trec", "agnews") if t != task]
+        raise DataError(f"the student at {student} was distilled on {task}'s train split, the clients' training text of "
+                        f"this run (distill data {tasks} {split}, in {source}); distil a student on other tasks: "
+                        f"fedprompt distill task={task} distill.data.tasks=[{','.join(others)}] distill.output=<folder>, "
+                        f"then method.model=<folder>")
+
+
 def check(cfg, spec) -> dict:
     """POST's checks before launch: the tuned-on model exists, label words, prompt length, every client's DP plan,
     no evaluation example in the student's distillation text."""
@@ -62,6 +92,7 @@ def check(cfg, spec) -> dict:
 
     method = method_config(cfg)
     name = resolve_model(method.model, str(cfg.model.name))
+    check_student_not_distilled_on(str(cfg.task.name), name)
     tokenizer = load_tokenizer(name)  # also converts an embedded model once, before the clients start
     label_token_ids(tokenizer, spec.label_words)
     check_student_text(cfg, name)

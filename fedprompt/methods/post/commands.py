@@ -65,6 +65,15 @@ def _text_config(config):
     return getter() if callable(getter) else config
 
 
+def check_not_tuned_task(tasks, tuned: str) -> None:
+    """Refuse distillation text from the task the student is for (``task=``): its train split is the clients' data."""
+    if tuned in list(tasks):
+        others = [t for t in tasks if t != tuned] or [t for t in ("rte", "trec", "agnews") if t != tuned]
+        raise ConfigError(f"distill.data.tasks {list(tasks)} includes {tuned}, the task this student is for (task={tuned}): "
+                          f"its train text is the clients' private data; list other tasks, e.g. "
+                          f"distill.data.tasks=[{','.join(others)}]")
+
+
 def _write(out: Path, cfg: DictConfig, record: dict) -> dict:
     (out / "result.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -77,12 +86,14 @@ def cmd_distill(cfg: DictConfig) -> dict:
     from fedprompt.cli import load_task_checked, output_dir
     from fedprompt.config import validate_common
     from fedprompt.models import PromptedClassifier, load_causal_lm, load_tokenizer, materialize
-    from fedprompt.models.distill import (DistillConfig, build_student, check_layers, default_layers, default_student_dir,
-                                          distill, loss_curve_plot, save_student)
+    from fedprompt.models.distill import (DistillCheckpoint, DistillConfig, build_student, check_layers, default_layers,
+                                          default_student_dir, distill, distill_settings, loss_curve_plot, save_student)
+    from fedprompt.models.teacher_cache import build_teacher_cache, cache_key
     from fedprompt.typed_config import from_node
 
     validate_common(cfg)
     dcfg = from_node(DistillConfig, cfg.distill, "distill")
+    check_not_tuned_task(dcfg.data.tasks, str(cfg.task.name))
     teacher_name = str(cfg.model.name)
     depth = int(AutoConfig.from_pretrained(materialize(teacher_name)).num_hidden_layers)
     layers = check_layers(default_layers(depth) if dcfg.layers is None else dcfg.layers, depth)
@@ -107,12 +118,29 @@ def cmd_distill(cfg: DictConfig) -> dict:
     texts = [t for t, ids in zip(texts, lengths) if len(ids) <= dcfg.max_length][: dcfg.data.max_texts]
     if not texts:
         raise ConfigError(f"no text of {dcfg.data.tasks} fits in distill.max_length={dcfg.max_length} tokens; raise it")
+    # Checkpoints resume only the same distillation: refused here, before any model loads, if it is another one.
+    checkpoint = DistillCheckpoint(student_dir, dcfg.checkpoint_every, distill_settings(
+        dcfg, texts, teacher=teacher_name, teacher_dtype=str(dtype), layers=layers))
+    checkpoint.check()
     teacher = load_causal_lm(teacher_name, device, dtype)
     student = build_student(teacher, layers).to(next(teacher.parameters()).device)
     show = bool(cfg.get("progress", True))
-    report = distill(teacher, student, tokenizer, texts, dcfg,
+    cache, cache_info = None, None
+    if dcfg.teacher_cache.enabled:
+        tc = dcfg.teacher_cache
+        root = Path(tc.dir).expanduser() if tc.dir else student_dir.with_name(student_dir.name + ".teacher_cache")
+        key = cache_key(teacher_name, str(teacher.dtype).removeprefix("torch."), texts, dcfg.max_length, tc.top_k,
+                        dcfg.loss.temperature, dcfg.loss.a_cos > 0, tc.hidden_dtype)
+        cache, cache_info = build_teacher_cache(
+            teacher, tokenizer, texts, root, key, tc.batch_size or dcfg.batch_size,
+            progress=(lambda done, total: print(f"teacher cache: {done}/{total} texts", flush=True)) if show else None)
+    report = distill(teacher, student, tokenizer, texts, dcfg, cache=cache, checkpoint=checkpoint,
                      progress=(lambda step, row: print(f"distill step {step}: {row}", flush=True)) if show else None)
+    # What the student learnt from, in its own config too (`fedprompt run` refuses it for a task it read the train text of).
+    student.config.fedprompt_student = {**student.config.fedprompt_student,
+                                        "distill_data": {"tasks": list(dcfg.data.tasks), "split": split}}
     save_student(student, tokenizer, student_dir)
+    checkpoint.remove()  # the student is saved: the checkpoint has done its job
     loss_curve_plot(report.curve, out / "loss_curve.png")
     del student
     reloaded = load_causal_lm(str(student_dir), device, dtype)  # the saved student is what users load
@@ -130,6 +158,8 @@ def cmd_distill(cfg: DictConfig) -> dict:
         "zero_shot_task": spec.name, "zero_shot_split": str(cfg.split), "zero_shot_n": len(examples),
         "teacher_zero_shot_accuracy": accuracy["teacher"], "student_zero_shot_accuracy": accuracy["student"],
         "manual_prompt": spec.manual_prompt, "loss_curve": str(out / "loss_curve.png"), "output_dir": str(out),
+        "teacher_cache": cache_info and {**cache_info, "top_k": dcfg.teacher_cache.top_k},
+        "resumed_from_step": report.resumed_from,
     }
     (student_dir / "distill_report.json").write_text(json.dumps({**record, "curve": report.curve}, indent=2) + "\n")
     return _write(out, cfg, record)

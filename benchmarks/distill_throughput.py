@@ -1,0 +1,97 @@
+"""Student steps per second: offline distillation (cached teacher outputs) against online (teacher at every step).
+
+    python benchmarks/distill_throughput.py [--model smollm2-135m] [--steps 10] [--warmup 2] [--batch 8]
+                                            [--max-length 96] [--top-k 128] [--dtype float32]
+
+One process, the same student (the default first 2 + last 2 layers, built afresh for each run), the same texts
+(the first (warmup + steps) x batch default distillation texts that fit in max_length, formatted as
+`fedprompt distill` formats them) and the same seeded batches. First the teacher cache of those texts is built
+(timed apart: it is the one-off), then ``distill`` runs --warmup + --steps steps reading the cache, then the same
+steps with the teacher forward at every step. Steps per second over the steps after the warm-up. Target: a ratio
+>= 4. Writes benchmarks/results/distill_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fedprompt.config import compose
+from fedprompt.methods.post.commands import distill_texts
+from fedprompt.models import load_causal_lm, load_tokenizer
+from fedprompt.models.distill import (DistillConfig, DistillDataConfig, TeacherCacheConfig, build_student,
+                                      default_layers, distill)
+from fedprompt.models.teacher_cache import build_teacher_cache, cache_key
+
+
+def timed_run(teacher, tokenizer, texts, config, layers, cache, warmup: int) -> dict:
+    student = build_student(teacher, layers)
+    stamps: dict[int, float] = {}
+    start = time.perf_counter()
+    report = distill(teacher, student, tokenizer, texts, config, log_every=1, cache=cache,
+                     progress=lambda step, row: stamps.__setitem__(step, time.perf_counter()))
+    steps = config.steps - warmup
+    measured = stamps[config.steps] - stamps[warmup]
+    return {"steps_per_s": round(steps / measured, 3), "s_per_step": round(measured / steps, 3),
+            "measured_steps": steps, "warmup_steps": warmup, "wall_s": round(time.perf_counter() - start, 2),
+            "first_loss": report.curve[0], "last_loss": report.curve[-1], "tokens": report.tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=96)
+    parser.add_argument("--top-k", type=int, default=128)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "distill_throughput.json"))
+    args = parser.parse_args()
+
+    cfg = compose([f"model={args.model}"])
+    steps = args.warmup + args.steps
+    data = DistillDataConfig()
+    tokenizer = load_tokenizer(args.model)
+    texts = distill_texts(data, cfg.get("data_dir"), cfg.model.get("chat_format"), seed=0)
+    lengths = tokenizer(texts[: 20 * steps * args.batch], add_special_tokens=True)["input_ids"]
+    texts = [t for t, ids in zip(texts, lengths) if len(ids) <= args.max_length][: steps * args.batch]
+    config = DistillConfig(steps=steps, batch_size=args.batch, max_length=args.max_length, lr=6e-4, autocast=False,
+                           data=data, teacher_cache=TeacherCacheConfig(top_k=args.top_k))
+    start = time.perf_counter()
+    teacher = load_causal_lm(args.model, "cpu", args.dtype)
+    load_s = time.perf_counter() - start
+    layers = default_layers(teacher.config.num_hidden_layers)
+    with tempfile.TemporaryDirectory() as root:
+        key = cache_key(args.model, str(teacher.dtype).removeprefix("torch."), texts, args.max_length, args.top_k,
+                        config.loss.temperature, config.loss.a_cos > 0, config.teacher_cache.hidden_dtype)
+        cache, info = build_teacher_cache(teacher, tokenizer, texts, Path(root), key, args.batch)
+        cached = timed_run(teacher, tokenizer, texts, config, layers, cache, args.warmup)
+        online = timed_run(teacher, tokenizer, texts, config, layers, None, args.warmup)
+    tokens = int(cache.meta["tokens"])
+    record = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "torch": torch.__version__, "model": args.model, "dtype": args.dtype, "layers": layers,
+        "batch": args.batch, "max_length": args.max_length, "top_k": args.top_k, "texts": len(texts),
+        "cache_tokens": tokens, "teacher_load_s": round(load_s, 2),
+        "cache_build_s": info["seconds"], "cache_bytes": info["bytes"],
+        "cache_bytes_per_token": round(info["bytes"] / tokens, 1),
+        "cache_build_s_per_text": round(info["seconds"] / len(texts), 4),
+        "cached": cached, "online": online,
+        "speedup": round(cached["steps_per_s"] / online["steps_per_s"], 2),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({k: record[k] for k in ("dtype", "batch", "max_length", "top_k", "cache_build_s", "cache_bytes",
+                                             "speedup")} | {"cached_steps_per_s": cached["steps_per_s"],
+                                                            "online_steps_per_s": online["steps_per_s"]}))
+
+
+if __name__ == "__main__":
+    main()
