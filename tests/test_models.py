@@ -132,3 +132,19 @@ def test_auto_dtype_is_bf16_only_where_bf16_is_fast(monkeypatch):
     assert registry.resolve_dtype("bf16", cpu) == torch.bfloat16  # an explicit choice is kept
     monkeypatch.setattr(registry, "fast_bf16", lambda device_type="cpu": True)
     assert registry.resolve_dtype("auto", cpu) == torch.bfloat16
+
+
+def test_loading_a_model_prints_no_progress_bar_and_leaves_the_setting_alone(tiny_model_dir, capfd):
+    from transformers.utils import logging as hf_logging
+
+    from fedprompt.models import load_causal_lm
+
+    load_causal_lm(str(tiny_model_dir), "cpu", "float32")
+    assert "Loading weights" not in capfd.readouterr().err  # one bar per client actor per round flooded the console
+    assert hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        load_causal_lm(str(tiny_model_dir), "cpu", "float32")
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

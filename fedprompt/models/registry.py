@@ -187,12 +187,21 @@ def load_causal_lm(name: str, device: str | None = "auto", dtype: str | None = "
     """Load a causal LM for inference, frozen, on ``device`` in ``dtype``."""
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    # No "Loading weights" bar: a load takes about a second, and a simulation's every client actor printed one
+    # per round into the run's console.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(materialize(name), dtype=torch_dtype)
     except (OSError, ValueError) as err:
         raise ModelError(f"could not load model {name!r}: {err}") from err
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.to(dev).eval()
     model.requires_grad_(False)
     return model
