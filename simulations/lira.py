@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
@@ -153,7 +154,7 @@ def main(argv=None) -> dict:
         "attack": "online LiRA, fixed variance, leave-one-shadow-out (fedprompt.privacy.lira)",
         "seconds": round(time.perf_counter() - start, 1),
         "command": "python simulations/lira.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.machine()} {platform.processor() or ''} cpus={__import__('os').cpu_count()}".strip(),
+        "machine": " ".join(filter(None, (platform.machine(), platform.processor(), f"cpus={os.cpu_count()}"))),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"lira_{args.task}.json").write_text(json.dumps(record, indent=1) + "\n")
