@@ -126,6 +126,10 @@ class DistillDataConfig:
     max_texts: int = 4000
     format: str = "task"  # task: as the model sees a prompt of that task (template, chat markup) | raw: the text
 
+    def other_tasks(self, tuned: str) -> list[str]:
+        """What to distil on instead when ``tuned`` is among ``tasks``: the others, else the defaults but it."""
+        return [t for t in self.tasks if t != tuned] or [t for t in DistillDataConfig().tasks if t != tuned]
+
     def validate(self) -> None:
         if not self.tasks:
             raise ConfigError("distill.data.tasks is empty; name the tasks whose text to distil on, e.g. [rte, trec, agnews]")

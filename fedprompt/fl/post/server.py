@@ -68,10 +68,11 @@ def check_student_not_distilled_on(task: str, student: str) -> None:
     """Refuse (one line, before any model loads) a student distilled on ``task``'s train split: the clients'
     private training text of this run."""
     from fedprompt.errors import DataError
+    from fedprompt.models.distill import DistillDataConfig
 
     tasks, split, source = student_distill_data(student)
     if task in tasks and split == "train":
-        others = [t for t in tasks if t != task] or [t for t in ("rte", "trec", "agnews") if t != task]
+        others = DistillDataConfig(tasks=tasks).other_tasks(task)
         raise DataError(f"the student at {student} was distilled on {task}'s train split, the clients' training text of "
                         f"this run (distill data {tasks} {split}, in {source}); distil a student on other tasks: "
                         f"fedprompt distill task={task} distill.data.tasks=[{','.join(others)}] distill.output=<folder>, "

@@ -65,13 +65,13 @@ def _text_config(config):
     return getter() if callable(getter) else config
 
 
-def check_not_tuned_task(tasks, tuned: str) -> None:
-    """Refuse distillation text from the task the student is for (``task=``): its train split is the clients' data."""
-    if tuned in list(tasks):
-        others = [t for t in tasks if t != tuned] or [t for t in ("rte", "trec", "agnews") if t != tuned]
-        raise ConfigError(f"distill.data.tasks {list(tasks)} includes {tuned}, the task this student is for (task={tuned}): "
-                          f"its train text is the clients' private data; list other tasks, e.g. "
-                          f"distill.data.tasks=[{','.join(others)}]")
+def check_not_tuned_task(data, tuned: str) -> None:
+    """Refuse distillation text (``data``: a DistillDataConfig) from the task the student is for (``task=``): its
+    train split is the clients' data."""
+    if tuned in data.tasks:
+        raise ConfigError(f"distill.data.tasks {list(data.tasks)} includes {tuned}, the task this student is for "
+                          f"(task={tuned}): its train text is the clients' private data; list other tasks, e.g. "
+                          f"distill.data.tasks=[{','.join(data.other_tasks(tuned))}]")
 
 
 def _write(out: Path, cfg: DictConfig, record: dict) -> dict:
@@ -93,7 +93,7 @@ def cmd_distill(cfg: DictConfig) -> dict:
 
     validate_common(cfg)
     dcfg = from_node(DistillConfig, cfg.distill, "distill")
-    check_not_tuned_task(dcfg.data.tasks, str(cfg.task.name))
+    check_not_tuned_task(dcfg.data, str(cfg.task.name))
     teacher_name = str(cfg.model.name)
     depth = int(AutoConfig.from_pretrained(materialize(teacher_name)).num_hidden_layers)
     layers = check_layers(default_layers(depth) if dcfg.layers is None else dcfg.layers, depth)
