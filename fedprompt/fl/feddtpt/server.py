@@ -89,6 +89,7 @@ def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.fl.rounds import Federation, RoundDriver, Scored
     from fedprompt.fl.run import run_folder
     from fedprompt.fl.feddtpt.strategy import FedDTPTStrategy
+    from fedprompt.methods.feddtpt.aggregate import FedDTPTAggregator
 
     fed, federation = cfg.federation, Federation.from_cfg(cfg)
     method = method_config(cfg)
@@ -98,7 +99,7 @@ def run_server(grid: Grid, cfg) -> dict:
     seed_prompt = method.initial_prompt(spec)
     blackbox = make_blackbox(cfg)
     strategy = FedDTPTStrategy(
-        method.build_aggregator(), seed=int(cfg.seed), max_tokens=method.search.max_tokens,
+        FedDTPTAggregator(method.aggregate), seed=int(cfg.seed), max_tokens=method.search.max_tokens,
         **federation.fedavg_kwargs(),  # fraction_train, min_train_nodes, min_available_nodes, min_replies
         audit_path=audit_path(cfg, folder),
         # The public pool is public (federation.public_split), not client data: the server may score on it.

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import abc
 from functools import lru_cache
-from typing import TYPE_CHECKING, Collection, Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 import torch
 
 from fedprompt.errors import ConfigError
+from fedprompt.methods.feddtpt.config import ProposerConfig
 from fedprompt.models.scoring import cache_kwargs, output_cache
-
-if TYPE_CHECKING:
-    from fedprompt.methods.feddtpt.config import ProposerConfig
 
 _WORD_MARKERS = ("Ġ", "▁")  # byte-level BPE (GPT-2, Llama 3, SmolLM) and SentencePiece word starts
 
