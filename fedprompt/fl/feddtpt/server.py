@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from fedprompt.fl.feddtpt.records import arrays_to_prompt, prompt_to_arrays
+from fedprompt.fl.protocol import predict_prompt
 
 
 def check(cfg, spec) -> dict:
@@ -45,13 +46,6 @@ def check(cfg, spec) -> dict:
         # Also converts an embedded model once here, so the clients do not all convert it at the same time.
         encode_label_words(load_tokenizer(str(cfg.model.name)), spec.label_words)
     return {}
-
-
-def predict_prompt(blackbox, spec, examples, prompt: Sequence[str] | str | None) -> np.ndarray:
-    """The black box's predicted class per example under ``prompt`` (None: the manual prompt, "": zero-shot)."""
-    text = prompt if prompt is None or isinstance(prompt, str) else " ".join(prompt)
-    result = blackbox.classify([spec.format(e, text) for e in examples], list(spec.label_words), labels_only=True)
-    return np.asarray(result.predictions)
 
 
 def score_prompt(blackbox, spec, examples, prompt: Sequence[str] | str | None) -> tuple[float, int]:
