@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from fedprompt.commands.post import distill_texts
 from fedprompt.config import compose
-from fedprompt.methods.post.commands import distill_texts
 from fedprompt.models import load_causal_lm, load_tokenizer
 from fedprompt.models.distill import (DistillConfig, DistillDataConfig, TeacherCacheConfig, build_student,
                                       default_layers, distill)

@@ -29,6 +29,7 @@ from fedprompt.blackbox import BlackBoxLM, make_blackbox
 from fedprompt.config import compose
 from fedprompt.fl.config import method_config
 from fedprompt.fl.data import client_data
+from fedprompt.methods.feddtpt import FedDTPTAggregator, PromptSearch, build_proposer
 from fedprompt.models import load_causal_lm, load_tokenizer
 from fedprompt.models.scoring import _left_pad, encode_label_words, forward_logits, length_sorted_batches
 
@@ -58,7 +59,8 @@ def main() -> None:
     cfg = compose([f"task={args.task}", f"federation.num_clients={args.clients}", *overrides])
     method = method_config(cfg)
     data = client_data(cfg)
-    search, aggregator = method.build_search(), method.build_aggregator()
+    search = PromptSearch(method.search, build_proposer(method.proposer))
+    aggregator = FedDTPTAggregator(method.aggregate)
     tokenizer = load_tokenizer(str(cfg.model.name))
     model = load_causal_lm(str(cfg.model.name), cfg.model.device, cfg.model.dtype)
     batch_size = int(cfg.batch_size)

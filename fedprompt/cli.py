@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedprompt.config import check_writable_dir, compose, group_options, make_dir, validate_common
+from fedprompt.config import check_writable_dir, compose, load_task_checked, output_dir, validate_common
 from fedprompt.errors import ConfigError, FedPromptError, Interrupted
 from fedprompt.redact import redact_overrides
 
@@ -82,30 +82,6 @@ def command_help(command: str) -> str:
         text = (conf_dir() / name).read_text().split("\nhydra:")[0]  # the root file's Hydra node is run's only
         parts.append(f"\n# {keys} ({name}):\n{text.rstrip()}")
     return "\n".join(parts)
-
-
-def output_dir(cfg: DictConfig, command: str) -> Path:
-    if cfg.get("output_dir"):
-        path = Path(str(cfg.output_dir))
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = Path("outputs") / command / f"{stamp}-{cfg.task.name}-{cfg.get('split', 'run')}"
-    return make_dir(path)
-
-
-def load_task_checked(cfg: DictConfig):
-    """The task's data, with an unknown task named as such (not as a missing folder)."""
-    from fedprompt.data import load_task
-
-    try:
-        return load_task(OmegaConf.to_container(cfg.task, resolve=True), cfg.get("data_dir"))
-    except FedPromptError as err:
-        if cfg.task.get("custom"):
-            raise ConfigError(
-                f"unknown task {cfg.task.name!r}: no conf/task/{cfg.task.name}.yaml (known: "
-                f"{', '.join(o for o in group_options('task') if o != 'custom')}) and no usable data folder ({err})"
-            ) from None
-        raise
 
 
 def cmd_eval(cfg: DictConfig) -> dict:
@@ -252,13 +228,13 @@ def cmd_resume(folder: Path, overrides: list[str]) -> dict:
 
 
 def cmd_distill(cfg: DictConfig) -> dict:
-    from fedprompt.methods.post.commands import cmd_distill as distill  # lazy: torch and the models only here
+    from fedprompt.commands.post import cmd_distill as distill  # lazy: torch and the models only here
 
     return distill(cfg)
 
 
 def cmd_transfer(cfg: DictConfig) -> dict:
-    from fedprompt.methods.post.commands import cmd_transfer as transfer
+    from fedprompt.commands.post import cmd_transfer as transfer
 
     return transfer(cfg)
 

@@ -14,12 +14,13 @@ holds a ``config.yaml`` of its own is instead a whole replacement of ``conf/`` (
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedprompt.errors import ConfigError
+from fedprompt.errors import ConfigError, FedPromptError
 
 CONF_ENV = "FEDPROMPT_CONF_DIR"
 
@@ -176,3 +177,28 @@ def validate_common(cfg: DictConfig) -> None:
     from fedprompt.data.loading import check_task_name
 
     check_task_name(cfg.task.name)
+
+
+def output_dir(cfg: DictConfig, command: str) -> Path:
+    """A command's run folder, created: ``output_dir=`` or ``outputs/<command>/<time>-<task>-<split>``."""
+    if cfg.get("output_dir"):
+        path = Path(str(cfg.output_dir))
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path("outputs") / command / f"{stamp}-{cfg.task.name}-{cfg.get('split', 'run')}"
+    return make_dir(path)
+
+
+def load_task_checked(cfg: DictConfig):
+    """The task's data, with an unknown task named as such (not as a missing folder)."""
+    from fedprompt.data import load_task
+
+    try:
+        return load_task(OmegaConf.to_container(cfg.task, resolve=True), cfg.get("data_dir"))
+    except FedPromptError as err:
+        if cfg.task.get("custom"):
+            raise ConfigError(
+                f"unknown task {cfg.task.name!r}: no conf/task/{cfg.task.name}.yaml (known: "
+                f"{', '.join(o for o in group_options('task') if o != 'custom')}) and no usable data folder ({err})"
+            ) from None
+        raise

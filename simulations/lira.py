@@ -80,8 +80,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from fedprompt.cli import load_task_checked
-    from fedprompt.config import compose
+    from fedprompt.config import compose, load_task_checked
     from fedprompt.methods.post import PromptConfig, SoftPromptTuner, TrainConfig, initial_prompt
     from fedprompt.models import load_causal_lm, load_tokenizer
     from fedprompt.models.distill import resolve_model

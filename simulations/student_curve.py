@@ -60,11 +60,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from fedprompt.cli import load_task_checked
-    from fedprompt.config import compose
+    from fedprompt.config import compose, load_task_checked
     from fedprompt.data.leakage import check_disjoint
     from fedprompt.methods.post import PromptConfig, SoftPromptTuner, TrainConfig, initial_prompt
-    from fedprompt.methods.post.commands import check_not_tuned_task, distill_tasks, distill_texts
+    from fedprompt.commands.post import check_not_tuned_task, distill_tasks, distill_texts
     from fedprompt.models import PromptedClassifier, load_causal_lm, load_tokenizer
     from fedprompt.models.distill import (DistillCheckpoint, DistillConfig, _is_embedding, build_student,
                                           default_layers, distill, distill_settings)

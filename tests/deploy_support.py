@@ -1,9 +1,13 @@
 """Shared pieces of the deployment tests: a local deployment of the tiny run, a run in a background thread
-(so a test can break things while it runs), polling with a deadline, and a Flower app with faulty clients."""
+(so a test can break things while it runs), polling with a deadline, a Flower app with faulty clients, and the
+faults themselves (a SuperNode killed, the service stopped) with what the tests read of a deployment."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import threading
 import time
 from contextlib import contextmanager
@@ -13,7 +17,7 @@ from typing import Callable, Iterator
 
 from fedprompt.config import compose
 from fedprompt.fl.deploy import DeploySettings, LocalDeployment, local_run
-from fedprompt.fl.launch import RunOutcome
+from fedprompt.fl.launch import RunOutcome, stop_process_group
 from fedprompt.fl.run import app_dir
 from tests.fl_support import tiny_overrides, write_secret_task
 
@@ -27,6 +31,28 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 300.0,
             tails = "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in files)
             raise AssertionError(f"{what}: not within {timeout_s:.0f} s{tails}")
         time.sleep(0.2)
+
+
+def supernode_log(deployment: LocalDeployment, i: int) -> Path:
+    return deployment.folder / f"supernode-{i}.log"
+
+
+def supernode_id(deployment: LocalDeployment, i: int) -> int | None:
+    """SuperNode i's Flower node id, as its log says (the ids in a run's rounds.json and audit)."""
+    match = re.search(r"SuperNode ID: (\d+)", supernode_log(deployment, i).read_text(errors="replace"))
+    return int(match.group(1)) if match else None
+
+
+def kill_supernode(deployment: LocalDeployment, i: int) -> None:
+    """SIGKILL SuperNode i and its ClientApps at once, as when its host dies: no goodbye to the SuperLink."""
+    os.killpg(deployment.supernodes[i].pid, signal.SIGKILL)
+    deployment.supernodes[i].wait(timeout=30)
+
+
+def stop_service(deployment: LocalDeployment) -> None:
+    """Stop the deployment's black-box service alone (``deployment.start_service()`` starts it again)."""
+    if deployment.service is not None:
+        stop_process_group(deployment.service)
 
 
 @dataclass

@@ -343,7 +343,7 @@ def test_the_local_deploy_service_runs_with_a_generated_key_kept_out_of_files(ti
         ok = httpx.get(deployment.service_url + "/v1/models", verify=verify, headers={"Authorization": f"Bearer {key}"})
         assert ok.status_code == 200
     finally:
-        deployment.stop_service()
+        deployment.stop()  # the service is the only piece started
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():
             assert key.encode() not in path.read_bytes(), path

@@ -27,7 +27,7 @@ from fedprompt.blackbox.settings import ServerSettings
 from fedprompt.fl import deploy
 from fedprompt.fl.launch import _tool, free_port
 from fedprompt.fl.run import app_dir
-from tests.deploy_support import wait_for
+from tests.deploy_support import stop_service, supernode_id, supernode_log, wait_for
 from tests.fl_support import find_leaks, tiny_overrides, write_secret_task
 
 SCRIPT = app_dir() / "scripts" / "make-certs.sh"
@@ -156,8 +156,8 @@ def test_fedprompt_deploy_runs_two_rounds_on_three_supernodes_over_tls_through_a
     # The black-box service goes down after the server's round-0 evaluation (8 texts), before the clients'
     # first query, and comes back on the same port once a client is seen retrying.
     wait_for(lambda: served() >= 8, "the server's round-0 evaluation", logs=logs)
-    deployment.stop_service()
-    wait_for(lambda: any("retry 1 of 60" in deployment.supernode_log(i).read_text(errors="replace") for i in range(3)),
+    stop_service(deployment)
+    wait_for(lambda: any("retry 1 of 60" in supernode_log(deployment, i).read_text(errors="replace") for i in range(3)),
              "a client retrying the service", logs=logs)
     deployment.start_service()
     _tls_and_supernode_auth_are_enforced(deployment)  # while the run goes on
@@ -175,7 +175,7 @@ def test_fedprompt_deploy_runs_two_rounds_on_three_supernodes_over_tls_through_a
         assert (out / name).is_file(), name
     # Every SuperNode answered with its own partition: three nodes, each one reply a round.
     audit = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
-    assert sorted({row["node"] for row in audit}) == sorted(deployment.supernode_id(i) for i in range(3))
+    assert sorted({row["node"] for row in audit}) == sorted(supernode_id(deployment, i) for i in range(3))
     assert all(find_leaks(base64.b64decode(row["content"])) == [] for row in audit)
     # Every hop was TLS: the SuperLink's APIs, each SuperNode's Runtime API, the black-box service.
     for log in ("superlink", "supernode-0", "supernode-1", "supernode-2", "service"):

@@ -10,7 +10,8 @@ import json
 import pytest
 from flwr.common.constant import ErrorCode
 
-from tests.deploy_support import background_run, tiny_deployment, wait_for, write_faulty_app
+from tests.deploy_support import (background_run, kill_supernode, supernode_id, supernode_log, tiny_deployment, wait_for,
+                                  write_faulty_app)
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
 
@@ -21,7 +22,7 @@ def test_a_client_that_raises_and_one_that_times_out_do_not_stop_the_round(tmp_p
                          "federation.min_replies=1") as (deployment, folder, run_config):
         run = background_run(deployment, folder, run_config, app=write_faulty_app(tmp_path / "faulty-app"))
         outcome = run.join()
-        nodes = [deployment.supernode_id(i) for i in range(3)]
+        nodes = [supernode_id(deployment, i) for i in range(3)]
     assert outcome.status == "finished:completed", outcome
     row = run.rounds()[1]
     assert row["clients_sampled"] == 3 and row["replies"] == 1 and row["failures"] == 2
@@ -39,10 +40,10 @@ def test_a_third_of_the_supernodes_killed_mid_run_and_the_run_completes(tmp_path
     with tiny_deployment(tmp_path, tiny_model_dir, 3, "federation.rounds=2", "federation.min_available_clients=2",
                          "federation.round_timeout_s=600") as (deployment, folder, run_config):
         run = background_run(deployment, folder, run_config)
-        wait_for(lambda: "Receiving: train message" in deployment.supernode_log(2).read_text(errors="replace"),
+        wait_for(lambda: "Receiving: train message" in supernode_log(deployment, 2).read_text(errors="replace"),
                  "SuperNode 2 receiving round 1", logs=deployment.folder)
-        killed = deployment.supernode_id(2)
-        deployment.kill_supernode(2)  # SIGKILL: it never says goodbye; the SuperLink notices its missing heartbeats
+        killed = supernode_id(deployment, 2)
+        kill_supernode(deployment, 2)  # SIGKILL: it never says goodbye; the SuperLink notices its missing heartbeats
         outcome = run.join()
     assert outcome.status == "finished:completed", outcome
     first, second = run.rounds()[1:]

@@ -1,4 +1,4 @@
-"""conf/method/feddtpt.yaml and FedDTPTConfig: defaults, validation, seed prompts, builders."""
+"""conf/method/feddtpt.yaml and FedDTPTConfig: defaults, validation, seed prompts, the parts built from it."""
 
 from __future__ import annotations
 
@@ -72,16 +72,16 @@ def test_seed_prompts_in_three_styles():
     assert [mixed.initial_prompt(TREC, i) for i in range(4)] == [concise, cfg.initial_prompt(TREC), detailed, concise]
 
 
-def test_builders_take_injected_parts():
+def test_parts_built_from_the_config_take_injected_parts():
     cfg = FedDTPTConfig.from_dict({"aggregate": {"mode": "no-clustering", "top_n": 1}})
-    search = cfg.build_search(RandomProposer(["alpha", "beta"]))
+    search = PromptSearch(cfg.search, RandomProposer(["alpha", "beta"]))
     assert isinstance(search, PromptSearch) and search.config == cfg.search
 
     class Embed:
         def encode(self, words):
             return np.stack([np.eye(3)[len(w) % 3] for w in words])
 
-    aggregator = cfg.build_aggregator(Embed())
+    aggregator = FedDTPTAggregator(cfg.aggregate, Embed())
     assert isinstance(aggregator, FedDTPTAggregator)
     assert aggregator.aggregate([["ab", "cde"], ["ab", "f"]]).prompt == ["ab"]
 

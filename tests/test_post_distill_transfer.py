@@ -215,7 +215,7 @@ def test_a_learning_set_sharing_a_test_sentence_is_refused_before_any_model_load
 def test_transfer_under_exclude_drops_the_shared_sentence_and_goes_on(post_data, tiny_model_dir, tmp_path, monkeypatch):
     from fedprompt.data.leakage import content_key
     from fedprompt.methods.post import TransferConfig
-    from fedprompt.methods.post.commands import public_examples
+    from fedprompt.commands.post import public_examples
 
     sentence = leak(post_data, "other", "train")
     tcfg = TransferConfig.from_dict({"public_task": "other"})
@@ -424,7 +424,7 @@ def test_a_student_at_chance_gets_alpha_one_and_a_note(sharp, monkeypatch, capsy
     from types import SimpleNamespace
 
     from fedprompt.methods.post import TransferConfig
-    from fedprompt.methods.post.commands import transfer_prompt
+    from fedprompt.commands.post import transfer_prompt
 
     student, large, student_prompt = sharp
 

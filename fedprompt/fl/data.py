@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from fedprompt.config import load_task_checked
 from fedprompt.data import Example, Partition, TaskSpec
 
 
@@ -25,8 +26,6 @@ class ClientData:
 
 def load_task_and_spec(cfg: DictConfig):
     """The task's data and its spec in the model's chat format (as ``fedprompt eval`` shows it)."""
-    from fedprompt.cli import load_task_checked  # lazy: fedprompt.cli imports this package's command
-
     task = load_task_checked(cfg)
     return task, task.spec.with_chat_format(cfg.model.get("chat_format"))
 

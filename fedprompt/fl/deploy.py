@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import signal
 import ssl
@@ -192,7 +191,7 @@ class LocalDeployment:
     # ---- the pieces -------------------------------------------------------------------------------
 
     def start_service(self) -> None:
-        """``fedprompt serve`` over HTTPS on 127.0.0.1 with the run's whole config; also used to restart it."""
+        """``fedprompt serve`` over HTTPS on 127.0.0.1 with the run's whole config."""
         cert, key = self.certs.server("service")
         cfg = OmegaConf.merge(self.cfg, {"service": {"host": "127.0.0.1", "port": self.service_port,
                                                      "tls": {"certfile": str(cert), "keyfile": str(key)}}})
@@ -202,10 +201,6 @@ class LocalDeployment:
                                    env={**self.env, **self.service_env})
         _wait(lambda: _https_ok(self.service_url + "/health", self.certs.ca), "the black-box service",
               [self.service], self.folder / "service.log", self.settings.startup_timeout_s)
-
-    def stop_service(self) -> None:
-        if self.service is not None:
-            stop_process_group(self.service)
 
     def _start_superlink(self) -> None:
         host, port = self.superlink_address.split(":")
@@ -248,7 +243,7 @@ class LocalDeployment:
         """SuperNodes the SuperLink currently counts as online."""
         return sum(n.get("status") == "online" for n in self._flwr("supernode", "ls", CONNECTION).get("nodes", []))
 
-    # ---- what the run and the tests use -----------------------------------------------------------
+    # ---- what the run uses --------------------------------------------------------------------------
 
     def client_config(self, cfg: DictConfig) -> DictConfig:
         """The run's config, pointed at the deployment's own service (https, our CA) when it runs one."""
@@ -258,18 +253,6 @@ class LocalDeployment:
 
     def run(self, app: Path, run_config: Path, log: TextIO, echo: TextIO | None = None) -> RunOutcome:
         return submit_run(app, CONNECTION, run_config, self.env_cli, log, echo)
-
-    def supernode_log(self, i: int) -> Path:
-        return self.folder / f"supernode-{i}.log"
-
-    def supernode_id(self, i: int) -> int | None:
-        match = re.search(r"SuperNode ID: (\d+)", self.supernode_log(i).read_text(errors="replace"))
-        return int(match.group(1)) if match else None
-
-    def kill_supernode(self, i: int) -> None:
-        """SIGKILL SuperNode i and its ClientApps at once, as when its host dies: no goodbye to the SuperLink."""
-        os.killpg(self.supernodes[i].pid, signal.SIGKILL)
-        self.supernodes[i].wait(timeout=30)
 
 
 def service_key_env(cfg: DictConfig, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:

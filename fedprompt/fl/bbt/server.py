@@ -71,8 +71,7 @@ def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.fl.bbt.strategy import BBTStrategy
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
-    from fedprompt.fl.feddtpt.server import predict_prompt
-    from fedprompt.fl.protocol import measure_references, provenance
+    from fedprompt.fl.protocol import measure_references, predict_prompt, provenance
     from fedprompt.fl.records import audit_path
     from fedprompt.fl.report import RunReport
     from fedprompt.fl.rounds import Federation, RoundDriver, Scored

@@ -36,13 +36,15 @@ def client_state(run_config, cfg) -> ClientState:
     from fedprompt.blackbox import make_blackbox
     from fedprompt.fl.config import method_config, once_per_run
     from fedprompt.fl.data import client_data
+    from fedprompt.methods.feddtpt import PromptSearch, build_proposer
 
     def build() -> ClientState:
         method = method_config(cfg)
         data = client_data(cfg)
         if method.privatize.enabled:  # every text of the client's own is privatized before any query is formatted
             data = _privatized(data, method.privatize, cfg)
-        return ClientState(cfg, method, data, method.build_search(), make_blackbox(cfg))
+        return ClientState(cfg, method, data, PromptSearch(method.search, build_proposer(method.proposer)),
+                           make_blackbox(cfg))
 
     # A new run in this process first closes the previous run's black-box connections.
     return once_per_run(_STATE, run_config, build, release=lambda old: old.blackbox.close())

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from fedprompt.fl.feddtpt.records import arrays_to_prompt, prompt_to_arrays
+from fedprompt.fl.protocol import predict_prompt
 
 
 def check(cfg, spec) -> dict:
@@ -45,13 +46,6 @@ def check(cfg, spec) -> dict:
         # Also converts an embedded model once here, so the clients do not all convert it at the same time.
         encode_label_words(load_tokenizer(str(cfg.model.name)), spec.label_words)
     return {}
-
-
-def predict_prompt(blackbox, spec, examples, prompt: Sequence[str] | str | None) -> np.ndarray:
-    """The black box's predicted class per example under ``prompt`` (None: the manual prompt, "": zero-shot)."""
-    text = prompt if prompt is None or isinstance(prompt, str) else " ".join(prompt)
-    result = blackbox.classify([spec.format(e, text) for e in examples], list(spec.label_words), labels_only=True)
-    return np.asarray(result.predictions)
 
 
 def score_prompt(blackbox, spec, examples, prompt: Sequence[str] | str | None) -> tuple[float, int]:
@@ -89,6 +83,7 @@ def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.fl.rounds import Federation, RoundDriver, Scored
     from fedprompt.fl.run import run_folder
     from fedprompt.fl.feddtpt.strategy import FedDTPTStrategy
+    from fedprompt.methods.feddtpt.aggregate import FedDTPTAggregator
 
     fed, federation = cfg.federation, Federation.from_cfg(cfg)
     method = method_config(cfg)
@@ -98,7 +93,7 @@ def run_server(grid: Grid, cfg) -> dict:
     seed_prompt = method.initial_prompt(spec)
     blackbox = make_blackbox(cfg)
     strategy = FedDTPTStrategy(
-        method.build_aggregator(), seed=int(cfg.seed), max_tokens=method.search.max_tokens,
+        FedDTPTAggregator(method.aggregate), seed=int(cfg.seed), max_tokens=method.search.max_tokens,
         **federation.fedavg_kwargs(),  # fraction_train, min_train_nodes, min_available_nodes, min_replies
         audit_path=audit_path(cfg, folder),
         # The public pool is public (federation.public_split), not client data: the server may score on it.

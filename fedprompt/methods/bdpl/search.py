@@ -32,11 +32,13 @@ from fedprompt.methods.bdpl.policy import SGD, Adam, argmax_prompt, entropy, sam
 def candidate_vocab(tokenizer, config: BDPLConfig) -> list[str]:
     """The V candidate tokens of every slot: the tokenizer's ``candidates`` most frequent whole words.
 
-    Reuses FedDTPT's whole-word vocabulary (word-start tokens of letters only, in id order: BPE merge
-    order, roughly frequency), so every sampled prompt is plain text any service reads back as the same
-    words. A small tokenizer may have fewer than ``candidates`` such words: V is then what it has.
+    The whole-word vocabulary FedDTPT's proposers use too (fedprompt.models.vocab: word-start tokens of letters
+    only, in id order: BPE merge order, roughly frequency), so every sampled prompt is plain text any service
+    reads back as the same words. A small tokenizer may have fewer than ``candidates`` such words: V is then
+    what it has.
     """
-    from fedprompt.methods.feddtpt.proposers import whole_word_vocab
+    # lazy: fedprompt.models imports torch, which choosing prompts here never needs
+    from fedprompt.models.vocab import whole_word_vocab
 
     return whole_word_vocab(tokenizer, config.min_word_len, config.candidates)[0]
 

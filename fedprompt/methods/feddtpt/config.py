@@ -1,5 +1,6 @@
-"""FedDTPT's configuration (``conf/method/feddtpt.yaml``): typed, validated, and the builders that turn
-it into a client search, a proposer and a server aggregator.
+"""FedDTPT's configuration (``conf/method/feddtpt.yaml``): typed and validated. Its sections build the parts
+(``PromptSearch(cfg.search, build_proposer(cfg.proposer))``, ``FedDTPTAggregator(cfg.aggregate)``); those
+modules import this one, never the reverse.
 
 Validation happens in :meth:`FedDTPTConfig.from_dict`, before any model is loaded or any query is sent,
 and rejects unknown keys so that a typo in a sweep does not silently fall back to a default.
@@ -15,9 +16,6 @@ from fedprompt.privacy.dchi import DChiConfig
 
 if TYPE_CHECKING:
     from fedprompt.data.task import TaskSpec
-    from fedprompt.methods.feddtpt.aggregate import Embedder, FedDTPTAggregator
-    from fedprompt.methods.feddtpt.proposers import Proposer
-    from fedprompt.methods.feddtpt.search import PromptSearch
 
 SEED_STYLES = ("concise", "moderate", "detailed")
 FEEDBACK = ("accuracy", "balanced", "margin", "none")
@@ -243,22 +241,6 @@ class FedDTPTConfig:
     def initial_prompt(self, spec: "TaskSpec", client_index: int | None = None) -> list[str]:
         """The round-0 global prompt (or, with style "mixed", client ``client_index``'s own start)."""
         return self.seed_prompt.prompt(spec, client_index)
-
-    def build_proposer(self) -> "Proposer":
-        from fedprompt.methods.feddtpt.proposers import build_proposer
-
-        return build_proposer(self.proposer)
-
-    def build_search(self, proposer: "Proposer | None" = None) -> "PromptSearch":
-        """The client search; loads the configured proposer unless one is given (reuse it across rounds)."""
-        from fedprompt.methods.feddtpt.search import PromptSearch
-
-        return PromptSearch(self.search, proposer if proposer is not None else self.build_proposer())
-
-    def build_aggregator(self, embedder: "Embedder | None" = None) -> "FedDTPTAggregator":
-        from fedprompt.methods.feddtpt.aggregate import FedDTPTAggregator
-
-        return FedDTPTAggregator(self.aggregate, embedder)
 
 
 def _to_plain(node: Any) -> Any:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from fedprompt.config import compose, load_task_checked, output_dir, validate_common
 from fedprompt.data import Example, load_task
 from fedprompt.data.dataset import TaskData
 from fedprompt.data.leakage import check_disjoint, content_key, without
@@ -32,8 +33,6 @@ def _task_examples(name: str, split: str, data_dir) -> list[Example]:
 
 def distill_tasks(data, data_dir) -> dict[str, TaskData]:
     """The tasks of ``data.tasks`` as distill reads them: ``raw`` needs only a folder, ``task`` the task's conf."""
-    from fedprompt.config import compose
-
     if data.format == "raw":
         return {name: load_task({"name": name}, data_dir) for name in data.tasks}
     return {name: load_task(OmegaConf.to_container(compose([f"task={name}"]).task, resolve=True), data_dir)
@@ -83,8 +82,6 @@ def _write(out: Path, cfg: DictConfig, record: dict) -> dict:
 def cmd_distill(cfg: DictConfig) -> dict:
     from transformers import AutoConfig
 
-    from fedprompt.cli import load_task_checked, output_dir
-    from fedprompt.config import validate_common
     from fedprompt.models import PromptedClassifier, load_causal_lm, load_tokenizer, materialize
     from fedprompt.models.distill import (DistillCheckpoint, DistillConfig, build_student, check_layers, default_layers,
                                           default_student_dir, distill, distill_settings, loss_curve_plot, save_student)
@@ -215,8 +212,6 @@ def transfer_prompt(student_tuner, large_tuner, student_prompt, init_prompt, pub
 def cmd_transfer(cfg: DictConfig) -> dict:
     from transformers import AutoConfig
 
-    from fedprompt.cli import load_task_checked, output_dir
-    from fedprompt.config import validate_common
     from fedprompt.methods.post import PromptConfig, SoftPromptTuner, TrainConfig, TransferConfig, initial_prompt
     from fedprompt.methods.post.prompts import load_prompt, save_prompt
     from fedprompt.methods.post.tuning import check_prompt_fits, label_token_ids
