@@ -4,7 +4,7 @@
 A method's client module declares its state as a small dataclass and ``STATE = PerRun(build, release)``; its
 ``train(msg, context, cfg)`` starts with ``state = STATE.get(context, cfg)`` and ``now = ClientRound.of(msg,
 context, cfg, len(state.data.partition.clients))``. Cross-round state that must survive a resume lives in
-``context.state`` only (the ClientApp saves it), never in the per-run state.
+``context.state`` only (the ClientApp saves it), never in the per-run state. It answers with :func:`reply`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from fedprompt.fl.records import CONFIG
+from fedprompt.fl.records import ARRAYS, CONFIG, METRICS
 
 S = TypeVar("S")
 
@@ -71,3 +71,15 @@ class PerRun(Generic[S]):
         if self.value is not None and self.release is not None:
             self.release(self.value)
         self.key, self.value = None, None
+
+
+def usage_metrics(usage) -> dict[str, int]:
+    """A black box's accounting of the client's round (a ``Usage``) as reply metrics: ``bb-requests``, ..."""
+    return {f"bb-{key.replace('_', '-')}": getattr(usage, key)
+            for key in ("requests", "prompt_tokens", "bytes_sent", "bytes_received")}
+
+
+def reply(msg: Message, arrays: ArrayRecord, metrics: dict) -> Message:
+    """The client's reply: its arrays and its numbers ("arrays", "metrics"; a None metric is left out)."""
+    content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord({k: v for k, v in metrics.items() if v is not None})})
+    return Message(content, reply_to=msg)

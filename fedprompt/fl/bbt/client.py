@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord
 
 from fedprompt.fl.bbt.records import STATE, arrays_to_point, point_to_arrays
-from fedprompt.fl.client import ClientRound, PerRun
-from fedprompt.fl.records import ARRAYS, METRICS
+from fedprompt.fl.client import ClientRound, PerRun, reply, usage_metrics
+from fedprompt.fl.records import ARRAYS
 
 if TYPE_CHECKING:
     from fedprompt.blackbox import SoftPromptBlackBox
@@ -65,13 +65,8 @@ def train(msg: Message, context: Context, cfg) -> Message:
         point = result.mean
     total = int(context.state[STATE]["queries-total"]) if STATE in context.state else 0
     context.state[STATE] = MetricRecord({"queries-total": total + result.queries})
-    usage = result.usage
-    metrics = {
+    return reply(msg, point_to_arrays(point, result.sigma), {
         "num-examples": len(examples), "partition-id": now.partition_id, "queries": result.queries,
         "queries-total": total + result.queries, "loss": result.best_loss, "last-loss": result.losses[-1],
-        "iterations": result.iterations, "evaluations": result.evaluations, "bb-requests": usage.requests,
-        "bb-prompt-tokens": usage.prompt_tokens, "bb-bytes-sent": usage.bytes_sent,
-        "bb-bytes-received": usage.bytes_received, "search-s": result.seconds,
-    }
-    content = RecordDict({ARRAYS: point_to_arrays(point, result.sigma), METRICS: MetricRecord(metrics)})
-    return Message(content, reply_to=msg)
+        "iterations": result.iterations, "evaluations": result.evaluations, **usage_metrics(result.usage),
+        "search-s": result.seconds})

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 
 from fedprompt.fl.bdpl.records import (
     OPTIMIZER_STATE,
@@ -22,8 +22,8 @@ from fedprompt.fl.bdpl.records import (
     logits_to_arrays,
     optimizer_to_arrays,
 )
-from fedprompt.fl.client import ClientRound, PerRun
-from fedprompt.fl.records import ARRAYS, METRICS
+from fedprompt.fl.client import ClientRound, PerRun, reply, usage_metrics
+from fedprompt.fl.records import ARRAYS
 
 if TYPE_CHECKING:
     from fedprompt.blackbox import BlackBoxLM
@@ -77,15 +77,7 @@ def train(msg: Message, context: Context, cfg) -> Message:
                               seed=now.seed, optimizer=optimizer)
     if keep and optimizer.m is not None:
         context.state[OPTIMIZER_STATE] = optimizer_to_arrays(optimizer.m, optimizer.v, optimizer.t)
-    usage = result.usage
-    metrics = {
+    return reply(msg, logits_to_arrays(result.logits), {  # None (left out): no step (budget)
         "num-examples": len(examples), "partition-id": now.partition_id, "loss": result.mean_loss,
         "local-accuracy": result.sample_accuracy, "entropy": result.entropy, "queries": result.queries,
-        "steps": result.steps, "bb-requests": usage.requests, "bb-prompt-tokens": usage.prompt_tokens,
-        "bb-bytes-sent": usage.bytes_sent, "bb-bytes-received": usage.bytes_received, "train-s": result.seconds,
-    }
-    content = RecordDict({
-        ARRAYS: logits_to_arrays(result.logits),
-        METRICS: MetricRecord({k: v for k, v in metrics.items() if v is not None}),  # None: no step (budget)
-    })
-    return Message(content, reply_to=msg)
+        "steps": result.steps, **usage_metrics(result.usage), "train-s": result.seconds})

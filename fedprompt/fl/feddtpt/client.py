@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 
-from fedprompt.fl.client import ClientRound, PerRun, round_seed
+from fedprompt.fl.client import ClientRound, PerRun, reply, round_seed, usage_metrics
 from fedprompt.fl.feddtpt.records import arrays_to_words, words_to_arrays
 from fedprompt.fl.records import ARRAYS, METRICS
 
@@ -76,16 +76,8 @@ def train(msg: Message, context: Context, cfg) -> Message:
         # shared_edits: every client of the round tries the same edits in the same order (see PromptSearch.run)
         edit_seed=(int(cfg.seed), now.server_round, 1) if state.method.search.shared_edits else None,
     )
-    usage = result.usage
-    metrics = {
+    # None (left out): not scored (feedback=none)
+    return reply(msg, words_to_arrays(result.prompt), {
         "partition-id": now.partition_id, "batch-accuracy": result.accuracy, "local-accuracy": result.local_accuracy,
         "start-accuracy": result.start_accuracy, "queries": result.queries, "steps": result.steps,
-        "prompt-length": len(result.prompt), "bb-requests": usage.requests, "bb-prompt-tokens": usage.prompt_tokens,
-        "bb-bytes-sent": usage.bytes_sent, "bb-bytes-received": usage.bytes_received,
-        "search-s": time.perf_counter() - start,
-    }
-    content = RecordDict({
-        ARRAYS: words_to_arrays(result.prompt),
-        METRICS: MetricRecord({k: v for k, v in metrics.items() if v is not None}),  # None: not scored (feedback=none)
-    })
-    return Message(content, reply_to=msg)
+        "prompt-length": len(result.prompt), **usage_metrics(result.usage), "search-s": time.perf_counter() - start})

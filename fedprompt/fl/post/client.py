@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 
-from fedprompt.fl.client import ClientRound, PerRun
+from fedprompt.fl.client import ClientRound, PerRun, reply
 from fedprompt.fl.post.records import DP_REPLY_METRICS, PRIVACY_STATE, PROMPT, history_to_record, record_to_history, soft_prompt
-from fedprompt.fl.records import ARRAYS, METRICS, prompt_to_arrays
+from fedprompt.fl.records import ARRAYS, prompt_to_arrays
 
 if TYPE_CHECKING:
     from fedprompt.fl.data import ClientData
@@ -71,8 +71,7 @@ def train(msg: Message, context: Context, cfg) -> Message:
         plan = plan_dp(method.privacy, len(examples), method.train.batch_size,
                        planned_steps(int(cfg.federation.rounds), method.train.local_steps))
         history = record_to_history(context.state.get(PRIVACY_STATE))
-    result = state.tuner.train(prompt, examples, seed=now.seed, plan=plan,
-                               history=history)
+    result = state.tuner.train(prompt, examples, seed=now.seed, plan=plan, history=history)
     if plan is not None:
         context.state[PRIVACY_STATE] = history_to_record(result.history)
     metrics = {
@@ -84,11 +83,7 @@ def train(msg: Message, context: Context, cfg) -> Message:
     if plan is not None:  # the noisy prompt and public values only; the rest stays here
         write_local_log(cfg, context, now.server_round, {k: v for k, v in metrics.items() if k not in DP_REPLY_METRICS})
         metrics = {k: v for k, v in metrics.items() if k in DP_REPLY_METRICS}
-    content = RecordDict({
-        ARRAYS: prompt_to_arrays({PROMPT: result.prompt.weight}),
-        METRICS: MetricRecord({k: v for k, v in metrics.items() if v is not None}),
-    })
-    return Message(content, reply_to=msg)
+    return reply(msg, prompt_to_arrays({PROMPT: result.prompt.weight}), metrics)
 
 
 def write_local_log(cfg, context: Context, server_round: int, numbers: dict) -> None:

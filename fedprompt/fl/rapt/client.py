@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 
-from fedprompt.fl.client import ClientRound, PerRun, round_seed
+from fedprompt.fl.client import ClientRound, PerRun, reply, round_seed
 from fedprompt.fl.rapt.records import examples_to_arrays
-from fedprompt.fl.records import ARRAYS, METRICS
 
 if TYPE_CHECKING:
     from fedprompt.fl.data import ClientData
@@ -72,8 +71,7 @@ def train(msg: Message, context: Context, cfg) -> Message:
     # Text tokens as sent and as they were (texts, then pairs: privatize_examples' order), plain tokens left out.
     sent = [t for e in private for t in e.ids[m:]] + [t for e in private for t in (e.pair_ids or ())]
     before = [t for r in raw[:n] for t in r[m:]] + [t for r in raw[n:] for t in r]
-    metrics = {"num-examples": n, "tokens": len(sent),
-               "tokens-unchanged": float(np.mean(np.asarray(sent) == np.asarray(before))) if sent else 0.0,
-               "privatize-s": time.perf_counter() - start, "partition-id": now.partition_id}
-    content = RecordDict({ARRAYS: examples_to_arrays(private, m), METRICS: MetricRecord(metrics)})
-    return Message(content, reply_to=msg)
+    return reply(msg, examples_to_arrays(private, m), {
+        "num-examples": n, "tokens": len(sent), "privatize-s": time.perf_counter() - start,
+        "tokens-unchanged": float(np.mean(np.asarray(sent) == np.asarray(before))) if sent else 0.0,
+        "partition-id": now.partition_id})
