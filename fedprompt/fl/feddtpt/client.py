@@ -16,7 +16,7 @@ from flwr.app import Context, Message
 
 from fedprompt.fl.client import ClientRound, PerRun, reply, round_seed, usage_metrics
 from fedprompt.fl.feddtpt.records import arrays_to_words, words_to_arrays
-from fedprompt.fl.records import ARRAYS, METRICS
+from fedprompt.fl.records import ARRAYS
 
 if TYPE_CHECKING:
     from fedprompt.blackbox import BlackBoxLM
