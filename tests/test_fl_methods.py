@@ -111,3 +111,51 @@ def test_every_method_samples_fraction_train_of_min_available_clients_and_a_seed
     assert final_a.keys() == final_b.keys() and all(np.array_equal(final_a[k], final_b[k]) for k in final_a)
     sampled = [[c["partition-id"] for c in r["aggregation"]["clients"]] for r in rows_a[1:]]
     assert all(len(s) == 2 for s in sampled)  # two of the three partitions, drawn by the seed
+
+
+# --- the shared pieces on their own -------------------------------------------------------------------------
+
+
+def test_combine_metrics_sums_costs_keeps_the_largest_guarantee_and_weights_the_rest():
+    from fedprompt.fl.strategy import combine_metrics
+
+    clients = [{"num-examples": 1, "partition-id": 0, "queries": 10, "bb-requests": 2, "train-s": 1.0, "loss": 1.0,
+                "epsilon": 2.0, "delta": 1e-5},
+               {"num-examples": 3, "partition-id": 1, "queries": 30, "bb-requests": 4, "train-s": 2.0, "loss": 3.0,
+                "epsilon": 1.0, "delta": 2e-5, "entropy": 0.5}]
+    assert combine_metrics(clients) == {"num-examples": 4.0, "queries": 40.0, "bb-requests": 6.0, "train-s": 3.0,
+                                        "loss": 2.5, "epsilon-max": 2.0, "delta-max": 2e-5, "entropy": 0.5}
+    assert combine_metrics([{"local-accuracy": 0.5}, {"local-accuracy": 1.0}]) == {"local-accuracy": 0.75}  # unweighted
+
+
+def test_the_codec_round_trips_a_state_dict_and_names_what_is_wrong():
+    import torch
+
+    from fedprompt.fl.records import arrays_to_prompt, prompt_to_arrays
+
+    arrays = prompt_to_arrays({"prompt": torch.ones(2, 3, requires_grad=True), "sigma": [0.5]})
+    back = arrays_to_prompt(arrays, {"prompt": (None, 3), "sigma": (1,)})
+    assert back["prompt"].dtype == np.float32 and back["prompt"].shape == (2, 3) and back["sigma"].tolist() == [0.5]
+    for shapes, problem in (({"prompt": (2, 3)}, "must carry exactly"), ({"prompt": (2, 4), "sigma": (1,)}, "shape"),
+                            ({"prompt": (None,), "sigma": (1,)}, "shape")):
+        with pytest.raises(ValueError, match=problem):
+            arrays_to_prompt(arrays, shapes)
+    with pytest.raises(ValueError, match="non-finite"):
+        arrays_to_prompt(prompt_to_arrays({"z": [np.nan]}), {"z": (1,)})
+
+
+def test_a_client_round_checks_the_federation_and_seeds_by_seed_round_and_partition():
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedprompt.fl.client import ClientRound, round_seed
+
+    msg = SimpleNamespace(content=RecordDict({"config": ConfigRecord({"server-round": 2})}))
+    context = SimpleNamespace(node_config={"partition-id": 1, "num-partitions": 3})
+    now = ClientRound.of(msg, context, SimpleNamespace(seed=5), 3)
+    assert (now.partition_id, now.server_round, now.seed) == (1, 2, round_seed(5, 2, 1))
+    with pytest.raises(RuntimeError, match="3 SuperNodes .* federation.num_clients=2"):
+        ClientRound.of(msg, context, SimpleNamespace(seed=5), 2)
+    seeds = {round_seed(s, r, p) for s in range(3) for r in range(3) for p in range(3)}
+    assert len(seeds) == 27 and all(0 <= s < 2**32 for s in seeds)
