@@ -233,7 +233,7 @@ def test_fedprompt_run_method_bdpl_through_flwr_run(capsys, tmp_path, tiny_model
     assert logits.shape == (3, len(candidates)) and 2 <= len(candidates) <= 20
     assert rows[1]["prompt"] == " ".join(candidates[i] for i in logits.argmax(axis=1))
     flower_log = (out / "flower.log").read_text()
-    assert "activated 2 of 2 nodes" in flower_log and "report no partition" not in flower_log  # partitions asked
+    assert "sampled 2 of 2 nodes" in flower_log and "report no partition" not in flower_log  # partitions asked
 
 
 def test_clients_per_round_beyond_the_federation_is_one_line_before_flower(capsys, tmp_path, tiny_model_dir,
@@ -248,7 +248,7 @@ def test_clients_per_round_beyond_the_federation_is_one_line_before_flower(capsy
 
 
 def test_fedone_samples_one_client_a_round_seeded():
-    from fedprompt.fl.bdpl.strategy import sample_clients
+    from fedprompt.fl.strategy import sample_partitions as sample_clients
 
     nodes = [11, 5, 42, 7]
     picks = [sample_clients(nodes, 1, seed=0, server_round=r) for r in range(1, 41)]

@@ -9,7 +9,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedprompt.config import compose
 from fedprompt.fl import client_app
 from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
-from fedprompt.fl.feddtpt.records import REPLY_METRICS, arrays_to_prompt, prompt_to_arrays
+from fedprompt.fl.feddtpt.records import REPLY_METRICS, arrays_to_words, words_to_arrays
 from fedprompt.fl.records import serialize_content
 from tests.fl_support import TRAIN_TEXTS, find_leaks, tiny_overrides, write_secret_task
 
@@ -30,7 +30,7 @@ def run_config(tmp_path, tiny_model_dir):
 
 
 def train_message(node_id: int, server_round: int = 1, prompt=PROMPT) -> Message:
-    content = RecordDict({"arrays": prompt_to_arrays(prompt), "config": ConfigRecord({"server-round": server_round})})
+    content = RecordDict({"arrays": words_to_arrays(prompt), "config": ConfigRecord({"server-round": server_round})})
     return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN)
 
 
@@ -57,7 +57,7 @@ def test_reply_carries_the_prompt_and_numbers_only(server_identity, run_config):
         assert set(reply.content.keys()) == {"arrays", "metrics"}
         assert set(reply.content["arrays"].keys()) == {"prompt"}
         assert set(reply.content["metrics"].keys()) <= set(REPLY_METRICS)
-        prompt = arrays_to_prompt(reply.content["arrays"])
+        prompt = arrays_to_words(reply.content["arrays"])
         assert prompt and all(w.strip() == w for w in prompt)
         metrics = reply.content["metrics"]
         assert 0 < metrics["queries"] <= 60  # method.search.budget

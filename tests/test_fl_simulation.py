@@ -55,8 +55,10 @@ def test_two_clients_one_round_through_flwr_run(capsys, tmp_path, tiny_model_dir
         assert np.mean(predictions["zero_shot"] == predictions["label"]) == result["zero_shot_accuracy"]
 
     audit = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
-    assert len(audit) == 2 and all(row["error"] is None for row in audit)
+    # each node's answer to the partition query (once per run), then the two replies of round 1
+    assert [row["type"] for row in audit] == ["query.partition"] * 2 + ["train"] * 2
+    assert all(row["error"] is None for row in audit)
     for row in audit:
         wire = base64.b64decode(row["content"])
-        assert b"prompt" in wire  # the real payload was captured
+        assert (b"prompt" in wire) == (row["type"] == "train")  # the real payload was captured
         assert find_leaks(wire) == []

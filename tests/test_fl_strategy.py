@@ -9,7 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedprompt.fl.feddtpt.records import arrays_to_prompt, prompt_to_arrays
+from fedprompt.fl.feddtpt.records import arrays_to_words, words_to_arrays
 from fedprompt.fl.records import record_bytes
 from fedprompt.fl.feddtpt.strategy import FedDTPTStrategy, RoundStats
 from fedprompt.methods.feddtpt import AggregateConfig, FedDTPTAggregator
@@ -31,6 +31,9 @@ class FakeGrid:
     def get_node_ids(self):
         return list(self.nodes)
 
+    def send_and_receive(self, messages, timeout=None):
+        return []  # no node answers the partition query: sampled by node ids
+
 
 @pytest.fixture(autouse=True)
 def server_identity(monkeypatch):
@@ -49,7 +52,7 @@ def sent(node: int) -> Message:
 
 
 def reply(node: int, prompt, queries: int, accuracy: float) -> Message:
-    content = RecordDict({"arrays": prompt_to_arrays(prompt),
+    content = RecordDict({"arrays": words_to_arrays(prompt),
                           "metrics": MetricRecord({"queries": queries, "local-accuracy": accuracy})})
     return Message(content, reply_to=sent(node))
 
@@ -63,7 +66,7 @@ def test_aggregate_train_merges_valid_replies_and_records_failures(tmp_path):
 
     expected = FedDTPTAggregator(AggregateConfig(min_samples=2, eps=0.5, attention_threshold=0), OneHot()).aggregate(
         sorted(PROMPTS.values(), key=" ".join))  # replies go to the aggregator in text order
-    assert arrays_to_prompt(arrays) == expected.prompt
+    assert arrays_to_words(arrays) == expected.prompt
     assert set(expected.prompt) == {"classify", "the", "review"}  # each word at least two clients used
     assert metrics["queries"] == 150 and metrics["local-accuracy"] == pytest.approx(0.75)
     stats = strategy.rounds[1]
@@ -79,7 +82,7 @@ def test_node_ids_and_reply_order_do_not_change_the_result():
     a = make_strategy().aggregate_train(1, [reply(n, PROMPTS[n], 1, 1.0) for n in (11, 12, 13)])
     renamed = {11: 905, 12: 3, 13: 77}  # another run draws other node ids for the same clients
     b = make_strategy().aggregate_train(1, [reply(renamed[n], PROMPTS[n], 1, 1.0) for n in (13, 11, 12)])
-    assert arrays_to_prompt(a[0]) == arrays_to_prompt(b[0])
+    assert arrays_to_words(a[0]) == arrays_to_words(b[0])
 
 
 def test_only_failures_keep_the_global_prompt():
@@ -93,7 +96,7 @@ def test_only_failures_keep_the_global_prompt():
 def test_configure_train_samples_seeded_and_sends_prompt_and_round():
     nodes = [2**63 + 5, 17, 2**64 - 1, 3]  # node ids are unsigned 64-bit
     strategy = make_strategy(fraction_train=0.5, seed=7)
-    arrays = prompt_to_arrays(["classify", "the", "review"])
+    arrays = words_to_arrays(["classify", "the", "review"])
     first = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(nodes)))
     again = list(make_strategy(fraction_train=0.5, seed=7).configure_train(1, arrays, ConfigRecord(), FakeGrid(nodes)))
     targets = [m.metadata.dst_node_id for m in first]
@@ -101,7 +104,7 @@ def test_configure_train_samples_seeded_and_sends_prompt_and_round():
     assert targets == [m.metadata.dst_node_id for m in again]
     for msg in first:
         assert msg.metadata.message_type == MessageType.TRAIN
-        assert arrays_to_prompt(msg.content["arrays"]) == ["classify", "the", "review"]
+        assert arrays_to_words(msg.content["arrays"]) == ["classify", "the", "review"]
         assert msg.content["config"]["server-round"] == 1
     assert strategy.rounds[1].sampled == 2 and strategy.rounds[1].bytes_down == 2 * record_bytes(first[0].content)
     assert list(strategy.configure_evaluate(1, arrays, ConfigRecord(), FakeGrid(nodes))) == []
@@ -109,21 +112,21 @@ def test_configure_train_samples_seeded_and_sends_prompt_and_round():
 
 def test_min_train_nodes_wins_over_a_small_fraction():
     strategy = make_strategy(fraction_train=0.1, min_train_nodes=3)
-    msgs = strategy.configure_train(1, prompt_to_arrays(["x"]), ConfigRecord(), FakeGrid(range(1, 11)))
+    msgs = strategy.configure_train(1, words_to_arrays(["x"]), ConfigRecord(), FakeGrid(range(1, 11)))
     assert len(list(msgs)) == 3
 
 
 def test_prompt_encoding_round_trips_and_rejects_whitespace():
     words = ["Classify", "über", "text:", "négatif"]
-    assert arrays_to_prompt(prompt_to_arrays(words)) == words
+    assert arrays_to_words(words_to_arrays(words)) == words
     with pytest.raises(ValueError):
-        prompt_to_arrays(["two words"])
-    assert arrays_to_prompt(prompt_to_arrays([])) == []  # the empty prompt: zero-shot
+        words_to_arrays(["two words"])
+    assert arrays_to_words(words_to_arrays([])) == []  # the empty prompt: zero-shot
 
 
 def _sent_by_the_grid(strategy: FedDTPTStrategy, nodes) -> list[Message]:
     """configure_train's messages with the ids the Grid gives them when it sends them."""
-    messages = list(strategy.configure_train(1, prompt_to_arrays(["classify"]), ConfigRecord(), FakeGrid(nodes)))
+    messages = list(strategy.configure_train(1, words_to_arrays(["classify"]), ConfigRecord(), FakeGrid(nodes)))
     for msg in messages:
         msg.metadata.__dict__["_message_id"] = msg.object_id
     return messages
@@ -140,7 +143,7 @@ def test_failed_lost_and_silent_clients_are_recorded_and_one_reply_keeps_the_pro
     strategy = make_strategy(min_replies=min_replies)
     to = {m.metadata.dst_node_id: m for m in _sent_by_the_grid(strategy, [11, 12, 13, 14])}
     replies = [
-        Message(RecordDict({"arrays": prompt_to_arrays(PROMPTS[11])}), reply_to=to[11]),  # the only valid reply
+        Message(RecordDict({"arrays": words_to_arrays(PROMPTS[11])}), reply_to=to[11]),  # the only valid reply
         Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "RuntimeError on the client"), reply_to=to[12]),
         # What the SuperLink answers for a SuperNode that stopped sending heartbeats: it comes from the SuperLink.
         create_message_error_unavailable_res_message(to[13].metadata, "node_unavail"),
@@ -166,18 +169,18 @@ def test_server_check_keeps_the_global_prompt_when_the_merge_scores_lower(merged
         return {"kept": not merged_scores_lower, "old_accuracy": 0.5, "new_accuracy": 0.4 if merged_scores_lower else 0.6}
 
     strategy = make_strategy(server_check=check)
-    list(strategy.configure_train(1, prompt_to_arrays(start), ConfigRecord(), FakeGrid([11, 12, 13])))
+    list(strategy.configure_train(1, words_to_arrays(start), ConfigRecord(), FakeGrid([11, 12, 13])))
     arrays, _ = strategy.aggregate_train(1, [reply(n, PROMPTS[n], 1, 1.0) for n in (11, 12, 13)])
     assert calls == [(start, ["classify", "the", "review"])]
-    assert arrays_to_prompt(arrays) == (start if merged_scores_lower else ["classify", "the", "review"])
+    assert arrays_to_words(arrays) == (start if merged_scores_lower else ["classify", "the", "review"])
     assert strategy.rounds[1].aggregation["server_check"]["kept"] is (not merged_scores_lower)
 
 
 def test_server_check_is_not_asked_when_the_merge_is_the_global_prompt():
     strategy = make_strategy(server_check=lambda old, new: pytest.fail("no check needed"))
-    list(strategy.configure_train(1, prompt_to_arrays(["classify", "the", "review"]), ConfigRecord(), FakeGrid([11, 12, 13])))
+    list(strategy.configure_train(1, words_to_arrays(["classify", "the", "review"]), ConfigRecord(), FakeGrid([11, 12, 13])))
     arrays, _ = strategy.aggregate_train(1, [reply(n, PROMPTS[n], 1, 1.0) for n in (11, 12, 13)])
-    assert arrays_to_prompt(arrays) == ["classify", "the", "review"]
+    assert arrays_to_words(arrays) == ["classify", "the", "review"]
 
 
 def test_public_check_scores_on_the_public_pool_and_caches_the_old_prompt():
@@ -208,11 +211,11 @@ def test_bad_replies_are_recorded_and_skipped_and_the_rest_merged():
     to = {m.metadata.dst_node_id: m for m in _sent_by_the_grid(strategy, [11, 12, 13, 14, 15])}
     garbage = ArrayRecord({"prompt": Array(np.frombuffer(b"\xff\xfe bad", dtype=np.uint8).copy())})
     replies = [
-        Message(RecordDict({"arrays": prompt_to_arrays(PROMPTS[11])}), reply_to=to[11]),
-        Message(RecordDict({"arrays": prompt_to_arrays(PROMPTS[12])}), reply_to=to[12]),
+        Message(RecordDict({"arrays": words_to_arrays(PROMPTS[11])}), reply_to=to[11]),
+        Message(RecordDict({"arrays": words_to_arrays(PROMPTS[12])}), reply_to=to[12]),
         Message(RecordDict({"arrays": garbage}), reply_to=to[13]),  # not UTF-8
-        Message(RecordDict({"arrays": prompt_to_arrays(["the"] * 5)}), reply_to=to[14]),  # > max_tokens
-        Message(RecordDict({"arrays": prompt_to_arrays([])}), reply_to=to[15]),  # empty: a valid vote for zero-shot
+        Message(RecordDict({"arrays": words_to_arrays(["the"] * 5)}), reply_to=to[14]),  # > max_tokens
+        Message(RecordDict({"arrays": words_to_arrays([])}), reply_to=to[15]),  # empty: a valid vote for zero-shot
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     stats = strategy.rounds[1]
@@ -221,16 +224,16 @@ def test_bad_replies_are_recorded_and_skipped_and_the_rest_merged():
     assert "malformed reply" in reasons[13] and "utf-8" in reasons[13].lower()
     assert reasons[14] == "prompt of 5 words > method.search.max_tokens=4"
     assert stats.replies == 3 and stats.aggregation["empty_replies"] == 1
-    assert arrays_to_prompt(arrays) == ["classify", "the"]  # the words both non-empty replies share
+    assert arrays_to_words(arrays) == ["classify", "the"]  # the words both non-empty replies share
 
 
 def test_identical_replies_come_back_and_a_majority_of_empty_ones_gives_zero_shot():
     strategy = make_strategy()
-    list(strategy.configure_train(1, prompt_to_arrays(["please"]), ConfigRecord(), FakeGrid([11, 12, 13])))
+    list(strategy.configure_train(1, words_to_arrays(["please"]), ConfigRecord(), FakeGrid([11, 12, 13])))
     arrays, _ = strategy.aggregate_train(1, [reply(n, PROMPTS[11], 1, 1.0) for n in (11, 12, 13)])
-    assert arrays_to_prompt(arrays) == PROMPTS[11]
+    assert arrays_to_words(arrays) == PROMPTS[11]
     assert strategy.rounds[1].aggregation["fallbacks"] == ["identical-replies"]
     list(strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid([11, 12, 13])))
     arrays, _ = strategy.aggregate_train(2, [reply(11, PROMPTS[11], 1, 1.0), reply(12, [], 1, 1.0), reply(13, [], 1, 1.0)])
-    assert arrays_to_prompt(arrays) == []
+    assert arrays_to_words(arrays) == []
     assert strategy.rounds[2].aggregation["fallbacks"] == ["majority-empty"]

@@ -18,7 +18,7 @@ from fedprompt.fl import client_app
 from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
 from fedprompt.fl import deploy
 from fedprompt.fl.post.client import LOCAL_LOG, local_totals
-from fedprompt.fl.post.records import DP_REPLY_METRICS, PRIVACY_STATE, REPLY_METRICS, arrays_to_prompt
+from fedprompt.fl.post.records import DP_REPLY_METRICS, PRIVACY_STATE, REPLY_METRICS, soft_prompt
 from fedprompt.fl.post.server import privacy_summary
 from fedprompt.fl.post.strategy import PromptFedAvg
 from fedprompt.fl.records import serialize_content
@@ -75,7 +75,7 @@ def test_a_dp_client_replies_its_noisy_prompt_and_public_numbers_and_its_epsilon
         assert set(metrics.keys()) == set(DP_REPLY_METRICS) and not PRIVATE & set(metrics.keys())
         assert metrics["num-examples"] == 8 and metrics["steps"] == 2 and metrics["delta"] == pytest.approx(1e-5)
         epsilons.append(metrics["epsilon"])
-        weight = arrays_to_prompt(reply.content["arrays"]).weight.detach().numpy()
+        weight = soft_prompt(reply.content["arrays"]).weight.detach().numpy()
         wire = serialize_content(reply.content)
         assert weight.tobytes() in wire  # the capture holds the payload: the scan below is not vacuous
         assert find_leaks(wire) == []

@@ -17,9 +17,9 @@ from fedprompt.config import compose
 from fedprompt.fl import client_app
 from fedprompt.errors import ConfigError
 from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
-from fedprompt.fl.feddtpt.records import prompt_to_arrays
+from fedprompt.fl.feddtpt.records import words_to_arrays
 from fedprompt.fl.report import RoundStats
-from fedprompt.fl.rapt.records import DATA_KEYS, REPLY_METRICS, arrays_to_examples, arrays_to_prompt, examples_to_arrays
+from fedprompt.fl.rapt.records import DATA_KEYS, REPLY_METRICS, SOFT_PROMPT, arrays_to_examples, examples_to_arrays
 from fedprompt.fl.rapt.strategy import RAPTStrategy
 from fedprompt.fl.records import serialize_content
 from fedprompt.methods.rapt import PrivateExample
@@ -78,7 +78,7 @@ def capture_blackbox_texts(monkeypatch) -> list[str]:
     """Every text any black box made from now on receives."""
     import fedprompt.fl.feddtpt.client as feddtpt_client
 
-    monkeypatch.setattr(feddtpt_client, "_STATE", {})
+    feddtpt_client.CLIENT.clear()
     seen: list[str] = []
     real = fedprompt.blackbox.make_blackbox
 
@@ -94,7 +94,7 @@ def capture_blackbox_texts(monkeypatch) -> list[str]:
 
 def test_feddtpt_privatize_switch_keeps_raw_text_from_the_black_box(server_identity, monkeypatch, tmp_path, tiny_model_dir):
     data = write_secret_task(tmp_path)
-    prompt = prompt_to_arrays(["Classify", "the", "text", "as", "negative", "or", "positive."])
+    prompt = words_to_arrays(["Classify", "the", "text", "as", "negative", "or", "positive."])
     for switch, leaks_expected in (([], True), (["method.privatize.eta=1.0"], False)):
         seen = capture_blackbox_texts(monkeypatch)
         for partition_id in (0, 1):
@@ -164,7 +164,7 @@ def test_the_strategy_trains_on_valid_replies_and_records_the_rest(server_identi
     replies = [reply(13, good, 0.2, pid=0), Message(Error(2, "boom"), reply_to=sent(99)), reply(12, bad_label, 0.0, pid=1),
                reply(11, good[:1], 0.5, pid=2)]
     arrays, metrics = strategy.aggregate_train(1, replies)
-    assert torch.equal(arrays_to_prompt(arrays), strategy.trainer.soft_prompt.weight.detach())
+    assert torch.equal(torch.from_numpy(arrays[SOFT_PROMPT].numpy()), strategy.trainer.soft_prompt.weight.detach())
     # pooled in partition order (0, then 2), not in node-id order (11, then 13): node ids are random per run
     assert strategy.trainer.examples == good + good[:1] and strategy.trainer.trained == 1
     stats = strategy.rounds[1]

@@ -41,7 +41,7 @@ def answer(node: int, arrays: ArrayRecord, metrics: dict) -> Message:
 # --- one strategy and valid replies per method family ------------------------------------------------------------
 
 def feddtpt(path):
-    from fedprompt.fl.feddtpt.records import prompt_to_arrays
+    from fedprompt.fl.feddtpt.records import words_to_arrays
     from fedprompt.fl.feddtpt.strategy import FedDTPTStrategy
     from fedprompt.methods.feddtpt import AggregateConfig, FedDTPTAggregator
 
@@ -54,7 +54,7 @@ def feddtpt(path):
     strategy = FedDTPTStrategy(FedDTPTAggregator(AggregateConfig(min_samples=2, eps=0.5, attention_threshold=0),
                                                  OneHot()), audit_path=path)
     prompts = {11: ["classify", "the", "review"], 12: ["classify", "the", "sentiment"]}
-    return strategy, [answer(n, prompt_to_arrays(p), {"queries": 4}) for n, p in prompts.items()]
+    return strategy, [answer(n, words_to_arrays(p), {"queries": 4}) for n, p in prompts.items()]
 
 
 def post(path):
@@ -163,15 +163,16 @@ def test_feddtpt_audits_a_lost_node_as_the_node_it_sampled(tmp_path):
     """The SuperLink answers for a node that stopped: its error reply is audited under the sampled node's id."""
     from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
-    from fedprompt.fl.feddtpt.records import prompt_to_arrays
+    from fedprompt.fl.feddtpt.records import words_to_arrays
 
     strategy, _ = feddtpt(tmp_path / AUDIT_FILE)
-    messages = list(strategy.configure_train(1, prompt_to_arrays(["classify"]), ConfigRecord(),
-                                             SimpleNamespace(get_node_ids=lambda: [11, 12])))
+    messages = list(strategy.configure_train(1, words_to_arrays(["classify"]), ConfigRecord(),
+                                             SimpleNamespace(get_node_ids=lambda: [11, 12],
+                                                             send_and_receive=lambda m, timeout=None: [])))
     for msg in messages:  # the ids the Grid gives them when it sends them
         msg.metadata.__dict__["_message_id"] = msg.object_id
     lost = create_message_error_unavailable_res_message(messages[1].metadata, "node_unavail")
-    strategy.aggregate_train(1, [Message(RecordDict({"arrays": prompt_to_arrays(["classify"])}), reply_to=messages[0]),
+    strategy.aggregate_train(1, [Message(RecordDict({"arrays": words_to_arrays(["classify"])}), reply_to=messages[0]),
                                  lost])
     rows = read_audit(tmp_path / AUDIT_FILE)
     assert [(r["node"], r["error"] is None) for r in rows] == [(11, True), (12, False)]
@@ -180,7 +181,8 @@ def test_feddtpt_audits_a_lost_node_as_the_node_it_sampled(tmp_path):
 def test_bdpl_audits_the_partition_answers_too(tmp_path):
     """BDPL asks every node its partition id once: those answers are client-to-server messages as well."""
     from fedprompt.fl.bdpl.records import logits_to_arrays
-    from fedprompt.fl.bdpl.strategy import PARTITION_QUERY, BDPLFedAvg
+    from fedprompt.fl.bdpl.strategy import BDPLFedAvg
+    from fedprompt.fl.strategy import PARTITION_QUERY
 
     class Grid:
         def get_node_ids(self):

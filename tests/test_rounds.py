@@ -1,6 +1,6 @@
-"""The shared round driver (fedprompt.fl.rounds): eval_every, min_replies, the checkpoint every round, and every
-method's server on it. The servers run in this process against an in-process Grid that hands each message to
-the real ClientApp (no Ray: seconds), with clients that fail on demand."""
+"""The shared round driver (fedprompt.fl.rounds): eval_every, min_replies, the checkpoint every round, and RAPT's
+resume on it (every method's server on it: tests/test_fl_methods.py). The servers run in this process against an
+in-process Grid that hands each message to the real ClientApp (no Ray: seconds), with clients that fail on demand."""
 
 from __future__ import annotations
 
@@ -186,28 +186,6 @@ def _run_server(method: str, cfg, grid) -> dict:
     return federated_method(method).load("server")(grid, cfg)
 
 
-@pytest.mark.parametrize("method", ["post", "rapt", "feddtpt", "bbt", "bdpl"])
-def test_every_method_honours_min_replies_and_eval_every(server_identity, tmp_path, tiny_model_dir, method):
-    folder = tmp_path / "run"
-    cfg = compose(_overrides(method, write_secret_task(tmp_path / "data"), tiny_model_dir, folder,
-                             "federation.min_replies=2", "federation.eval_every=2"))
-    summary = _run_server(method, cfg, InProcessGrid(cfg, fails=lambda r, p: r == 1 and p == 1))
-    rows = json.loads((folder / "rounds.json").read_text())
-    assert [r["round"] for r in rows] == [0, 1, 2, 3]
-    assert summary["skipped_rounds"] == [1]
-    assert rows[1]["skipped"] == "1 valid replies < federation.min_replies=2" and rows[1]["failures"] == 1
-    assert rows[2]["skipped"] is None and rows[3]["skipped"] is None and rows[2]["replies"] == 2
-    # eval_every=2 of 3 rounds: rounds 0, 2 and the last are scored, round 1 costs no evaluation
-    assert [r["accuracy"] is None for r in rows] == [False, True, False, False]
-    assert [r["eval_n"] for r in rows] == [8, 0, 8, 8]
-    assert json.loads((folder / "checkpoint.json").read_text())["round"] == 3
-    assert rows[1]["replies"] == 1
-    if method == "rapt":  # the skipped round's examples are not pooled: round 2 starts the pool
-        assert rows[1]["client_metrics"]["examples-pooled"] == 0
-        assert rows[2]["client_metrics"]["examples-pooled"] == rows[2]["client_metrics"]["examples-received"] > 0
-        assert summary["train_steps"] == 2 * 2  # rounds 2 and 3 only
-
-
 def test_a_rapt_run_stopped_in_round_2_resumes_to_the_uninterrupted_run(server_identity, tmp_path, tiny_model_dir):
     data = write_secret_task(tmp_path / "data")
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
@@ -226,15 +204,3 @@ def test_a_rapt_run_stopped_in_round_2_resumes_to_the_uninterrupted_run(server_i
     assert torch.equal(torch.load(stopped / "soft_prompt.pt"), torch.load(whole / "soft_prompt.pt"))
     assert (resumed["examples_received"], resumed["train_steps"]) == (summary["examples_received"], summary["train_steps"])
     assert resumed["final_accuracy"] == summary["final_accuracy"]
-
-
-def test_rapt_runs_with_other_node_ids_end_alike(server_identity, tmp_path, tiny_model_dir):
-    """The pool's order follows the partition ids, not Flower's random node ids: the same seed, the same run."""
-    data = write_secret_task(tmp_path / "data")
-    prompts = []
-    for name, nodes in (("a", (101, 202)), ("b", (202, 101))):  # partition 0's node id is the larger in b
-        cfg = compose(_overrides("rapt", data, tiny_model_dir, tmp_path / name))
-        _run_server("rapt", cfg, InProcessGrid(cfg, node_ids=nodes))
-        prompts.append(torch.load(tmp_path / name / "soft_prompt.pt"))
-    assert torch.equal(prompts[0], prompts[1])
-    assert _rounds_json_but_timings(tmp_path / "a") == _rounds_json_but_timings(tmp_path / "b")

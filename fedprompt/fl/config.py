@@ -13,31 +13,13 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.errors import ConfigError
 
 RUN_CONFIG_KEY = "fedprompt-config"
-T = TypeVar("T")
-
-
-def once_per_run(cache: dict[str, T], run_config: Mapping[str, Any], build: Callable[[], T],
-                 release: Callable[[T], None] | None = None) -> T:
-    """What a client process builds once per run and reuses every round (Ray keeps its actors alive).
-
-    ``cache`` is the caller's module-level dict, keyed by the run's serialized config; a new run in the
-    same process releases and drops the previous run's object first (one run per process at a time).
-    """
-    key = str(run_config.get(RUN_CONFIG_KEY) or "")
-    if key not in cache:
-        for old in cache.values():
-            if release is not None:
-                release(old)
-        cache.clear()
-        cache[key] = build()
-    return cache[key]
 
 
 def serialize_config(cfg: DictConfig) -> str:

@@ -3,7 +3,8 @@ reply audit.
 
 Server -> client: ``"arrays"`` (the method's model: a prompt, soft-prompt weights) and ``"config"`` (at
 least ``server-round``). Client -> server: ``"arrays"`` and ``"metrics"`` (numbers only). Each method's
-own layout is documented in ``fedprompt/fl/<method>/records.py``.
+own layout is documented in ``fedprompt/fl/<method>/records.py``. Whatever carries tensors (POST's and RAPT's
+soft prompt, BBT's search point) travels through one codec, :func:`prompt_to_arrays` / :func:`arrays_to_prompt`.
 
 The reply audit (``federation.audit_replies=true``): every strategy hands each message it receives from the
 clients to :func:`audit_replies` before it looks at it, which appends one JSON line per message to
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from flwr.app import Message, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 AUDIT_FILE = "replies.jsonl"
@@ -61,3 +64,34 @@ def audit_replies(path: str | Path | None, server_round: int, replies: Iterable[
                    "error": str(msg.error.reason) if error else None,
                    "content": None if error else base64.b64encode(serialize_content(msg.content)).decode()}
             fh.write(json.dumps(row) + "\n")
+
+
+# --- the soft-prompt codec: what carries tensors (POST's and RAPT's soft prompt, BBT's search point) -------------
+
+
+def prompt_to_arrays(state: Mapping[str, Any]) -> ArrayRecord:
+    """An ArrayRecord of a state_dict-like mapping ``{name: tensor or array}``, each as a float32 CPU array."""
+    def plain(value) -> np.ndarray:
+        if hasattr(value, "detach"):  # a torch tensor (a parameter too)
+            value = value.detach().float().cpu().numpy()
+        return np.ascontiguousarray(value, dtype=np.float32).copy()
+
+    return ArrayRecord({str(name): Array(plain(value)) for name, value in state.items()})
+
+
+def arrays_to_prompt(arrays: ArrayRecord, shapes: Mapping[str, Sequence[int | None]]) -> dict[str, np.ndarray]:
+    """The ``{name: float32 array}`` of an ArrayRecord made by :func:`prompt_to_arrays`, checked against ``shapes``
+    (``{name: shape}``, None for any length on that axis): exactly those names, those shapes, finite values; a
+    ValueError names what is wrong."""
+    if set(arrays.keys()) != set(shapes):
+        raise ValueError(f"the ArrayRecord must carry exactly {sorted(shapes)}, got {sorted(arrays.keys())}")
+    out = {}
+    for name, shape in shapes.items():
+        value = np.asarray(arrays[name].numpy(), dtype=np.float32)
+        if value.ndim != len(shape) or any(want is not None and have != want for have, want in zip(value.shape, shape)):
+            wanted = tuple("*" if s is None else s for s in shape)
+            raise ValueError(f"{name!r} has shape {tuple(value.shape)}, expected {wanted}")
+        if not np.isfinite(value).all():
+            raise ValueError(f"{name!r} holds non-finite values")
+        out[name] = value.copy()
+    return out

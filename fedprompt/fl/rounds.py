@@ -71,7 +71,7 @@ class Federation:
         return server_round % self.eval_every == 0 or server_round == self.rounds
 
     def fedavg_kwargs(self) -> dict:
-        """The sampling and reply keys as :class:`fedprompt.fl.fedavg.RecordedFedAvg` takes them."""
+        """The sampling and reply keys as :class:`fedprompt.fl.strategy.FedStrategy` takes them."""
         return {"fraction_train": self.fraction_train, "min_train_nodes": self.min_train_clients,
                 "min_available_nodes": self.min_available_clients, "min_replies": self.min_replies}
 
@@ -89,17 +89,6 @@ class Scored:
 
 # score(server_round, arrays, due) -> Scored: the method's central evaluation of the global arrays.
 Score = Callable[[int, ArrayRecord, bool], Scored]
-
-
-def too_few_replies(stats, valid: int, min_replies: int, server_round: int, kept: str = "global prompt") -> bool:
-    """True (and the round recorded as skipped in ``stats``) when ``valid`` < ``min_replies``."""
-    if valid >= min_replies:
-        return False
-    from logging import WARNING
-
-    stats.skipped = f"{valid} valid replies < federation.min_replies={min_replies}"
-    log(WARNING, "aggregate_train: round %d skipped (%s); the %s is kept", server_round, stats.skipped, kept)
-    return True
 
 
 def check_strategy(strategy: Strategy, fed: Federation) -> None:

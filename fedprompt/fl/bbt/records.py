@@ -24,7 +24,9 @@ The client's ``context.state`` holds :data:`STATE` (a MetricRecord): its cumulat
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
+
+from fedprompt.fl.records import arrays_to_prompt, prompt_to_arrays
 
 Z, SIGMA = "z", "sigma"
 STATE = "bbt"
@@ -47,17 +49,12 @@ def point_to_arrays(z: np.ndarray, sigma: float) -> ArrayRecord:
     z = np.asarray(z, dtype=np.float32)
     if z.ndim != 1 or not np.isfinite(z).all() or not (np.isfinite(sigma) and sigma > 0):
         raise ValueError(f"a search point is a finite vector and a positive step size, got shape {z.shape}, sigma {sigma}")
-    return ArrayRecord({Z: Array(z.copy()), SIGMA: Array(np.array([sigma], dtype=np.float32))})
+    return prompt_to_arrays({Z: z, SIGMA: [sigma]})
 
 
 def arrays_to_point(arrays: ArrayRecord, dim: int | None = None) -> tuple[np.ndarray, float]:
     """(z, sigma) of an ArrayRecord; a ValueError when it is malformed (wrong keys, shapes, values)."""
-    if set(arrays.keys()) != {Z, SIGMA}:
-        raise ValueError(f"the ArrayRecord must carry exactly {Z!r} and {SIGMA!r}, got {sorted(arrays.keys())}")
-    z = np.asarray(arrays[Z].numpy(), dtype=np.float32)
-    sigma = np.asarray(arrays[SIGMA].numpy(), dtype=np.float64)
-    if z.ndim != 1 or (dim is not None and z.shape != (dim,)) or not np.isfinite(z).all():
-        raise ValueError(f"z must be a finite vector of length {dim if dim is not None else 'd'}, got shape {z.shape}")
-    if sigma.shape != (1,) or not np.isfinite(sigma[0]) or sigma[0] <= 0:
-        raise ValueError(f"sigma must be one positive number, got {sigma.tolist()}")
-    return z, float(sigma[0])
+    point = arrays_to_prompt(arrays, {Z: (dim,), SIGMA: (1,)})
+    if not point[SIGMA][0] > 0:
+        raise ValueError(f"sigma must be one positive number, got {point[SIGMA].tolist()}")
+    return point[Z], float(point[SIGMA][0])

@@ -85,7 +85,7 @@ def run_server(grid: Grid, cfg) -> dict:
     examples = eval_examples(cfg, task)  # the server reads only the evaluation split, never client data
     blackbox = soft_prompt_blackbox(cfg)
     projection = projection_for(method, blackbox, spec.manual_prompt, int(cfg.seed))
-    strategy = BBTStrategy(method.mode, method.intrinsic_dim, method.sigma0, fraction_evaluate=0.0,
+    strategy = BBTStrategy(method.mode, method.intrinsic_dim, method.sigma0, seed=int(cfg.seed),
                            audit_path=audit_path(cfg, folder), **federation.fedavg_kwargs())
     report = RunReport(folder, {
         "method": method.name, "mode": method.mode, "task": spec.name, "model": str(cfg.model.name),

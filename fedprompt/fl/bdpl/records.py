@@ -22,6 +22,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from fedprompt.fl.records import ARRAYS, CONFIG, METRICS  # noqa: F401 - re-exported: BDPL's message layout
+from fedprompt.fl.records import arrays_to_prompt, prompt_to_arrays
 
 LOGITS = "logits"
 OPTIMIZER_STATE = "bdpl-optimizer"
@@ -40,20 +41,12 @@ REPLY_METRICS = (
 
 
 def logits_to_arrays(logits: np.ndarray) -> ArrayRecord:
-    return ArrayRecord({LOGITS: Array(np.ascontiguousarray(logits, dtype=np.float32))})
+    return prompt_to_arrays({LOGITS: logits})
 
 
 def arrays_to_logits(arrays: ArrayRecord, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """The (L, V) logits of an ArrayRecord; ``shape`` is the one this run expects."""
-    if LOGITS not in arrays:
-        raise ValueError(f"the ArrayRecord carries no {LOGITS!r} array (keys: {list(arrays)})")
-    logits = np.asarray(arrays[LOGITS].numpy(), dtype=np.float32)
-    if logits.ndim != 2 or not np.isfinite(logits).all():
-        raise ValueError(f"BDPL's logits are a finite (prompt_length, candidates) matrix, got shape {logits.shape}")
-    if shape is not None and tuple(logits.shape) != tuple(shape):
-        raise ValueError(f"logits of shape {tuple(logits.shape)}, this run's policy is {tuple(shape)} "
-                         "(method.prompt_length, candidates)")
-    return logits.copy()
+    """The (L, V) logits of an ArrayRecord (exactly ``"logits"``, finite); ``shape`` is the one this run expects."""
+    return arrays_to_prompt(arrays, {LOGITS: shape or (None, None)})[LOGITS]
 
 
 def optimizer_to_arrays(m: np.ndarray, v: np.ndarray, t: int) -> ArrayRecord:

@@ -10,44 +10,44 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 
-from fedprompt.fl.feddtpt.records import arrays_to_prompt, prompt_to_arrays
-from fedprompt.fl.records import ARRAYS, CONFIG, METRICS
+from fedprompt.fl.client import ClientRound, PerRun, reply, round_seed, usage_metrics
+from fedprompt.fl.feddtpt.records import arrays_to_words, words_to_arrays
+from fedprompt.fl.records import ARRAYS
+
+if TYPE_CHECKING:
+    from fedprompt.blackbox import BlackBoxLM
+    from fedprompt.fl.data import ClientData
+    from fedprompt.methods.feddtpt import FedDTPTConfig, PromptSearch
 
 
 @dataclass
-class ClientState:
-    """What a client process loads once and reuses every round (Ray keeps its actors alive)."""
-
-    cfg: Any
-    method: Any  # FedDTPTConfig
-    data: Any  # fedprompt.fl.data.ClientData
-    search: Any  # PromptSearch (holds the proposer's model)
-    blackbox: Any  # BlackBoxLM
+class FedDTPTClientState:
+    method: FedDTPTConfig
+    data: ClientData
+    search: PromptSearch  # holds the proposer's model
+    blackbox: BlackBoxLM
 
 
-_STATE: dict[str, ClientState] = {}
-
-
-def client_state(run_config, cfg) -> ClientState:
+def _build(cfg) -> FedDTPTClientState:
     from fedprompt.blackbox import make_blackbox
-    from fedprompt.fl.config import method_config, once_per_run
+    from fedprompt.fl.config import method_config
     from fedprompt.fl.data import client_data
     from fedprompt.methods.feddtpt import PromptSearch, build_proposer
 
-    def build() -> ClientState:
-        method = method_config(cfg)
-        data = client_data(cfg)
-        if method.privatize.enabled:  # every text of the client's own is privatized before any query is formatted
-            data = _privatized(data, method.privatize, cfg)
-        return ClientState(cfg, method, data, PromptSearch(method.search, build_proposer(method.proposer)),
-                           make_blackbox(cfg))
+    method = method_config(cfg)
+    data = client_data(cfg)
+    if method.privatize.enabled:  # every text of the client's own is privatized before any query is formatted
+        data = _privatized(data, method.privatize, cfg)
+    return FedDTPTClientState(method, data, PromptSearch(method.search, build_proposer(method.proposer)),
+                              make_blackbox(cfg))
 
-    # A new run in this process first closes the previous run's black-box connections.
-    return once_per_run(_STATE, run_config, build, release=lambda old: old.blackbox.close())
+
+# A new run in this process first closes the previous run's black-box connections.
+CLIENT = PerRun(_build, release=lambda old: old.blackbox.close())
 
 
 def _privatized(data, privatize, cfg):
@@ -57,47 +57,29 @@ def _privatized(data, privatize, cfg):
     from fedprompt.privacy.dchi import load_privatizer
 
     privatizer, tokenizer = load_privatizer(privatize, str(cfg.model.name))
-    clients = [privatizer.privatize_examples(examples, tokenizer, seed=int(cfg.seed) * 1_000_003 + i)
+    clients = [privatizer.privatize_examples(examples, tokenizer, seed=round_seed(int(cfg.seed), 0, i))
                for i, examples in enumerate(data.partition.clients)]
     return replace(data, partition=replace(data.partition, clients=clients))
 
 
-def _search_seed(base: int, server_round: int, partition_id: int) -> int:
-    # Distinct per client and round, reproducible for a given run seed.
-    return (int(base) * 1_000_003 + server_round * 10_007 + partition_id) % (2**31)
-
-
 def train(msg: Message, context: Context, cfg) -> Message:
     """One client's search in one round; raises on failure (the ClientApp turns that into an error reply)."""
-    state = client_state(context.run_config, cfg)
-    cfg, data = state.cfg, state.data
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
-    if num_partitions != len(data.partition.clients):
-        raise RuntimeError(f"{num_partitions} SuperNodes but federation.num_clients={len(data.partition.clients)}")
-    server_round = int(msg.content[CONFIG]["server-round"])
-    prompt = arrays_to_prompt(msg.content[ARRAYS])
-    if server_round == 1 and state.method.seed_prompt.style == "mixed":
-        prompt = state.method.initial_prompt(data.spec, partition_id)  # each client starts from its own style
+    state = CLIENT.get(context, cfg)
+    data = state.data
+    now = ClientRound.of(msg, context, cfg, len(data.partition.clients))
+    prompt = arrays_to_words(msg.content[ARRAYS])
+    if now.server_round == 1 and state.method.seed_prompt.style == "mixed":
+        prompt = state.method.initial_prompt(data.spec, now.partition_id)  # each client starts from its own style
     start = time.perf_counter()
     result = state.search.run(
-        state.blackbox, data.spec, prompt, data.partition.clients[partition_id], data.public,
-        seed=_search_seed(cfg.seed, server_round, partition_id),
+        state.blackbox, data.spec, prompt, data.partition.clients[now.partition_id], data.public, seed=now.seed,
         # public_shared: the round's public batch is the same for every client (seeded without the partition)
-        public_seed=(int(cfg.seed), server_round) if state.method.search.public_shared else None,
+        public_seed=(int(cfg.seed), now.server_round) if state.method.search.public_shared else None,
         # shared_edits: every client of the round tries the same edits in the same order (see PromptSearch.run)
-        edit_seed=(int(cfg.seed), server_round, 1) if state.method.search.shared_edits else None,
+        edit_seed=(int(cfg.seed), now.server_round, 1) if state.method.search.shared_edits else None,
     )
-    usage = result.usage
-    metrics = {
-        "batch-accuracy": result.accuracy, "local-accuracy": result.local_accuracy,
+    # None (left out): not scored (feedback=none)
+    return reply(msg, words_to_arrays(result.prompt), {
+        "partition-id": now.partition_id, "batch-accuracy": result.accuracy, "local-accuracy": result.local_accuracy,
         "start-accuracy": result.start_accuracy, "queries": result.queries, "steps": result.steps,
-        "prompt-length": len(result.prompt), "bb-requests": usage.requests, "bb-prompt-tokens": usage.prompt_tokens,
-        "bb-bytes-sent": usage.bytes_sent, "bb-bytes-received": usage.bytes_received,
-        "search-s": time.perf_counter() - start,
-    }
-    content = RecordDict({
-        ARRAYS: prompt_to_arrays(result.prompt),
-        METRICS: MetricRecord({k: v for k, v in metrics.items() if v is not None}),  # None: not scored (feedback=none)
-    })
-    return Message(content, reply_to=msg)
+        "prompt-length": len(result.prompt), **usage_metrics(result.usage), "search-s": time.perf_counter() - start})

@@ -32,6 +32,7 @@ REPLY_METRICS = (
     "batch-accuracy",   # final prompt on the search batch (local + public examples)
     "local-accuracy",   # final prompt on the local part of that batch
     "start-accuracy",   # the received prompt on the same batch
+    "partition-id",     # which client this is (orders the replies on the server)
     "queries",          # examples scored by the black box for this search
     "steps",            # edit steps taken
     "prompt-length",    # words in the returned prompt
@@ -40,7 +41,7 @@ REPLY_METRICS = (
 )
 
 
-def prompt_to_arrays(words: Sequence[str]) -> ArrayRecord:
+def words_to_arrays(words: Sequence[str]) -> ArrayRecord:
     words = [str(w) for w in words]
     if any(not w or any(c.isspace() for c in w) for w in words):
         raise ValueError(f"a prompt is a list of words without whitespace (empty: zero-shot), got {words!r}")
@@ -48,7 +49,7 @@ def prompt_to_arrays(words: Sequence[str]) -> ArrayRecord:
     return ArrayRecord({PROMPT: Array(data.copy())})
 
 
-def arrays_to_prompt(arrays: ArrayRecord) -> list[str]:
+def arrays_to_words(arrays: ArrayRecord) -> list[str]:
     if PROMPT not in arrays:
         raise ValueError(f"the ArrayRecord carries no {PROMPT!r} array (keys: {list(arrays)})")
     # An empty prompt is the zero-shot instruction: a client's search may delete every word.

@@ -15,7 +15,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from fedprompt.fl.feddtpt.records import arrays_to_prompt, prompt_to_arrays
+from fedprompt.fl.feddtpt.records import arrays_to_words, words_to_arrays
 from fedprompt.fl.protocol import predict_prompt
 
 
@@ -113,7 +113,7 @@ def run_server(grid: Grid, cfg) -> dict:
     seed_is_manual = seed_prompt == spec.manual_prompt.split() and "manual" in report.predictions
 
     def score(server_round: int, arrays: ArrayRecord, due: bool) -> Scored:
-        words = arrays_to_prompt(arrays)
+        words = arrays_to_words(arrays)
         if not due:
             return Scored(words)
         if server_round == 0 and seed_is_manual:  # the seed is the manual prompt, scored just before
@@ -121,7 +121,7 @@ def run_server(grid: Grid, cfg) -> dict:
         return Scored(words, predict_prompt(blackbox, spec, examples, words), len(examples))
 
     try:
-        driver.run(grid, prompt_to_arrays(seed_prompt), score)
+        driver.run(grid, words_to_arrays(seed_prompt), score)
     finally:
         blackbox.close()
     return report.finish(server_usage=blackbox.usage.to_dict())

@@ -17,48 +17,43 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 
-from fedprompt.fl.post.records import (DP_REPLY_METRICS, PRIVACY_STATE, arrays_to_prompt, history_to_record,
-                                        prompt_to_arrays, record_to_history)
-from fedprompt.fl.records import ARRAYS, CONFIG, METRICS
+from fedprompt.fl.client import ClientRound, PerRun, reply
+from fedprompt.fl.post.records import DP_REPLY_METRICS, PRIVACY_STATE, PROMPT, history_to_record, record_to_history, soft_prompt
+from fedprompt.fl.records import ARRAYS, prompt_to_arrays
 
+if TYPE_CHECKING:
+    from fedprompt.fl.data import ClientData
+    from fedprompt.methods.post import POSTConfig, SoftPromptTuner
 
-@dataclass
-class ClientState:
-    """What a client process loads once and reuses every round (Ray keeps its actors alive)."""
-
-    method: Any  # POSTConfig
-    data: Any  # fedprompt.fl.data.ClientData
-    tuner: Any  # SoftPromptTuner (holds the model)
-
-
-_STATE: dict[str, ClientState] = {}
 LOCAL_LOG = "post-local.json"  # {round: the numbers a DP client keeps to itself}, in clients/<partition-id>/
 
 
-def client_state(run_config, cfg) -> ClientState:
-    from fedprompt.fl.config import method_config, once_per_run
+@dataclass
+class POSTClientState:
+    method: POSTConfig
+    data: ClientData
+    tuner: SoftPromptTuner  # holds the model
+
+
+def _build(cfg) -> POSTClientState:
+    from fedprompt.fl.config import method_config
     from fedprompt.fl.data import client_data
     from fedprompt.methods.post import SoftPromptTuner
     from fedprompt.models import load_causal_lm, load_tokenizer
     from fedprompt.models.distill import resolve_model
 
-    def build() -> ClientState:
-        method = method_config(cfg)
-        data = client_data(cfg)
-        name = resolve_model(method.model, str(cfg.model.name))
-        model = load_causal_lm(name, method.device, method.dtype)
-        return ClientState(method, data, SoftPromptTuner(model, load_tokenizer(name), data.spec, method.train))
-
-    return once_per_run(_STATE, run_config, build)
+    method = method_config(cfg)
+    data = client_data(cfg)
+    name = resolve_model(method.model, str(cfg.model.name))
+    model = load_causal_lm(name, method.device, method.dtype)
+    return POSTClientState(method, data, SoftPromptTuner(model, load_tokenizer(name), data.spec, method.train))
 
 
-def _seed(base: int, server_round: int, partition_id: int) -> int:
-    # Distinct per client and round, reproducible for a given run seed (batches and DP noise).
-    return (int(base) * 1_000_003 + server_round * 10_007 + partition_id) % (2**31)
+CLIENT = PerRun(_build)
 
 
 def train(msg: Message, context: Context, cfg) -> Message:
@@ -66,37 +61,29 @@ def train(msg: Message, context: Context, cfg) -> Message:
     from fedprompt.methods.post.tuning import planned_steps
     from fedprompt.privacy.dp import plan_dp
 
-    state = client_state(context.run_config, cfg)
+    state = CLIENT.get(context, cfg)
     method, clients = state.method, state.data.partition.clients
-    partition_id = int(context.node_config["partition-id"])
-    if int(context.node_config["num-partitions"]) != len(clients):
-        raise RuntimeError(f"{context.node_config['num-partitions']} SuperNodes but federation.num_clients={len(clients)}")
-    examples = clients[partition_id]
-    server_round = int(msg.content[CONFIG]["server-round"])
-    prompt = arrays_to_prompt(msg.content[ARRAYS])
+    now = ClientRound.of(msg, context, cfg, len(clients))
+    examples = clients[now.partition_id]
+    prompt = soft_prompt(msg.content[ARRAYS])
     plan, history = None, []
     if method.privacy.enabled:
         plan = plan_dp(method.privacy, len(examples), method.train.batch_size,
                        planned_steps(int(cfg.federation.rounds), method.train.local_steps))
         history = record_to_history(context.state.get(PRIVACY_STATE))
-    result = state.tuner.train(prompt, examples, seed=_seed(cfg.seed, server_round, partition_id), plan=plan,
-                               history=history)
+    result = state.tuner.train(prompt, examples, seed=now.seed, plan=plan, history=history)
     if plan is not None:
         context.state[PRIVACY_STATE] = history_to_record(result.history)
     metrics = {
-        "num-examples": len(examples), "partition-id": partition_id, "loss": result.mean_loss, "steps": result.steps,
+        "num-examples": len(examples), "partition-id": now.partition_id, "loss": result.mean_loss, "steps": result.steps,
         "examples-seen": result.examples_seen, "empty-batches": result.empty_batches, "tokens": result.tokens,
         "train-s": result.seconds, "epsilon": result.epsilon, "delta": result.delta,
         "noise-multiplier": result.noise_multiplier,
     }
     if plan is not None:  # the noisy prompt and public values only; the rest stays here
-        write_local_log(cfg, context, server_round, {k: v for k, v in metrics.items() if k not in DP_REPLY_METRICS})
+        write_local_log(cfg, context, now.server_round, {k: v for k, v in metrics.items() if k not in DP_REPLY_METRICS})
         metrics = {k: v for k, v in metrics.items() if k in DP_REPLY_METRICS}
-    content = RecordDict({
-        ARRAYS: prompt_to_arrays(result.prompt),
-        METRICS: MetricRecord({k: v for k, v in metrics.items() if v is not None}),
-    })
-    return Message(content, reply_to=msg)
+    return reply(msg, prompt_to_arrays({PROMPT: result.prompt.weight}), metrics)
 
 
 def write_local_log(cfg, context: Context, server_round: int, numbers: dict) -> None:

@@ -22,10 +22,10 @@ A client's accountant lives in its ``context.state`` (Flower keeps it per node f
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 
+from fedprompt.fl.records import arrays_to_prompt
 from fedprompt.models.soft_prompt import SoftPrompt
 
 PROMPT = "prompt"
@@ -49,17 +49,10 @@ REPLY_METRICS = (
 DP_REPLY_METRICS = ("num-examples", "partition-id", "steps", "epsilon", "delta", "noise-multiplier")
 
 
-def prompt_to_arrays(prompt: SoftPrompt) -> ArrayRecord:
-    return ArrayRecord({PROMPT: Array(prompt.weight.detach().float().cpu().numpy())})
-
-
-def arrays_to_prompt(arrays: ArrayRecord) -> SoftPrompt:
-    if PROMPT not in arrays:
-        raise ValueError(f"the ArrayRecord carries no {PROMPT!r} array (keys: {list(arrays)})")
-    weight = np.asarray(arrays[PROMPT].numpy(), dtype=np.float32)
-    if weight.ndim != 2 or not np.isfinite(weight).all():
-        raise ValueError(f"a soft prompt is a finite (tokens, hidden) matrix, got shape {weight.shape}")
-    return SoftPrompt(weight.shape[0], weight.shape[1], torch.from_numpy(weight.copy()))
+def soft_prompt(arrays: ArrayRecord) -> SoftPrompt:
+    """The soft prompt of an ArrayRecord (``{"prompt": (P, H)}``, :func:`fedprompt.fl.records.prompt_to_arrays`)."""
+    weight = arrays_to_prompt(arrays, {PROMPT: (None, None)})[PROMPT]
+    return SoftPrompt(weight.shape[0], weight.shape[1], torch.from_numpy(weight))
 
 
 def history_to_record(history: list[tuple[float, float, int]]) -> ConfigRecord:

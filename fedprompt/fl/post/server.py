@@ -16,7 +16,8 @@ from pathlib import Path
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from fedprompt.fl.post.records import arrays_to_prompt, prompt_to_arrays
+from fedprompt.fl.post.records import PROMPT, soft_prompt
+from fedprompt.fl.records import prompt_to_arrays
 
 PROMPT_FILE = "prompt.safetensors"
 
@@ -133,7 +134,7 @@ def run_server(grid: Grid, cfg) -> dict:
     classifier = PromptedClassifier(model, tokenizer, spec, batch_size=int(cfg.batch_size))
     device = next(model.parameters()).device
     init = initial_prompt(method.prompt, spec, tokenizer, model)
-    strategy = PromptFedAvg(fraction_evaluate=0.0, audit_path=audit_path(cfg, folder), **federation.fedavg_kwargs())
+    strategy = PromptFedAvg(seed=int(cfg.seed), audit_path=audit_path(cfg, folder), **federation.fedavg_kwargs())
     report = RunReport(folder, {
         "method": method.name, "task": spec.name, "model": str(cfg.model.name), "tuning_model": name,
         "num_clients": int(fed.num_clients), "partition": dict(cfg.partition), "eval_split": str(fed.eval_split),
@@ -149,15 +150,15 @@ def run_server(grid: Grid, cfg) -> dict:
     def score(server_round: int, arrays: ArrayRecord, due: bool) -> Scored:
         if not due:
             return Scored()
-        prompt = arrays_to_prompt(arrays).to(device)
+        prompt = soft_prompt(arrays).to(device)
         return Scored(predictions=classifier.predict(examples, soft_prompt=prompt))
 
-    result = driver.run(grid, prompt_to_arrays(init), score)
+    result = driver.run(grid, prompt_to_arrays({PROMPT: init.weight}), score)
     # Totals from the report's rows, which a resumed run restored: they cover the rounds before a stop too.
     metrics = [row.get("client_metrics") or {} for row in report.rows]
     privacy = privacy_summary(report.rows, int(fed.num_clients)) if method.privacy.enabled else {
         "epsilon_per_client": None, "delta_per_client": None, "epsilon": None, "delta": None}
-    path = save_prompt(arrays_to_prompt(result.arrays), folder / PROMPT_FILE, task=spec.name, tuning_model=name,
+    path = save_prompt(soft_prompt(result.arrays), folder / PROMPT_FILE, task=spec.name, tuning_model=name,
                        epsilon=privacy["epsilon"], delta=privacy["delta"], rounds=int(fed.rounds))
     # A DP client does not send its training time or tokens (computed from its data): null then, see
     # fedprompt.fl.post.client.local_totals for the clients' own figures.

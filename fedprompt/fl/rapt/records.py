@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord
 
 from fedprompt.methods.rapt.inputs import PrivateExample
@@ -35,16 +34,6 @@ from fedprompt.methods.rapt.inputs import PrivateExample
 SOFT_PROMPT = "soft-prompt"
 DATA_KEYS = ("ids", "lengths", "labels", "plain", "pair-ids", "pair-lengths")
 REPLY_METRICS = ("num-examples", "tokens", "tokens-unchanged", "privatize-s", "partition-id")
-
-
-def prompt_to_arrays(weight: torch.Tensor) -> ArrayRecord:
-    return ArrayRecord({SOFT_PROMPT: Array(weight.detach().float().cpu().numpy())})
-
-
-def arrays_to_prompt(arrays: ArrayRecord) -> torch.Tensor:
-    if SOFT_PROMPT not in arrays:
-        raise ValueError(f"the ArrayRecord carries no {SOFT_PROMPT!r} array (keys: {list(arrays)})")
-    return torch.from_numpy(arrays[SOFT_PROMPT].numpy().astype(np.float32))
 
 
 def examples_to_arrays(examples: Sequence[PrivateExample], plain_tokens: int) -> ArrayRecord:

@@ -17,7 +17,8 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from fedprompt.fl.rapt.records import arrays_to_prompt, prompt_to_arrays
+from fedprompt.fl.rapt.records import SOFT_PROMPT
+from fedprompt.fl.records import arrays_to_prompt, prompt_to_arrays
 
 
 def check(cfg, spec) -> dict:
@@ -65,7 +66,7 @@ def run_server(grid: Grid, cfg) -> dict:
                                   plain_tokens=method.plain_tokens, plain_vocab=method.reconstruction.plain_vocab)[0]
 
     queries = privatized(examples, int(cfg.seed) + 7)
-    strategy = RAPTStrategy(trainer, audit_path=audit_path(cfg, folder), **federation.fedavg_kwargs())
+    strategy = RAPTStrategy(trainer, seed=int(cfg.seed), audit_path=audit_path(cfg, folder), **federation.fedavg_kwargs())
     report = RunReport(folder, {
         "method": method.name, "task": spec.name, "model": str(cfg.model.name), "num_clients": int(fed.num_clients),
         "partition": dict(cfg.partition), "eval_split": str(fed.eval_split), "eval_n": len(queries),
@@ -84,15 +85,16 @@ def run_server(grid: Grid, cfg) -> dict:
         measure_references(report, lambda rows, text: trainer.predict(private[id(rows)], untuned=text), spec, examples,
                            validation)
     prompt = SoftPrompt(method.prompt.num_tokens, trainer.soft_prompt.weight.shape[1]).to(trainer.device)
+    shapes = {SOFT_PROMPT: tuple(prompt.weight.shape)}
 
     def score(server_round: int, arrays: ArrayRecord, due: bool) -> Scored:
         if not due:
             return Scored()
         with torch.no_grad():
-            prompt.weight.copy_(arrays_to_prompt(arrays).to(prompt.weight.device))
+            prompt.weight.copy_(torch.from_numpy(arrays_to_prompt(arrays, shapes)[SOFT_PROMPT]))
         return Scored(predictions=trainer.predict(queries, prompt))
 
-    result = driver.run(grid, prompt_to_arrays(trainer.soft_prompt.weight), score)
-    torch.save(arrays_to_prompt(result.arrays), folder / "soft_prompt.pt")
+    result = driver.run(grid, prompt_to_arrays({SOFT_PROMPT: trainer.soft_prompt.weight}), score)
+    torch.save(torch.from_numpy(arrays_to_prompt(result.arrays, shapes)[SOFT_PROMPT]), folder / "soft_prompt.pt")
     return report.finish(examples_received=len(trainer.examples), train_steps=trainer.steps_done,
                          soft_prompt=str(folder / "soft_prompt.pt"))
