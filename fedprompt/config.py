@@ -130,14 +130,15 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     return cfg
 
 
-def check_composed(cfg: DictConfig) -> None:
-    """No required value left unset, no unknown key, no value of the wrong type (fedprompt.schema)."""
+def check_composed(cfg: DictConfig, sections: tuple[str, ...] = ()) -> None:
+    """No required value left unset, no unknown key, no value of the wrong type or out of range
+    (fedprompt.schema; ``sections``: the on-demand sections to check too, e.g. ``("method", "privacy")``)."""
     from fedprompt.schema import check_schema
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"missing required config values: {missing}; set them as key=value")
-    check_schema(cfg)
+    check_schema(cfg, sections)
 
 
 def check_writable_dir(path: str | os.PathLike, key: str = "output_dir") -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import re
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -44,8 +43,12 @@ def from_node(cls: type[T], node: Any, where: str) -> T:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping (key: value), got {data!r}")
-    value = _validate(cls, data, where)
-    check_tree(value, where)
+    try:
+        value = _validate(cls, data, where)
+        check_tree(value, where)
+    except ConfigError as err:
+        err.complete = True  # its message names the full key: a section checked inside another keeps it
+        raise
     return value
 
 
@@ -63,7 +66,7 @@ def check_tree(value: Any, where: str) -> None:
     if not dataclasses.is_dataclass(value) or isinstance(value, type):
         return
     for f in dataclasses.fields(value):
-        check_tree(getattr(value, f.name), f"{where}.{f.name}")
+        check_tree(getattr(value, f.name), f"{where}.{f.name}" if where else f.name)
     if hasattr(value, "validate"):
         try:
             value.validate()
@@ -82,8 +85,8 @@ def full_path(message: str, where: str, value: Any = None) -> str:
         if re.match(re.escape(tail) + r"\b", message):
             return ".".join(parts[:i]) + "." + message
     names = [f.name for f in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else []
-    head = re.match(r"(\w+)", message)
-    if head and head.group(1) in names:
+    head = re.match(r"(\w+)( must\b)?", message)
+    if head and (head.group(1) in names or (value is None and head.group(2))):
         return f"{where}.{message}"
     return f"{where}: {message}"
 
@@ -137,8 +140,9 @@ def describe(errors: list[dict], where: str, cls: type, data: Any) -> str:
     key = ".".join(filter(None, [where, *loc]))
     kind, given = error["type"], error.get("input")
     ctx = error.get("ctx") or {}
-    if kind == "value_error" and isinstance(ctx.get("error"), ConfigError):  # a __post_init__ check
-        return full_path(str(ctx["error"]), key)
+    if kind == "value_error" and isinstance(ctx.get("error"), ConfigError):  # __post_init__, or a section inside
+        inner = ctx["error"]
+        return str(inner) if getattr(inner, "complete", False) else full_path(str(inner), key)
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
         known = _keys_at(cls, loc[:-1])
         close = difflib.get_close_matches(loc[-1], known, n=1)
@@ -184,6 +188,3 @@ def _keys_at(cls: Any, path: list[str]) -> list[str]:
                    None)
     return sorted(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else []
 
-
-def is_inf(value: Any) -> bool:
-    return isinstance(value, float) and math.isinf(value)

@@ -26,8 +26,14 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
         (["+limitt=3"], "unknown config key 'limitt': the root config takes ["),
         (["+service.client.retrys=1"], "unknown config key 'service.client.retrys'"),
         (["+task.hf.txt=x"], "unknown config key 'task.hf.txt'"),
-        (["federation.rounds=abc"], "bad value for federation.rounds: Value 'abc' of type 'str' could not be converted"),
-        (["partition.alpha=many"], "bad value for partition.alpha"),
+        (["+federation.roundz=3"], "did you mean 'federation.rounds'?"),
+        (["federation.rounds=abc"], "federation.rounds must be a whole number (e.g. 3; not a string, 3.0 or true), got 'abc'"),
+        (["federation.rounds=3.0"], "federation.rounds must be a whole number"),
+        (["federation.rounds=0"], "federation.rounds must be >= 1"),
+        (["partition.alpha=many"], "partition.alpha must be a number, got 'many'"),
+        (["service.limits.max_batch=0"], "service.limits.max_batch must be a positive number, got 0"),
+        (["+service.budget.requests=-1"], "service.budget.requests must be a non-negative integer or null"),
+        (["deploy.superlink_port=70000"], "deploy.superlink_port must be a port in 0..65535"),
         (["federation.roundz=3"], "Could not override 'federation.roundz'"),  # Hydra's own check, without +
     ],
 )
@@ -44,6 +50,18 @@ def test_every_method_yaml_composes_and_validates_as_shipped(method):
     typed = method_config(compose([f"method={method}"]))
     if method == "fedprompt":  # ${model.name} resolves against the whole config, not inside the method section
         assert typed.model == "smollm2-135m"
+
+
+@pytest.mark.parametrize("method, key", [("feddtpt", "search.budget"), ("bdpl", "local_steps"), ("rapt", "train.steps"),
+                                         ("bbt", "popsize"), ("post", "train.local_steps")])
+def test_one_coercion_rule_for_every_method(method, key):
+    """Same input, same verdict whichever method reads it: an integer key refuses text and 3.0 alike."""
+    from fedprompt.fl.config import validate_config
+
+    for value in ("'240'", "240.0", "true"):
+        with pytest.raises(ConfigError, match=f"method.{key} must be a whole number") as err:
+            validate_config(compose(["partition=iid", f"method={method}", f"method.{key}={value}"]))
+        assert "\n" not in str(err.value)
 
 
 def test_an_unknown_key_in_a_yaml_file_of_conf_is_an_error(tmp_path, monkeypatch, capsys):
@@ -64,7 +82,7 @@ def test_privacy_group_default_and_checks():
     validate_config(compose(["partition=iid"]))
     with pytest.raises(ConfigError, match="privacy.name='dp-sgd' is not one of"):
         validate_config(compose(["partition=iid", "privacy.name=dp-sgd"]))
-    with pytest.raises(ConfigError, match="privacy=none takes no settings, got \\['epsilon'\\]"):
+    with pytest.raises(ConfigError, match="unknown config key 'privacy.epsilon': the privacy node takes \\['name'\\]"):
         validate_config(compose(["partition=iid", "+privacy.epsilon=8"]))
 
 

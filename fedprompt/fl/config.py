@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -87,22 +88,21 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> DictConfig:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Every check that needs neither data nor models: keys and types, method, privacy, federation,
-    partition, service."""
+    """Every check that needs neither data nor models: keys, types and ranges of every section the run reads
+    (method, privacy, federation, service, ...: fedprompt.schema), and the rules between sections."""
     from fedprompt.blackbox.settings import ClientSettings
     from fedprompt.config import check_composed, validate_common
     from fedprompt.data.partition import SCHEMES
     from fedprompt.fl.methods import federated_method
     from fedprompt.schema import privacy_config
 
-    check_composed(cfg)  # unknown keys anywhere, wrong types (the apps and `fedprompt resume` re-check here)
+    check_composed(cfg, ("method", "privacy"))  # unknown keys anywhere, wrong types, ranges (apps and resume too)
     validate_common(cfg)
     method_config(cfg)  # the method's from_dict: an unknown method, unknown keys and bad values are errors
     privacy = privacy_config(cfg).name
     supported = federated_method(cfg.method.name).privacy
     if privacy not in supported:
         raise ConfigError(f"method={cfg.method.name} implements privacy={' | '.join(supported)}, got privacy={privacy}")
-    validate_federation(cfg.federation)
     if not 0 <= cfg.get("seed", 0) < 2**32:  # numpy and datasets refuse other seeds, with a traceback mid-run
         raise ConfigError(f"seed must be in 0..{2**32 - 1}, got {cfg.seed}")
     part = cfg.partition
@@ -119,46 +119,81 @@ MAX_EXAMPLES = 1_000_000_000  # example limits and the public pool
 MAX_TIMEOUT_S = 30 * 24 * 3600
 
 
-def validate_federation(fed: DictConfig) -> None:
-    def within(key: str, low: int, high: float, optional: bool = False) -> None:
-        value = fed.get(key)
-        if value is None and optional:
-            return
-        # comparisons, not float(): nan fails both, and an int too large for a float still compares
-        if value is None or isinstance(value, bool) or not low <= value <= high:
-            upper = f" and <= {high}" if high < math.inf else ""
-            null = " (or null)" if optional else ""
-            raise ConfigError(f"federation.{key} must be >= {low}{upper}{null}, got {value}")
+@dataclass(frozen=True)
+class FederationConfig:
+    """The ``federation`` node (conf/federation/default.yaml): a Flower simulation's clients, rounds, sampling
+    and evaluation. Every method's server honours every key alike (fedprompt.fl.rounds.RoundDriver)."""
 
-    for key in ("num_clients", "rounds", "min_train_clients", "min_replies", "eval_every"):
-        within(key, 1, MAX_COUNT)
-    within("client_cpus", 1, 1024)
-    within("client_gpus", 0, 1024)
-    within("round_timeout_s", 1, MAX_TIMEOUT_S)
-    within("public_size", 0, MAX_EXAMPLES)
-    within("eval_limit", 1, MAX_EXAMPLES, optional=True)
-    within("reference_limit", 1, MAX_EXAMPLES, optional=True)
-    within("eval_sample_seed", 0, math.inf, optional=True)  # numpy refuses a negative seed, mid-run
-    within("superlink_port", 0, 65535)  # else the SuperLink fails to bind, after the run folder exists
-    if not 0 < float(fed.fraction_train) <= 1:
-        raise ConfigError(f"federation.fraction_train must be in (0, 1], got {fed.fraction_train}")
-    sampled = min(int(fed.num_clients), max(math.ceil(float(fed.fraction_train) * int(fed.num_clients)),
-                                            int(fed.min_train_clients)))
-    if int(fed.min_replies) > sampled:
-        raise ConfigError(f"federation.min_replies={fed.min_replies} but a round samples only {sampled} clients: every "
-                          "round would be skipped; lower min_replies or raise fraction_train / min_train_clients")
-    available = fed.get("min_available_clients")
-    if available is not None and not 1 <= int(available) <= int(fed.num_clients):
-        raise ConfigError(f"federation.min_available_clients must be in 1..num_clients={fed.num_clients} "
-                          f"(or null for all of them), got {available}")
-    from fedprompt.data.leakage import OVERLAP_POLICIES
+    num_clients: int = 10  # simulated SuperNodes; client i holds partition i
+    rounds: int = 3  # federated rounds; round 0 is the seed prompt, evaluated before any training
+    fraction_train: float = 1.0  # share of clients sampled per round
+    min_train_clients: int = 1  # at least this many clients per round, whatever fraction_train gives
+    min_replies: int = 1  # valid replies a round needs; fewer: round skipped, prompt kept
+    min_available_clients: Optional[int] = None  # SuperNodes online before a round samples (null = num_clients)
+    client_cpus: int = 1  # Ray CPUs per ClientApp
+    client_gpus: float = 0.0  # share of a GPU per ClientApp (e.g. 0.25 = four clients per GPU)
+    round_timeout_s: float = 3600.0  # how long the server waits for the round's replies
+    eval_split: str = "test"  # the server evaluates the global prompt on this split after every round
+    eval_limit: Optional[int] = None  # only N examples of eval_split (null = all of them)
+    eval_sample_seed: Optional[int] = None  # null = the first eval_limit examples; an int = a seeded sample
+    eval_every: int = 1  # score the global prompt every k rounds (round 0 and the last round always)
+    eval_references: bool = True  # also score the untuned references (manual prompt, zero-shot)
+    reference_limit: Optional[int] = 500  # validation examples that decide the reference; null = all
+    eval_overlap: str = "refuse"  # learning sets sharing content with the evaluation: refuse | exclude
+    public_split: str = "validation"  # the small public set every client may use (never eval_split's examples)
+    public_size: int = 64  # public pool (class-balanced)
+    audit_replies: bool = False  # write every client-to-server message to <run folder>/replies.jsonl
+    superlink_port: int = 0  # the private local SuperLink's port on 127.0.0.1 (0 = any free port)
 
-    if fed.get("eval_overlap") not in OVERLAP_POLICIES:
-        raise ConfigError(f"federation.eval_overlap must be one of {' | '.join(OVERLAP_POLICIES)}, got {fed.get('eval_overlap')!r}")
-    # public_split == eval_split is allowed (stage 1 of the result protocol scores on validation, where the public
-    # pool lives too): the pool is then drawn from that split minus the evaluation examples (fedprompt.fl.data).
-    if fed.public_split == "train" and int(fed.public_size) > 0:
-        raise ConfigError("federation.public_split=train would hand clients' training data to everyone; use validation")
+    def validate(self) -> None:
+        def within(key: str, low: int, high: float, optional: bool = False) -> None:
+            value = getattr(self, key)
+            if value is None and optional:
+                return
+            # comparisons, not float(): nan fails both, and an int too large for a float still compares
+            if value is None or not low <= value <= high:
+                upper = f" and <= {high}" if high < math.inf else ""
+                null = " (or null)" if optional else ""
+                raise ConfigError(f"federation.{key} must be >= {low}{upper}{null}, got {value}")
+
+        for key in ("num_clients", "rounds", "min_train_clients", "min_replies", "eval_every"):
+            within(key, 1, MAX_COUNT)
+        within("client_cpus", 1, 1024)
+        within("client_gpus", 0, 1024)
+        within("round_timeout_s", 1, MAX_TIMEOUT_S)
+        within("public_size", 0, MAX_EXAMPLES)
+        within("eval_limit", 1, MAX_EXAMPLES, optional=True)
+        within("reference_limit", 1, MAX_EXAMPLES, optional=True)
+        within("eval_sample_seed", 0, math.inf, optional=True)  # numpy refuses a negative seed, mid-run
+        within("superlink_port", 0, 65535)  # else the SuperLink fails to bind, after the run folder exists
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(f"federation.fraction_train must be in (0, 1], got {self.fraction_train}")
+        sampled = min(self.num_clients, max(math.ceil(self.fraction_train * self.num_clients), self.min_train_clients))
+        if self.min_replies > sampled:
+            raise ConfigError(f"federation.min_replies={self.min_replies} but a round samples only {sampled} clients: "
+                              "every round would be skipped; lower min_replies or raise fraction_train / "
+                              "min_train_clients")
+        available = self.min_available_clients
+        if available is not None and not 1 <= available <= self.num_clients:
+            raise ConfigError(f"federation.min_available_clients must be in 1..num_clients={self.num_clients} "
+                              f"(or null for all of them), got {available}")
+        from fedprompt.data.leakage import OVERLAP_POLICIES
+
+        if self.eval_overlap not in OVERLAP_POLICIES:
+            raise ConfigError(f"federation.eval_overlap must be one of {' | '.join(OVERLAP_POLICIES)}, got "
+                              f"{self.eval_overlap!r}")
+        # public_split == eval_split is allowed (stage 1 of the result protocol scores on validation, where the
+        # public pool lives too): the pool is then drawn from that split minus the evaluation examples (fl.data).
+        if self.public_split == "train" and self.public_size > 0:
+            raise ConfigError("federation.public_split=train would hand clients' training data to everyone; use "
+                              "validation")
+
+
+def validate_federation(fed: Any) -> FederationConfig:
+    """The ``federation`` node, validated against :class:`FederationConfig` (fedprompt.typed_config.from_node)."""
+    from fedprompt.typed_config import from_node
+
+    return from_node(FederationConfig, fed, "federation")
 
 
 def method_config(cfg: DictConfig):

@@ -53,18 +53,18 @@ class DeploySettings:
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "DeploySettings":
-        node = OmegaConf.to_container(cfg.deploy, resolve=True) if cfg.get("deploy") is not None else {}
-        unknown = sorted(set(node) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"unknown key(s) {unknown} in deploy; known: {sorted(cls.__dataclass_fields__)}")
-        settings = cls(**node)
+        """The ``deploy`` node, validated (fedprompt.typed_config.from_node)."""
+        from fedprompt.typed_config import from_node
+
+        return from_node(cls, cfg.get("deploy"), "deploy")
+
+    def validate(self) -> None:
         for key in ("superlink_port", "service_port"):
-            port = getattr(settings, key)
-            if not isinstance(port, int) or not 0 <= port <= 65535:
+            port = getattr(self, key)
+            if not 0 <= port <= 65535:
                 raise ConfigError(f"deploy.{key} must be a port in 0..65535 (0 = any free port), got {port!r}")
-        if not isinstance(settings.startup_timeout_s, (int, float)) or settings.startup_timeout_s <= 0:
-            raise ConfigError(f"deploy.startup_timeout_s must be > 0, got {settings.startup_timeout_s!r}")
-        return settings
+        if self.startup_timeout_s <= 0:
+            raise ConfigError(f"deploy.startup_timeout_s must be > 0, got {self.startup_timeout_s!r}")
 
 
 @dataclass(frozen=True)
