@@ -153,6 +153,8 @@ def describe(errors: list[dict], where: str, cls: type, data: Any) -> str:
                 "conf/)")
     if kind == "missing" or kind == "missing_argument":
         return f"{key} is required; set it as {key}=<value>"
+    if given is None and kind.endswith("_type"):
+        return f"{key} must not be null"
     bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
     if kind in bounds:
         limit = next(iter(ctx.values()))
