@@ -168,10 +168,6 @@ def validate_common(cfg: DictConfig) -> None:
 
     check_model_name(str(cfg.model.name))
     resolve_dtype(cfg.model.get("dtype"), resolve_device(cfg.model.get("device")))
-    if cfg.get("limit") is not None and int(cfg.limit) < 1:
-        raise ConfigError(f"limit must be >= 1 (or null for the whole split), got {cfg.limit}")
-    if int(cfg.get("batch_size", 1)) < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.task.name in (None, "???"):
         raise ConfigError("no task given; use task=<name>, e.g. task=sst2")
     from fedprompt.data.loading import check_task_name

@@ -70,6 +70,14 @@ class PartitionSchema:
     min_size: int = 1
     k_shot: Optional[int] = None
 
+    def validate(self) -> None:
+        from fedprompt.data.partition import SCHEMES
+
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"partition.scheme={self.scheme!r} is not one of {list(SCHEMES)}")
+        if self.k_shot is not None and self.k_shot < 1:
+            raise ConfigError(f"partition.k_shot must be >= 1 (or null for the whole train split), got {self.k_shot}")
+
 
 def section(key: str, resolve: str) -> Any:
     """A root key whose section is declared by a class imported only when a config is checked (``resolve``:
@@ -117,6 +125,14 @@ class RootSchema:
     progress: bool = True
     verbose: bool = False
     resume: bool = False
+
+    def validate(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1 (or null for the whole split), got {self.limit}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.seed < 2**32:  # numpy and datasets refuse other seeds, with a traceback mid-run
+            raise ConfigError(f"seed must be in 0..{2**32 - 1}, got {self.seed}")
 
 
 # Sections whose declaring module loads torch and a method's training stack: every command (and every compose)
