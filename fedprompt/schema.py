@@ -79,6 +79,10 @@ class PartitionSchema:
             raise ConfigError(f"partition.k_shot must be >= 1 (or null for the whole train split), got {self.k_shot}")
 
 
+ON_DEMAND_CLASSES = {"distill": "fedprompt.models.distill:DistillConfig",
+                     "transfer": "fedprompt.methods.post.config:TransferConfig"}
+
+
 def section(key: str, resolve: str) -> Any:
     """A root key whose section is declared by a class imported only when a config is checked (``resolve``:
     ``"module:Class"``, or ``"method"`` / ``"privacy"``: the class that the node's ``name`` registers)."""
@@ -107,8 +111,8 @@ class RootSchema:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     method: section("method", "method") = None  # the config class of method.name (fedprompt.fl.methods)
     privacy: section("privacy", "privacy") = None  # the config class of privacy.name (PRIVACY below)
-    distill: section("distill", "fedprompt.models.distill:DistillConfig") = None  # `fedprompt distill`
-    transfer: section("transfer", "fedprompt.methods.post.config:TransferConfig") = None  # `fedprompt transfer`
+    distill: section("distill", ON_DEMAND_CLASSES["distill"]) = None  # `fedprompt distill`
+    transfer: section("transfer", ON_DEMAND_CLASSES["transfer"]) = None  # `fedprompt transfer`
     deploy: DeploySettings = field(default_factory=DeploySettings)  # `fedprompt deploy`
     federation: FederationConfig = field(default_factory=FederationConfig)
     partition: PartitionSchema = field(default_factory=PartitionSchema)
