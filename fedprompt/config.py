@@ -112,6 +112,29 @@ def rewrite_shorthands(overrides: Sequence[str]) -> list[str]:
     return out
 
 
+# Sections whose defaults come from their declaration, not from conf/: group -> (the dataclass, where its node
+# goes). Their conf/ files list `declared` first in their defaults list and hold only what differs.
+DECLARED = {"federation": ("fedprompt.fl.config:FederationConfig", "federation"),
+            "service": ("fedprompt.blackbox.settings:ServiceConfig", "service"),
+            "deploy": ("fedprompt.fl.deploy:DeploySettings", "deploy")}
+
+
+def register_declared_defaults() -> None:
+    """Put the declared defaults of :data:`DECLARED` in Hydra's ConfigStore as ``<group>/declared`` (plain
+    values: the one validator, fedprompt.typed_config, checks types after composition), so that
+    ``federation.rounds=5`` overrides a key that no yaml file repeats."""
+    from dataclasses import asdict
+    from importlib import import_module
+
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for group, (path, package) in DECLARED.items():
+        module, _, name = path.partition(":")
+        node = asdict(getattr(import_module(module), name)())
+        store.store(group=group, name="declared", node=node, package=package)
+
+
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
     """The composed config for ``overrides`` (Hydra syntax), with unknown keys reported clearly."""
     from hydra import compose as hydra_compose
@@ -119,6 +142,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    register_declared_defaults()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             cfg = hydra_compose(config_name=config_name,

@@ -62,9 +62,9 @@ class Limits:
 class Budget:
     """A key's lifetime allowance; ``None`` means unlimited. Tokens = prompt + completion tokens."""
 
-    requests: int | None = None
-    queries: int | None = None
-    tokens: int | None = None
+    requests: int | None = None  # requests a key may send (null = unlimited)
+    queries: int | None = None  # texts scored (null = unlimited)
+    tokens: int | None = None  # prompt + completion tokens (null = unlimited)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -94,21 +94,21 @@ class BatchingConfig:
 class CacheConfig:
     """``service.cache``: LRU of (text, labels) -> log-probs on the server (and in-process client)."""
 
-    enabled: bool = False
-    size: int = 50000
+    enabled: bool = False  # false: no cache
+    size: int = 50000  # rows kept
 
 
 @dataclass(frozen=True)
 class HttpClientConfig:
     """``service.client``: the http and openai clients."""
 
-    timeout_s: float = 300.0
+    timeout_s: float = 300.0  # a request's whole time
     connect_timeout_s: float = 5.0
     retries: int = 4  # on connection errors, 5xx and 429 with Retry-After; never on other 4xx
     backoff_s: float = 0.5  # exponential: 0.5, 1, 2, 4 ... capped at max_backoff_s
     max_backoff_s: float = 8.0
     chunk_size: int = 128  # texts per request (<= the server's limits.max_batch)
-    max_prompts_per_request: Optional[int] = None  # openai: prompts per request; null = find out
+    max_prompts_per_request: Optional[int] = None  # openai: prompts per /v1/completions request; null = find out: several, and one a request from then on if the server refuses that (llama-cpp-python's server takes one)
     ca_file: Optional[str] = None  # PEM CA bundle that verifies an https:// service.url; null = the system's
 
 
@@ -119,7 +119,7 @@ class OpenAIConfig:
     model: Optional[str] = None  # the server's model name; null = model.name
     label_mode: str = "first_token"  # first_token (top-k next-token logprobs) | echo (exact; needs prompt logprobs)
     top_logprobs: int = 20  # k; hosted OpenAI allows at most 5
-    tokenizer: Optional[str] = None  # tokenizer to find each label's first token exactly
+    tokenizer: Optional[str] = None  # optional tokenizer (registry name, HF id, folder) to find each label's first token exactly
 
 
 @dataclass(frozen=True)
@@ -131,9 +131,9 @@ class ServiceConfig:
     host: str = "127.0.0.1"
     port: int = 8000  # 0 = any free port
     url: Optional[str] = None  # clients: the server's base URL; null = http://<host>:<port>
-    api_key: Optional[str] = None  # clients: Bearer key; null = $FEDPROMPT_API_KEY
-    api_keys_file: Optional[str] = None  # server: one key a line
-    api_keys_env: Optional[str] = "FEDPROMPT_API_KEYS"  # server: more keys, comma/space separated
+    api_key: Optional[str] = None  # clients: sent as `Authorization: Bearer <key>`; null = $FEDPROMPT_API_KEY (openai: also $OPENAI_API_KEY); a key given here goes to $FEDPROMPT_API_KEY, every file a run writes holds *** instead
+    api_keys_file: Optional[str] = None  # server: one key a line, `<key> [name=alice] [requests=N] [queries=N] [tokens=N] [admin=true]`
+    api_keys_env: Optional[str] = "FEDPROMPT_API_KEYS"  # server: more keys, comma/space separated. No key anywhere = open server
     model_id: Optional[str] = None  # the name in /v1/models and responses; null = model.name
     log_level: str = "warning"  # uvicorn's log level
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -214,7 +214,7 @@ class ClientSettings:
     kind: str = "inprocess"
     url: str | None = None
     api_key: str | None = None
-    timeout_s: float = 300.0
+    timeout_s: float = 300.0  # a request's whole time
     connect_timeout_s: float = 5.0
     retries: int = 4
     backoff_s: float = 0.5
