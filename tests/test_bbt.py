@@ -255,11 +255,6 @@ def test_bad_bbt_config_is_a_config_error_naming_the_key(node, message):
         assert "popsize" in str(err.value) and "intrinsic_dim" in str(err.value)  # the known keys
 
 
-def test_the_default_config_file_is_valid():
-    config = BBTConfig.from_dict(compose(["method=bbt"]).method)
-    assert config == BBTConfig()
-
-
 def bbt_overrides(data_dir, model_dir, *extra: str) -> list[str]:
     """A BBT run that costs seconds: the tiny model as black box, d=8, 2 prompt tokens, 2 x 4 candidates."""
     return [f"data_dir={data_dir}", "task=secret", f"model={model_dir}", "model.device=cpu", "model.dtype=float32",

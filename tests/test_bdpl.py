@@ -298,12 +298,6 @@ def test_the_server_takes_fedones_client_logits_and_averages_k_weighted_by_examp
     assert arrays is None and "min_replies=2" in k2.rounds[2].skipped  # too few: the global logits are kept
 
 
-def test_the_yaml_is_the_dataclass_defaults():
-    from fedprompt.config import compose
-
-    assert BDPLConfig.from_dict(compose(["method=bdpl"]).method) == BDPLConfig()
-
-
 class PartitionGrid:
     """A Grid stand-in: connected nodes (random ids) that answer the partition query as the ClientApp does."""
 

@@ -64,6 +64,73 @@ def test_one_coercion_rule_for_every_method(method, key):
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("group", ["federation", "service", "deploy"])
+def test_conf_sets_only_what_differs_from_the_declared_defaults(group):
+    """Defaults once: these sections' defaults are their dataclasses' (Hydra's ConfigStore, <group>/declared);
+    their conf/ file sets only values that differ (interpolations such as ${port}), and key=value still works."""
+    from dataclasses import asdict
+    from importlib import import_module
+
+    from omegaconf import OmegaConf
+
+    from fedprompt.config import DECLARED
+
+    module, _, name = DECLARED[group][0].partition(":")
+    declared = asdict(getattr(import_module(module), name)())
+    node = OmegaConf.load(CONF / group / "default.yaml")
+    node = node.get(group, {}) if group == "service" else node  # service/default.yaml is at the root package
+
+    def leaves(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    for key, value in leaves(OmegaConf.to_container(node)):
+        if key == "defaults":
+            continue
+        default = declared
+        for part in key.split("."):
+            default = default[part]
+        assert value != default, f"conf/{group}/default.yaml repeats the declared default {key}={value!r}"
+    key = {"federation": "rounds", "service": "limits.max_batch", "deploy": "startup_timeout_s"}[group]
+    assert OmegaConf.select(compose([f"{group}.{key}=5"]), f"{group}.{key}") == 5  # no yaml file names it
+
+
+# The sections whose declaring modules load torch (every method's, distill, transfer) are not in the ConfigStore
+# (registering them would import torch and each method's stack at every compose): conf/ still repeats their
+# defaults, and this one test keeps the two equal (it found distill.steps and distill.lr apart).
+ALLOWED = {"fedprompt": {"model"}}  # FedPrompt tunes on the served model: method.model=${model.name}
+
+
+@pytest.mark.parametrize("option", sorted(f.stem for f in (CONF / "method").glob("*.yaml")) + ["distill", "transfer"])
+def test_conf_repeats_the_declared_defaults_of_the_torch_sections_exactly(option):
+    from dataclasses import asdict
+
+    from fedprompt.fl.config import method_config
+    from fedprompt.schema import ON_DEMAND_CLASSES
+    from fedprompt.typed_config import from_node
+
+    if option in ON_DEMAND_CLASSES:
+        cfg = compose([])
+        typed = from_node(typing_class(option), cfg[option], option)
+    else:
+        typed = method_config(compose([f"method={option}"]))
+    declared, shipped = asdict(type(typed)()), asdict(typed)
+    apart = {k for k in set(declared) | set(shipped) if declared.get(k) != shipped.get(k)}
+    assert apart == ALLOWED.get(option, set()), f"conf/ and {type(typed).__name__} disagree on {sorted(apart)}"
+
+
+def typing_class(section):
+    from importlib import import_module
+
+    from fedprompt.schema import ON_DEMAND_CLASSES
+
+    module, _, name = ON_DEMAND_CLASSES[section].partition(":")
+    return getattr(import_module(module), name)
+
+
 def test_an_unknown_key_in_a_yaml_file_of_conf_is_an_error(tmp_path, monkeypatch, capsys):
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)

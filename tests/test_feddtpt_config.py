@@ -1,28 +1,18 @@
-"""conf/method/feddtpt.yaml and FedDTPTConfig: defaults, validation, seed prompts, builders."""
+"""FedDTPTConfig: validation, seed prompts, builders."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from fedprompt.data.task import TaskSpec
 from fedprompt.errors import ConfigError
 from fedprompt.methods.feddtpt import FedDTPTAggregator, FedDTPTConfig, PromptSearch, RandomProposer
 
-YAML = Path(__file__).resolve().parents[1] / "conf" / "method" / "feddtpt.yaml"
 TREC = TaskSpec(name="trec", labels=("abbreviation", "description", "number"),
                 label_words=(" abbreviation", " description", " number"), template="{prompt}\n\nQuestion: {text}",
                 manual_prompt="What type of thing does this question ask for?")
-
-
-def test_yaml_matches_the_coded_defaults():
-    node = OmegaConf.load(YAML)
-    assert node.name == "feddtpt"
-    assert FedDTPTConfig.from_dict(node) == FedDTPTConfig()
-    assert FedDTPTConfig.from_dict(node).to_dict() == OmegaConf.to_container(node)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ sweep does not silently fall back to a default.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
 from fedprompt.errors import ConfigError
