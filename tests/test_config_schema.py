@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,47 @@ def test_model_and_task_shorthands_also_in_sweeps():
     assert rewrite_shorthands(["task=mine,yours", "seed=0,1"]) == ["task=custom", "task.name=mine,yours", "seed=0,1"]
     with pytest.raises(ConfigError, match="a sweep cannot mix task files \\(sst2\\) with other names"):
         rewrite_shorthands(["task=sst2,mine"])
+
+
+@dataclass(frozen=True)
+class Inner:
+    depth: int = 1
+
+    def validate(self):
+        if self.depth < 1:
+            raise ConfigError(f"depth must be >= 1, got {self.depth}")
+
+
+@dataclass(frozen=True)
+class Section:
+    budget: int = 1
+    rate: float = 0.5
+    flag: bool = False
+    text: str = "x"
+    inner: Inner = field(default_factory=Inner)
+
+    def validate(self):
+        if self.budget < 1:
+            raise ConfigError(f"budget must be >= 1, got {self.budget}")
+
+
+@pytest.mark.parametrize("node, verdict", [
+    ({"budget": 240}, None), ({"budget": "240"}, "a.b.budget must be a whole number"),
+    ({"budget": 240.0}, "a.b.budget must be a whole number"), ({"budget": True}, "a.b.budget must be a whole number"),
+    ({"rate": 1}, None), ({"rate": "0.5"}, "a.b.rate must be a number, got '0.5'"), ({"rate": float("inf")}, None),
+    ({"flag": "yes"}, "a.b.flag must be true or false"), ({"flag": 1}, "a.b.flag must be true or false"),
+    ({"text": 5}, "a.b.text must be text, got 5"), ({"budget": None}, "a.b.budget must not be null"),
+    ({"budget": 0}, "^a.b.budget must be >= 1, got 0$"), ({"budgte": 1}, "did you mean 'a.b.budget'"),
+    ({"inner": {"depth": 0}}, "^a.b.inner.depth must be >= 1, got 0$"), ({"inner": 3}, "a.b.inner must be a mapping"),
+])
+def test_the_one_validator_and_its_rule(node, verdict):
+    """typed_config.from_node: one rule for every section (JSON's types, strictly) and one-line errors naming
+    the full key, whether pydantic or the section's validate() found the problem."""
+    from fedprompt.typed_config import from_node
+
+    if verdict is None:
+        assert isinstance(from_node(Section, node, "a.b"), Section)
+        return
+    with pytest.raises(ConfigError, match=verdict) as err:
+        from_node(Section, node, "a.b")
+    assert "\n" not in str(err.value)
