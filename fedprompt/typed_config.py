@@ -8,8 +8,8 @@ validates a node against that declaration with pydantic, and every section follo
 - **unknown keys are errors**, with the keys the node takes and a did-you-mean;
 - **one coercion rule** (JSON's types, strictly): an integer key takes a whole number only (not ``"240"``,
   ``3.0`` or ``true``); a real-number key takes any number (``3`` is ``3.0``; ``.inf`` where infinity
-  makes sense); a boolean key takes ``true``/``false`` only; a text key takes text, or a number given on the
-  command line (``service.api_key=12345`` is the text ``"12345"``); never text where a number belongs;
+  makes sense); a boolean key takes ``true``/``false`` only; a text key takes text only (quote a number meant
+  as text on the command line: ``task.name="'2024'"``); never text where a number belongs;
 - **errors are one line that names the full key**: ``method.search.budget must be >= 1, got 0``.
 
 A dataclass's ``validate()`` (and ``__post_init__``) raise :class:`~fedprompt.errors.ConfigError`; their
@@ -31,8 +31,8 @@ T = TypeVar("T")
 
 # pydantic's settings of every declared section (the one coercion rule above). Validation goes through JSON
 # (the config came from YAML and the command line, both JSON-typed), where pydantic's strict mode accepts a
-# mapping for a dataclass; a text key also takes a number (coerce_numbers_to_str).
-CONFIG = {"strict": True, "extra": "forbid", "coerce_numbers_to_str": True}
+# mapping for a dataclass and a whole number for a real one.
+CONFIG = {"strict": True, "extra": "forbid"}
 
 
 def from_node(cls: type[T], node: Any, where: str) -> T:
