@@ -55,33 +55,28 @@ data: data_dir=<folder with one sub-folder per task>, else $FEDPROMPT_DATA_DIR, 
 """
 
 
-# `fedprompt <command> --help`: the config files whose keys the command reads (their comments are the help).
-COMMAND_CONF = {"eval": ["config.yaml", "service/default.yaml"], "serve": ["service/default.yaml"],
-                "deploy": ["deploy/default.yaml", "federation/default.yaml"], "distill": ["distill/default.yaml"],
-                "transfer": ["transfer/default.yaml"]}
 FOLDER_USAGE = {"resume": "fedprompt resume <run folder> [key=value ...]: only launch settings may change "
                           "(progress, verbose, federation.round_timeout_s, federation.superlink_port, service.api_key)",
                 "report": "fedprompt report <run or sweep folder> [out=<folder>]: report.md, report.csv, report.json "
                           "and plots in <folder>/report/ (docs/experiments.md, Reports)"}
 
 
-def command_help(command: str) -> str:
-    """What ``fedprompt <command> --help`` prints: its usage line, then the keys it reads with their defaults
-    and one-line help, as the conf/ files declare them (``key=value`` overrides any of them)."""
-    from fedprompt.config import conf_dir
+def command_help(command: str, overrides: Sequence[str] = ()) -> str:
+    """What ``fedprompt <command> --help`` prints: its usage line, then every key of every section it reads,
+    with its type, value and one-line help, from the sections' declarations (fedprompt.confhelp); the other
+    overrides given choose what is shown (``fedprompt run method=bdpl --help``: BDPL's keys)."""
+    from fedprompt.confhelp import command_keys
 
     if command in FOLDER_USAGE:
         return f"usage: {FOLDER_USAGE[command]}"
+    usage = f"usage: fedprompt {command} [key=value ...]"
     if command == "task":
         from fedprompt.task_init import USAGE as task_usage
 
-        return f"usage: {task_usage}\n\n" + command_help("eval").split("\n", 1)[1]  # the keys it reads: eval's
-    parts = [f"usage: fedprompt {command} [key=value ...]; the keys it reads, their defaults and help:"]
-    for name in COMMAND_CONF[command]:
-        keys = "root keys" if name == "config.yaml" else f"{name.split('/')[0]}.* keys"
-        text = (conf_dir() / name).read_text().split("\nhydra:")[0]  # the root file's Hydra node is run's only
-        parts.append(f"\n# {keys} ({name}):\n{text.rstrip()}")
-    return "\n".join(parts)
+        usage = f"usage: {task_usage}"
+        overrides = ()
+    keys = command_keys(command, [o for o in overrides if o not in ("-h", "--help")])
+    return f"{usage}\n\nthe keys it reads (key: type = value  help); key=value overrides any of them:\n{keys}"
 
 
 def cmd_eval(cfg: DictConfig) -> dict:
@@ -269,9 +264,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0 if args else 2
     command, overrides = args[0], args[1:]
-    if command != "run" and ("-h" in overrides or "--help" in overrides) and command in {*COMMAND_CONF, *FOLDER_USAGE,
-                                                                                         "task"}:
-        print(command_help(command))
+    from fedprompt.confhelp import COMMAND_SECTIONS  # `fedprompt <command> --help`
+
+    if ("-h" in overrides or "--help" in overrides) and command in {*COMMAND_SECTIONS, *FOLDER_USAGE}:
+        try:
+            print(command_help(command, overrides))
+        except FedPromptError as err:
+            print(f"fedprompt {command}: error: {err}", file=sys.stderr)
+            return 2
         return 0
     if command == "run":  # a Hydra application with Hydra's own command line (-m, --cfg, hydra.*)
         from fedprompt.fl.hydra_app import main as run_app  # lazy: Flower and Ray only when simulating

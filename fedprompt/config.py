@@ -113,6 +113,29 @@ def rewrite_shorthands(overrides: Sequence[str]) -> list[str]:
     return out
 
 
+# Sections whose defaults come from their declaration, not from conf/: group -> (the dataclass, where its node
+# goes). Their conf/ files list `declared` first in their defaults list and hold only what differs.
+DECLARED = {"federation": ("fedprompt.sections:FederationConfig", "federation"),
+            "service": ("fedprompt.blackbox.settings:ServiceConfig", "service"),
+            "deploy": ("fedprompt.sections:DeploySettings", "deploy")}
+
+
+def register_declared_defaults() -> None:
+    """Put the declared defaults of :data:`DECLARED` in Hydra's ConfigStore as ``<group>/declared`` (plain
+    values: the one validator, fedprompt.typed_config, checks types after composition), so that
+    ``federation.rounds=5`` overrides a key that no yaml file repeats."""
+    from dataclasses import asdict
+    from importlib import import_module
+
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for group, (path, package) in DECLARED.items():
+        module, _, name = path.partition(":")
+        node = asdict(getattr(import_module(module), name)())
+        store.store(group=group, name="declared", node=node, package=package)
+
+
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
     """The composed config for ``overrides`` (Hydra syntax), with unknown keys reported clearly."""
     from hydra import compose as hydra_compose
@@ -120,6 +143,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    register_declared_defaults()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             cfg = hydra_compose(config_name=config_name,
@@ -131,14 +155,15 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     return cfg
 
 
-def check_composed(cfg: DictConfig) -> None:
-    """No required value left unset, no unknown key, no value of the wrong type (fedprompt.schema)."""
+def check_composed(cfg: DictConfig, sections: tuple[str, ...] = ()) -> None:
+    """No required value left unset, no unknown key, no value of the wrong type or out of range
+    (fedprompt.schema; ``sections``: the on-demand sections to check too, e.g. ``("method", "privacy")``)."""
     from fedprompt.schema import check_schema
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"missing required config values: {missing}; set them as key=value")
-    check_schema(cfg)
+    check_schema(cfg, sections)
 
 
 def check_writable_dir(path: str | os.PathLike, key: str = "output_dir") -> None:
@@ -168,10 +193,6 @@ def validate_common(cfg: DictConfig) -> None:
 
     check_model_name(str(cfg.model.name))
     resolve_dtype(cfg.model.get("dtype"), resolve_device(cfg.model.get("device")))
-    if cfg.get("limit") is not None and int(cfg.limit) < 1:
-        raise ConfigError(f"limit must be >= 1 (or null for the whole split), got {cfg.limit}")
-    if int(cfg.get("batch_size", 1)) < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.task.name in (None, "???"):
         raise ConfigError("no task given; use task=<name>, e.g. task=sst2")
     from fedprompt.data.loading import check_task_name

@@ -1,23 +1,29 @@
-"""The shape of the composed config: every key ``conf/`` may hold, with its type (OmegaConf structured
-configs). :func:`check_schema` merges a composed config into it, so an unknown key anywhere (a typo in a
-yaml file, ``+federation.roundz=3``, a stale ``config.yaml``) or a value of the wrong type is one clear
-error before anything starts. Defaults live in ``conf/``, not here: this file only names keys and types.
+"""The shape of the composed config: the root node, and the section each of its keys holds.
 
-Some nodes are free-form here because their keys are validated strictly by their own config class:
-``method`` (each option has its own keys; ``fedprompt.fl.methods``: ``from_dict`` of the method's
-config), ``privacy`` (likewise, :data:`PRIVACY` below), and the nodes of commands that validate their
-own (``distill``, ``transfer``, ``deploy``). Any other new key in ``conf/`` needs its field here.
+Every section is declared once, by the dataclass that the code reads (``federation``:
+:class:`fedprompt.fl.config.FederationConfig`, ``service``: :class:`fedprompt.blackbox.settings.ServiceConfig`,
+``deploy``: :class:`fedprompt.fl.deploy.DeploySettings`, ``distill``: :class:`fedprompt.models.distill.DistillConfig`,
+``transfer``: :class:`fedprompt.methods.post.config.TransferConfig`, ``method``: the config class of the method
+that ``method.name`` names (``fedprompt.registry.METHODS``), ``privacy``: the class of the mechanism that
+``privacy.name`` names (:data:`PRIVACY`)); the task, model and partition nodes are declared here.
+:func:`check_schema` validates a composed config against :class:`RootSchema` with the one validator,
+:func:`fedprompt.typed_config.from_node`: an unknown key anywhere (a typo in a yaml file,
+``+federation.roundz=3``, a stale ``config.yaml``), a value of the wrong type or out of range is one clear
+error before anything starts. Any new key in ``conf/`` needs its field in its section's dataclass.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib import import_module
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Annotated, Any, Dict, List, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
+from pydantic import PlainValidator
 
+from fedprompt.blackbox.settings import ServiceConfig
 from fedprompt.errors import ConfigError
+from fedprompt.sections import DeploySettings, FederationConfig
 
 
 @dataclass
@@ -63,128 +69,51 @@ class PartitionSchema:
     min_size: int = 1
     k_shot: Optional[int] = None
 
+    def validate(self) -> None:
+        from fedprompt.data.partition import SCHEMES
 
-@dataclass
-class FederationSchema:
-    num_clients: int = 0
-    rounds: int = 0
-    fraction_train: float = 1.0
-    min_train_clients: int = 1
-    min_replies: int = 1
-    min_available_clients: Optional[int] = None
-    client_cpus: int = 1
-    client_gpus: float = 0.0
-    round_timeout_s: float = 0.0
-    eval_split: str = ""
-    eval_limit: Optional[int] = None
-    eval_sample_seed: Optional[int] = None
-    eval_every: int = 1
-    eval_references: bool = True
-    reference_limit: Optional[int] = None
-    eval_overlap: str = ""
-    public_split: str = ""
-    public_size: int = 0
-    audit_replies: bool = False
-    superlink_port: int = 0
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"partition.scheme={self.scheme!r} is not one of {list(SCHEMES)}")
+        if self.k_shot is not None and self.k_shot < 1:
+            raise ConfigError(f"partition.k_shot must be >= 1 (or null for the whole train split), got {self.k_shot}")
 
 
-@dataclass
-class BudgetSchema:
-    requests: Optional[int] = None
-    queries: Optional[int] = None
-    tokens: Optional[int] = None
+ON_DEMAND_CLASSES = {"distill": "fedprompt.models.distill:DistillConfig",
+                     "transfer": "fedprompt.methods.post.config:TransferConfig"}
 
 
-@dataclass
-class LimitsSchema:
-    max_batch: int = 0
-    max_labels: int = 0
-    max_prompt_tokens: int = 0
-    max_label_tokens: int = 0
-    max_request_tokens: int = 0
-    max_new_tokens: int = 0
-    max_logprobs: int = 0
-    max_request_bytes: int = 0
-    request_timeout_s: float = 0.0
-    max_queue: int = 0
-    max_connections: int = 0
-    header_timeout_s: float = 0.0
-    body_timeout_s: float = 0.0
-    keep_alive_s: float = 0.0
-    max_echo_mb: float = 0.0
-    max_logprob_entries: int = 0
+def section(key: str, resolve: str) -> Any:
+    """A root key whose section is declared by a class imported only when a config is checked (``resolve``:
+    ``"module:Class"``, or ``"method"`` / ``"privacy"``: the class that the node's ``name`` registers)."""
 
+    def check(node: Any) -> Any:
+        from fedprompt.typed_config import from_node
 
-@dataclass
-class BatchingSchema:
-    batch_size: int = 0
-    max_texts: int = 0
-    wait_ms: float = 0.0
+        if resolve == "method":
+            from fedprompt.registry import federated_method
 
+            cls = federated_method(node.get("name") if isinstance(node, dict) else None).load("config")
+        elif resolve == "privacy":
+            cls = privacy_class(node.get("name") if isinstance(node, dict) else None)
+        else:
+            module, _, attribute = resolve.partition(":")
+            cls = getattr(import_module(module), attribute)
+        return from_node(cls, node, key)
 
-@dataclass
-class CacheSchema:
-    enabled: bool = False
-    size: int = 0
-
-
-@dataclass
-class HttpClientSchema:
-    timeout_s: float = 0.0
-    connect_timeout_s: float = 0.0
-    retries: int = 0
-    backoff_s: float = 0.0
-    max_backoff_s: float = 0.0
-    chunk_size: int = 0
-    max_prompts_per_request: Optional[int] = None
-    ca_file: Optional[str] = None
-
-
-@dataclass
-class TlsSchema:
-    certfile: Optional[str] = None
-    keyfile: Optional[str] = None
-
-
-@dataclass
-class OpenAISchema:
-    model: Optional[str] = None
-    label_mode: str = ""
-    top_logprobs: int = 0
-    tokenizer: Optional[str] = None
-
-
-@dataclass
-class ServiceSchema:
-    kind: str = ""
-    host: str = ""
-    port: int = 0
-    url: Optional[str] = None
-    api_key: Optional[str] = None
-    api_keys_file: Optional[str] = None
-    api_keys_env: Optional[str] = None
-    model_id: Optional[str] = None
-    log_level: str = ""
-    tls: TlsSchema = field(default_factory=TlsSchema)
-    budget: BudgetSchema = field(default_factory=BudgetSchema)
-    limits: LimitsSchema = field(default_factory=LimitsSchema)
-    batching: BatchingSchema = field(default_factory=BatchingSchema)
-    cache: CacheSchema = field(default_factory=CacheSchema)
-    client: HttpClientSchema = field(default_factory=HttpClientSchema)
-    openai: OpenAISchema = field(default_factory=OpenAISchema)
+    return Annotated[Any, PlainValidator(check)]
 
 
 @dataclass
 class RootSchema:
     task: TaskSchema = field(default_factory=TaskSchema)
     model: ModelSchema = field(default_factory=ModelSchema)
-    service: ServiceSchema = field(default_factory=ServiceSchema)
-    method: Dict[str, Any] = field(default_factory=dict)  # the method's own config class validates it
-    privacy: Dict[str, Any] = field(default_factory=dict)  # the mechanism's own config class validates it
-    distill: Dict[str, Any] = field(default_factory=dict)  # `fedprompt distill`: its own config class validates it
-    transfer: Dict[str, Any] = field(default_factory=dict)  # `fedprompt transfer`: likewise
-    deploy: Dict[str, Any] = field(default_factory=dict)  # `fedprompt deploy`: likewise
-    federation: FederationSchema = field(default_factory=FederationSchema)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    method: section("method", "method") = None  # the config class of method.name (fedprompt.registry)
+    privacy: section("privacy", "privacy") = None  # the config class of privacy.name (PRIVACY below)
+    distill: section("distill", ON_DEMAND_CLASSES["distill"]) = None  # `fedprompt distill`
+    transfer: section("transfer", ON_DEMAND_CLASSES["transfer"]) = None  # `fedprompt transfer`
+    deploy: DeploySettings = field(default_factory=DeploySettings)  # `fedprompt deploy`
+    federation: FederationConfig = field(default_factory=FederationConfig)
     partition: PartitionSchema = field(default_factory=PartitionSchema)
     host: str = ""
     port: int = 0
@@ -200,27 +129,32 @@ class RootSchema:
     verbose: bool = False
     resume: bool = False
 
+    def validate(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1 (or null for the whole split), got {self.limit}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.seed < 2**32:  # numpy and datasets refuse other seeds, with a traceback mid-run
+            raise ConfigError(f"seed must be in 0..{2**32 - 1}, got {self.seed}")
 
-def check_schema(cfg: DictConfig | Mapping[str, Any]) -> None:
-    """Raise a one-line ConfigError for an unknown key or a value of the wrong type, anywhere in ``cfg``."""
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-    try:
-        data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-        OmegaConf.merge(OmegaConf.structured(RootSchema), data)
-    except ConfigKeyError as err:
-        parent = err.full_key.rpartition(".")[0]
-        known = sorted(err.parent_node.keys()) if err.parent_node is not None else []
-        where = f"the {parent} node" if parent else "the root config"
-        raise ConfigError(f"unknown config key {err.full_key!r}: {where} takes {known}; fix the override or the "
-                          "yaml file in conf/") from None
-    except ValidationError as err:
-        message = str(err.msg).splitlines()[0]
-        if "converted to Integer" in message:  # 1e20 or 3.0: refused rather than truncated
-            message += "; give a whole number, e.g. 3 (not 3.0 or 1e3)"
-        raise ConfigError(f"bad value for {err.full_key}: {message}") from None
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"invalid config: {str(err).splitlines()[0]}") from None
+# Sections whose declaring module loads torch and a method's training stack: every command (and every compose)
+# would pay seconds for it, so check_schema leaves them to the commands that read them unless asked
+# (``sections``): ``fedprompt run`` and its apps check method and privacy (fedprompt.fl.config.validate_config),
+# ``fedprompt distill`` and ``fedprompt transfer`` their own node, all with the same validator, first thing.
+ON_DEMAND = ("method", "privacy", "distill", "transfer")
+
+
+def check_schema(cfg: DictConfig | Mapping[str, Any], sections: tuple[str, ...] = ()) -> RootSchema:
+    """Raise a one-line ConfigError for an unknown key, a value of the wrong type or out of range, anywhere
+    in ``cfg`` (the :data:`ON_DEMAND` sections only when named in ``sections``); return the typed config."""
+    from fedprompt.typed_config import from_node, plain
+
+    data = dict(plain(cfg))
+    for key in ON_DEMAND:
+        if key not in sections:
+            data.pop(key, None)
+    return from_node(RootSchema, data, "")
 
 
 # --- privacy: one mechanism per run, chosen by privacy.name (conf/privacy/<name>.yaml) -------------------------
@@ -238,10 +172,9 @@ class NoPrivacy:
 
     @classmethod
     def from_dict(cls, node: Mapping[str, Any]) -> "NoPrivacy":
-        extra = sorted(set(node) - {"name"})
-        if extra:
-            raise ConfigError(f"privacy=none takes no settings, got {extra}; choose a mechanism with privacy=<name>")
-        return cls()
+        from fedprompt.typed_config import from_node
+
+        return from_node(cls, node, "privacy")
 
 
 PRIVACY: dict[str, str] = {
@@ -249,11 +182,16 @@ PRIVACY: dict[str, str] = {
 }
 
 
-def privacy_config(cfg: DictConfig) -> Any:
-    """The typed, validated config of ``cfg.privacy`` (``none`` when the node is absent)."""
-    node = OmegaConf.to_container(cfg.privacy, resolve=True) if cfg.get("privacy") is not None else {"name": "none"}
-    name = node.get("name")
+def privacy_class(name: Any) -> type:
     if name not in PRIVACY:
         raise ConfigError(f"privacy.name={name!r} is not one of {sorted(PRIVACY)}")
     module, _, attribute = PRIVACY[str(name)].partition(":")
-    return getattr(import_module(module), attribute).from_dict(node)
+    return getattr(import_module(module), attribute)
+
+
+def privacy_config(cfg: DictConfig) -> Any:
+    """The typed, validated config of ``cfg.privacy`` (``none`` when the node is absent)."""
+    from fedprompt.typed_config import from_node
+
+    node = OmegaConf.to_container(cfg.privacy, resolve=True) if cfg.get("privacy") is not None else {"name": "none"}
+    return from_node(privacy_class(node.get("name")), node, "privacy")

@@ -135,17 +135,21 @@ def test_a_labels_only_service_is_refused_with_a_reason():
 def test_config_defaults_and_values():
     config = BDPLConfig.from_dict(None)
     assert (config.prompt_length, config.candidates, config.samples_per_step, config.clients_per_round) == (10, 200, 4, 1)
-    assert BDPLConfig.from_dict({"name": "bdpl", "lr": "0.5", "query_budget": None}).lr == 0.5
+    assert BDPLConfig.from_dict({"name": "bdpl", "lr": 0.5, "query_budget": None}).lr == 0.5
+    assert BDPLConfig.from_dict({"lr": 1}).lr == 1.0  # a whole number is a number; text is not (below)
 
 
 @pytest.mark.parametrize("node, message", [
-    ({"prompt_lenght": 5}, "unknown key(s) method.prompt_lenght; known keys: "),
+    ({"prompt_lenght": 5}, "unknown config key 'method.prompt_lenght': the method node takes ["),
+    ({"prompt_lenght": 5}, "did you mean 'method.prompt_length'?"),
+    ({"lr": "0.5"}, "method.lr must be a number, got '0.5'"),
+    ({"local_steps": "8"}, "method.local_steps must be a whole number"),
     ({"samples_per_step": 1}, "samples_per_step must be >= 2"),
     ({"optimizer": "rmsprop"}, "method.optimizer='rmsprop' is not one of ['adam', 'sgd']"),
     ({"lr": 0}, "method.lr must be > 0"),
     ({"batch_size": 8, "query_budget": 10}, "cannot pay for one step"),
     ({"candidates": 1}, "method.candidates must be >= 2"),
-    ({"local_steps": 2.5}, "method.local_steps: cannot use 2.5"),
+    ({"local_steps": 2.5}, "method.local_steps must be a whole number (e.g. 3; not a string, 3.0 or true), got 2.5"),
     ({"prompt_length": None}, "method.prompt_length must not be null"),
     ({"name": "post"}, "this config is for 'bdpl'"),
 ])
@@ -292,12 +296,6 @@ def test_the_server_takes_fedones_client_logits_and_averages_k_weighted_by_examp
     assert k2.rounds[1].replies == 2 and len(k2.rounds[1].failures) == 2
     arrays, _ = k2.aggregate_train(2, [reply(1, 1.0, 1), error])
     assert arrays is None and "min_replies=2" in k2.rounds[2].skipped  # too few: the global logits are kept
-
-
-def test_the_yaml_is_the_dataclass_defaults():
-    from fedprompt.config import compose
-
-    assert BDPLConfig.from_dict(compose(["method=bdpl"]).method) == BDPLConfig()
 
 
 class PartitionGrid:

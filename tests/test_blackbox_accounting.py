@@ -96,7 +96,7 @@ def test_concurrent_reservations_never_overrun_a_budget():
     (lambda: ClientSettings(kind="pigeon"), "service.kind"),
     (lambda: ClientSettings(retries=-1), "retries"),
     (lambda: ClientSettings(top_logprobs=50), "top_logprobs"),
-    (lambda: Budget(queries=-5), "budget queries"),
+    (lambda: Budget(queries=-5), "queries must be a non-negative integer"),
 ])
 def test_settings_are_validated(make, words):
     with pytest.raises(ConfigError, match=words):

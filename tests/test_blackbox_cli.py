@@ -22,7 +22,7 @@ from fedprompt.cli import main
     (["service.limits.max_batch=0"], "service.limits.max_batch"),
     (["service.api_keys_file=/no/such/keys"], "does not exist"),
     (["model=no-such-model"], "unknown model"),
-    (["service.budget.queries=-1"], "budget queries"),
+    (["service.budget.queries=-1"], "service.budget.queries must be a non-negative integer"),
 ])
 def test_bad_serve_settings_fail_fast(capsys, args, words):
     assert main(["serve", *args]) == 2

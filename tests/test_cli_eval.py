@@ -94,11 +94,25 @@ def test_eval_embedded_smollm2_on_sst2(capsys, tmp_path):
     assert record["accuracy"] >= 0.6  # 0.79-0.82 on the full splits; 32 examples leave room for noise
 
 
-@pytest.mark.parametrize("command, shown", [("eval", "split: test"), ("distill", "distill.* keys"),
-                                            ("transfer", "alpha_split:"), ("serve", "service.* keys"),
+@pytest.mark.parametrize("command, shown", [("eval", "split: str = test"), ("distill", "distill.* keys"),
+                                            ("distill", "distill.loss.a_ce: float = 5.0"),
+                                            ("transfer", "transfer.alpha_split: str = validation"),
+                                            ("serve", "service.* keys"), ("serve", "service.limits.max_batch: int = 256"),
+                                            ("run", "federation.num_clients: int = 10"),
+                                            ("run", "method.search.budget: int = 1200"),
+                                            ("deploy", "deploy.startup_timeout_s: float = 180"),
                                             ("report", "usage: fedprompt report <run or sweep folder>"),
                                             ("resume", "usage: fedprompt resume <run folder>")])
 def test_every_command_has_its_own_help(capsys, command, shown):
     assert cli.main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert shown in out and "error" not in out.splitlines()[0]
+
+
+def test_run_help_shows_the_chosen_method_and_each_key_has_its_type_value_and_help(capsys):
+    assert cli.main(["run", "method=bdpl", "method.lr=0.5", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "method.samples_per_step: int = 4" in out and "method.search.budget" not in out
+    assert "method.lr: float = 0.5" in out  # the value the run would use
+    line = next(line for line in out.splitlines() if line.strip().startswith("federation.rounds:"))
+    assert "federated rounds" in line  # its one line of help

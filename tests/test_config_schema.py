@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,14 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
         (["+limitt=3"], "unknown config key 'limitt': the root config takes ["),
         (["+service.client.retrys=1"], "unknown config key 'service.client.retrys'"),
         (["+task.hf.txt=x"], "unknown config key 'task.hf.txt'"),
-        (["federation.rounds=abc"], "bad value for federation.rounds: Value 'abc' of type 'str' could not be converted"),
-        (["partition.alpha=many"], "bad value for partition.alpha"),
+        (["+federation.roundz=3"], "did you mean 'federation.rounds'?"),
+        (["federation.rounds=abc"], "federation.rounds must be a whole number (e.g. 3; not a string, 3.0 or true), got 'abc'"),
+        (["federation.rounds=3.0"], "federation.rounds must be a whole number"),
+        (["federation.rounds=0"], "federation.rounds must be >= 1"),
+        (["partition.alpha=many"], "partition.alpha must be a number, got 'many'"),
+        (["service.limits.max_batch=0"], "service.limits.max_batch must be a positive number, got 0"),
+        (["+service.budget.requests=-1"], "service.budget.requests must be a non-negative integer or null"),
+        (["deploy.superlink_port=70000"], "deploy.superlink_port must be a port in 0..65535"),
         (["federation.roundz=3"], "Could not override 'federation.roundz'"),  # Hydra's own check, without +
     ],
 )
@@ -44,6 +51,85 @@ def test_every_method_yaml_composes_and_validates_as_shipped(method):
     typed = method_config(compose([f"method={method}"]))
     if method == "fedprompt":  # ${model.name} resolves against the whole config, not inside the method section
         assert typed.model == "smollm2-135m"
+
+
+@pytest.mark.parametrize("method, key", [("feddtpt", "search.budget"), ("bdpl", "local_steps"), ("rapt", "train.steps"),
+                                         ("bbt", "popsize"), ("post", "train.local_steps")])
+def test_one_coercion_rule_for_every_method(method, key):
+    """Same input, same verdict whichever method reads it: an integer key refuses text and 3.0 alike."""
+    from fedprompt.fl.config import validate_config
+
+    for value in ("'240'", "240.0", "true"):
+        with pytest.raises(ConfigError, match=f"method.{key} must be a whole number") as err:
+            validate_config(compose(["partition=iid", f"method={method}", f"method.{key}={value}"]))
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("group", ["federation", "service", "deploy"])
+def test_conf_sets_only_what_differs_from_the_declared_defaults(group):
+    """Defaults once: these sections' defaults are their dataclasses' (Hydra's ConfigStore, <group>/declared);
+    their conf/ file sets only values that differ (interpolations such as ${port}), and key=value still works."""
+    from dataclasses import asdict
+    from importlib import import_module
+
+    from omegaconf import OmegaConf
+
+    from fedprompt.config import DECLARED
+
+    module, _, name = DECLARED[group][0].partition(":")
+    declared = asdict(getattr(import_module(module), name)())
+    node = OmegaConf.load(CONF / group / "default.yaml")
+    node = node.get(group, {}) if group == "service" else node  # service/default.yaml is at the root package
+
+    def leaves(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    for key, value in leaves(OmegaConf.to_container(node)):
+        if key == "defaults":
+            continue
+        default = declared
+        for part in key.split("."):
+            default = default[part]
+        assert value != default, f"conf/{group}/default.yaml repeats the declared default {key}={value!r}"
+    key = {"federation": "rounds", "service": "limits.max_batch", "deploy": "startup_timeout_s"}[group]
+    assert OmegaConf.select(compose([f"{group}.{key}=5"]), f"{group}.{key}") == 5  # no yaml file names it
+
+
+# The sections whose declaring modules load torch (every method's, distill, transfer) are not in the ConfigStore
+# (registering them would import torch and each method's stack at every compose): conf/ still repeats their
+# defaults, and this one test keeps the two equal (it found distill.steps and distill.lr apart).
+ALLOWED = {"fedprompt": {"model"}}  # FedPrompt tunes on the served model: method.model=${model.name}
+
+
+@pytest.mark.parametrize("option", sorted(f.stem for f in (CONF / "method").glob("*.yaml")) + ["distill", "transfer"])
+def test_conf_repeats_the_declared_defaults_of_the_torch_sections_exactly(option):
+    from dataclasses import asdict
+
+    from fedprompt.fl.config import method_config
+    from fedprompt.schema import ON_DEMAND_CLASSES
+    from fedprompt.typed_config import from_node
+
+    if option in ON_DEMAND_CLASSES:
+        cfg = compose([])
+        typed = from_node(typing_class(option), cfg[option], option)
+    else:
+        typed = method_config(compose([f"method={option}"]))
+    declared, shipped = asdict(type(typed)()), asdict(typed)
+    apart = {k for k in set(declared) | set(shipped) if declared.get(k) != shipped.get(k)}
+    assert apart == ALLOWED.get(option, set()), f"conf/ and {type(typed).__name__} disagree on {sorted(apart)}"
+
+
+def typing_class(section):
+    from importlib import import_module
+
+    from fedprompt.schema import ON_DEMAND_CLASSES
+
+    module, _, name = ON_DEMAND_CLASSES[section].partition(":")
+    return getattr(import_module(module), name)
 
 
 def test_an_unknown_key_in_a_yaml_file_of_conf_is_an_error(tmp_path, monkeypatch, capsys):
@@ -64,7 +150,7 @@ def test_privacy_group_default_and_checks():
     validate_config(compose(["partition=iid"]))
     with pytest.raises(ConfigError, match="privacy.name='dp-sgd' is not one of"):
         validate_config(compose(["partition=iid", "privacy.name=dp-sgd"]))
-    with pytest.raises(ConfigError, match="privacy=none takes no settings, got \\['epsilon'\\]"):
+    with pytest.raises(ConfigError, match="unknown config key 'privacy.epsilon': the privacy node takes \\['name'\\]"):
         validate_config(compose(["partition=iid", "+privacy.epsilon=8"]))
 
 
@@ -99,3 +185,47 @@ def test_model_and_task_shorthands_also_in_sweeps():
     assert rewrite_shorthands(["task=mine,yours", "seed=0,1"]) == ["task=custom", "task.name=mine,yours", "seed=0,1"]
     with pytest.raises(ConfigError, match="a sweep cannot mix task files \\(sst2\\) with other names"):
         rewrite_shorthands(["task=sst2,mine"])
+
+
+@dataclass(frozen=True)
+class Inner:
+    depth: int = 1
+
+    def validate(self):
+        if self.depth < 1:
+            raise ConfigError(f"depth must be >= 1, got {self.depth}")
+
+
+@dataclass(frozen=True)
+class Section:
+    budget: int = 1
+    rate: float = 0.5
+    flag: bool = False
+    text: str = "x"
+    inner: Inner = field(default_factory=Inner)
+
+    def validate(self):
+        if self.budget < 1:
+            raise ConfigError(f"budget must be >= 1, got {self.budget}")
+
+
+@pytest.mark.parametrize("node, verdict", [
+    ({"budget": 240}, None), ({"budget": "240"}, "a.b.budget must be a whole number"),
+    ({"budget": 240.0}, "a.b.budget must be a whole number"), ({"budget": True}, "a.b.budget must be a whole number"),
+    ({"rate": 1}, None), ({"rate": "0.5"}, "a.b.rate must be a number, got '0.5'"), ({"rate": float("inf")}, None),
+    ({"flag": "yes"}, "a.b.flag must be true or false"), ({"flag": 1}, "a.b.flag must be true or false"),
+    ({"text": 5}, "a.b.text must be text, got 5"), ({"budget": None}, "a.b.budget must not be null"),
+    ({"budget": 0}, "^a.b.budget must be >= 1, got 0$"), ({"budgte": 1}, "did you mean 'a.b.budget'"),
+    ({"inner": {"depth": 0}}, "^a.b.inner.depth must be >= 1, got 0$"), ({"inner": 3}, "a.b.inner must be a mapping"),
+])
+def test_the_one_validator_and_its_rule(node, verdict):
+    """typed_config.from_node: one rule for every section (JSON's types, strictly) and one-line errors naming
+    the full key, whether pydantic or the section's validate() found the problem."""
+    from fedprompt.typed_config import from_node
+
+    if verdict is None:
+        assert isinstance(from_node(Section, node, "a.b"), Section)
+        return
+    with pytest.raises(ConfigError, match=verdict) as err:
+        from_node(Section, node, "a.b")
+    assert "\n" not in str(err.value)

@@ -118,7 +118,7 @@ def test_examples_keep_labels_and_privatize_both_texts(tiny):
 
 @pytest.mark.parametrize("node, match", [
     ({"eta": 0}, "must be > 0"), ({"eta": -1.0}, "must be > 0"), ({"eta": True}, "number"), ({"eta": "lots"}, "number"),
-    ({"eta": 5, "typo": 1}, "unknown keys"), ({"eta": 5, "chunk_size": 0}, "chunk_size"), ({"eta": 5, "shortlist": 1.5}, "shortlist"),
+    ({"eta": 5, "typo": 1}, "unknown config key"), ({"eta": 5, "chunk_size": 0}, "chunk_size"), ({"eta": 5, "shortlist": 1.5}, "shortlist"),
 ])
 def test_config_is_strict(node, match):
     with pytest.raises(ConfigError, match=match):

@@ -101,7 +101,7 @@ def nothing_starts(monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (["deploy.superlink_port=70000"], "deploy.superlink_port must be a port"),
     (["deploy.startup_timeout_s=0"], "deploy.startup_timeout_s must be > 0"),
-    (["+deploy.tls=false"], "unknown key(s) ['tls'] in deploy"),
+    (["+deploy.tls=false"], "unknown config key 'deploy.tls': the deploy node takes ["),
     (["federation.min_replies=3"], "federation.min_replies=3 but a round samples only 2 clients"),
     (["federation.min_available_clients=3"], "federation.min_available_clients must be in 1..num_clients=2"),
     (["service.kind=http", "service.client.ca_file=/no/such/ca.crt"], "service.client.ca_file"),

@@ -1,38 +1,30 @@
-"""conf/method/feddtpt.yaml and FedDTPTConfig: defaults, validation, seed prompts, the parts built from it."""
+"""FedDTPTConfig: validation, seed prompts, the parts built from it."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from fedprompt.data.task import TaskSpec
 from fedprompt.errors import ConfigError
 from fedprompt.methods.feddtpt import FedDTPTAggregator, FedDTPTConfig, PromptSearch, RandomProposer
 
-YAML = Path(__file__).resolve().parents[1] / "conf" / "method" / "feddtpt.yaml"
 TREC = TaskSpec(name="trec", labels=("abbreviation", "description", "number"),
                 label_words=(" abbreviation", " description", " number"), template="{prompt}\n\nQuestion: {text}",
                 manual_prompt="What type of thing does this question ask for?")
 
 
-def test_yaml_matches_the_coded_defaults():
-    node = OmegaConf.load(YAML)
-    assert node.name == "feddtpt"
-    assert FedDTPTConfig.from_dict(node) == FedDTPTConfig()
-    assert FedDTPTConfig.from_dict(node).to_dict() == OmegaConf.to_container(node)
-
-
 @pytest.mark.parametrize(
     "override, match",
     [
-        ({"serach": {}}, "unknown keys \\['serach'\\]"),
-        ({"search": {"budgte": 5}}, "unknown keys \\['budgte'\\]"),
+        ({"serach": {}}, "unknown config key 'method.serach'.*did you mean 'method.search'"),
+        ({"search": {"budgte": 5}}, "unknown config key 'method.search.budgte'"),
         ({"name": "post"}, "for 'feddtpt'"),
-        ({"search": {"budget": 0}}, "search.budget must be >= 1"),
-        ({"search": {"budget": "many"}}, "search.budget: cannot use 'many'"),
+        ({"search": {"budget": 0}}, "^method.search.budget must be >= 1, got 0$"),
+        ({"search": {"budget": "many"}}, "method.search.budget must be a whole number"),
+        ({"search": {"budget": "240"}}, "method.search.budget must be a whole number"),
+        ({"search": {"budget": 240.0}}, "method.search.budget must be a whole number"),
         ({"search": {"budget": 30}}, "cannot score the start prompt"),
         ({"search": {"feedback": "loss"}}, "search.feedback='loss'"),
         ({"search": {"edit_ops": {"swap": 1.0}}}, "unknown operations \\['swap'\\]"),
@@ -55,8 +47,8 @@ def test_bad_config_is_rejected_with_a_clear_error(override, match):
         FedDTPTConfig.from_dict(override)
 
 
-def test_overrides_are_coerced_and_kept():
-    cfg = FedDTPTConfig.from_dict({"search": {"budget": "240", "feedback": "margin"}, "aggregate": {"eps": 0.2, "top_n": 5}})
+def test_overrides_are_kept():
+    cfg = FedDTPTConfig.from_dict({"search": {"budget": 240, "feedback": "margin"}, "aggregate": {"eps": 0.2, "top_n": 5}})
     assert cfg.search.budget == 240 and cfg.search.feedback == "margin"
     assert cfg.aggregate.eps == 0.2 and cfg.aggregate.top_n == 5 and cfg.aggregate.mode == "dbscan"
 

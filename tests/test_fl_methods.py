@@ -32,7 +32,7 @@ def overrides(method: str, data, model, folder, *extra: str) -> list[str]:
 
 def run_server(method: str, cfg, grid, monkeypatch) -> tuple[dict, dict]:
     """The server's summary and the final global arrays (as numpy) of one run."""
-    from fedprompt.fl.methods import federated_method
+    from fedprompt.registry import federated_method
 
     final = {}
     real = RoundDriver.run

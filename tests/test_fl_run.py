@@ -36,9 +36,10 @@ from tests.fl_support import tiny_overrides, write_secret_task
         (["service.kind=carrier-pigeon"], "service.kind must be one of"),
         (["task=nosuchtask"], "unknown task 'nosuchtask'"),
         # issue 25: absurd or out-of-range values, refused before launch rather than run (or failed late)
-        (["federation.rounds=1e20"], "federation.rounds: Value '1e+20' of type 'float' could not be converted to "
-                                     "Integer; give a whole number"),
-        (["federation.num_clients=2.0"], "federation.num_clients: Value '2.0' of type 'float' could not be converted"),
+        (["federation.rounds=1e20"], "federation.rounds must be a whole number (e.g. 3; not a string, 3.0 or true), "
+                                     "got 1e+20"),
+        (["federation.num_clients=2.0"], "federation.num_clients must be a whole number (e.g. 3; not a string, 3.0 or "
+                                         "true), got 2.0"),
         (["federation.rounds=1000000000"], "federation.rounds must be >= 1 and <= 100000, got 1000000000"),
         (["federation.num_clients=100000000000000000000"], "federation.num_clients must be >= 1 and <= 100000"),
         (["federation.eval_limit=10000000000"], "federation.eval_limit must be >= 1 and <= 1000000000 (or null)"),

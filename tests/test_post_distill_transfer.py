@@ -169,7 +169,7 @@ def test_fedprompt_transfer_lifts_a_prompt_and_reports_the_last_step(capsys, pos
 @pytest.mark.parametrize("command, extra, message", [
     ("distill", ["distill.layers=[0,5]"], "distill.layers [5] out of range: the teacher has 2 layers"),
     ("distill", ["distill.data.tasks=[nosuch]"], "nosuch"),
-    ("distill", ["+distill.warmup=3"], "unknown key distill.warmup"),
+    ("distill", ["+distill.warmup=3"], "unknown config key 'distill.warmup'"),
     ("distill", ["distill.loss.a_answer=5", "distill.data.format=raw"], "there is none: set format=task"),
     ("transfer", [], "transfer.prompt is required"),
     ("transfer", ["transfer.prompt=/no/such/file"], "does not exist"),

@@ -171,7 +171,7 @@ def test_fedprompt_run_method_post_through_flwr_run(capsys, tmp_path, tiny_model
     (["method.privacy.epsilon=8", "method.train.batch_size=9"], "cannot sample batches of 9"),
     (["method.prompt.num_tokens=600"], "exceeds the model's context of 512"),
     (["method.train.lr=0"], "method.train.lr must be > 0"),
-    (["+method.train.nesterov=true"], "unknown key method.train.nesterov"),
+    (["+method.train.nesterov=true"], "unknown config key 'method.train.nesterov'"),
     (["method.model=student"], "no student of"),
     (["method.privacy.noise_seed=urandom"], "privacy.noise_seed='urandom' is not one of"),
 ])

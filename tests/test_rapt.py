@@ -48,13 +48,14 @@ def test_the_shipped_config_composes_and_validates():
 
 @pytest.mark.parametrize("node, match", [
     ({"privatize": {"eta": None}}, "RAPT privatizes every text"),
-    ({"privatize": {"eta": 5, "epsilon": 1}}, "unknown keys"),
-    ({"privatize": {"eta": 5}, "train": {"steps": 2.5}}, "must be a int"),
-    ({"privatize": {"eta": 5}, "train": {"stepz": 2}}, "unknown keys"),
+    ({"privatize": {"eta": 5, "epsilon": 1}}, "unknown config key 'method.privatize.epsilon'"),
+    ({"privatize": {"eta": 5}, "train": {"steps": 2.5}}, "method.train.steps must be a whole number"),
+    ({"privatize": {"eta": 5}, "train": {"steps": "40"}}, "method.train.steps must be a whole number"),
+    ({"privatize": {"eta": 5}, "train": {"stepz": 2}}, "unknown config key 'method.train.stepz'"),
     ({"privatize": {"eta": 5}, "reconstruction": {"weight": 0.0}}, "weight must be > 0"),
-    ({"privatize": {"eta": 5}, "reconstruction": {"enabled": "yes"}}, "must be a bool"),
+    ({"privatize": {"eta": 5}, "reconstruction": {"enabled": "yes"}}, "method.reconstruction.enabled must be true or false"),
     ({"privatize": {"eta": 5}, "prompt": {"init": "vocab"}}, "prompt.init"),
-    ({"privatize": {"eta": 5}, "trian": {}}, "unknown keys"),
+    ({"privatize": {"eta": 5}, "trian": {}}, "unknown config key 'method.trian'.*did you mean 'method.train'"),
     ({"name": "feddtpt", "privatize": {"eta": 5}}, "this config is for 'rapt'"),
 ])
 def test_config_is_strict(node, match):

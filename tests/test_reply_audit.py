@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from flwr.supercore.task_identity import TaskIdentity
 from omegaconf import OmegaConf
 
-from fedprompt.fl.methods import METHODS
+from fedprompt.registry import METHODS
 from fedprompt.fl.records import AUDIT_FILE, audit_path, audit_replies, serialize_content
 
 ERROR_NODE = 99  # the highest node id: every strategy sees (and audits) the replies in node order

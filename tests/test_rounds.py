@@ -181,7 +181,7 @@ def _overrides(method: str, data: Path, model: Path, folder: Path, *extra: str) 
 
 
 def _run_server(method: str, cfg, grid) -> dict:
-    from fedprompt.fl.methods import federated_method
+    from fedprompt.registry import federated_method
 
     return federated_method(method).load("server")(grid, cfg)
 

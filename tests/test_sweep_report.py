@@ -146,7 +146,7 @@ def test_a_group_that_mixes_evaluation_splits_or_tasks_is_refused(capsys, tmp_pa
     [
         (["seed=0,1", "+federation.roundz=1"], "unknown config key 'federation.roundz'"),
         (["partition=dirichlet", "partition.alpha=1.0,0"], "job 1 (partition.alpha=0): Dirichlet alpha must be > 0"),
-        (["seed=0,1", "federation.rounds=1,abc"], "bad value for federation.rounds"),
+        (["seed=0,1", "federation.rounds=1,abc"], "federation.rounds must be a whole number"),
         (["seed=0,1", "output_dir=somewhere"], "set hydra.sweep.dir=<folder>, not output_dir"),
         (["seed=0,1", "resume=true"], "resume=true in a sweep needs hydra.sweep.dir"),
         (["model=smollm2-135m,org/other"], "a sweep cannot mix model files"),

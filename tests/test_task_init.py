@@ -161,4 +161,4 @@ def test_user_config_folder(tmp_path, monkeypatch):
 def test_task_help(capsys):
     assert cli.main(["task", "--help"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: fedprompt task init <folder>") and "split: test" in out
+    assert out.startswith("usage: fedprompt task init <folder>") and "split: str = test" in out

@@ -7,8 +7,8 @@ in a second with a message naming the key.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
 
 from fedprompt.errors import ConfigError
 from fedprompt.redact import REDACTED, SECRETS
@@ -17,21 +17,11 @@ LABEL_MODES = ("first_token", "echo")
 KINDS = ("inprocess", "http", "openai")
 
 
-def _node(cfg: Any, key: str) -> Mapping:
-    from omegaconf import DictConfig, OmegaConf
+def _service(cfg: Any) -> "ServiceConfig":
+    """The ``service`` node of a composed config, validated against its declaration (:class:`ServiceConfig`)."""
+    from fedprompt.typed_config import from_node
 
-    node = cfg.get(key) if cfg is not None else None
-    if node is None:
-        return {}
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-
-
-def _build(cls, values: Mapping, where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}")
-    return cls(**{k: v for k, v in values.items() if k in known})
+    return from_node(ServiceConfig, cfg.get("service") if cfg is not None else None, "service")
 
 
 def _positive(where: str, **values) -> None:
@@ -72,15 +62,87 @@ class Limits:
 class Budget:
     """A key's lifetime allowance; ``None`` means unlimited. Tokens = prompt + completion tokens."""
 
-    requests: int | None = None
-    queries: int | None = None
-    tokens: int | None = None
+    requests: int | None = None  # requests a key may send (null = unlimited)
+    queries: int | None = None  # texts scored (null = unlimited)
+    tokens: int | None = None  # prompt + completion tokens (null = unlimited)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ConfigError(f"budget {f.name} must be a non-negative integer or null, got {value!r}")
+                raise ConfigError(f"{f.name} must be a non-negative integer or null (a budget), got {value!r}")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """``service.tls``: serve HTTPS with this PEM certificate (chain) and key; null = plain HTTP."""
+
+    certfile: Optional[str] = None  # scripts/make-certs.sh makes them; `fedprompt deploy` sets both
+    keyfile: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """``service.batching``: dynamic batching, concurrent requests share forward passes."""
+
+    batch_size: int = 16  # rows per forward pass (conf: ${batch_size})
+    max_texts: int = 256  # texts merged into one scoring call
+    wait_ms: float = 5.0  # how long to wait for more requests once one arrived
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """``service.cache``: LRU of (text, labels) -> log-probs on the server (and in-process client)."""
+
+    enabled: bool = False  # false: no cache
+    size: int = 50000  # rows kept
+
+
+@dataclass(frozen=True)
+class HttpClientConfig:
+    """``service.client``: the http and openai clients."""
+
+    timeout_s: float = 300.0  # a request's whole time
+    connect_timeout_s: float = 5.0
+    retries: int = 4  # on connection errors, 5xx and 429 with Retry-After; never on other 4xx
+    backoff_s: float = 0.5  # exponential: 0.5, 1, 2, 4 ... capped at max_backoff_s
+    max_backoff_s: float = 8.0
+    chunk_size: int = 128  # texts per request (<= the server's limits.max_batch)
+    max_prompts_per_request: Optional[int] = None  # openai: prompts per /v1/completions request; null = find out: several, and one a request from then on if the server refuses that (llama-cpp-python's server takes one)
+    ca_file: Optional[str] = None  # PEM CA bundle that verifies an https:// service.url; null = the system's
+
+
+@dataclass(frozen=True)
+class OpenAIConfig:
+    """``service.openai``: kind=openai, any OpenAI-compatible /v1/completions server."""
+
+    model: Optional[str] = None  # the server's model name; null = model.name
+    label_mode: str = "first_token"  # first_token (top-k next-token logprobs) | echo (exact; needs prompt logprobs)
+    top_logprobs: int = 20  # k; hosted OpenAI allows at most 5
+    tokenizer: Optional[str] = None  # optional tokenizer (registry name, HF id, folder) to find each label's first token exactly
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """The ``service`` node (conf/service/default.yaml): the black-box LLM service, server and client side.
+    :class:`ServerSettings` and :class:`ClientSettings` are the two views the code uses."""
+
+    kind: str = "inprocess"  # methods' black box: inprocess | http (a `fedprompt serve`) | openai
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 = any free port
+    url: Optional[str] = None  # clients: the server's base URL; null = http://<host>:<port>
+    api_key: Optional[str] = None  # clients: sent as `Authorization: Bearer <key>`; null = $FEDPROMPT_API_KEY (openai: also $OPENAI_API_KEY); a key given here goes to $FEDPROMPT_API_KEY, every file a run writes holds *** instead
+    api_keys_file: Optional[str] = None  # server: one key a line, `<key> [name=alice] [requests=N] [queries=N] [tokens=N] [admin=true]`
+    api_keys_env: Optional[str] = "FEDPROMPT_API_KEYS"  # server: more keys, comma/space separated. No key anywhere = open server
+    model_id: Optional[str] = None  # the name in /v1/models and responses; null = model.name
+    log_level: str = "warning"  # uvicorn's log level
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    budget: Budget = field(default_factory=Budget)
+    limits: Limits = field(default_factory=Limits)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    client: HttpClientConfig = field(default_factory=HttpClientConfig)
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
 
 
 @dataclass(frozen=True)
@@ -125,25 +187,23 @@ class ServerSettings:
     @classmethod
     def from_config(cls, cfg: Any) -> "ServerSettings":
         """From a composed config (root, with ``service`` and ``model``)."""
-        svc = _node(cfg, "service")
-        batching, cache = dict(svc.get("batching") or {}), dict(svc.get("cache") or {})
-        tls = dict(svc.get("tls") or {})
+        svc = _service(cfg)
         model_name = str(cfg.model.name) if cfg is not None and cfg.get("model") is not None else None
         return cls(
-            host=svc.get("host", "127.0.0.1"),
-            port=svc.get("port", 8000),
-            model_id=svc.get("model_id") or model_name,
-            api_keys_file=svc.get("api_keys_file"),
-            api_keys_env=svc.get("api_keys_env") or "FEDPROMPT_API_KEYS",
-            budget=_build(Budget, svc.get("budget") or {}, "service.budget"),
-            limits=_build(Limits, svc.get("limits") or {}, "service.limits"),
-            batch_size=batching.get("batch_size", 16),
-            max_texts=batching.get("max_texts", 256),
-            wait_ms=batching.get("wait_ms", 5.0),
-            cache_size=int(cache.get("size", 0)) if cache.get("enabled", False) else 0,
-            log_level=str(svc.get("log_level") or "warning"),
-            tls_certfile=tls.get("certfile"),
-            tls_keyfile=tls.get("keyfile"),
+            host=svc.host,
+            port=svc.port,
+            model_id=svc.model_id or model_name,
+            api_keys_file=svc.api_keys_file,
+            api_keys_env=svc.api_keys_env or "FEDPROMPT_API_KEYS",
+            budget=svc.budget,
+            limits=svc.limits,
+            batch_size=svc.batching.batch_size,
+            max_texts=svc.batching.max_texts,
+            wait_ms=svc.batching.wait_ms,
+            cache_size=svc.cache.size if svc.cache.enabled else 0,
+            log_level=svc.log_level or "warning",
+            tls_certfile=svc.tls.certfile,
+            tls_keyfile=svc.tls.keyfile,
         )
 
 
@@ -154,7 +214,7 @@ class ClientSettings:
     kind: str = "inprocess"
     url: str | None = None
     api_key: str | None = None
-    timeout_s: float = 300.0
+    timeout_s: float = 300.0  # a request's whole time
     connect_timeout_s: float = 5.0
     retries: int = 4
     backoff_s: float = 0.5
@@ -191,30 +251,24 @@ class ClientSettings:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ClientSettings":
-        svc = _node(cfg, "service")
-        client, openai = dict(svc.get("client") or {}), dict(svc.get("openai") or {})
-        port = svc.get("port", 8000)
-        if not svc.get("url") and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+        svc = _service(cfg)
+        url = svc.url or f"http://{svc.host}:{svc.port}"
+        if not svc.url and not 0 <= svc.port <= 65535:
             raise ConfigError(f"service.port must be an integer in 0..65535 (the clients' URL is built from it), "
-                              f"got {port!r}; or give service.url")
-        url = svc.get("url") or f"http://{svc.get('host', '127.0.0.1')}:{port}"
-        api_key = svc.get("api_key")
+                              f"got {svc.port!r}; or give service.url")
+        api_key = svc.api_key
         if api_key == REDACTED:  # a key given on the command line, moved to the environment: the clients read it there
             api_key, env = None, SECRETS["service.api_key"]
-            if svc.get("kind") in ("http", "openai") and not os.environ.get(env):  # e.g. a resume in a new shell
+            if svc.kind in ("http", "openai") and not os.environ.get(env):  # e.g. a resume in a new shell
                 raise ConfigError(f"service.api_key is *** (a command-line key, never written to a file) but ${env} "
                                   f"is not set here; give the key again with service.api_key=<key> or export {env}")
-        known = {f.name for f in fields(cls)}
-        extra = sorted(set(client) - known)
-        if extra:
-            raise ConfigError(f"unknown key(s) {extra} in service.client; known: {sorted(known)}")
         return cls(
-            kind=str(svc.get("kind") or "inprocess"),
+            kind=svc.kind or "inprocess",
             url=url,
             api_key=api_key,
-            **client,
-            openai_model=openai.get("model"),
-            label_mode=str(openai.get("label_mode") or "first_token"),
-            top_logprobs=openai.get("top_logprobs", 20),
-            tokenizer=openai.get("tokenizer"),
+            **asdict(svc.client),
+            openai_model=svc.openai.model,
+            label_mode=svc.openai.label_mode or "first_token",
+            top_logprobs=svc.openai.top_logprobs,
+            tokenizer=svc.openai.tokenizer,
         )

@@ -27,7 +27,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         from fedprompt.fl.checkpoint import restore_client_state, save_client_state
         from fedprompt.fl.config import config_from_run_config
-        from fedprompt.fl.methods import federated_method
+        from fedprompt.registry import federated_method
 
         cfg = config_from_run_config(context.run_config)
         server_round = int(msg.content[CONFIG]["server-round"])

@@ -33,37 +33,12 @@ from typing import Callable, Iterator, TextIO
 from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.errors import ConfigError, FedPromptError
+from fedprompt.sections import DeploySettings  # noqa: F401  (re-exported)
 from fedprompt.fl.launch import CONNECTION, QUIET_ENV, RunOutcome, _tool, free_port, stop_process_group, submit_run
 
 
 class DeploymentError(FedPromptError):
     """A piece of the local deployment did not come up (its log says why)."""
-
-
-@dataclass(frozen=True)
-class DeploySettings:
-    """The ``deploy`` config group."""
-
-    connection: str | None = None
-    certs_dir: str | None = None
-    superlink_port: int = 0
-    service_port: int = 0
-    startup_timeout_s: float = 180.0
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> "DeploySettings":
-        node = OmegaConf.to_container(cfg.deploy, resolve=True) if cfg.get("deploy") is not None else {}
-        unknown = sorted(set(node) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"unknown key(s) {unknown} in deploy; known: {sorted(cls.__dataclass_fields__)}")
-        settings = cls(**node)
-        for key in ("superlink_port", "service_port"):
-            port = getattr(settings, key)
-            if not isinstance(port, int) or not 0 <= port <= 65535:
-                raise ConfigError(f"deploy.{key} must be a port in 0..65535 (0 = any free port), got {port!r}")
-        if not isinstance(settings.startup_timeout_s, (int, float)) or settings.startup_timeout_s <= 0:
-            raise ConfigError(f"deploy.startup_timeout_s must be > 0, got {settings.startup_timeout_s!r}")
-        return settings
 
 
 @dataclass(frozen=True)

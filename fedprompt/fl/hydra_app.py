@@ -109,9 +109,10 @@ def main(argv: Sequence[str]) -> int:
     """``fedprompt run [Hydra flags] [key=value ...]``; returns the exit code."""
     import hydra
 
-    from fedprompt.config import conf_dir, rewrite_shorthands, search_path_overrides
+    from fedprompt.config import conf_dir, register_declared_defaults, rewrite_shorthands, search_path_overrides
     from fedprompt.redact import redact_overrides
 
+    register_declared_defaults()  # the sections whose defaults are their declarations' (conf/ lists `declared`)
     args = _parse(argv)
     flags = list(argv)
     for override in args.overrides:

@@ -48,7 +48,7 @@ def prepare(cfg: DictConfig) -> dict:
     from fedprompt.fl.config import validate_config
     from fedprompt.fl.data import (check_no_leak, eval_examples, load_task_and_spec, make_partition,
                                    overlap_excluded, public_examples, training_examples)
-    from fedprompt.fl.methods import federated_method
+    from fedprompt.registry import federated_method
 
     validate_config(cfg)
     check_resume(cfg)

@@ -11,7 +11,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from fedprompt.fl.config import config_from_run_config
-    from fedprompt.fl.methods import federated_method
+    from fedprompt.registry import federated_method
 
     cfg = config_from_run_config(context.run_config)
     federated_method(cfg.method.name).load("server")(grid, cfg)

@@ -163,10 +163,10 @@ class DistillConfig:
     """``fedprompt distill`` (the ``distill`` config node); the teacher is ``model``."""
 
     layers: Optional[list[int]] = None  # teacher layers kept, in order; null: the first 2 and the last 2
-    steps: int = 300
+    steps: int = 150
     batch_size: int = 8
     max_length: int = 96  # longer texts are left out (a cut prompt loses its answer position)
-    lr: float = 3e-4
+    lr: float = 6e-4
     train_embeddings: bool = False
     # bf16 autocast for the student's matmuls (fp32 weights and optimizer); null: where bf16 is fast (fast_bf16)
     autocast: Optional[bool] = None

@@ -7,7 +7,7 @@ fix it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from fedprompt.errors import ConfigError
@@ -47,20 +47,10 @@ class BDPLConfig:
 
     @classmethod
     def from_dict(cls, node: Mapping[str, Any] | None = None) -> "BDPLConfig":
-        """Build and validate from a ``method`` config node (a dict or an OmegaConf DictConfig)."""
-        data = _to_plain(node if node is not None else {})
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"the bdpl method config must be a mapping, got {type(data).__name__}")
-        specs = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(specs))
-        if unknown:
-            raise ConfigError(f"method: unknown key(s) {', '.join('method.' + k for k in unknown)}; "
-                              f"known keys: {', '.join(sorted(specs))}")
-        defaults = cls()
-        values = {key: _coerce(key, value, getattr(defaults, key), str(specs[key].type)) for key, value in data.items()}
-        config = cls(**values)
-        config.validate()
-        return config
+        """Build and validate from a ``method`` config node (fedprompt.typed_config.from_node)."""
+        from fedprompt.typed_config import from_node
+
+        return from_node(cls, node, "method")
 
     def validate(self) -> None:
         if self.name != "bdpl":
@@ -95,33 +85,3 @@ class BDPLConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _to_plain(node: Any) -> Any:
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
-def _coerce(key: str, value: Any, default: Any, type_text: str) -> Any:
-    """``value`` as the field's type; None only where the field allows it (its annotation says ``None``)."""
-    where = f"method.{key}"
-    if value is None:
-        if "None" in type_text:
-            return None
-        raise ConfigError(f"{where} must not be null")
-    kind = "int" if type_text.startswith("int") else "float" if type_text.startswith("float") else "str"
-    try:
-        if kind == "int":
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if kind == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if not isinstance(value, str):
-            raise ValueError
-        return value
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: cannot use {value!r} (expected {type_text}, e.g. {default!r})") from None

@@ -2,13 +2,14 @@
 (``PromptSearch(cfg.search, build_proposer(cfg.proposer))``, ``FedDTPTAggregator(cfg.aggregate)``); those
 modules import this one, never the reverse.
 
-Validation happens in :meth:`FedDTPTConfig.from_dict`, before any model is loaded or any query is sent,
-and rejects unknown keys so that a typo in a sweep does not silently fall back to a default.
+Validation happens in :meth:`FedDTPTConfig.from_dict` (fedprompt.typed_config.from_node, the one validator of
+every section), before any model is loaded or any query is sent, and rejects unknown keys so that a typo in a
+sweep does not silently fall back to a default.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
 from fedprompt.errors import ConfigError
@@ -218,22 +219,13 @@ class FedDTPTConfig:
     @classmethod
     def from_dict(cls, node: Mapping[str, Any] | None = None) -> "FedDTPTConfig":
         """Build and validate from a ``method`` config node (a dict or an OmegaConf DictConfig)."""
-        data = _to_plain(node or {})
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"the feddtpt method config must be a mapping, got {type(data).__name__}")
-        if data.get("name", "feddtpt") != "feddtpt":
-            raise ConfigError(f"method.name is {data.get('name')!r}; this config is for 'feddtpt'")
-        _check_keys("method", data, {"name", "seed_prompt", "search", "proposer", "aggregate", "privatize"})
-        cfg = cls(
-            seed_prompt=_section(SeedPromptConfig, "seed_prompt", data.get("seed_prompt")),
-            search=_section(SearchConfig, "search", data.get("search")),
-            proposer=_section(ProposerConfig, "proposer", data.get("proposer")),
-            aggregate=_section(AggregateConfig, "aggregate", data.get("aggregate")),
-            privatize=DChiConfig.from_dict(data.get("privatize"), "method.privatize"),
-        )
-        for part in (cfg.seed_prompt, cfg.search, cfg.proposer, cfg.aggregate):
-            part.validate()
-        return cfg
+        from fedprompt.typed_config import from_node
+
+        return from_node(cls, node, "method")
+
+    def validate(self) -> None:  # the parts validate themselves (fedprompt.typed_config.check_tree)
+        if self.name != "feddtpt":
+            raise ConfigError(f"method.name is {self.name!r}; this config is for 'feddtpt'")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -241,65 +233,6 @@ class FedDTPTConfig:
     def initial_prompt(self, spec: "TaskSpec", client_index: int | None = None) -> list[str]:
         """The round-0 global prompt (or, with style "mixed", client ``client_index``'s own start)."""
         return self.seed_prompt.prompt(spec, client_index)
-
-
-def _to_plain(node: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(node, DictConfig):
-            return OmegaConf.to_container(node, resolve=True)
-    except ImportError:  # omegaconf is a dependency, but plain dicts must work without it
-        pass
-    return node
-
-
-def _check_keys(where: str, data: Mapping[str, Any], known: set[str]) -> None:
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
-
-
-def _section(cls, where: str, data: Any):
-    if data is None:
-        return cls()
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"method.{where} must be a mapping, got {data!r}")
-    specs = {f.name: f for f in fields(cls)}
-    _check_keys(f"method.{where}", data, set(specs))
-    defaults = cls()
-    values = {}
-    for key, value in data.items():
-        values[key] = _coerce(f"{where}.{key}", value, getattr(defaults, key), specs[key].type)
-    return cls(**values)
-
-
-def _coerce(where: str, value: Any, default: Any, type_text: str) -> Any:
-    """Coerce to the type of the field (as written in its annotation); None only where the field allows it."""
-    if value is None:
-        if "None" in str(type_text):
-            return None
-        raise ConfigError(f"{where} must not be null")
-    try:
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if isinstance(default, dict):
-            if not isinstance(value, Mapping):
-                raise ValueError
-            return {str(k): (float(v) if isinstance(next(iter(default.values()), None), float) else str(v)) for k, v in value.items()}
-        if isinstance(default, int) or str(type_text).startswith("int"):
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if isinstance(default, float) or str(type_text).startswith("float"):
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: cannot use {value!r} (expected {type_text})") from None
 
 
 def _positive(where: str, value: int) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from fedprompt.errors import ConfigError
@@ -79,23 +79,17 @@ class RAPTConfig:
 
     @classmethod
     def from_dict(cls, node: Mapping[str, Any] | None = None) -> "RAPTConfig":
-        data = _plain(node or {})
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"the rapt method config must be a mapping, got {type(data).__name__}")
-        if data.get("name", "rapt") != "rapt":
-            raise ConfigError(f"method.name is {data.get('name')!r}; this config is for 'rapt'")
-        _check_keys("method", data, {f.name for f in fields(cls)})
-        privatize = DChiConfig.from_dict(data.get("privatize", {"eta": 30.0}), "method.privatize")
-        if not privatize.enabled:
+        """Build and validate from a ``method`` config node (fedprompt.typed_config.from_node)."""
+        from fedprompt.typed_config import from_node
+
+        return from_node(cls, node, "method")
+
+    def validate(self) -> None:  # the parts validate themselves (fedprompt.typed_config.check_tree)
+        if self.name != "rapt":
+            raise ConfigError(f"method.name is {self.name!r}; this config is for 'rapt'")
+        if not self.privatize.enabled:
             raise ConfigError("method.privatize.eta is null: RAPT privatizes every text; set eta > 0 "
                               "(or .inf for the no-noise reference)")
-        cfg = cls(privatize=privatize,
-                  reconstruction=_section(ReconstructionConfig, "reconstruction", data.get("reconstruction")),
-                  prompt=_section(PromptConfig, "prompt", data.get("prompt")),
-                  train=_section(TrainConfig, "train", data.get("train")))
-        for part in (cfg.reconstruction, cfg.prompt, cfg.train):
-            part.validate()
-        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -104,38 +98,6 @@ class RAPTConfig:
         return out
 
 
-def _plain(node: Any) -> Any:
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
-def _check_keys(where: str, data: Mapping[str, Any], known: set[str]) -> None:
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
-
-
-def _section(cls, where: str, data: Any):
-    """``cls`` from a mapping: unknown keys are errors; each value must have its default's type."""
-    if data is None:
-        return cls()
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"method.{where} must be a mapping, got {data!r}")
-    defaults = cls()
-    _check_keys(f"method.{where}", data, {f.name for f in fields(cls)})
-    values = {}
-    for key, value in data.items():
-        kind = type(getattr(defaults, key))
-        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            raise ConfigError(f"method.{where}.{key} must be a {kind.__name__}, got {value!r}")
-        values[key] = value
-    return cls(**values)
-
-
 def _at_least(where: str, value: int, low: int) -> None:
     if value < low:
-        raise ConfigError(f"method.{where} must be >= {low}, got {value}")
+        raise ConfigError(f"{where} must be >= {low}, got {value}")
