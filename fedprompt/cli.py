@@ -31,6 +31,8 @@ commands:
   resume  continue a stopped run from its last completed round: fedprompt resume <run folder>
   report  tables (mean and 95% CI over seeds, gain over the reference) and plots: fedprompt report <folder>
   deploy  the same run on a Flower deployment: SuperLink + N SuperNodes over TLS, see docs/deployment.md
+  partition  write the run's partitions, one folder per client (output_dir=DIR: DIR/partition_<i>/), for
+          SuperNodes that read only their own data (node config data-dir); see docs/deployment.md
   distill a small student of model= (kept layers, distilled on public text), for POST; see docs/post.md
   transfer  lift a student's soft prompt (transfer.prompt=...) to model= with POST's transfer
   task    task init <folder>: a config for a folder of jsonl files, its prompt, template and label words chosen
@@ -44,6 +46,7 @@ examples:
   fedprompt serve model=smollm2-135m host=127.0.0.1 port=8000 service.api_keys_file=keys.txt
   fedprompt run method=feddtpt task=sst2 federation.num_clients=10 federation.rounds=3 partition=dirichlet partition.alpha=1.0
   fedprompt deploy task=sst2 federation.num_clients=3 service.kind=http
+  fedprompt partition task=sst2 federation.num_clients=3 partition=dirichlet partition.alpha=1.0 output_dir=parts
   fedprompt run -m partition.alpha=0.05,0.1,1,100 seed=0,1,2 partition.k_shot=8 federation.rounds=2
   fedprompt resume outputs/run/20250101-120000-sst2-feddtpt
   fedprompt report multirun/20250101-120000
@@ -240,6 +243,12 @@ def cmd_deploy(cfg: DictConfig) -> dict:
     return deploy(cfg)
 
 
+def cmd_partition(cfg: DictConfig) -> dict:
+    from fedprompt.fl.node_data import cmd_partition as partition  # lazy: the partitioners only here
+
+    return partition(cfg)
+
+
 def cmd_task(args: list[str]) -> dict:
     from fedprompt.task_init import cmd_task as task  # lazy: the models only here
 
@@ -253,7 +262,8 @@ def cmd_report(folder: Path, overrides: list[str]) -> dict:
 
 
 COMMANDS: dict[str, Callable[[DictConfig], dict]] = {"eval": cmd_eval, "serve": cmd_serve, "deploy": cmd_deploy,
-                                                     "distill": cmd_distill, "transfer": cmd_transfer}
+                                                     "distill": cmd_distill, "transfer": cmd_transfer,
+                                                     "partition": cmd_partition}
 # Commands whose first argument is a folder (a run's or a sweep's), not an override.
 FOLDER_COMMANDS: dict[str, Callable[[Path, list[str]], dict]] = {"resume": cmd_resume, "report": cmd_report}
 

@@ -25,11 +25,13 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "distill": ("", "task", "model", "distill"),
     "transfer": ("", "task", "model", "transfer"),
     "task": ("", "task", "model", "service"),
+    "partition": ("", "task", "federation", "partition"),
 }
 # Root keys that are a command's own (the rest are shared by every command).
 ROOT_KEYS = {"serve": ("host", "port", "batch_size", "seed"),
              "distill": ("data_dir", "split", "batch_size", "seed", "output_dir"),
-             "transfer": ("data_dir", "split", "batch_size", "seed", "output_dir")}
+             "transfer": ("data_dir", "split", "batch_size", "seed", "output_dir"),
+             "partition": ("data_dir", "seed", "output_dir")}
 
 
 def section_class(key: str, cfg: Any) -> type:

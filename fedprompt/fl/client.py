@@ -49,22 +49,27 @@ class ClientRound:
 class PerRun(Generic[S]):
     """What a client process builds once per run and reuses every round (Ray keeps its actors alive).
 
-    Keyed by the run's serialized config (``fedprompt-config``); a new run in the same process first releases
-    the previous run's state (``release``, e.g. closing a black box's connections): one run per process at a time.
+    ``build(cfg, node_config)``: the node config matters to a SuperNode with its own data folder (``data-dir``,
+    fedprompt.fl.node_data), whose client data is that folder alone. Keyed by the run's serialized config
+    (``fedprompt-config``) and that folder with its partition id; a new run in the same process first releases the previous run's
+    state (``release``, e.g. closing a black box's connections): one run per process at a time.
     """
 
-    def __init__(self, build: Callable[[Any], S], release: Callable[[S], None] | None = None) -> None:
+    def __init__(self, build: Callable[[Any, Any], S], release: Callable[[S], None] | None = None) -> None:
         self.build, self.release = build, release
         self.key: str | None = None
         self.value: S | None = None
 
     def get(self, context: Context, cfg) -> S:
         from fedprompt.fl.config import RUN_CONFIG_KEY
+        from fedprompt.fl.node_data import NODE_DATA_KEY
 
-        key = str(context.run_config.get(RUN_CONFIG_KEY) or "")
+        node = context.node_config
+        own = f"{node[NODE_DATA_KEY]}\0{node.get('partition-id')}" if node.get(NODE_DATA_KEY) else ""
+        key = f"{context.run_config.get(RUN_CONFIG_KEY) or ''}\0{own}"
         if self.key != key or self.value is None:
             self.clear()
-            self.value, self.key = self.build(cfg), key
+            self.value, self.key = self.build(cfg, context.node_config), key
         return self.value
 
     def clear(self) -> None:

@@ -1,6 +1,7 @@
 """What each side of a simulation reads: clients their partition and the public pool, the server its
-evaluation examples and the validation examples that decide the run's reference. Every ClientApp
-recomputes the same seeded partition and keeps partition ``node_config["partition-id"]``.
+evaluation examples and the validation examples that decide the run's reference. In a simulation every
+ClientApp recomputes the same seeded partition and keeps partition ``node_config["partition-id"]``; a SuperNode
+whose node config names a ``data-dir`` reads only that folder, its own partition (fedprompt.fl.node_data).
 
 No set a run learns or chooses from may share content with the evaluation examples
 (fedprompt.data.leakage): ``federation.eval_overlap=refuse`` (default) stops the run before launch,
@@ -10,6 +11,7 @@ No set a run learns or chooses from may share content with the evaluation exampl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 from omegaconf import DictConfig
 
@@ -19,9 +21,13 @@ from fedprompt.data import Example, Partition, TaskSpec
 
 @dataclass(frozen=True)
 class ClientData:
+    """A client process's data: every partition (a simulation builds them all), or, on a SuperNode with its own
+    ``data-dir``, only partition ``own`` (the other partitions' lists are empty: that node never saw them)."""
+
     spec: TaskSpec
     partition: Partition
     public: list[Example]
+    own: int | None = None
 
 
 def load_task_and_spec(cfg: DictConfig):
@@ -77,6 +83,23 @@ def make_partition(cfg: DictConfig, examples: list[Example], num_labels: int) ->
             f"partition={dict(part)}: {err}. With a small alpha every client gets at least partition.min_size "
             "examples only if there are enough: raise partition.k_shot (null = the whole train split) or "
             "partition.alpha, or use fewer clients") from None
+
+
+def checked_partition(cfg: DictConfig, train: list[Example], num_labels: int) -> Partition:
+    """The run's partition of ``train`` (its training examples), refused in one line when a client gets nothing:
+    what ``fedprompt run`` checks before launch and ``fedprompt partition`` writes."""
+    from fedprompt.data import validate_partition_args
+    from fedprompt.errors import ConfigError
+
+    part = cfg.partition
+    validate_partition_args(len(train), int(cfg.federation.num_clients), str(part.scheme), part.get("alpha"),
+                            part.get("classes_per_client"), num_labels, int(part.get("min_size") or 1))
+    partition = make_partition(cfg, train, num_labels)
+    empty = [i for i, c in enumerate(partition.clients) if not c]
+    if empty:
+        raise ConfigError(f"clients {empty[:10]} get no training example under partition={dict(part)}; "
+                          "raise partition.k_shot or alpha, or lower federation.num_clients")
+    return partition
 
 
 def public_examples(cfg: DictConfig, task, spec: TaskSpec) -> list[Example]:
@@ -151,8 +174,14 @@ def check_no_leak(cfg: DictConfig, task, train: list[Example], public: list[Exam
     check_disjoint(learning, f"{fed.eval_split} split", eval_examples(cfg, task))
 
 
-def client_data(cfg: DictConfig) -> ClientData:
-    """All partitions and the public pool of this run (the ClientApp caches it per process)."""
+def client_data(cfg: DictConfig, node_config: Mapping[str, Any] | None = None) -> ClientData:
+    """All partitions and the public pool of this run (the ClientApp caches it per process); on a node whose
+    ``node_config`` names a ``data-dir``, only that folder is read (its own partition and the public pool)."""
+    from fedprompt.fl.node_data import load_node_data, node_data_dir
+
+    folder = node_data_dir(node_config)
+    if folder is not None:
+        return load_node_data(cfg, node_config, folder)
     task, spec = load_task_and_spec(cfg)
     partition = make_partition(cfg, training_examples(cfg, task, spec), spec.num_labels)
     return ClientData(spec, partition, public_examples(cfg, task, spec))

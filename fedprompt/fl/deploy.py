@@ -9,8 +9,10 @@ submitted, its results collected and everything torn down (:class:`LocalDeployme
     python -m fedprompt.blackbox.cli_serve service.yaml       `fedprompt serve` over HTTPS (service.kind=http)
     flower-superlink --ssl-ca-certfile .. --ssl-certfile .. --ssl-keyfile .. --enable-supernode-auth
     flwr supernode register CERTS/supernode-i.pub fedprompt  (i < N: only registered keys may connect)
+    fedprompt partition ... output_dir=<run folder>/deploy/data   one folder of rows per SuperNode
     flower-supernode --superlink 127.0.0.1:P --root-certificates CERTS/ca.crt
-        --auth-supernode-private-key CERTS/supernode-i --node-config "partition-id=i num-partitions=N"
+        --auth-supernode-private-key CERTS/supernode-i
+        --node-config 'partition-id=i num-partitions=N data-dir="<run folder>/deploy/data/partition_i"'
         --port Q --ssl-certfile .. --ssl-keyfile .. --ssl-ca-certfile ..   (its Runtime API, also over TLS)
     flwr run <app> fedprompt --run-config run_config.toml --stream
 """
@@ -96,11 +98,16 @@ def _wait(ready: Callable[[], bool], what: str, procs: list[subprocess.Popen], l
 
 class LocalDeployment:
     """SuperLink, N SuperNodes and (for service.kind=http without service.url) the black-box service on
-    127.0.0.1, all over TLS, with SuperNode authentication; a context manager that stops them all."""
+    127.0.0.1, all over TLS, with SuperNode authentication; a context manager that stops them all.
+
+    Each SuperNode gets its own data, as an organisation's host would have it: the run's partitions are written
+    to ``deploy/data/partition_<i>`` (fedprompt.fl.node_data) and SuperNode i's node config names only its own
+    folder (``data-dir``), so its ClientApps never open the task's training split or another partition."""
 
     def __init__(self, cfg: DictConfig, folder: Path, settings: DeploySettings) -> None:
         self.cfg, self.settings = cfg, settings
         self.folder = Path(folder).resolve() / "deploy"
+        self.data_folder = self.folder / "data"
         self.num_supernodes = int(cfg.federation.num_clients)
         self.certs = Certificates(Path(settings.certs_dir).expanduser().resolve() if settings.certs_dir
                                   else self.folder / "certs")
@@ -126,6 +133,7 @@ class LocalDeployment:
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
             self.certs.make(self.num_supernodes)
+            self.write_node_data()
             if self.own_service:
                 self.start_service()
             self._start_superlink()
@@ -193,12 +201,27 @@ class LocalDeployment:
         _wait(lambda: _https_ok(f"https://{self.superlink_address}/health", self.certs.ca), "the SuperLink",
               [self.superlink], self.folder / "superlink.log", self.settings.startup_timeout_s)
 
+    def write_node_data(self) -> None:
+        """The run's partitions, one folder per SuperNode (a previous deployment's copy in this folder is replaced)."""
+        from fedprompt.fl.node_data import remove_partitions, write_partitions
+
+        remove_partitions(self.data_folder)
+        write_partitions(self.cfg, self.data_folder)
+
+    def node_data_dir(self, i: int) -> Path:
+        """SuperNode i's own data folder (its node config's ``data-dir``)."""
+        from fedprompt.fl.node_data import partition_folder
+
+        return partition_folder(self.data_folder, i)
+
     def _start_supernode(self, i: int) -> subprocess.Popen:
+        from fedprompt.fl.node_data import node_config_line
+
         cert, key = self.certs.server("runtime")
         return self._spawn(f"supernode-{i}", [
             _tool("flower-supernode"), "--superlink", self.superlink_address, "--root-certificates", str(self.certs.ca),
             "--auth-supernode-private-key", str(self.certs.supernode_key(i)),
-            "--node-config", f"partition-id={i} num-partitions={self.num_supernodes}", "--isolation", "subprocess",
+            "--node-config", node_config_line(i, self.num_supernodes, self.node_data_dir(i)), "--isolation", "subprocess",
             "--host", "127.0.0.1", "--port", str(free_port()),  # its Runtime API, for its own ClientApp processes
             "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--ssl-ca-certfile", str(self.certs.ca),
         ], home=self.folder / f"supernode-{i}")

@@ -46,7 +46,7 @@ def prepare(cfg: DictConfig) -> dict:
     """All checks that need data or tokenizers but no model weights, after the config's own and (resume=true)
     the checkpoint's; returns the partition's summary."""
     from fedprompt.fl.config import validate_config
-    from fedprompt.fl.data import (check_no_leak, eval_examples, load_task_and_spec, make_partition,
+    from fedprompt.fl.data import (check_no_leak, checked_partition, eval_examples, load_task_and_spec,
                                    overlap_excluded, public_examples, training_examples)
     from fedprompt.registry import federated_method
 
@@ -54,16 +54,7 @@ def prepare(cfg: DictConfig) -> dict:
     check_resume(cfg)
     task, spec = load_task_and_spec(cfg)
     train = training_examples(cfg, task, spec)  # k-shot larger than a class: a DataError naming the class
-    part = cfg.partition
-    from fedprompt.data import validate_partition_args
-
-    validate_partition_args(len(train), int(cfg.federation.num_clients), str(part.scheme), part.get("alpha"),
-                            part.get("classes_per_client"), spec.num_labels, int(part.get("min_size") or 1))
-    partition = make_partition(cfg, train, spec.num_labels)
-    empty = [i for i, c in enumerate(partition.clients) if not c]
-    if empty:
-        raise ConfigError(f"clients {empty[:10]} get no training example under partition={dict(part)}; "
-                          "raise partition.k_shot or alpha, or lower federation.num_clients")
+    partition = checked_partition(cfg, train, spec.num_labels)
     if not eval_examples(cfg, task):
         raise ConfigError(f"the evaluation split {cfg.federation.eval_split!r} is empty")
     check_no_leak(cfg, task, train, public_examples(cfg, task, spec))  # by content, not by split name

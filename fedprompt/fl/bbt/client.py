@@ -32,7 +32,7 @@ class BBTClientState:
     search: LocalCMA  # holds the projection
 
 
-def _build(cfg) -> BBTClientState:
+def _build(cfg, node_config) -> BBTClientState:
     from fedprompt.fl.bbt.server import soft_prompt_blackbox
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import client_data
@@ -40,7 +40,7 @@ def _build(cfg) -> BBTClientState:
     from fedprompt.methods.bbt.projection import projection_for
 
     method = method_config(cfg)
-    data = client_data(cfg)
+    data = client_data(cfg, node_config)
     blackbox = soft_prompt_blackbox(cfg)
     projection = projection_for(method, blackbox, data.spec.manual_prompt, int(cfg.seed))
     return BBTClientState(method, data, blackbox, LocalCMA(method, projection))

@@ -44,7 +44,7 @@ def vocab_model(cfg) -> str:
     return str(cfg.method.get("vocab_model") or cfg.model.name)
 
 
-def _build(cfg) -> BDPLClientState:
+def _build(cfg, node_config) -> BDPLClientState:
     from fedprompt.blackbox import make_blackbox
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import client_data
@@ -53,7 +53,7 @@ def _build(cfg) -> BDPLClientState:
 
     method = method_config(cfg)
     vocab = candidate_vocab(load_tokenizer(vocab_model(cfg)), method)
-    return BDPLClientState(method, client_data(cfg), BDPLClient(method, vocab), make_blackbox(cfg))
+    return BDPLClientState(method, client_data(cfg, node_config), BDPLClient(method, vocab), make_blackbox(cfg))
 
 
 # A new run in this process first closes the previous run's black-box connections.

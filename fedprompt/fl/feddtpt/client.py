@@ -32,14 +32,14 @@ class FedDTPTClientState:
     blackbox: BlackBoxLM
 
 
-def _build(cfg) -> FedDTPTClientState:
+def _build(cfg, node_config) -> FedDTPTClientState:
     from fedprompt.blackbox import make_blackbox
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import client_data
     from fedprompt.methods.feddtpt import PromptSearch, build_proposer
 
     method = method_config(cfg)
-    data = client_data(cfg)
+    data = client_data(cfg, node_config)
     if method.privatize.enabled:  # every text of the client's own is privatized before any query is formatted
         data = _privatized(data, method.privatize, cfg)
     return FedDTPTClientState(method, data, PromptSearch(method.search, build_proposer(method.proposer)),
@@ -57,8 +57,8 @@ def _privatized(data, privatize, cfg):
     from fedprompt.privacy.dchi import load_privatizer
 
     privatizer, tokenizer = load_privatizer(privatize, str(cfg.model.name))
-    clients = [privatizer.privatize_examples(examples, tokenizer, seed=round_seed(int(cfg.seed), 0, i))
-               for i, examples in enumerate(data.partition.clients)]
+    clients = [privatizer.privatize_examples(examples, tokenizer, seed=round_seed(int(cfg.seed), 0, i)) if examples
+               else [] for i, examples in enumerate(data.partition.clients)]  # empty: a partition this node lacks
     return replace(data, partition=replace(data.partition, clients=clients))
 
 

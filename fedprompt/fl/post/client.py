@@ -39,7 +39,7 @@ class POSTClientState:
     tuner: SoftPromptTuner  # holds the model
 
 
-def _build(cfg) -> POSTClientState:
+def _build(cfg, node_config) -> POSTClientState:
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import client_data
     from fedprompt.methods.post import SoftPromptTuner
@@ -47,7 +47,7 @@ def _build(cfg) -> POSTClientState:
     from fedprompt.models.distill import resolve_model
 
     method = method_config(cfg)
-    data = client_data(cfg)
+    data = client_data(cfg, node_config)
     name = resolve_model(method.model, str(cfg.model.name))
     model = load_causal_lm(name, method.device, method.dtype)
     return POSTClientState(method, data, SoftPromptTuner(model, load_tokenizer(name), data.spec, method.train))

@@ -33,14 +33,14 @@ class RAPTClientState:
     tokenizer: Any
 
 
-def _build(cfg) -> RAPTClientState:
+def _build(cfg, node_config) -> RAPTClientState:
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import client_data
     from fedprompt.privacy.dchi import load_privatizer
 
     method = method_config(cfg)
     privatizer, tokenizer = load_privatizer(method.privatize, str(cfg.model.name))
-    return RAPTClientState(method, client_data(cfg), privatizer, tokenizer)
+    return RAPTClientState(method, client_data(cfg, node_config), privatizer, tokenizer)
 
 
 CLIENT = PerRun(_build)
