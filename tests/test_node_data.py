@@ -162,3 +162,40 @@ def test_the_command_refuses_to_overwrite_partitions_and_bad_input_in_one_line(c
     assert "17 clients but only 16 training examples" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "more").exists()
     assert cli.main(["partition", "--help"]) == 0 and "num_clients" in capsys.readouterr().out
+
+
+def test_the_clientapp_trains_on_its_own_folder_without_the_task_data(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedprompt.fl import client_app
+    from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
+    from fedprompt.methods.feddtpt.search import PromptSearch
+    from tests.test_fl_client import train_message
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    args = _args(tmp_path, tiny_model_dir, 2)
+    out = tmp_path / "parts"
+    _partition(capsys, args, out)
+    expected = client_data(compose(args)).partition.clients[1]
+    run_config = {RUN_CONFIG_KEY: serialize_config(compose(args))}
+    shutil.rmtree(tmp_path / "data")  # the node's host has only its own folder
+    shutil.rmtree(partition_folder(out, 0))
+    seen = []
+    search = PromptSearch.run
+
+    def run(self, blackbox, spec, prompt, examples, *rest, **kwargs):
+        seen.append(list(examples))
+        return search(self, blackbox, spec, prompt, examples, *rest, **kwargs)
+
+    monkeypatch.setattr(PromptSearch, "run", run)
+    node = _node(1, 2, partition_folder(out, 1))
+    reply = client_app.app(train_message(node_id=11), Context(run_id=1, node_id=11, state=RecordDict(),
+                                                             run_config=run_config, node_config=node))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert seen == [expected]
+    wrong = {**node, "partition-id": 0}  # its own folder under another partition id: an error reply
+    reply = client_app.app(train_message(node_id=12), Context(run_id=1, node_id=12, state=RecordDict(),
+                                                             run_config=run_config, node_config=wrong))
+    assert reply.has_error() and "DataError" in reply.error.reason
