@@ -244,7 +244,7 @@ def cmd_deploy(cfg: DictConfig) -> dict:
 
 
 def cmd_partition(cfg: DictConfig) -> dict:
-    from fedprompt.fl.node_data import cmd_partition as partition  # lazy: the partitioners only here
+    from fedprompt.fl.partitioner import cmd_partition as partition  # lazy: the partitioners only here
 
     return partition(cfg)
 

@@ -13,7 +13,7 @@ import pytest
 
 from fedprompt.config import compose
 from fedprompt.fl.data import client_data
-from tests.deploy_support import background_run, tiny_deployment
+from tests.deploy_support import background_run, supernode_log, tiny_deployment
 from tests.fl_support import tiny_overrides
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
@@ -99,7 +99,7 @@ def test_each_supernode_reads_only_its_own_partition_folder(tmp_path, tiny_model
         expected = client_data(compose(tiny_overrides(tmp_path / "data", tiny_model_dir, clients=2))).partition.clients
         own = [deployment.node_data_dir(i) for i in range(2)]
         for i in range(2):
-            command = deployment.supernode_log(i).read_text(errors="replace").splitlines()[0]
+            command = supernode_log(deployment, i).read_text(errors="replace").splitlines()[0]
             assert f'partition-id={i} num-partitions=2 data-dir="{own[i]}"' in command, command
         (tmp_path / "data" / "secret" / "train.jsonl").unlink()  # the task's train split is gone before the run
         run = background_run(deployment, folder, run_config, app=write_watching_app(tmp_path / "app"))

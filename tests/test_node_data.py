@@ -1,6 +1,6 @@
-"""A SuperNode's own data (fedprompt.fl.node_data): `fedprompt partition` writes one folder per partition with
-the simulation's partition logic; a node whose node config names a data-dir reads only that folder (never the
-task's train split), and a wrong folder is refused in one line."""
+"""A SuperNode's own data (fedprompt.fl.partitioner, fedprompt.fl.node_data): `fedprompt partition` writes one
+folder per partition with the simulation's partition logic; a node whose node config names a data-dir reads only
+that folder (never the task's train split), and a wrong folder is refused in one line."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from fedprompt import cli
 from fedprompt.config import compose
 from fedprompt.errors import ConfigError, DataError
 from fedprompt.fl.data import client_data
-from fedprompt.fl.node_data import load_node_data, partition_folder
+from fedprompt.fl.node_data import partition_folder
 from tests.fl_support import TRAIN_TEXTS, tiny_overrides, write_secret_task
 
 SCHEMES = {"iid": ["partition=iid"], "dirichlet": ["partition=dirichlet", "partition.alpha=0.5"]}
@@ -51,7 +51,7 @@ def test_each_folder_holds_exactly_the_simulations_partition_and_a_node_reads_on
     for i in range(3):
         host = tmp_path / f"host-{i}"
         shutil.copytree(partition_folder(out, i), host)
-        node = load_node_data(cfg, _node(i, 3, host), host)
+        node = client_data(cfg, _node(i, 3, host))
         assert node.examples_for(_node(i, 3, host)) == simulated.partition.clients[i]  # same rows, same order
         assert node.public == simulated.public and node.spec == simulated.spec
         assert [len(c) for j, c in enumerate(node.partition.clients) if j != i] == [0, 0]  # never saw the others

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig
 
 from fedprompt.config import load_task_checked
-from fedprompt.data import Example, Partition, TaskSpec
+from fedprompt.data import Example, Partition, TaskSpec, label_histogram
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,11 @@ def client_data(cfg: DictConfig, node_config: Mapping[str, Any] | None = None) -
 
     folder = node_data_dir(node_config)
     if folder is not None:
-        return load_node_data(cfg, node_config, folder)
+        node = load_node_data(cfg, node_config, folder)
+        clients: list[list[Example]] = [[] for _ in range(node.num_partitions)]
+        clients[node.partition_id] = node.train
+        histograms = [label_histogram(c, node.spec.num_labels) for c in clients]
+        return ClientData(node.spec, Partition(clients, histograms), node.public, own=node.partition_id)
     task, spec = load_task_and_spec(cfg)
     partition = make_partition(cfg, training_examples(cfg, task, spec), spec.num_labels)
     return ClientData(spec, partition, public_examples(cfg, task, spec))

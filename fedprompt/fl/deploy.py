@@ -203,7 +203,7 @@ class LocalDeployment:
 
     def write_node_data(self) -> None:
         """The run's partitions, one folder per SuperNode (a previous deployment's copy in this folder is replaced)."""
-        from fedprompt.fl.node_data import remove_partitions, write_partitions
+        from fedprompt.fl.partitioner import remove_partitions, write_partitions
 
         remove_partitions(self.data_folder)
         write_partitions(self.cfg, self.data_folder)

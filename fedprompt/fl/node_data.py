@@ -1,4 +1,5 @@
-"""A SuperNode's own data: one folder per partition, written beforehand, and read by that node alone.
+"""A SuperNode's own data: one folder per partition, written beforehand (fedprompt.fl.partitioner), and read
+by that node alone (here).
 
 ``fedprompt partition task=... federation.num_clients=N partition=... output_dir=DIR`` writes, with the
 partition logic of the simulation (fedprompt.fl.data: k-shot sample, evaluation-overlap exclusion, the seeded
@@ -21,13 +22,13 @@ checked against the node config and the run's task.
 from __future__ import annotations
 
 import json
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedprompt.data import Example, Partition, label_histogram
+from fedprompt.data import Example, TaskSpec
 from fedprompt.errors import ConfigError, DataError
 
 NODE_DATA_KEY = "data-dir"  # the Flower node config key naming a SuperNode's own data folder
@@ -57,76 +58,17 @@ def node_data_dir(node_config: Mapping[str, Any] | None) -> Path | None:
     return Path(value).expanduser()
 
 
-def _row(example: Example) -> str:
-    row: dict[str, Any] = {"text": example.text}
-    if example.text_pair is not None:
-        row["text_pair"] = example.text_pair
-    row["label"] = example.label
-    return json.dumps(row, ensure_ascii=False) + "\n"
-
-
-def _write_rows(path: Path, examples: list[Example]) -> None:
-    path.write_text("".join(_row(e) for e in examples), encoding="utf-8")
-
-
-def _partition_settings(cfg: DictConfig) -> dict:
+def partition_settings(cfg: DictConfig) -> dict:
     """What decides which rows a partition holds (recorded in every folder)."""
     fed = cfg.federation
     return {"partition": OmegaConf.to_container(cfg.partition, resolve=True), "seed": int(cfg.seed),
             "eval_split": str(fed.eval_split), "eval_overlap": str(fed.get("eval_overlap", "refuse"))}
 
 
-def _public_settings(cfg: DictConfig) -> dict:
+def public_settings(cfg: DictConfig) -> dict:
     """What decides the public pool; a node refuses a public.jsonl written for other settings."""
     fed = cfg.federation
     return {"split": str(fed.public_split), "size": int(fed.public_size), "seed": int(cfg.seed)}
-
-
-def write_partitions(cfg: DictConfig, out: str | Path) -> dict:
-    """Write one folder per partition of the run ``cfg`` under ``out`` (module docstring); returns the summary.
-
-    The partition is the one ``fedprompt run`` builds in-process (same rows, same order, same checks: a client
-    without examples or training rows that share content with the evaluation split are refused)."""
-    from fedprompt.fl.data import (check_no_leak, checked_partition, load_task_and_spec, overlap_excluded,
-                                   public_examples, training_examples)
-
-    out = Path(out)
-    task, spec = load_task_and_spec(cfg)
-    train = training_examples(cfg, task, spec)
-    partition = checked_partition(cfg, train, spec.num_labels)
-    public = public_examples(cfg, task, spec)
-    check_no_leak(cfg, task, train, public)
-    num = len(partition.clients)
-    settings, public_settings = _partition_settings(cfg), _public_settings(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    folders = []
-    for i, examples in enumerate(partition.clients):
-        folder = partition_folder(out, i)
-        folder.mkdir(mode=0o700, exist_ok=True)  # one organisation's rows: not for the other users of this host
-        _write_rows(folder / TRAIN, examples)
-        if public:
-            _write_rows(folder / PUBLIC, public)
-        (folder / META).write_text(json.dumps({"task": spec.name, "labels": list(spec.labels)}, indent=2) + "\n")
-        (folder / INFO).write_text(json.dumps({
-            "task": spec.name, "partition_id": i, "num_partitions": num, "num_examples": len(examples),
-            "label_histogram": partition.histograms[i], **settings, "public": public_settings,
-        }, indent=2) + "\n")
-        folders.append(folder.resolve())
-    summary = {"task": spec.name, "data": task.source, "num_partitions": num, "train_examples": len(train),
-               **settings, "public": public_settings, **partition.summary(),
-               "eval_overlap_excluded": overlap_excluded(cfg, task)}
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    return {**summary, "output_dir": str(out.resolve()),
-            "node_configs": [node_config_line(i, num, folder) for i, folder in enumerate(folders)]}
-
-
-def remove_partitions(out: str | Path) -> None:
-    """Delete what :func:`write_partitions` wrote under ``out`` (a deployment's own copy, before it rewrites it)."""
-    out = Path(out)
-    for folder in out.glob("partition_*"):
-        if folder.is_dir():
-            shutil.rmtree(folder)
-    (out / SUMMARY).unlink(missing_ok=True)
 
 
 def _read_info(folder: Path) -> dict | None:
@@ -143,11 +85,21 @@ def _read_info(folder: Path) -> dict | None:
     return info
 
 
-def load_node_data(cfg: DictConfig, node_config: Mapping[str, Any], folder: Path):
-    """This node's :class:`~fedprompt.fl.data.ClientData` from its own folder: its partition's training rows,
-    the public pool and the label names, and no other file (the task's own folder is never opened)."""
+@dataclass(frozen=True)
+class NodeData:
+    """What a SuperNode reads from its own folder (fedprompt.fl.data.client_data makes its ClientData of it)."""
+
+    spec: TaskSpec
+    train: list[Example]
+    public: list[Example]
+    partition_id: int
+    num_partitions: int
+
+
+def load_node_data(cfg: DictConfig, node_config: Mapping[str, Any], folder: Path) -> NodeData:
+    """This node's data from its own folder: its partition's training rows, the public pool and the label names,
+    and no other file (the task's own folder is never opened)."""
     from fedprompt.data import load_task
-    from fedprompt.fl.data import ClientData
 
     where = f"this SuperNode's data folder {str(folder)!r} (node config {NODE_DATA_KEY})"
     name, num_clients = str(cfg.task.name), int(cfg.federation.num_clients)
@@ -183,16 +135,13 @@ def load_node_data(cfg: DictConfig, node_config: Mapping[str, Any], folder: Path
         public = _node_public(cfg, folder, info, spec)
     except DataError as err:
         raise DataError(f"{err} (in {where}: it must hold task {name!r}'s rows and label names)") from None
-    clients: list[list[Example]] = [[] for _ in range(num_partitions)]
-    clients[partition_id] = train
-    histograms = [label_histogram(c, spec.num_labels) for c in clients]
-    return ClientData(spec, Partition(clients=clients, histograms=histograms), public, own=partition_id)
+    return NodeData(spec, train, public, partition_id, num_partitions)
 
 
 def _node_public(cfg: DictConfig, folder: Path, info: dict | None, spec) -> list[Example]:
     from fedprompt.data.loading import read_jsonl_split
 
-    settings = _public_settings(cfg)
+    settings = public_settings(cfg)
     if settings["size"] == 0:
         return []
     path = folder / PUBLIC
@@ -205,23 +154,3 @@ def _node_public(cfg: DictConfig, folder: Path, info: dict | None, spec) -> list
                         f"asks for {settings} (federation.public_split, public_size, seed); write the partitions "
                         "again with the run's settings")
     return read_jsonl_split(path, spec.num_labels, spec.is_pair)
-
-
-def cmd_partition(cfg: DictConfig) -> dict:
-    """``fedprompt partition``: the run's partitions, one folder each, for SuperNodes with their own data."""
-    import time
-
-    from fedprompt.config import check_writable_dir
-    from fedprompt.fl.config import validate_config
-
-    validate_config(cfg)
-    if cfg.get("output_dir"):
-        out = Path(str(cfg.output_dir)).expanduser()
-    else:
-        out = (Path("outputs") / "partition" /
-               f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.task.name}-{int(cfg.federation.num_clients)}")
-    check_writable_dir(out)
-    if (out / SUMMARY).exists() or any(out.glob("partition_*")):
-        raise ConfigError(f"output_dir={str(out)!r} already holds partitions; choose a new folder (partitions are "
-                          "never overwritten: a SuperNode may be reading them)")
-    return write_partitions(cfg, out)
