@@ -52,11 +52,9 @@ def test_each_folder_holds_exactly_the_simulations_partition_and_a_node_reads_on
         host = tmp_path / f"host-{i}"
         shutil.copytree(partition_folder(out, i), host)
         node = client_data(cfg, _node(i, 3, host))
-        assert node.examples_for(_node(i, 3, host)) == simulated.partition.clients[i]  # same rows, same order
+        assert node.own == i and node.partition.clients[i] == simulated.partition.clients[i]  # same rows and order
         assert node.public == simulated.public and node.spec == simulated.spec
         assert [len(c) for j, c in enumerate(node.partition.clients) if j != i] == [0, 0]  # never saw the others
-        with pytest.raises(DataError, match=f"holds partition {i}'s data, not partition {(i + 1) % 3}'s"):
-            node.examples_for(_node((i + 1) % 3, 3, host))
     assert sorted(e.text for c in simulated.partition.clients for e in c) == sorted(TRAIN_TEXTS)
 
 
@@ -69,7 +67,7 @@ def test_client_data_takes_the_node_config_and_never_opens_the_tasks_train_split
     (tmp_path / "data" / "secret" / "train.jsonl").unlink()  # the simulation's source is gone
     shutil.rmtree(partition_folder(out, 0))  # and so is the other organisation's folder
     data = client_data(cfg, _node(1, 2, partition_folder(out, 1)))
-    assert data.own == 1 and data.examples_for(_node(1, 2, "ignored")) == expected
+    assert data.own == 1 and data.partition.clients[1] == expected
     # A simulation's node config (no data-dir) still builds every partition in-process.
     with pytest.raises(DataError, match="train.jsonl: split file missing"):
         client_data(cfg, {"partition-id": 0, "num-partitions": 2})
@@ -148,7 +146,7 @@ def test_a_folder_an_organisation_wrote_itself_needs_no_partition_json(written):
     (folder / "partition.json").unlink()
     (folder / "train.jsonl").write_text(json.dumps({"text": "our own row", "label": 1}) + "\n")
     data = client_data(cfg, _node(1, 2, folder))
-    assert [e.text for e in data.examples_for(_node(1, 2, folder))] == ["our own row"]
+    assert [e.text for e in data.partition.clients[1]] == ["our own row"]
 
 
 def test_the_command_refuses_to_overwrite_partitions_and_bad_input_in_one_line(capsys, tmp_path, tiny_model_dir):
