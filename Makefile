@@ -25,12 +25,14 @@ install: $(STAMP)
 demo: install
 	$(BIN)/fedprompt run task=sst2 federation.rounds=2 method.search.budget=300 federation.eval_limit=500
 
-# lint-imports: the layers of docs/architecture.md (contracts in pyproject.toml), before any test runs.
+# ruff (pyproject.toml [tool.ruff]) and lint-imports (the layers of docs/architecture.md), before any test runs.
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 test-fast: install
+	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q -m "not e2e"
 

@@ -154,7 +154,8 @@ def _headers(rng: random.Random) -> dict:
                            {"Authorization": "Bearer"}, {"Authorization": "bearer " + GOOD_KEY + " x"}])
     headers = {"Authorization": f"Bearer {key}"}
     if rng.random() < 0.1:
-        headers["Content-Type"] = rng.choice(["text/plain", "application/x-www-form-urlencoded", "application/json; charset=latin-1", "multipart/form-data"])
+        headers["Content-Type"] = rng.choice(["text/plain", "application/x-www-form-urlencoded",
+                                              "application/json; charset=latin-1", "multipart/form-data"])
     return headers
 
 
@@ -267,7 +268,8 @@ def one_request(client: httpx.Client, base_url: str, rng: random.Random) -> tupl
             body = _echo_body(rng) if rng.random() < 0.5 else _classify(rng)
             path = "/v1/completions" if "prompt" in body else "/v1/classify"
             try:
-                return client.post(path, json=body, headers=_headers(rng), timeout=rng.choice([0.001, 0.01, 0.05])).status_code, "client-timeout"
+                timeout = rng.choice([0.001, 0.01, 0.05])
+                return client.post(path, json=body, headers=_headers(rng), timeout=timeout).status_code, "client-timeout"
             except httpx.TimeoutException:
                 return None, "client-timeout"
         if kind < 0.06:

@@ -25,8 +25,7 @@ import torch
 from fedprompt.commands.post import distill_texts
 from fedprompt.config import compose
 from fedprompt.models import load_causal_lm, load_tokenizer
-from fedprompt.models.distill import (DistillConfig, DistillDataConfig, TeacherCacheConfig, build_student,
-                                      default_layers, distill)
+from fedprompt.models.distill import DistillConfig, DistillDataConfig, TeacherCacheConfig, build_student, default_layers, distill
 from fedprompt.models.teacher_cache import build_teacher_cache, cache_key
 
 

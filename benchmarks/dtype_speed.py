@@ -5,7 +5,8 @@
 Times, in one process and alternately (the machine's noise hits both types): a 1024 x 1024 matrix
 product, and one forward pass of the model over a batch of ``--batch`` x ``--length`` tokens, in each
 type; the median of ``--repeats`` after one warm-up each (small defaults: an emulated bf16 product
-takes seconds). Reports the speed ratios and ``fast_bf16``'s verdict (the check ``dtype=auto`` runs). Writes benchmarks/results/dtype_speed.json.
+takes seconds). Reports the speed ratios and ``fast_bf16``'s verdict (the check ``dtype=auto`` runs).
+Writes benchmarks/results/dtype_speed.json.
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ def main() -> None:
     # The floor's batches: exactly what the scorer builds (same order, same padding), built untimed.
     encoded = tokenizer(classifier.inputs(examples), add_special_tokens=True)["input_ids"]
     pad = tokenizer.pad_token_id
-    batches = [_left_pad([encoded[i] for i in idx], pad, model.device) for idx in length_sorted_batches([len(e) for e in encoded], args.batch_size)]
+    order = length_sorted_batches([len(e) for e in encoded], args.batch_size)
+    batches = [_left_pad([encoded[i] for i in idx], pad, model.device) for idx in order]
 
     def ours() -> float:
         start = time.perf_counter()

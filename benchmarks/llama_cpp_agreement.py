@@ -241,7 +241,7 @@ def main() -> int:
 
     logs = Path(tempfile.mkdtemp(prefix="llama_cpp_agreement_"))
     with start_server(args, logs) as (url, served, gate, server_info):
-        service = [f"service.kind=openai", f"service.url={url}", f"service.openai.model={served}",
+        service = ["service.kind=openai", f"service.url={url}", f"service.openai.model={served}",
                    f"service.openai.label_mode={args.label_mode}"]
         client_cfg = compose(overrides(args) + service)
         step = ClientSettings.from_config(client_cfg).chunk_size

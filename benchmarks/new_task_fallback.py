@@ -36,8 +36,7 @@ def main() -> None:
     from fedprompt.config import compose
     from fedprompt.data import load_task
     from fedprompt.models import load_causal_lm, load_tokenizer, score_label_words
-    from fedprompt.models.calibration import (CalibrationSettings, apply_bias, calibration_examples, estimate_bias,
-                                              majority_rate)
+    from fedprompt.models.calibration import CalibrationSettings, apply_bias, calibration_examples, estimate_bias, majority_rate
     from fedprompt.task_init import candidates, score_candidates, validation_sample
     from fedprompt.ties import pick_labels
 
@@ -61,7 +60,7 @@ def main() -> None:
         test = task.split("test")[: args.test]
         gold = np.array([e.label for e in test])
 
-        def accuracy(shown, prompt, words):
+        def accuracy(shown, prompt, words, test=test, calib=calib, gold=gold):  # bound now: it runs in this iteration
             inputs = [shown.format(e, prompt) for e in test]
             raw = score_label_words(model, tokenizer, inputs, words, 16)
             bias = estimate_bias(lambda rows: score_label_words(model, tokenizer, [shown.format(e, prompt) for e in rows],

@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 import re
 import typing
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -146,7 +146,7 @@ def type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_help(cls: type) -> dict[str, str]:
     """Each field's one line of help, from the class source: the comment after the field, else the
     docstring's ``- ``key``: help`` line."""

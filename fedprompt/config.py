@@ -189,7 +189,7 @@ def make_dir(path: Path, key: str = "output_dir") -> Path:
 
 def validate_common(cfg: DictConfig) -> None:
     """Checks every command shares; cheap, before any model or data is loaded."""
-    from fedprompt.models.registry import check_model_name, resolve_dtype, resolve_device
+    from fedprompt.models.registry import check_model_name, resolve_device, resolve_dtype
 
     check_model_name(str(cfg.model.name))
     resolve_dtype(cfg.model.get("dtype"), resolve_device(cfg.model.get("device")))

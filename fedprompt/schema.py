@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib import import_module
-from typing import Annotated, Any, Dict, List, Mapping, Optional
+from typing import Annotated, Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 from pydantic import PlainValidator
@@ -29,26 +29,26 @@ from fedprompt.sections import DeploySettings, FederationConfig
 @dataclass
 class HubSchema:  # task.hf: the task's Hugging Face dataset
     path: str = ""
-    name: Optional[str] = None
+    name: str | None = None
     text: str = "text"
-    text_pair: Optional[str] = None
+    text_pair: str | None = None
     label: str = "label"
-    splits: Dict[str, str] = field(default_factory=dict)
-    validation_size: Optional[int] = None  # rows carved from hub train when splits.validation is "carve"
+    splits: dict[str, str] = field(default_factory=dict)
+    validation_size: int | None = None  # rows carved from hub train when splits.validation is "carve"
 
 
 @dataclass
 class TaskSchema:
     name: str = ""
     custom: bool = False
-    labels: Optional[List[str]] = None
-    label_words: Optional[List[str]] = None
+    labels: list[str] | None = None
+    label_words: list[str] | None = None
     template: str = ""
     answer_prefix: str = ""
     manual_prompt: str = ""
     is_pair: bool = False
-    path: Optional[str] = None
-    hf: Optional[HubSchema] = None
+    path: str | None = None
+    hf: HubSchema | None = None
     calibration: str = "none"  # none | mean (fedprompt.models.calibration); absent: none
     calibration_examples: int = 64
 
@@ -64,10 +64,10 @@ class ModelSchema:
 @dataclass
 class PartitionSchema:
     scheme: str = ""
-    alpha: Optional[float] = None
-    classes_per_client: Optional[int] = None
+    alpha: float | None = None
+    classes_per_client: int | None = None
     min_size: int = 1
-    k_shot: Optional[int] = None
+    k_shot: int | None = None
 
     def validate(self) -> None:
         from fedprompt.data.partition import SCHEMES
@@ -117,14 +117,14 @@ class RootSchema:
     partition: PartitionSchema = field(default_factory=PartitionSchema)
     host: str = ""
     port: int = 0
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     split: str = ""
-    limit: Optional[int] = None
-    prompt: Optional[str] = None
+    limit: int | None = None
+    prompt: str | None = None
     calibrate: bool = False
     batch_size: int = 0
     seed: int = 0
-    output_dir: Optional[str] = None
+    output_dir: str | None = None
     progress: bool = True
     verbose: bool = False
     resume: bool = False
@@ -171,7 +171,7 @@ class NoPrivacy:
     name: str = "none"
 
     @classmethod
-    def from_dict(cls, node: Mapping[str, Any]) -> "NoPrivacy":
+    def from_dict(cls, node: Mapping[str, Any]) -> NoPrivacy:
         from fedprompt.typed_config import from_node
 
         return from_node(cls, node, "privacy")

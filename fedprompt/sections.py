@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from omegaconf import DictConfig
 
@@ -28,17 +27,17 @@ class FederationConfig:
     fraction_train: float = 1.0  # share of clients sampled per round (FedDTPT paper: full participation)
     min_train_clients: int = 1  # at least this many clients per round, whatever fraction_train gives
     min_replies: int = 1  # valid replies a round needs; fewer (failed, timed-out, lost clients): round skipped, prompt kept
-    min_available_clients: Optional[int] = None  # SuperNodes online before a round samples (null = num_clients); lower = survive lost ones
+    min_available_clients: int | None = None  # SuperNodes online before a round samples (null = num_clients); lower = survive lost ones
     client_cpus: int = 1  # Ray CPUs per ClientApp: 1 on a 2-core machine lets two clients search at once
     client_gpus: float = 0.0  # share of a GPU per ClientApp (e.g. 0.25 = four clients per GPU)
     round_timeout_s: float = 3600.0  # how long the server waits for the round's replies
     eval_split: str = "test"  # the server evaluates the global prompt on this split after every round
-    eval_limit: Optional[int] = None  # only N examples of eval_split (null = all of them): the first N, or a seeded sample
-    eval_sample_seed: Optional[int] = None  # null = the first eval_limit examples; an int = a seeded sample of eval_limit (AG News: 2,000 of 7,600)
+    eval_limit: int | None = None  # only N examples of eval_split (null = all of them): the first N, or a seeded sample
+    eval_sample_seed: int | None = None  # null = the first eval_limit examples; an int = a seeded sample of them
     eval_every: int = 1  # score the global prompt every k rounds (round 0 and the last round always)
     eval_references: bool = True  # also score the untuned references (manual prompt, zero-shot) on the same examples
-    reference_limit: Optional[int] = 500  # validation examples that decide the reference (the better of manual and zero-shot); null = all
-    eval_overlap: str = "refuse"  # a learning set (train sample, public pool, ...) sharing content with the evaluation examples: refuse = stop before launch; exclude = drop those rows from the learning sets first
+    reference_limit: int | None = 500  # validation examples that decide the reference (the better of manual and zero-shot); null = all
+    eval_overlap: str = "refuse"  # learning rows equal to evaluation rows: refuse = stop before launch; exclude = drop them first
     public_split: str = "validation"  # the small public set every client may use (never a client's data, never eval_split's examples)
     public_size: int = 64  # public pool (class-balanced); each search batch draws method.search.public_batch_size of it
     audit_replies: bool = False  # every method: write every client-to-server message, as received, to <run folder>/replies.jsonl
@@ -99,7 +98,7 @@ class DeploySettings:
     startup_timeout_s: float = 180.0
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "DeploySettings":
+    def from_config(cls, cfg: DictConfig) -> DeploySettings:
         """The ``deploy`` node, validated (fedprompt.typed_config.from_node)."""
         from fedprompt.typed_config import from_node
 

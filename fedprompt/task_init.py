@@ -139,8 +139,15 @@ def prepare(args: Sequence[str]):
     calibration rows, calibration settings)."""
     from omegaconf import open_dict
 
-    from fedprompt.config import (CONF_ENV, check_writable_dir, compose, load_task_checked, make_dir, user_conf_path,
-                                  validate_common)
+    from fedprompt.config import (
+        CONF_ENV,
+        check_writable_dir,
+        compose,
+        load_task_checked,
+        make_dir,
+        user_conf_path,
+        validate_common,
+    )
     from fedprompt.data.loading import check_task_name
     from fedprompt.models.calibration import CalibrationSettings, calibration_examples
 

@@ -22,7 +22,7 @@ import dataclasses
 import difflib
 import json
 import re
-from functools import lru_cache
+from functools import cache
 from typing import Any, TypeVar
 
 from fedprompt.errors import ConfigError
@@ -91,7 +91,7 @@ def full_path(message: str, where: str, value: Any = None) -> str:
     return f"{where}: {message}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _adapter(cls: type) -> Any:
     from pydantic import ConfigDict, TypeAdapter
 

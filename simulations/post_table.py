@@ -21,8 +21,8 @@ reported apart. Writes post_<task>.json and post_<task>.md to --out (default sim
 
 A run resumes from --out's partial (or finished) table with the same settings; delete post_<task>*.json
 there to start afresh. Rows that depend on the student (student, pasted, POST) remember which distillation
-made it and are run again for another student; ``--reuse-large FILE`` starts a table from a finished one's large-model rows (zero-shot, direct tuning:
-the expensive half) when only the student changed.
+made it and are run again for another student; ``--reuse-large FILE`` starts a table from a finished one's
+large-model rows (zero-shot, direct tuning: the expensive half) when only the student changed.
 """
 
 from __future__ import annotations
@@ -147,13 +147,12 @@ def _settings(args: dict) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from fedprompt.commands.post import cmd_distill, public_examples, transfer_prompt
     from fedprompt.config import compose, load_task_checked
     from fedprompt.fl.data import training_examples
     from fedprompt.fl.post.client import local_totals
     from fedprompt.fl.run import cmd_run
-    from fedprompt.methods.post import (PromptConfig, SoftPromptTuner, TrainConfig, TransferConfig, initial_prompt,
-                                        load_prompt)
-    from fedprompt.commands.post import cmd_distill, public_examples, transfer_prompt
+    from fedprompt.methods.post import PromptConfig, SoftPromptTuner, TrainConfig, TransferConfig, initial_prompt, load_prompt
     from fedprompt.models import PromptedClassifier, load_causal_lm, load_tokenizer
     from fedprompt.models.distill import default_student_dir
     from fedprompt.privacy.dp import PrivacyConfig, plan_dp

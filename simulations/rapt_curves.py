@@ -173,7 +173,8 @@ def write_outputs(out: Path, rows: list[dict], meta: dict) -> None:
                   f"{first['train_n']} privatized training examples, {first['steps']} steps of batch {first['batch_size']}, "
                   f"{first['plain_tokens']} plain tokens, {first['prompt_tokens']} prompt vectors; accuracy on "
                   f"{first['eval_n']} privatized {first['eval_split']} examples (%). Manual prompt: \"{first['manual_prompt']}\"\n",
-                  "| eta | E‖z‖ | recovered@1 | recovered@5 | untrained | prompt tuning | RAPT (reconstruction) | gain ± SE (points) | head accuracy |",
+                  "| eta | E‖z‖ | recovered@1 | recovered@5 | untrained | prompt tuning | RAPT (reconstruction) "
+                  "| gain ± SE (points) | head accuracy |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for eta in etas:
             u, n, r = runs.get((eta, "untrained"), {}), runs.get((eta, "none"), {}), runs.get((eta, "reconstruction"), {})
@@ -198,7 +199,7 @@ def plot(path: Path, rows: list[dict]) -> None:
     for ax, task in zip(axes[0], tasks):
         private = [r for r in rows if r["task"] == task and not math.isinf(r["eta"])]
         for variant, (color, marker, label) in styles.items():
-            pts = sorted(((100 * r["recovered@1"], 100 * r["accuracy"], r["eta"]) for r in private if r["variant"] == variant))
+            pts = sorted((100 * r["recovered@1"], 100 * r["accuracy"], r["eta"]) for r in private if r["variant"] == variant)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=label)
                 if variant == "reconstruction":

@@ -60,13 +60,20 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
+    from fedprompt.commands.post import check_not_tuned_task, distill_tasks, distill_texts
     from fedprompt.config import compose, load_task_checked
     from fedprompt.data.leakage import check_disjoint
     from fedprompt.methods.post import PromptConfig, SoftPromptTuner, TrainConfig, initial_prompt
-    from fedprompt.commands.post import check_not_tuned_task, distill_tasks, distill_texts
     from fedprompt.models import PromptedClassifier, load_causal_lm, load_tokenizer
-    from fedprompt.models.distill import (DistillCheckpoint, DistillConfig, _is_embedding, build_student,
-                                          default_layers, distill, distill_settings)
+    from fedprompt.models.distill import (
+        DistillCheckpoint,
+        DistillConfig,
+        _is_embedding,
+        build_student,
+        default_layers,
+        distill,
+        distill_settings,
+    )
     from fedprompt.models.teacher_cache import build_teacher_cache, cache_key
     from fedprompt.typed_config import from_node
 
@@ -159,7 +166,6 @@ def main(argv=None) -> dict:
         student.load_state_dict(torch.load(snapshot(step)), strict=False)
         student.eval().requires_grad_(False)
         evaluate(student, f"student@{step}")
-    del student
     evaluate(teacher, "teacher")
 
     def summary(label: str) -> dict:

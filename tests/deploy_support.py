@@ -65,7 +65,7 @@ class BackgroundRun:
     folder: Path
     result: list = field(default_factory=list)
 
-    def start(self) -> "BackgroundRun":
+    def start(self) -> BackgroundRun:
         def target() -> None:
             try:
                 with (self.folder / "flower.log").open("w") as log:

@@ -51,7 +51,7 @@ def _read_all(sock: socket.socket, timeout_s: float = 5.0) -> bytes:
     try:
         while chunk := sock.recv(65536):
             data += chunk
-    except (socket.timeout, ConnectionResetError):
+    except (TimeoutError, ConnectionResetError):
         pass
     return data
 

@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from fedprompt.blackbox import (BudgetExhausted, HttpBlackBox, InProcessBlackBox, Limits, OpenAICompatibleBlackBox,
-                                ServiceUnavailable, make_blackbox)
+from fedprompt.blackbox import (
+    BudgetExhausted,
+    HttpBlackBox,
+    InProcessBlackBox,
+    Limits,
+    OpenAICompatibleBlackBox,
+    ServiceUnavailable,
+    make_blackbox,
+)
 from fedprompt.blackbox.errors import InvalidRequest, PayloadTooLarge, ValidationFailed
 from fedprompt.blackbox.openai_client import label_floor, normalize_base_url
 from fedprompt.blackbox.runner import RunningServer, free_port

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from fedprompt import cli

@@ -10,8 +10,15 @@ import json
 import pytest
 from flwr.common.constant import ErrorCode
 
-from tests.deploy_support import (background_run, kill_supernode, supernode_id, supernode_log, tiny_deployment, wait_for,
-                                  write_faulty_app)
+from tests.deploy_support import (
+    background_run,
+    kill_supernode,
+    supernode_id,
+    supernode_log,
+    tiny_deployment,
+    wait_for,
+    write_faulty_app,
+)
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
 

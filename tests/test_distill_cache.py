@@ -12,8 +12,17 @@ import torch
 from fedprompt import cli
 from fedprompt.errors import ConfigError, DataError
 from fedprompt.models import load_causal_lm, load_tokenizer
-from fedprompt.models.distill import (CHECKPOINT_DIR, DistillCheckpoint, DistillConfig, DistillLossWeights,
-                                      TeacherCacheConfig, _softened_kl, build_student, distill, distill_settings)
+from fedprompt.models.distill import (
+    CHECKPOINT_DIR,
+    DistillCheckpoint,
+    DistillConfig,
+    DistillLossWeights,
+    TeacherCacheConfig,
+    _softened_kl,
+    build_student,
+    distill,
+    distill_settings,
+)
 from fedprompt.models.teacher_cache import build_teacher_cache, cache_key, topk_kl
 from fedprompt.typed_config import from_node
 from tests.conftest import CORPUS

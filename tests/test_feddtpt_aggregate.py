@@ -73,7 +73,8 @@ def test_dbscan_keeps_one_word_per_cluster_at_the_knee_in_position_order():
     assert result.knee == result.eps
     assert result.eps == pytest.approx(1 - math.cos(0.2))
     assert (result.n_clusters, result.n_noise, result.min_samples) == (2, 4, 3)
-    assert all(l == -1 for c, p in enumerate(TWO_CLUSTER_PROMPTS) for w, l in zip(p, result.labels[c]) if w.startswith("n"))
+    assert all(label == -1 for c, p in enumerate(TWO_CLUSTER_PROMPTS) for w, label in zip(p, result.labels[c])
+               if w.startswith("n"))
     # Each cluster keeps its highest-weight member (by the brute-force weights) ...
     weights = brute_force_weights(TWO_CLUSTER_PROMPTS, TWO_CLUSTERS)
     flat = [(w, weights[c][i], (i + 0.5) / len(p)) for c, p in enumerate(TWO_CLUSTER_PROMPTS) for i, w in enumerate(p)]
@@ -154,7 +155,8 @@ def test_min_samples_is_a_count_or_a_fraction_of_clients_capped_at_the_clients()
     count = FedDTPTAggregator(AggregateConfig(attention_threshold=0, min_samples=5), TableEmbedder({}))
     assert [count.min_samples(n) for n in (1, 2, 10)] == [1, 2, 5]
     table = {w: one_hot(i) for i, w in enumerate(["same", "words", "here"])}
-    result = FedDTPTAggregator(AggregateConfig(attention_threshold=0, min_samples=5), TableEmbedder(table)).aggregate([["same", "words", "here"], ["same", "words", "here", "here"]])
+    aggregator = FedDTPTAggregator(AggregateConfig(attention_threshold=0, min_samples=5), TableEmbedder(table))
+    result = aggregator.aggregate([["same", "words", "here"], ["same", "words", "here", "here"]])
     assert result.min_samples == 2
     assert result.prompt == ["same", "words", "here"]
 
@@ -172,7 +174,7 @@ def test_weighted_distinct_words_cluster_like_all_points():
     base = [f"b{i}" for i in range(6)]
     table = {w: one_hot(i, 36) for i, w in enumerate(base + [f"r{i}" for i in range(30)])}
     prompts = []
-    for c in range(40):
+    for _ in range(40):
         p = list(base)
         p[int(rng.integers(6))] = f"r{int(rng.integers(30))}"
         prompts.append(p)

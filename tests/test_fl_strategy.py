@@ -10,8 +10,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedprompt.fl.feddtpt.records import arrays_to_words, words_to_arrays
-from fedprompt.fl.records import record_bytes
 from fedprompt.fl.feddtpt.strategy import FedDTPTStrategy, RoundStats
+from fedprompt.fl.records import record_bytes
 from fedprompt.methods.feddtpt import AggregateConfig, FedDTPTAggregator
 
 # One-hot "embeddings": identical words are the only neighbours, so DBSCAN keeps exactly the shared words.

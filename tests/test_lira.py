@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from fedprompt.errors import ConfigError
-from fedprompt.privacy.lira import (balanced_halves, evaluate_attack, logit_confidence, online_scores,
-                                    tpr_at_fpr)
+from fedprompt.privacy.lira import balanced_halves, evaluate_attack, logit_confidence, online_scores, tpr_at_fpr
 from tests.conftest import write_task
 
 ROOT = Path(__file__).resolve().parents[1]

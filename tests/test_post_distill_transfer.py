@@ -70,7 +70,9 @@ def test_the_answer_term_is_the_kl_at_each_texts_last_token(left_padded):
         mask = mask.flip(1)
     last = [3, 1] if not left_padded else [3, 3]
     ids = torch.randint(0, 11, (2, 4))
-    out = lambda: SimpleNamespace(logits=torch.randn(2, 4, 11), hidden_states=[torch.randn(2, 4, 5)])
+    def out():
+        return SimpleNamespace(logits=torch.randn(2, 4, 11), hidden_states=[torch.randn(2, 4, 5)])
+
     student, teacher = out(), out()
     plain, parts = distill_loss(student, teacher, ids, mask, DistillLossWeights())
     weighted, with_answer = distill_loss(student, teacher, ids, mask, DistillLossWeights(a_answer=3.0))
@@ -213,9 +215,9 @@ def test_a_learning_set_sharing_a_test_sentence_is_refused_before_any_model_load
 
 
 def test_transfer_under_exclude_drops_the_shared_sentence_and_goes_on(post_data, tiny_model_dir, tmp_path, monkeypatch):
+    from fedprompt.commands.post import public_examples
     from fedprompt.data.leakage import content_key
     from fedprompt.methods.post import TransferConfig
-    from fedprompt.commands.post import public_examples
 
     sentence = leak(post_data, "other", "train")
     tcfg = TransferConfig.from_dict({"public_task": "other"})
@@ -423,8 +425,8 @@ def test_the_transfer_refuses_mismatched_models_and_prompts_before_any_step(shar
 def test_a_student_at_chance_gets_alpha_one_and_a_note(sharp, monkeypatch, capsys):
     from types import SimpleNamespace
 
-    from fedprompt.methods.post import TransferConfig
     from fedprompt.commands.post import transfer_prompt
+    from fedprompt.methods.post import TransferConfig
 
     student, large, student_prompt = sharp
 

@@ -14,9 +14,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedprompt import cli
 from fedprompt.config import compose
-from fedprompt.fl import client_app
+from fedprompt.fl import client_app, deploy
 from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
-from fedprompt.fl import deploy
 from fedprompt.fl.post.client import LOCAL_LOG, local_totals
 from fedprompt.fl.post.records import DP_REPLY_METRICS, PRIVACY_STATE, REPLY_METRICS, soft_prompt
 from fedprompt.fl.post.server import privacy_summary

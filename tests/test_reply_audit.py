@@ -16,8 +16,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from flwr.supercore.task_identity import TaskIdentity
 from omegaconf import OmegaConf
 
-from fedprompt.registry import METHODS
 from fedprompt.fl.records import AUDIT_FILE, audit_path, audit_replies, serialize_content
+from fedprompt.registry import METHODS
 
 ERROR_NODE = 99  # the highest node id: every strategy sees (and audits) the replies in node order
 

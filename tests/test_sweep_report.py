@@ -18,7 +18,6 @@ from fedprompt.data.leakage import content_ids, ids_digest
 from fedprompt.fl.launch import SimulationError
 from tests.fl_support import tiny_overrides, write_secret_task
 
-
 N = 40  # evaluation examples of the fake runs
 
 

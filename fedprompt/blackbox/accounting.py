@@ -113,7 +113,7 @@ class Accountant:
         self._anonymous = Account(ANONYMOUS, default_budget, admin=True)
 
     @classmethod
-    def from_settings(cls, keys_file: str | None, env_var: str, default_budget: Budget) -> "Accountant":
+    def from_settings(cls, keys_file: str | None, env_var: str, default_budget: Budget) -> Accountant:
         keys = (parse_keys_file(keys_file) if keys_file else []) + keys_from_env(env_var)
         return cls(keys, default_budget)
 

@@ -26,16 +26,16 @@ class Usage:
     bytes_sent: int = 0
     bytes_received: int = 0
 
-    def add(self, other: "Usage") -> "Usage":
+    def add(self, other: Usage) -> Usage:
         for name, value in asdict(other).items():
             setattr(self, name, getattr(self, name) + value)
         return self
 
-    def minus(self, earlier: "Usage") -> "Usage":
+    def minus(self, earlier: Usage) -> Usage:
         """The usage accrued since ``earlier`` (a snapshot taken with ``copy``)."""
         return Usage(**{k: v - getattr(earlier, k) for k, v in asdict(self).items()})
 
-    def copy(self) -> "Usage":
+    def copy(self) -> Usage:
         return Usage(**asdict(self))
 
     def to_dict(self) -> dict[str, int]:
@@ -63,7 +63,7 @@ class BlackBoxLM(abc.ABC):
     def classify(self, texts: Sequence[str], labels: Sequence[str], labels_only: bool = False) -> ClassifyResult:
         """Score each candidate string in ``labels`` as the continuation of each text in ``texts``."""
 
-    def close(self) -> None:  # network clients release connections
+    def close(self) -> None:  # noqa: B027  (optional hook: network clients release connections, others hold none)
         pass
 
     def __enter__(self):

@@ -102,7 +102,7 @@ class Gate:
         while True:
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise BodyTimedOut(f"the request body did not arrive within {timeout_s:g} s "
                                    "(service.limits.body_timeout_s); send it at once, or a smaller one") from None
             if message["type"] == "http.disconnect":

@@ -73,7 +73,7 @@ class RunningServer:
     def url(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"
 
-    def start(self, timeout_s: float = 60.0) -> "RunningServer":
+    def start(self, timeout_s: float = 60.0) -> RunningServer:
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
@@ -86,7 +86,7 @@ class RunningServer:
         self.server.should_exit = True
         self._thread.join(timeout=30)
 
-    def __enter__(self) -> "RunningServer":
+    def __enter__(self) -> RunningServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

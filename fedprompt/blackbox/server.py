@@ -34,8 +34,16 @@ from fedprompt.blackbox.engine import CompletionJob, ScoringEngine
 from fedprompt.blackbox.errors import BlackBoxError, ClientGone, Forbidden, InvalidRequest, NotFound, RequestTimedOut
 from fedprompt.blackbox.guard import Gate
 from fedprompt.blackbox.openai_format import chat_body, completion_body
-from fedprompt.blackbox.protocol import (ChatCompletionRequest, ClassifyRequest, CompletionRequest, check_sampling,
-                                         classify_response, encode_json, parse_request, stop_strings)
+from fedprompt.blackbox.protocol import (
+    ChatCompletionRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    check_sampling,
+    classify_response,
+    encode_json,
+    parse_request,
+    stop_strings,
+)
 from fedprompt.blackbox.settings import ServerSettings
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from typing import Any
 
 from fedprompt.errors import ConfigError
 from fedprompt.redact import REDACTED, SECRETS
@@ -17,7 +17,7 @@ LABEL_MODES = ("first_token", "echo")
 KINDS = ("inprocess", "http", "openai")
 
 
-def _service(cfg: Any) -> "ServiceConfig":
+def _service(cfg: Any) -> ServiceConfig:
     """The ``service`` node of a composed config, validated against its declaration (:class:`ServiceConfig`)."""
     from fedprompt.typed_config import from_node
 
@@ -77,8 +77,8 @@ class Budget:
 class TlsConfig:
     """``service.tls``: serve HTTPS with this PEM certificate (chain) and key; null = plain HTTP."""
 
-    certfile: Optional[str] = None  # scripts/make-certs.sh makes them; `fedprompt deploy` sets both
-    keyfile: Optional[str] = None
+    certfile: str | None = None  # scripts/make-certs.sh makes them; `fedprompt deploy` sets both
+    keyfile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,18 +108,18 @@ class HttpClientConfig:
     backoff_s: float = 0.5  # exponential: 0.5, 1, 2, 4 ... capped at max_backoff_s
     max_backoff_s: float = 8.0
     chunk_size: int = 128  # texts per request (<= the server's limits.max_batch)
-    max_prompts_per_request: Optional[int] = None  # openai: prompts per /v1/completions request; null = find out: several, and one a request from then on if the server refuses that (llama-cpp-python's server takes one)
-    ca_file: Optional[str] = None  # PEM CA bundle that verifies an https:// service.url; null = the system's
+    max_prompts_per_request: int | None = None  # openai: prompts per /v1/completions request; null = several, one if refused
+    ca_file: str | None = None  # PEM CA bundle that verifies an https:// service.url; null = the system's
 
 
 @dataclass(frozen=True)
 class OpenAIConfig:
     """``service.openai``: kind=openai, any OpenAI-compatible /v1/completions server."""
 
-    model: Optional[str] = None  # the server's model name; null = model.name
+    model: str | None = None  # the server's model name; null = model.name
     label_mode: str = "first_token"  # first_token (top-k next-token logprobs) | echo (exact; needs prompt logprobs)
     top_logprobs: int = 20  # k; hosted OpenAI allows at most 5
-    tokenizer: Optional[str] = None  # optional tokenizer (registry name, HF id, folder) to find each label's first token exactly
+    tokenizer: str | None = None  # optional tokenizer (registry name, HF id, folder) to find each label's first token exactly
 
 
 @dataclass(frozen=True)
@@ -130,11 +130,11 @@ class ServiceConfig:
     kind: str = "inprocess"  # methods' black box: inprocess | http (a `fedprompt serve`) | openai
     host: str = "127.0.0.1"
     port: int = 8000  # 0 = any free port
-    url: Optional[str] = None  # clients: the server's base URL; null = http://<host>:<port>
-    api_key: Optional[str] = None  # clients: sent as `Authorization: Bearer <key>`; null = $FEDPROMPT_API_KEY (openai: also $OPENAI_API_KEY); a key given here goes to $FEDPROMPT_API_KEY, every file a run writes holds *** instead
-    api_keys_file: Optional[str] = None  # server: one key a line, `<key> [name=alice] [requests=N] [queries=N] [tokens=N] [admin=true]`
-    api_keys_env: Optional[str] = "FEDPROMPT_API_KEYS"  # server: more keys, comma/space separated. No key anywhere = open server
-    model_id: Optional[str] = None  # the name in /v1/models and responses; null = model.name
+    url: str | None = None  # clients: the server's base URL; null = http://<host>:<port>
+    api_key: str | None = None  # Bearer key; null = $FEDPROMPT_API_KEY (openai: or $OPENAI_API_KEY); run files hold ***
+    api_keys_file: str | None = None  # server: one key a line, `<key> [name=alice] [requests=N] [queries=N] [tokens=N] [admin=true]`
+    api_keys_env: str | None = "FEDPROMPT_API_KEYS"  # server: more keys, comma/space separated. No key anywhere = open server
+    model_id: str | None = None  # the name in /v1/models and responses; null = model.name
     log_level: str = "warning"  # uvicorn's log level
     tls: TlsConfig = field(default_factory=TlsConfig)
     budget: Budget = field(default_factory=Budget)
@@ -185,7 +185,7 @@ class ServerSettings:
         return "https" if self.tls_certfile else "http"
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "ServerSettings":
+    def from_config(cls, cfg: Any) -> ServerSettings:
         """From a composed config (root, with ``service`` and ``model``)."""
         svc = _service(cfg)
         model_name = str(cfg.model.name) if cfg is not None and cfg.get("model") is not None else None
@@ -250,7 +250,7 @@ class ClientSettings:
             raise ConfigError(f"service.client.ca_file {self.ca_file!r} does not exist")
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "ClientSettings":
+    def from_config(cls, cfg: Any) -> ClientSettings:
         svc = _service(cfg)
         url = svc.url or f"http://{svc.host}:{svc.port}"
         if not svc.url and not 0 <= svc.port <= 65535:

@@ -83,8 +83,18 @@ def cmd_distill(cfg: DictConfig) -> dict:
     from transformers import AutoConfig
 
     from fedprompt.models import PromptedClassifier, load_causal_lm, load_tokenizer, materialize
-    from fedprompt.models.distill import (DistillCheckpoint, DistillConfig, build_student, check_layers, default_layers,
-                                          default_student_dir, distill, distill_settings, loss_curve_plot, save_student)
+    from fedprompt.models.distill import (
+        DistillCheckpoint,
+        DistillConfig,
+        build_student,
+        check_layers,
+        default_layers,
+        default_student_dir,
+        distill,
+        distill_settings,
+        loss_curve_plot,
+        save_student,
+    )
     from fedprompt.models.teacher_cache import build_teacher_cache, cache_key
     from fedprompt.typed_config import from_node
 

@@ -82,7 +82,7 @@ class TaskSpec:
         user = self.template.format(prompt=prompt, text=example.text, text_pair=example.text_pair or "")
         return self.chat_format.format(user=user, answer=self.answer_prefix)
 
-    def with_chat_format(self, chat_format: str | None) -> "TaskSpec":
+    def with_chat_format(self, chat_format: str | None) -> TaskSpec:
         return self if not chat_format else replace(self, chat_format=chat_format)
 
 

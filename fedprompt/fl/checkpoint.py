@@ -145,7 +145,7 @@ def _check_rng(rng: Any) -> None:
         raise _Damaged(f"rng states are malformed ({type(err).__name__}: {err})") from None
 
 
-def _decode(data: Any) -> "Checkpoint":
+def _decode(data: Any) -> Checkpoint:
     """The checkpoint in ``data`` (a JSON object), or _Damaged: every field's type, range and consistency."""
     _check(isinstance(data, dict), "not a JSON object")
     fields = {"round", "num_rounds", "config", "arrays", "strategy", "rows", "info", "rng"}
@@ -194,7 +194,7 @@ class Checkpoint:
         _write_atomic(Path(folder) / CHECKPOINT, _seal(json.dumps(data).encode()))
 
     @classmethod
-    def read(cls, folder: Path) -> "Checkpoint | None":
+    def read(cls, folder: Path) -> Checkpoint | None:
         """The folder's checkpoint, None if it has none; a ConfigError in one line naming the file and what is
         wrong if it is truncated, changed or inconsistent (it reads only: nothing is written or removed)."""
         path = Path(folder) / CHECKPOINT

@@ -36,7 +36,7 @@ class ClientRound:
     seed: int
 
     @classmethod
-    def of(cls, msg: Message, context: Context, cfg, num_partitions: int) -> "ClientRound":
+    def of(cls, msg: Message, context: Context, cfg, num_partitions: int) -> ClientRound:
         """This node's round; a RuntimeError when the SuperNodes are not ``federation.num_clients`` partitions."""
         partition_id, nodes = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
         if nodes != num_partitions or not 0 <= partition_id < num_partitions:

@@ -10,11 +10,9 @@ defaults of ``conf/``.
 from __future__ import annotations
 
 import json
-import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, TypeVar
+from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 

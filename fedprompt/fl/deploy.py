@@ -35,8 +35,8 @@ from typing import Callable, Iterator, TextIO
 from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.errors import ConfigError, FedPromptError
-from fedprompt.sections import DeploySettings  # noqa: F401  (re-exported)
 from fedprompt.fl.launch import CONNECTION, QUIET_ENV, RunOutcome, _tool, free_port, stop_process_group, submit_run
+from fedprompt.sections import DeploySettings  # noqa: F401  (re-exported)
 
 
 class DeploymentError(FedPromptError):
@@ -129,7 +129,7 @@ class LocalDeployment:
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
-    def __enter__(self) -> "LocalDeployment":
+    def __enter__(self) -> LocalDeployment:
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
             self.certs.make(self.num_supernodes)

@@ -13,8 +13,17 @@ from omegaconf import DictConfig
 
 from fedprompt.data import Example
 from fedprompt.errors import ConfigError
-from fedprompt.fl.node_data import (INFO, META, PUBLIC, SUMMARY, TRAIN, node_config_line, partition_folder,
-                                    partition_settings, public_settings)
+from fedprompt.fl.node_data import (
+    INFO,
+    META,
+    PUBLIC,
+    SUMMARY,
+    TRAIN,
+    node_config_line,
+    partition_folder,
+    partition_settings,
+    public_settings,
+)
 
 
 def _row(example: Example) -> str:
@@ -34,8 +43,14 @@ def write_partitions(cfg: DictConfig, out: str | Path) -> dict:
 
     The partition is the one ``fedprompt run`` builds in-process (same rows, same order, same checks: a client
     without examples or training rows that share content with the evaluation split are refused)."""
-    from fedprompt.fl.data import (check_no_leak, checked_partition, load_task_and_spec, overlap_excluded,
-                                   public_examples, training_examples)
+    from fedprompt.fl.data import (
+        check_no_leak,
+        checked_partition,
+        load_task_and_spec,
+        overlap_excluded,
+        public_examples,
+        training_examples,
+    )
 
     out = Path(out)
     task, spec = load_task_and_spec(cfg)

@@ -58,7 +58,7 @@ class Federation:
     round_timeout_s: float
 
     @classmethod
-    def from_cfg(cls, cfg) -> "Federation":
+    def from_cfg(cls, cfg) -> Federation:
         fed = cfg.federation
         return cls(num_clients=int(fed.num_clients), rounds=int(fed.rounds), eval_every=int(fed.get("eval_every", 1)),
                    fraction_train=float(fed.get("fraction_train", 1.0)),

@@ -46,8 +46,15 @@ def prepare(cfg: DictConfig) -> dict:
     """All checks that need data or tokenizers but no model weights, after the config's own and (resume=true)
     the checkpoint's; returns the partition's summary."""
     from fedprompt.fl.config import validate_config
-    from fedprompt.fl.data import (check_no_leak, checked_partition, eval_examples, load_task_and_spec,
-                                   overlap_excluded, public_examples, training_examples)
+    from fedprompt.fl.data import (
+        check_no_leak,
+        checked_partition,
+        eval_examples,
+        load_task_and_spec,
+        overlap_excluded,
+        public_examples,
+        training_examples,
+    )
     from fedprompt.registry import federated_method
 
     validate_config(cfg)

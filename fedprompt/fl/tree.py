@@ -103,7 +103,7 @@ class RunProcesses:
         self.token = secrets.token_hex(16)
         self.env = {TOKEN_ENV: self.token}
 
-    def __enter__(self) -> "RunProcesses":
+    def __enter__(self) -> RunProcesses:
         read_fd, self._write_fd = os.pipe()  # both ends non-inheritable: no other child gets the write end
         # The watchdog imports this very fedprompt, wherever the launcher found it (a checkout, an install).
         path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))

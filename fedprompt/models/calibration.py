@@ -40,7 +40,7 @@ class CalibrationSettings:
         return self.method != "none"
 
     @classmethod
-    def from_task(cls, task_cfg: Mapping[str, Any]) -> "CalibrationSettings":
+    def from_task(cls, task_cfg: Mapping[str, Any]) -> CalibrationSettings:
         """``task.calibration`` / ``task.calibration_examples``, checked (a config without them: none)."""
         method = str(task_cfg.get("calibration") or "none")
         if method not in METHODS:

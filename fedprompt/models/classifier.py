@@ -29,7 +29,7 @@ class EvalResult:
 
     @classmethod
     def from_scores(cls, scores: np.ndarray, gold: Sequence[int], inputs: Sequence[str], seconds: float,
-                    calibrate: bool = False, bias: np.ndarray | None = None) -> "EvalResult":
+                    calibrate: bool = False, bias: np.ndarray | None = None) -> EvalResult:
         """Accuracy of (N, C) label scores against ``gold``; ``inputs`` (the formatted texts) key the tie rule.
         With ``bias`` (task.calibration, fedprompt.models.calibration) the accuracy is of the calibrated
         scores, and the raw scores' is kept as ``uncalibrated_accuracy``."""

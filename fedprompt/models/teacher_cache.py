@@ -30,7 +30,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ class CachedTargets:
     logp: torch.Tensor  # (tokens, k) float32: log p_T of the teacher's top-k ids
     ids: torch.Tensor  # (tokens, k) int64
     log_tail: torch.Tensor  # (tokens,) float32: log of the teacher's mass outside the top-k (-inf: none)
-    hidden: Optional[torch.Tensor]  # (tokens, H) float32, or None when not cached
+    hidden: torch.Tensor | None  # (tokens, H) float32, or None when not cached
     lengths: list[int]  # real tokens of each text of the batch
 
 

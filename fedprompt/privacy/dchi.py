@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Annotated, Any, Mapping, Optional, Sequence
+from typing import Annotated, Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,6 @@ from pydantic import BeforeValidator
 from fedprompt.data.task import Example
 from fedprompt.errors import ConfigError, DataError
 from fedprompt.models.registry import fast_bf16
-
 
 _BLOCK = 128  # vocabulary rows per block of the shortlist search (DChiPrivatizer._top_scores)
 
@@ -48,8 +47,8 @@ def _infinity(value: Any) -> Any:
 class DChiConfig:
     """A ``privatize`` config node. ``eta=None``: privatization off; ``.inf``: on, but without noise."""
 
-    eta: Annotated[Optional[float], BeforeValidator(_infinity)] = None  # E||noise|| = d/eta; null = off
-    embedding: Optional[str] = None  # model whose input embeddings (and tokenizer) are used; None = model.name
+    eta: Annotated[float | None, BeforeValidator(_infinity)] = None  # E||noise|| = d/eta; null = off
+    embedding: str | None = None  # model whose input embeddings (and tokenizer) are used; None = model.name
     device: str = "auto"  # where the nearest-token search runs
     chunk_size: int = 2048  # tokens per matrix product (memory: chunk_size x vocabulary bf16 scores)
     shortlist: int = 8  # bf16 candidates per token, re-ranked exactly in float32
@@ -66,7 +65,7 @@ class DChiConfig:
                 raise ConfigError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
 
     @classmethod
-    def from_dict(cls, node: Mapping[str, Any] | None, where: str = "privatize") -> "DChiConfig":
+    def from_dict(cls, node: Mapping[str, Any] | None, where: str = "privatize") -> DChiConfig:
         """Build and validate a ``privatize`` node (fedprompt.typed_config.from_node)."""
         from fedprompt.typed_config import from_node
 
@@ -171,7 +170,7 @@ class DChiPrivatizer:
                 out[start : start + ids.numel()] = self.nearest(self.embedding[ids] + noise).cpu().numpy()
         return [part.tolist() for part in np.split(out, np.cumsum(lengths)[:-1])] if sequences else []
 
-    def privatize_texts(self, texts: Sequence[str], tokenizer, seed: int) -> "PrivatizedTexts":
+    def privatize_texts(self, texts: Sequence[str], tokenizer, seed: int) -> PrivatizedTexts:
         """Tokenize (no special tokens), privatize every token, decode: the privatized texts and their ids."""
         ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         private = self.privatize_ids(ids, seed)

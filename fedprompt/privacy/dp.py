@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from opacus.accountants import create_accountant
@@ -66,8 +66,8 @@ def soft_prompt_grad_sample(layer: SoftPrompt, activations: Sequence[torch.Tenso
 class PrivacyConfig:
     """DP-SGD settings of one client (``method.privacy``). ``epsilon: null`` trains without DP."""
 
-    epsilon: Optional[float] = None  # target epsilon after all planned steps; null: no DP
-    delta: Optional[float] = None  # null: min(1e-5, 1 / (10 N)), N the client's number of examples
+    epsilon: float | None = None  # target epsilon after all planned steps; null: no DP
+    delta: float | None = None  # null: min(1e-5, 1 / (10 N)), N the client's number of examples
     max_grad_norm: float = 1.0  # C: every per-example gradient is clipped to this L2 norm
     accountant: str = "rdp"  # rdp | prv (Opacus' accountants)
     noise_seed: str = "simulation"  # simulation: seeded, reproducible (the server can replay it) | secure: os.urandom

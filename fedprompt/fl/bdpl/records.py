@@ -21,8 +21,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fedprompt.fl.records import ARRAYS, CONFIG, METRICS  # noqa: F401 - re-exported: BDPL's message layout
-from fedprompt.fl.records import arrays_to_prompt, prompt_to_arrays
+from fedprompt.fl.records import ARRAYS, CONFIG, METRICS, arrays_to_prompt, prompt_to_arrays  # noqa: F401 - re-exported: BDPL's message layout
 
 LOGITS = "logits"
 OPTIMIZER_STATE = "bdpl-optimizer"

@@ -77,12 +77,12 @@ def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.blackbox import make_blackbox
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import eval_examples, load_task_and_spec, public_examples, reference_examples
+    from fedprompt.fl.feddtpt.strategy import FedDTPTStrategy
     from fedprompt.fl.protocol import measure_references, provenance
     from fedprompt.fl.records import audit_path
     from fedprompt.fl.report import RunReport
     from fedprompt.fl.rounds import Federation, RoundDriver, Scored
     from fedprompt.fl.run import run_folder
-    from fedprompt.fl.feddtpt.strategy import FedDTPTStrategy
     from fedprompt.methods.feddtpt.aggregate import FedDTPTAggregator
 
     fed, federation = cfg.federation, Federation.from_cfg(cfg)

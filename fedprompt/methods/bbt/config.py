@@ -7,7 +7,7 @@ known keys), out-of-range values are ConfigErrors saying what is allowed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from fedprompt.errors import ConfigError
 from fedprompt.typed_config import from_node
@@ -32,18 +32,18 @@ class BBTConfig:
     intrinsic_dim: int = 50  # d, the length of z (BBT: 500; smaller by default so that CMA-ES is cheap on CPU)
     prompt_tokens: int = 10  # P, soft-prompt vectors prepended to the input (BBT: 50)
     init: str = "text"  # P0: "text" (embeddings of init_text / the manual prompt) | "zeros"
-    init_text: Optional[str] = None  # null: the task's manual prompt
+    init_text: str | None = None  # null: the task's manual prompt
     popsize: int = 20  # CMA-ES candidates per iteration (BBT: 20)
     sigma0: float = 1.0  # CMA-ES initial step size (BBT: 1); also sigma_z in the projection's scale
     local_iterations: int = 5  # CMA-ES iterations per client per round (popsize candidates each)
-    batch_size: Optional[int] = 16  # local examples scoring each iteration's candidates (null: all of the client's)
-    bound: Optional[float] = None  # |z_i| <= bound in CMA-ES (null: unbounded, BBT's default)
+    batch_size: int | None = 16  # local examples scoring each iteration's candidates (null: all of the client's)
+    bound: float | None = None  # |z_i| <= bound in CMA-ES (null: unbounded, BBT's default)
     client_return: str = "best"  # fedavg mode: the client's best evaluated z | its final CMA mean
-    projection_std: Optional[float] = None  # std of A's entries; null: BBT's sigma_e / (sqrt(d) * sigma0)
-    projection_seed: Optional[int] = None  # seed of A, shared by server and clients; null: the run's seed
+    projection_std: float | None = None  # std of A's entries; null: BBT's sigma_e / (sqrt(d) * sigma0)
+    projection_seed: int | None = None  # seed of A, shared by server and clients; null: the run's seed
 
     @classmethod
-    def from_dict(cls, node: Any = None) -> "BBTConfig":
+    def from_dict(cls, node: Any = None) -> BBTConfig:
         return from_node(cls, node, "method")
 
     def validate(self) -> None:

@@ -46,7 +46,7 @@ class BDPLConfig:
     query_budget: int | None = None
 
     @classmethod
-    def from_dict(cls, node: Mapping[str, Any] | None = None) -> "BDPLConfig":
+    def from_dict(cls, node: Mapping[str, Any] | None = None) -> BDPLConfig:
         """Build and validate from a ``method`` config node (fedprompt.typed_config.from_node)."""
         from fedprompt.typed_config import from_node
 

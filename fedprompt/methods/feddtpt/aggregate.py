@@ -10,8 +10,8 @@ Every word of every client prompt is a point (client, position, word) with an em
    dropped before clustering (the sum is scaled to a mean for this, so the rule does not depend on how many
    clients there are; the paper gives no threshold: ours is chosen on validation, docs/feddtpt.md).
 3. **Elbow + DBSCAN** (``mode: dbscan``): eps is the knee (kneed) of the sorted k-distance curve over the
-   *distinct* surviving words (k = 2: each word's distance to its nearest other word); each distinct word is one DBSCAN point whose count is its
-   sample weight, so identical words from several clients meet the core condition without pulling the
+   *distinct* surviving words (k = 2: each word's distance to its nearest other word); each distinct word is
+   one DBSCAN point whose count is its sample weight, so identical words from several clients meet the core condition without pulling the
    knee to 0. ``min_eps`` is only a guard (``eps_floored`` says when it fired). min_samples is a count or
    a fraction of the replies (0.3: 3 of 10, 300 of 1,000), at least 2 and at most the replies.
 4. Each cluster keeps its highest-weight word; survivors are ordered by relative position,
@@ -193,7 +193,7 @@ class FedDTPTAggregator:
             labels = km.fit_predict(pts.xu, sample_weight=pts.counts)[pts.inverse]
         else:
             labels = self._dbscan(pts.xu, pts.counts, len(prompts), result)[pts.inverse]
-        result.labels = [l.tolist() for l in points.scatter(keep, labels, -2)]  # -2: filtered out, -1: noise
+        result.labels = [row.tolist() for row in points.scatter(keep, labels, -2)]  # -2: filtered out, -1: noise
         clusters = sorted(set(labels.tolist()) - {-1})
         result.n_clusters, result.n_noise = len(clusters), int(np.sum(labels == -1))
         if not clusters:
@@ -210,7 +210,7 @@ class FedDTPTAggregator:
         pts.keep(result, survivors, kept_w, places)
         return result
 
-    def _attention_filter(self, points: "_Points", raw: np.ndarray, result: AggregationResult) -> np.ndarray:
+    def _attention_filter(self, points: _Points, raw: np.ndarray, result: AggregationResult) -> np.ndarray:
         """Which points survive the attention filter (all of them when ``attention_threshold`` is 0).
 
         The attention of a word is the softmax, over its own client's words, of its mean cosine similarity
@@ -236,7 +236,7 @@ class FedDTPTAggregator:
         return keep
 
     @staticmethod
-    def _most_central(points: "_Points", raw: np.ndarray, weights: np.ndarray, result: AggregationResult) -> AggregationResult:
+    def _most_central(points: _Points, raw: np.ndarray, weights: np.ndarray, result: AggregationResult) -> AggregationResult:
         """The client prompt whose words have the highest mean summed similarity to the other clients'
         (ties: the lowest client index); empty prompts never win."""
         mean_raw = [raw[points.client == c].mean() if np.any(points.client == c) else -np.inf
@@ -346,7 +346,7 @@ class _Points:
         self.xu = _normalise(xu)
         self.x = self.xu[self.inverse]
 
-    def subset(self, keep: np.ndarray) -> "_Points":
+    def subset(self, keep: np.ndarray) -> _Points:
         """The kept points only (client indices and lengths unchanged, so positions stay comparable)."""
         sub = object.__new__(_Points)
         sub.n_clients, sub.lengths, sub.median_len, sub.split = self.n_clients, self.lengths, self.median_len, None

@@ -56,7 +56,7 @@ class SeedPromptConfig:
                     "{labels}, {labels_or}, {task}"
                 ) from None
 
-    def prompt(self, spec: "TaskSpec", client_index: int | None = None) -> list[str]:
+    def prompt(self, spec: TaskSpec, client_index: int | None = None) -> list[str]:
         """The seed prompt as words; ``client_index`` picks the style when ``style`` is "mixed"."""
         style = self.style
         if style == "mixed":
@@ -217,7 +217,7 @@ class FedDTPTConfig:
     privatize: DChiConfig = field(default_factory=DChiConfig)
 
     @classmethod
-    def from_dict(cls, node: Mapping[str, Any] | None = None) -> "FedDTPTConfig":
+    def from_dict(cls, node: Mapping[str, Any] | None = None) -> FedDTPTConfig:
         """Build and validate from a ``method`` config node (a dict or an OmegaConf DictConfig)."""
         from fedprompt.typed_config import from_node
 
@@ -230,7 +230,7 @@ class FedDTPTConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def initial_prompt(self, spec: "TaskSpec", client_index: int | None = None) -> list[str]:
+    def initial_prompt(self, spec: TaskSpec, client_index: int | None = None) -> list[str]:
         """The round-0 global prompt (or, with style "mixed", client ``client_index``'s own start)."""
         return self.seed_prompt.prompt(spec, client_index)
 

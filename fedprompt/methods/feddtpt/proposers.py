@@ -173,7 +173,7 @@ class EmbeddingNeighbourProposer(Proposer):
         self.index = {w: i for i, w in enumerate(self.words)}
 
     @classmethod
-    def from_model(cls, model, tokenizer, min_len: int = 2, vocab_limit: int | None = None) -> "EmbeddingNeighbourProposer":
+    def from_model(cls, model, tokenizer, min_len: int = 2, vocab_limit: int | None = None) -> EmbeddingNeighbourProposer:
         table = model.get_input_embeddings().weight.detach().float().cpu().numpy()
         words, ids = whole_word_vocab(tokenizer, min_len, vocab_limit)
         keep = [i for i, t in enumerate(ids) if t < len(table)]
@@ -231,7 +231,7 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.clip(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12, None)
 
 
-def build_proposer(cfg: "ProposerConfig") -> Proposer:
+def build_proposer(cfg: ProposerConfig) -> Proposer:
     """Load the configured proposer's model (once per client process; reuse it across rounds)."""
     from fedprompt.models.registry import load_tokenizer
 
@@ -254,7 +254,7 @@ def _load_lm(name: str, device: str, dtype: str):
     return load_causal_lm(name, device, dtype)
 
 
-def _load_mlm(cfg: "ProposerConfig") -> MLMProposer:
+def _load_mlm(cfg: ProposerConfig) -> MLMProposer:
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     from fedprompt.errors import ModelError

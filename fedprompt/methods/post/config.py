@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from fedprompt.errors import ConfigError
 from fedprompt.methods.post.prompts import PromptConfig
@@ -35,7 +35,7 @@ class POSTConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @classmethod
-    def from_dict(cls, node: Any = None) -> "POSTConfig":
+    def from_dict(cls, node: Any = None) -> POSTConfig:
         return from_node(cls, node, "method")
 
     def validate(self) -> None:
@@ -52,10 +52,10 @@ class POSTConfig:
 class TransferConfig:
     """The ``transfer`` node of ``fedprompt transfer``: POST's prompt transfer to the large model (``model``)."""
 
-    prompt: Optional[str] = None  # the student's soft prompt file (a method=post run folder's prompt.safetensors)
+    prompt: str | None = None  # the student's soft prompt file (a method=post run folder's prompt.safetensors)
     student: str = "student"  # the model the prompt was tuned on
-    public_task: Optional[str] = None  # null: the tuned task itself (DEFAULT_PUBLIC_TASK may map it to another)
-    public_split: Optional[str] = None  # null: validation of the tuned task, train of another task
+    public_task: str | None = None  # null: the tuned task itself (DEFAULT_PUBLIC_TASK may map it to another)
+    public_split: str | None = None  # null: validation of the tuned task, train of another task
     public_size: int = 256
     steps: int = 16
     batch_size: int = 16
@@ -63,13 +63,13 @@ class TransferConfig:
     temperature: float = 2.0
     # vocab: both KL terms over all next-token logits at the answer position (POST's) | labels: label words (ablation)
     logits: str = "vocab"
-    alpha: Optional[float] = None  # null: POST's rule from ZS and C on alpha_split
+    alpha: float | None = None  # null: POST's rule from ZS and C on alpha_split
     alpha_split: str = "validation"
     alpha_limit: int = 200
     init: str = "text"  # text: the task's text init (as the student's prompt began) | student: the student's prompt
 
     @classmethod
-    def from_dict(cls, node: Any = None) -> "TransferConfig":
+    def from_dict(cls, node: Any = None) -> TransferConfig:
         return from_node(cls, node, "transfer")
 
     def validate(self) -> None:

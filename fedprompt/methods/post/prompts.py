@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from fedprompt.data.task import TaskSpec
 from fedprompt.errors import ConfigError
@@ -19,7 +19,7 @@ class PromptConfig:
     """The soft prompt (``method.prompt``): POST's ~100 tokens, initialised from text."""
 
     num_tokens: int = 100
-    init_text: Optional[str] = None  # null: the task's manual prompt (its tokens repeated to num_tokens)
+    init_text: str | None = None  # null: the task's manual prompt (its tokens repeated to num_tokens)
 
     def validate(self) -> None:
         if self.num_tokens < 1:

@@ -43,7 +43,6 @@ from fedprompt.errors import ConfigError, DataError
 from fedprompt.methods.post.tuning import SoftPromptTuner, check_prompt_fits, context_length
 from fedprompt.models.soft_prompt import SoftPrompt
 
-
 LOGITS = ("vocab", "labels")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -60,9 +60,9 @@ class TrainResult:
     seconds: float
     losses: list[float] = field(default_factory=list)  # mean loss of each non-empty batch
     empty_batches: int = 0
-    epsilon: Optional[float] = None
-    delta: Optional[float] = None
-    noise_multiplier: Optional[float] = None
+    epsilon: float | None = None
+    delta: float | None = None
+    noise_multiplier: float | None = None
     history: list = field(default_factory=list)
 
     @property

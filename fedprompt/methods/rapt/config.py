@@ -78,7 +78,7 @@ class RAPTConfig:
         return self.reconstruction.plain_tokens if self.reconstruction.enabled else 0
 
     @classmethod
-    def from_dict(cls, node: Mapping[str, Any] | None = None) -> "RAPTConfig":
+    def from_dict(cls, node: Mapping[str, Any] | None = None) -> RAPTConfig:
         """Build and validate from a ``method`` config node (fedprompt.typed_config.from_node)."""
         from fedprompt.typed_config import from_node
 
