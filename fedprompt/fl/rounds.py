@@ -101,19 +101,27 @@ def check_strategy(strategy: Strategy, fed: Federation) -> None:
                              f"{wanted}: pass the config's value on (fedprompt.fl.rounds.Federation)")
 
 
+# report.info's key (and the summary's) for the server's own black-box usage so far (references, evaluation).
+SERVER_USAGE = "server_usage"
+
+
 class RoundDriver:
     """Runs a method's rounds (see the module's docstring); ``examples`` are the evaluation examples the
-    ``score`` callback predicts, in order."""
+    ``score`` callback predicts, in order; ``usage`` is the server's black box's cumulative
+    :class:`~fedprompt.blackbox.base.Usage` (None: it has none): it goes into every checkpoint, and a resumed
+    run's goes on from the checkpoint's, so the summary's ``server_usage`` is the whole run's."""
 
-    def __init__(self, cfg, folder: Path, report, strategy: Strategy, examples: Sequence) -> None:
+    def __init__(self, cfg, folder: Path, report, strategy: Strategy, examples: Sequence, usage=None) -> None:
         from fedprompt.fl.checkpoint import CheckpointedRounds
 
         self.fed = Federation.from_cfg(cfg)
         check_strategy(strategy, self.fed)
-        self.report, self.strategy, self.examples = report, strategy, examples
+        self.report, self.strategy, self.examples, self.usage = report, strategy, examples, usage
         # resume=true: the folder's checkpoint is checked and the report so far restored here, before the
         # method measures anything (report.info may already hold the references).
         self.checkpointed = CheckpointedRounds(cfg, folder, report, strategy)
+        if usage is not None and self.resumed is not None and SERVER_USAGE in report.info:
+            usage.add(type(usage)(**report.info[SERVER_USAGE]))  # what the server used before the stop
 
     @property
     def resumed(self):
@@ -126,6 +134,8 @@ class RoundDriver:
         due = self.fed.due(server_round)
         start = time.perf_counter()
         scored = score(server_round, arrays, due)
+        if self.usage is not None:  # into the round's checkpoint: a resumed run's total goes on from there
+            self.report.info[SERVER_USAGE] = self.usage.to_dict()
         predictions = scored.predictions if due else None
         accuracy = round_accuracy(self.report, self.examples, server_round, self.fed.rounds, predictions)
         rounds = getattr(self.strategy, "rounds", {})

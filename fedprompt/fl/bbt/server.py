@@ -95,7 +95,8 @@ def run_server(grid: Grid, cfg) -> dict:
         "popsize": method.popsize, "local_iterations": method.local_iterations, "batch_size": method.batch_size,
         "projection_std": projection.std, "projection_seed": projection.seed, **provenance(cfg),
     })
-    driver = RoundDriver(cfg, folder, report, strategy, examples)  # resume=true: the report so far is restored here
+    # resume=true: the report so far (and the server's black-box usage) is restored here
+    driver = RoundDriver(cfg, folder, report, strategy, examples, blackbox.usage)
     if fed.eval_references:  # the manual prompt or no instruction, without a soft prompt
         measure_references(report, lambda rows, text: predict_prompt(blackbox, spec, rows, text), spec, examples,
                            reference_examples(cfg, task))

@@ -93,7 +93,8 @@ def run_server(grid: Grid, cfg) -> dict:
         "local_steps": method.local_steps, "batch_size": method.batch_size, "lr": method.lr,
         "optimizer": method.optimizer, "query_budget": method.query_budget, **provenance(cfg),
     })
-    driver = RoundDriver(cfg, folder, report, strategy, examples)  # resume=true: the report so far is restored here
+    # resume=true: the report so far (and the server's black-box usage) is restored here
+    driver = RoundDriver(cfg, folder, report, strategy, examples, blackbox.usage)
     if fed.eval_references:
         measure_references(report, lambda rows, text: predict_prompt(blackbox, spec, rows, text), spec, examples,
                            reference_examples(cfg, task))

@@ -106,7 +106,8 @@ def run_server(grid: Grid, cfg) -> dict:
         "aggregate_mode": method.aggregate.mode, "proposer": method.proposer.name, "feedback": method.search.feedback,
         "budget_per_client_round": method.search.budget, **provenance(cfg),
     })
-    driver = RoundDriver(cfg, folder, report, strategy, examples)  # resume=true: the report so far is restored here
+    # resume=true: the report so far (and the server's black-box usage) is restored here
+    driver = RoundDriver(cfg, folder, report, strategy, examples, blackbox.usage)
     if fed.eval_references:
         measure_references(report, lambda rows, text: predict_prompt(blackbox, spec, rows, text), spec, examples,
                            reference_examples(cfg, task))
