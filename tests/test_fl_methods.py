@@ -1,6 +1,7 @@
 """Every method's server on the shared strategy (fedprompt.fl.strategy) honours the federation keys alike:
-min_replies, eval_every, fraction_train and min_available_clients; and a seed makes a run: two runs with the
-same seed (behind other, late-connecting node ids) write the same rounds.json and end with the same arrays.
+min_replies, eval_every, fraction_train and min_available_clients; a seed makes a run: two runs with the
+same seed (behind other, late-connecting node ids) write the same rounds.json and end with the same arrays;
+and a run stopped after round 1 resumes (resume=true) to the uninterrupted run's end, POST's DP accountants too.
 
 The servers run in this process against an in-process Grid that hands each message to the real ClientApp (no
 Ray: seconds), with the tiny random model."""
@@ -17,7 +18,7 @@ from fedprompt.fl.rounds import RoundDriver
 from tests.fl_support import write_secret_task
 from tests.rapt_support import one_thread  # noqa: F401 - fixture
 from tests.test_resume import _rounds_json_but_timings
-from tests.test_rounds import InProcessGrid, _overrides, server_identity  # noqa: F401 - fixture
+from tests.test_rounds import InProcessGrid, Stopped, _overrides, server_identity  # noqa: F401 - fixture
 
 # Every method `fedprompt run` offers: fedprompt is POST's server and clients with the prompt tuned on model=.
 METHODS = ["feddtpt", "post", "fedprompt", "rapt", "bbt", "bdpl"]
@@ -111,6 +112,55 @@ def test_every_method_samples_fraction_train_of_min_available_clients_and_a_seed
     assert final_a.keys() == final_b.keys() and all(np.array_equal(final_a[k], final_b[k]) for k in final_a)
     sampled = [[c["partition-id"] for c in r["aggregation"]["clients"]] for r in rows_a[1:]]
     assert all(len(s) == 2 for s in sampled)  # two of the three partitions, drawn by the seed
+
+
+
+# Every method, and POST with DP-SGD (its clients' accountants are their cross-round state).
+RESUMABLE = [pytest.param(m, (), id=m) for m in METHODS] + [pytest.param("post", ("method.privacy.epsilon=8",), id="post-dp")]
+
+
+@pytest.mark.parametrize("method, extra", RESUMABLE)
+def test_every_method_stopped_after_round_1_resumes_to_the_uninterrupted_run(
+        server_identity, tmp_path, tiny_model_dir, monkeypatch, method, extra):
+    """3 rounds uninterrupted; the same stopped in round 2 (round 1's checkpoint on disk, no client of round 2
+    ran), then resumed in a fresh grid (new contexts, other node ids: as after a restart, and this process's RNGs
+    drawn on meanwhile): the same rows (but seconds), the same summary and the same final arrays."""
+    import torch
+
+    data = write_secret_task(tmp_path / "data")
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    cfg = compose(overrides(method, data, tiny_model_dir, whole, *extra))
+    summary, final = run_server(method, cfg, InProcessGrid(cfg), monkeypatch)
+
+    cfg = compose(overrides(method, data, tiny_model_dir, stopped, *extra))
+    with pytest.raises(Stopped):
+        run_server(method, cfg, InProcessGrid(cfg, stop_at={2}), monkeypatch)
+    checkpoint = json.loads((stopped / "checkpoint.json").read_text())
+    assert checkpoint["round"] == 1 and len(json.loads((stopped / "rounds.json").read_text())) == 2
+    assert (checkpoint["strategy"] is not None) == (method == "rapt")  # RAPT's trainer (pool, head, optimizer)
+    torch.manual_seed(123)  # whatever this process drew since does not matter: the checkpoint's RNGs are restored
+    np.random.seed(123)
+    cfg = compose(overrides(method, data, tiny_model_dir, stopped, "resume=true", *extra))
+    resumed, resumed_final = run_server(method, cfg, InProcessGrid(cfg, node_ids=(909, 808)), monkeypatch)
+
+    assert _rounds_json_but_timings(stopped) == _rounds_json_but_timings(whole)
+    assert final.keys() == resumed_final.keys() and all(np.array_equal(final[k], resumed_final[k]) for k in final)
+    assert _but_timings(resumed, stopped) == _but_timings(summary, whole)  # the server's usage included
+    if extra:  # the accountants went on from round 1's state: epsilon grows every round, the same in both runs
+        epsilons = [r["client_metrics"]["epsilon-max"] for r in json.loads((whole / "rounds.json").read_text())[1:]]
+        assert epsilons == sorted(set(epsilons)) and resumed["epsilon"] == summary["epsilon"] == epsilons[-1]
+
+
+def _but_timings(summary: dict, folder) -> dict:
+    """A summary without its seconds, its run folder ``folder`` in paths as ``<run>``."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if not k.endswith(("_s", "-s"))}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value.replace(str(folder), "<run>") if isinstance(value, str) else value
+
+    return strip(summary)
 
 
 # --- the shared pieces on their own -------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The shared round driver (fedprompt.fl.rounds): eval_every, min_replies, the checkpoint every round, and RAPT's
-resume on it (every method's server on it: tests/test_fl_methods.py). The servers run in this process against an
+"""The shared round driver (fedprompt.fl.rounds): eval_every, min_replies and the checkpoint every round (every
+method's server on it, and resumed on it: tests/test_fl_methods.py). The servers run in this process against an
 in-process Grid that hands each message to the real ClientApp (no Ray: seconds), with clients that fail on demand."""
 
 from __future__ import annotations
@@ -9,20 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from omegaconf import OmegaConf
 
-from fedprompt.config import compose
 from fedprompt.fl import client_app
 from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
 from fedprompt.fl.post.strategy import PromptFedAvg
 from fedprompt.fl.report import RunReport
 from fedprompt.fl.rounds import Federation, RoundDriver, Scored
-from tests.fl_support import write_secret_task
-from tests.rapt_support import one_thread  # noqa: F401 - fixture
-from tests.test_resume import NoGrid, NoisyStrategy, _rounds_json_but_timings
+from tests.test_resume import NoGrid, NoisyStrategy
 
 
 @pytest.fixture
@@ -127,7 +123,7 @@ def test_post_averages_in_partition_order_whatever_the_node_ids(server_identity)
     assert first[1] == second[1] == [0, 1, 2] and first[0].tobytes() == second[0].tobytes()
 
 
-# --- POST's and RAPT's servers on an in-process grid -----------------------------------------------------------
+# --- an in-process grid for every method's server (tests/test_fl_methods.py) ---------------------------------------
 
 
 class Stopped(Exception):
@@ -178,29 +174,3 @@ def _overrides(method: str, data: Path, model: Path, folder: Path, *extra: str) 
             "bdpl": lambda d, m: [*bdpl_overrides(d, m), "method.clients_per_round=2"]}[method](data, model)
     return [*base, "federation.rounds=3", "federation.eval_limit=8", "federation.eval_references=false",
             f"output_dir={folder}", *extra]
-
-
-def _run_server(method: str, cfg, grid) -> dict:
-    from fedprompt.registry import federated_method
-
-    return federated_method(method).load("server")(grid, cfg)
-
-
-def test_a_rapt_run_stopped_in_round_2_resumes_to_the_uninterrupted_run(server_identity, tmp_path, tiny_model_dir):
-    data = write_secret_task(tmp_path / "data")
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    cfg = compose(_overrides("rapt", data, tiny_model_dir, whole))
-    summary = _run_server("rapt", cfg, InProcessGrid(cfg))
-    cfg = compose(_overrides("rapt", data, tiny_model_dir, stopped))
-    with pytest.raises(Stopped):
-        _run_server("rapt", cfg, InProcessGrid(cfg, stop_at={2}))
-    checkpoint = json.loads((stopped / "checkpoint.json").read_text())
-    assert checkpoint["round"] == 1 and checkpoint["strategy"] is not None  # the trainer's state is in it
-    torch.manual_seed(123)  # whatever this process drew since does not matter: the checkpoint's RNGs are restored
-    np.random.seed(123)
-    cfg = compose(_overrides("rapt", data, tiny_model_dir, stopped, "resume=true"))
-    resumed = _run_server("rapt", cfg, InProcessGrid(cfg, node_ids=(909, 808)))  # other node ids, as after a restart
-    assert _rounds_json_but_timings(stopped) == _rounds_json_but_timings(whole)
-    assert torch.equal(torch.load(stopped / "soft_prompt.pt"), torch.load(whole / "soft_prompt.pt"))
-    assert (resumed["examples_received"], resumed["train_steps"]) == (summary["examples_received"], summary["train_steps"])
-    assert resumed["final_accuracy"] == summary["final_accuracy"]
