@@ -183,27 +183,51 @@ def test_server_check_is_not_asked_when_the_merge_is_the_global_prompt():
     assert arrays_to_words(arrays) == ["classify", "the", "review"]
 
 
-def test_public_check_scores_on_the_public_pool_and_caches_the_old_prompt():
+class CountingBox:
+    """Predicts the gold label only when the prompt contains "good"; counts the texts it sees."""
+
+    def __init__(self):
+        self.texts = []
+
+    def classify(self, texts, label_words, labels_only):
+        from types import SimpleNamespace
+
+        self.texts += texts
+        return SimpleNamespace(predictions=[int(t.endswith("|1")) if "good" in t else 0 for t in texts])
+
+
+def _public_check(box):
     from types import SimpleNamespace
 
     from fedprompt.data.task import Example
     from fedprompt.fl.feddtpt.server import public_check
 
-    class Box:  # predicts the gold label only when the prompt contains "good"; counts the texts it sees
-        def __init__(self):
-            self.texts = []
-
-        def classify(self, texts, label_words, labels_only):
-            self.texts += texts
-            return SimpleNamespace(predictions=[int(t.endswith("|1")) if "good" in t else 0 for t in texts])
-
     spec = SimpleNamespace(label_words=["no", "yes"], format=lambda e, prompt: f"{prompt} {e.text}|{e.label}")
-    public = [Example("a", 0), Example("b", 1), Example("c", 0), Example("d", 1)]
-    box = Box()
-    check = public_check(box, spec, public)
+    return public_check(box, spec, [Example("a", 0), Example("b", 1), Example("c", 0), Example("d", 1)])
+
+
+def test_public_check_scores_on_the_public_pool_and_caches_the_old_prompt():
+    box = CountingBox()
+    check = _public_check(box)
     assert check(["good"], ["bad"]) == {"kept": False, "old_accuracy": 1.0, "new_accuracy": 0.5, "examples": 4}
     assert check(["good"], ["good", "too"])["kept"] is True  # a tie or better keeps the merge
     assert len(box.texts) == 12  # "good" was scored once
+
+
+def test_the_server_checks_scores_are_checkpointed_so_a_resume_asks_the_black_box_no_more():
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+    assert make_strategy().checkpoint_state() is None  # no server check: no state
+    strategy = make_strategy(server_check=_public_check(CountingBox()))
+    assert strategy.checkpoint_state() is None  # nothing scored yet
+    strategy.server_check(["good"], ["bad"])  # round 1
+    state = recorddict_from_proto(recorddict_to_proto(strategy.checkpoint_state()))  # as checkpoint.json holds it
+
+    box = CountingBox()
+    resumed = make_strategy(server_check=_public_check(box))  # the resumed process
+    resumed.restore_state(state)
+    assert resumed.server_check(["good"], ["good", "too"]) == strategy.server_check(["good"], ["good", "too"])
+    assert len(box.texts) == 4  # only the new merge: "good" was scored before the stop
 
 
 def test_bad_replies_are_recorded_and_skipped_and_the_rest_merged():

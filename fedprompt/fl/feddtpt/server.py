@@ -4,12 +4,13 @@ Round 0 is the seed prompt. After every round the global prompt is scored on ``f
 (first ``eval_limit`` examples) through the server's own black box (``service.kind``; in-process by
 default), and the run folder gets rounds.json / rounds.csv / accuracy.png and checkpoint.json (resume);
 summary.json at the end. The search is seeded per (seed, round, partition) and the sampling per
-(seed, round), so FedDTPT keeps no other state across rounds and resumes from the global prompt alone.
+(seed, round), so FedDTPT keeps no other state across rounds and resumes from the global prompt alone (with
+``method.aggregate.server_check``, and the public pool's scores so far: the strategy's checkpoint state).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord
@@ -54,23 +55,31 @@ def score_prompt(blackbox, spec, examples, prompt: Sequence[str] | str | None) -
     return float(np.mean(predictions == np.array([e.label for e in examples]))), len(examples)
 
 
-def public_check(blackbox, spec, public) -> Callable[[list[str], list[str]], dict]:
-    """``method.aggregate.server_check``: the merged prompt is kept if it scores at least as well as the
-    prompt the round started from on the public pool (public data: no client's text; 2 x its size queries a
-    round at most, the old prompt's score is cached)."""
-    scores: dict[str, float] = {}
+class PublicCheck:
+    """``method.aggregate.server_check``: ``check(old, merged)`` keeps the merged prompt if it scores at least as
+    well as the prompt the round started from on the public pool (public data: no client's text; 2 x its size
+    queries a round at most). Every prompt's score is cached in ``scores`` (the old prompt was scored in the
+    round before), which the strategy checkpoints: a resumed run asks the black box what the uninterrupted one
+    asks, no more."""
 
-    def score(words: list[str]) -> float:
+    def __init__(self, blackbox, spec, public) -> None:
+        self.blackbox, self.spec, self.public = blackbox, spec, public
+        self.scores: dict[str, float] = {}  # " ".join(prompt) -> its accuracy on the public pool
+
+    def score(self, words: list[str]) -> float:
         key = " ".join(words)
-        if key not in scores:
-            scores[key] = score_prompt(blackbox, spec, public, words)[0]
-        return scores[key]
+        if key not in self.scores:
+            self.scores[key] = score_prompt(self.blackbox, self.spec, self.public, words)[0]
+        return self.scores[key]
 
-    def check_merge(old: list[str], merged: list[str]) -> dict:
-        before, after = score(old), score(merged)
-        return {"kept": after >= before, "old_accuracy": before, "new_accuracy": after, "examples": len(public)}
+    def __call__(self, old: list[str], merged: list[str]) -> dict:
+        before, after = self.score(old), self.score(merged)
+        return {"kept": after >= before, "old_accuracy": before, "new_accuracy": after, "examples": len(self.public)}
 
-    return check_merge
+
+def public_check(blackbox, spec, public) -> PublicCheck:
+    """The server check on the public pool ``public`` (:class:`PublicCheck`)."""
+    return PublicCheck(blackbox, spec, public)
 
 
 def run_server(grid: Grid, cfg) -> dict:

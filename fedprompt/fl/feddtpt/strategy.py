@@ -7,13 +7,15 @@ from collections.abc import Callable
 from logging import INFO
 from typing import Any
 
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore import log
 
 from fedprompt.fl.feddtpt.records import arrays_to_words, words_to_arrays
 from fedprompt.fl.records import ARRAYS
 from fedprompt.fl.report import RoundStats
 from fedprompt.fl.strategy import FedStrategy
+
+SERVER_CHECK = "server-check"  # the checkpoint state's record: the server check's scores per prompt
 
 
 class FedDTPTStrategy(FedStrategy):
@@ -29,7 +31,8 @@ class FedDTPTStrategy(FedStrategy):
 
     With ``server_check`` (off in the paper): ``server_check(old, merged)`` scores both prompts (the server's
     public pool through the black box) and returns ``{"kept": bool, ...}``; a merged prompt that is not kept is
-    recorded and the global prompt stays, the clients' own acceptance rule applied to the merge.
+    recorded and the global prompt stays, the clients' own acceptance rule applied to the merge. A check with
+    a ``scores`` cache (``fedprompt.fl.feddtpt.server.PublicCheck``) has it checkpointed (resume).
     """
 
     def __init__(self, aggregator, max_tokens: int | None = None,
@@ -78,3 +81,15 @@ class FedDTPTStrategy(FedStrategy):
                 merged = self._global
         log(INFO, "aggregate_train: %d prompts -> %r", len(valid), " ".join(merged))
         return words_to_arrays(merged)
+
+    # --- resume: the server check's cached scores in the checkpoint (fedprompt.fl.checkpoint) -----------------
+
+    def checkpoint_state(self) -> RecordDict | None:
+        scores = getattr(self.server_check, "scores", None)
+        if not scores:
+            return None
+        return RecordDict({SERVER_CHECK: ConfigRecord({"prompts": list(scores), "accuracies": list(scores.values())})})
+
+    def restore_state(self, state: RecordDict) -> None:
+        record = state[SERVER_CHECK]
+        self.server_check.scores.update(zip(record["prompts"], record["accuracies"]))
