@@ -32,6 +32,7 @@ Twister), unpredictable through its seed but not a cryptographic generator (docs
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -146,8 +147,7 @@ def plan_dp(privacy: PrivacyConfig, num_examples: int, batch_size: int, planned_
     rate = batch_size / num_examples
     delta = privacy.delta if privacy.delta is not None else default_delta(num_examples)
     try:
-        sigma = get_noise_multiplier(target_epsilon=float(privacy.epsilon), target_delta=delta, sample_rate=rate,
-                                     steps=planned_steps, accountant=privacy.accountant)
+        sigma = _noise_multiplier(float(privacy.epsilon), float(delta), float(rate), int(planned_steps), privacy.accountant)
     except (ValueError, RuntimeError, OverflowError) as err:
         raise ConfigError(
             f"privacy.epsilon={privacy.epsilon} cannot be reached with delta={delta:.3g}, sampling rate "
@@ -158,6 +158,13 @@ def plan_dp(privacy: PrivacyConfig, num_examples: int, batch_size: int, planned_
                   max_grad_norm=privacy.max_grad_norm, planned_steps=planned_steps,
                   target_epsilon=float(privacy.epsilon), accountant=privacy.accountant,
                   noise_seed=privacy.noise_seed)
+
+
+@functools.lru_cache(maxsize=256)
+def _noise_multiplier(epsilon: float, delta: float, rate: float, steps: int, accountant: str) -> float:
+    # Opacus' search takes ~1 s; every DP client plans the same (epsilon, delta, rate, steps) every round.
+    return get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=rate, steps=steps,
+                                accountant=accountant)
 
 
 History = list[tuple[float, float, int]]  # Opacus' accountant history: (noise multiplier, sample rate, steps)
