@@ -70,6 +70,15 @@ def test_prepare_runs_once_per_job_in_a_sweep(capsys, tmp_path, tiny_model_dir, 
         assert OmegaConf.load(folder / "config.yaml").seed == number
         assert (folder / "partition.json").is_file() and (folder / "result.json").is_file()
 
+    # resume=true of the sweep: the same job folders, each job checked and prepared once again
+    counted_runs.clear()
+    assert cli.main(["run", "-m", *args, "resume=true"]) == 0, capsys.readouterr().err
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert resumed["sweep_dir"] == str(sweep.resolve()) and resumed["completed"] == 3
+    assert sorted(counted_runs) == [0, 1, 2]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2"]
+    assert all(OmegaConf.load(sweep / str(n) / "config.yaml").resume is True for n in range(3))
+
 
 def test_prepare_runs_once_in_a_single_run(capsys, tmp_path, tiny_model_dir, nothing_expensive, counted_runs):
     out = tmp_path / "out"
@@ -84,6 +93,8 @@ def test_expand_jobs_is_the_basic_sweepers_order():
     jobs = expand_jobs(["a=1,2", "b=x", "c=3,4", "a=5,6"], multirun=True)  # a repeated key keeps its place
     assert jobs == [["a=5", "b=x", "c=3"], ["a=5", "b=x", "c=4"], ["a=6", "b=x", "c=3"], ["a=6", "b=x", "c=4"]]
     assert expand_jobs(["a=1,2"], multirun=False) == [["a=1,2"]]
+    assert expand_jobs(["seed=range(0,2)", "partition=glob(i*)"], multirun=True) == [
+        ["seed=0", "partition=iid"], ["seed=1", "partition=iid"]]  # glob: conf/'s options of the group
 
 
 @pytest.mark.parametrize("args, message", [

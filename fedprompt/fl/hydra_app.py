@@ -83,11 +83,17 @@ def expand_jobs(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
     values, key by key in the order given (Hydra's public override parser reads the sweeps)."""
     if not multirun:
         return [list(overrides)]
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    from fedprompt.config import conf_dir
+
     try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        with initialize_config_dir(config_dir=str(conf_dir()), job_name="run", version_base=None):
+            loader = GlobalHydra.instance().config_loader()  # glob(...) lists a config group's options
+            parsed = OverridesParser.create(config_loader=loader).parse_overrides(list(overrides))
         choices: dict[str, list[str]] = {}  # the basic sweeper's order: a repeated key keeps its first place
         for override in parsed:
             key = override.get_key_element()
@@ -193,6 +199,9 @@ def main(argv: Sequence[str]) -> int:
     except Interrupted as stop:  # a sweep stops too: its later jobs would be stopped the same way
         print(f"fedprompt run: {stop}", file=sys.stderr)
         return stop.exit_code
+    except FedPromptError as err:  # Hydra refused the config after all (the checks compose it the same way)
+        print(f"fedprompt run: error: {err}", file=sys.stderr)
+        return 2
     except Exception:  # noqa: BLE001 - a bug in one run (a sweep's jobs record theirs): as Hydra reports it
         traceback.print_exc()
         return 1
@@ -260,15 +269,20 @@ def launch(config_name: str, overrides: list[str], task_function, multirun: bool
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.plugins import Plugins
     from hydra.core.utils import configure_log, run_job
+    from hydra.errors import HydraException
     from hydra.types import HydraContext, RunMode
+    from omegaconf.errors import OmegaConfBaseException
 
     from fedprompt.config import conf_dir
 
     mode = RunMode.MULTIRUN if multirun else RunMode.RUN
     with initialize_config_dir(config_dir=str(conf_dir()), job_name="run", version_base=None):
         loader = GlobalHydra.instance().config_loader()
-        cfg = loader.load_configuration(config_name=config_name, overrides=[*overrides, f"hydra.mode={mode.name}"],
-                                        run_mode=mode)
+        try:
+            cfg = loader.load_configuration(config_name=config_name, run_mode=mode,
+                                            overrides=[*overrides, f"hydra.mode={mode.name}"])  # as hydra.main adds it
+        except (HydraException, OmegaConfBaseException) as err:
+            raise ConfigError(f"bad override in {overrides}: {' '.join(str(err).split())}") from None
         configure_log(cfg.hydra.hydra_logging, cfg.hydra.verbose)
         callbacks = HydraCallbacks(cfg)
         context = HydraContext(config_loader=loader, callbacks=callbacks)  # type: ignore[arg-type]  # duck-typed
