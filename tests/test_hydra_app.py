@@ -21,12 +21,14 @@ from tests.fl_support import tiny_overrides, write_secret_task
 SOURCE = Path(fedprompt.__file__).parent
 
 
-def test_fedprompt_uses_no_private_hydra_api_and_leaves_sys_argv_alone():
+def test_fedprompt_uses_no_private_hydra_api_leaves_sys_argv_alone_and_holds_no_test_hook():
     private = re.compile(r"hydra\._internal|from\s+hydra\s+import\s+_internal|hydra/_internal")
     offenders = [str(p.relative_to(SOURCE)) for p in SOURCE.rglob("*.py") if private.search(p.read_text())]
     assert offenders == [], f"hydra._internal is Hydra's private API: {offenders}"
     argv_swap = re.compile(r"sys\.argv\s*(\[[^\]]*\])?\s*=[^=]")
     assert [str(p.relative_to(SOURCE)) for p in SOURCE.rglob("*.py") if argv_swap.search(p.read_text())] == []
+    # test hooks live in tests/ (tests/hooks/sitecustomize.py), never in fedprompt
+    assert [str(p.relative_to(SOURCE)) for p in SOURCE.rglob("*.py") if "FEDPROMPT_TEST" in p.read_text()] == []
 
 
 @pytest.fixture
