@@ -238,7 +238,8 @@ class HydraCallbacks:
             try:
                 getattr(callback, event)(**kwargs)
             except Exception as err:  # noqa: BLE001 - as Hydra: a callback's failure does not stop the run
-                warnings.warn(f"Callback {type(callback).__name__}.{event} raised {type(err).__name__}: {err}")
+                warnings.warn(f"Callback {type(callback).__name__}.{event} raised {type(err).__name__}: {err}",
+                              stacklevel=2)
 
     def on_run_start(self, **kwargs: Any) -> None:
         self._notify("on_run_start", **kwargs)
