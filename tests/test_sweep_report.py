@@ -26,7 +26,7 @@ def _correct(alpha: float, seed: int) -> np.ndarray:
     return np.arange(N) < 20 + int(8 * alpha) + seed
 
 
-def fake_run(cfg) -> dict:
+def fake_run(cfg, partition=None) -> dict:
     """What `fedprompt run` leaves in its folder: accuracies that depend on alpha, seed and round, and
     per-example predictions (the manual prompt, the reference, is right on the first 20 examples)."""
     alpha, seed, folder = float(cfg.partition.alpha), int(cfg.seed), Path(cfg.output_dir)

@@ -175,13 +175,21 @@ def resume_point(cfg: DictConfig, folder: Path):
     return None
 
 
-def cmd_run(cfg: DictConfig) -> dict:
+def cmd_run(cfg: DictConfig, partition: dict | None = None) -> dict:
+    """One run in ``cfg.output_dir`` (else a new folder); the record of summary.json and the launcher's figures.
+
+    ``partition``: :func:`prepare`'s result for this config when the caller already checked it (``fedprompt
+    run`` checks every job of a sweep before the first starts): then only the resume check is redone here,
+    since the folder is known now, and the data, partition and tokenizers are not loaded a second time."""
     from fedprompt.fl.protocol import git_state
 
     start = time.perf_counter()
     root = app_dir()
     code = git_state()  # the checkout the FAB is packed from, before it can change under a long run
-    partition = prepare(cfg)
+    if partition is None:
+        partition = prepare(cfg)
+    else:
+        check_resume(cfg)
     cfg, folder, run_config, checkpoint = start_run_folder(cfg, partition)
     if finished(folder, checkpoint):
         return json.loads((folder / "result.json").read_text())  # resume=true on a finished run: nothing to run
