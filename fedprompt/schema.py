@@ -78,7 +78,7 @@ class PartitionSchema:
             raise ConfigError(f"partition.k_shot must be >= 1 (or null for the whole train split), got {self.k_shot}")
 
 
-ON_DEMAND_CLASSES = {"distill": "fedprompt.models.distill:DistillConfig",
+ON_DEMAND_CLASSES = {"distill": "fedprompt.models.distill_config:DistillConfig",
                      "transfer": "fedprompt.methods.post.config:TransferConfig"}
 
 

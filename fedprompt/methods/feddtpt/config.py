@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
 from fedprompt.errors import ConfigError
-from fedprompt.privacy.dchi import DChiConfig
+from fedprompt.privacy.settings import DChiConfig
 
 if TYPE_CHECKING:
     from fedprompt.data.task import TaskSpec

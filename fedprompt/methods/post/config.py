@@ -7,10 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedprompt.errors import ConfigError
-from fedprompt.methods.post.prompts import PromptConfig
-from fedprompt.methods.post.transfer import check_logits
-from fedprompt.methods.post.tuning import TrainConfig
-from fedprompt.privacy.dp import PrivacyConfig
+from fedprompt.privacy.settings import PrivacyConfig
 from fedprompt.typed_config import from_node
 
 # The public transfer set of a task when transfer.public_task is null: a related public task's train
@@ -20,6 +17,51 @@ from fedprompt.typed_config import from_node
 # for the other: the content check of `fedprompt transfer` refuses it.
 DEFAULT_PUBLIC_TASK: dict[str, str] = {}
 INITS = ("text", "student")
+OPTIMIZERS = ("adam", "sgd")
+LOGITS = ("vocab", "labels")
+
+
+@dataclass
+class PromptConfig:
+    """The soft prompt (``method.prompt``): POST's ~100 tokens, initialised from text."""
+
+    num_tokens: int = 100
+    init_text: str | None = None  # null: the task's manual prompt (its tokens repeated to num_tokens)
+
+    def validate(self) -> None:
+        if self.num_tokens < 1:
+            raise ConfigError(f"method.prompt.num_tokens must be >= 1, got {self.num_tokens}")
+        if self.init_text is not None and not self.init_text.strip():
+            raise ConfigError("method.prompt.init_text is empty; give some text or null (the task's manual prompt)")
+
+
+@dataclass
+class TrainConfig:
+    """Local training (``method.train``): one call of the tuner = ``local_steps`` optimizer steps."""
+
+    local_steps: int = 8
+    batch_size: int = 16  # with DP: the expected size of a Poisson batch (rate batch_size / N)
+    lr: float = 0.03
+    optimizer: str = "adam"  # adam | sgd
+    momentum: float = 0.0  # sgd only
+
+    def validate(self) -> None:
+        if self.local_steps < 1:
+            raise ConfigError(f"method.train.local_steps must be >= 1, got {self.local_steps}")
+        if self.batch_size < 1:
+            raise ConfigError(f"method.train.batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"method.train.lr must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"method.train.optimizer={self.optimizer!r} is not one of {list(OPTIMIZERS)}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"method.train.momentum must be in [0, 1), got {self.momentum}")
+
+
+def check_logits(logits: str) -> None:
+    if logits not in LOGITS:
+        raise ConfigError(f"transfer.logits={logits!r} is not one of {list(LOGITS)} (vocab: all next-token logits "
+                          "at the answer position, POST's; labels: the label words' only, an ablation)")
 
 
 @dataclass

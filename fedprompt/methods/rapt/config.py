@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from fedprompt.errors import ConfigError
-from fedprompt.privacy.dchi import DChiConfig
+from fedprompt.privacy.settings import DChiConfig
 
 PROMPT_INITS = ("manual", "random")
 
