@@ -67,7 +67,11 @@ class TeacherCacheConfig:
 
 @dataclass
 class DistillConfig:
-    """``fedprompt distill`` (the ``distill`` config node); the teacher is ``model``."""
+    """``fedprompt distill`` (the ``distill`` config node); the teacher is ``model``.
+
+    - ``train_embeddings``: keep the large model's embeddings and (tied) LM head: the student's prompt stays in the
+      large model's space
+    """
 
     layers: list[int] | None = None  # teacher layers kept, in order; null: the first 2 and the last 2
     steps: int = 150
@@ -75,8 +79,7 @@ class DistillConfig:
     max_length: int = 96  # longer texts are left out (a cut prompt loses its answer position)
     lr: float = 6e-4
     train_embeddings: bool = False
-    # bf16 autocast for the student's matmuls (fp32 weights and optimizer); null: where bf16 is fast (fast_bf16)
-    autocast: bool | None = None
+    autocast: bool | None = None  # bf16 autocast for the student's matmuls (fp32 weights and optimizer state); null: where bf16 is fast
     loss: DistillLossWeights = field(default_factory=DistillLossWeights)
     data: DistillDataConfig = field(default_factory=DistillDataConfig)
     output: str | None = None  # student folder; null: <cache>/students/<teacher> (what method.model=student loads)
