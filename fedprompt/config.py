@@ -114,26 +114,44 @@ def rewrite_shorthands(overrides: Sequence[str]) -> list[str]:
 
 
 # Sections whose defaults come from their declaration, not from conf/: group -> (the dataclass, where its node
-# goes). Their conf/ files list `declared` first in their defaults list and hold only what differs.
+# goes). Their conf/ files list `declared` first in their defaults list and hold only what differs. Every
+# declaring module here imports no torch (the methods' config modules, fedprompt.models.distill_config): composing
+# a config stays fast.
 DECLARED = {"federation": ("fedprompt.sections:FederationConfig", "federation"),
             "service": ("fedprompt.blackbox.settings:ServiceConfig", "service"),
-            "deploy": ("fedprompt.sections:DeploySettings", "deploy")}
+            "deploy": ("fedprompt.sections:DeploySettings", "deploy"),
+            "distill": ("fedprompt.models.distill_config:DistillConfig", "distill"),
+            "transfer": ("fedprompt.methods.post.config:TransferConfig", "transfer")}
 
 
-def register_declared_defaults() -> None:
-    """Put the declared defaults of :data:`DECLARED` in Hydra's ConfigStore as ``<group>/declared`` (plain
-    values: the one validator, fedprompt.typed_config, checks types after composition), so that
-    ``federation.rounds=5`` overrides a key that no yaml file repeats."""
+def declared_sections() -> list[tuple[str, str, str, str]]:
+    """Every declared section as (ConfigStore group, name, the dataclass, package). :data:`DECLARED` as
+    ``<group>/declared``, and each method of fedprompt.registry.METHODS as ``method/declared/<name>`` (its
+    conf/method/<name>.yaml lists ``declared/<name>`` first)."""
+    from fedprompt.registry import METHODS
+
+    out = [(group, "declared", path, package) for group, (path, package) in DECLARED.items()]
+    return out + [("method/declared", name, method.config, "method") for name, method in METHODS.items()]
+
+
+def declared_node(path: str) -> dict:
+    """The declared defaults of the dataclass at ``path`` (``"module:Class"``), as plain values."""
     from dataclasses import asdict
     from importlib import import_module
 
+    module, _, name = path.partition(":")
+    return asdict(getattr(import_module(module), name)())
+
+
+def register_declared_defaults() -> None:
+    """Put the declared defaults of :func:`declared_sections` in Hydra's ConfigStore (plain values: the one
+    validator, fedprompt.typed_config, checks types after composition), so that ``federation.rounds=5`` or
+    ``method.search.budget=300`` overrides a key that no yaml file repeats."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
-    for group, (path, package) in DECLARED.items():
-        module, _, name = path.partition(":")
-        node = asdict(getattr(import_module(module), name)())
-        store.store(group=group, name="declared", node=node, package=package)
+    for group, name, path, package in declared_sections():
+        store.store(group=group, name=name, node=declared_node(path), package=package)
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:

@@ -65,21 +65,31 @@ def test_one_coercion_rule_for_every_method(method, key):
         assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("group", ["federation", "service", "deploy"])
-def test_conf_sets_only_what_differs_from_the_declared_defaults(group):
-    """Defaults once: these sections' defaults are their dataclasses' (Hydra's ConfigStore, <group>/declared);
-    their conf/ file sets only values that differ (interpolations such as ${port}), and key=value still works."""
-    from dataclasses import asdict
-    from importlib import import_module
+def declared_files():
+    """(conf/ file, ConfigStore group, name, the dataclass) of every declared section (fedprompt.config)."""
+    from fedprompt.config import declared_sections
 
+    out = []
+    for group, name, path, _ in declared_sections():
+        file = CONF / "method" / f"{name}.yaml" if group == "method/declared" else CONF / group / "default.yaml"
+        out.append(pytest.param(file, group, name, path, id=str(file.relative_to(CONF))))
+    return out
+
+
+@pytest.mark.parametrize("file, group, name, path", declared_files())
+def test_conf_sets_only_what_differs_from_the_declared_defaults(file, group, name, path):
+    """Defaults once: every section's defaults are its dataclass's (Hydra's ConfigStore, <group>/declared or
+    method/declared/<method>); its conf/ file lists that first and sets only values that differ (interpolations
+    such as ${port}), so a default changed in the dataclass is the default of every command."""
     from omegaconf import OmegaConf
 
-    from fedprompt.config import DECLARED
+    from fedprompt.config import declared_node
 
-    module, _, name = DECLARED[group][0].partition(":")
-    declared = asdict(getattr(import_module(module), name)())
-    node = OmegaConf.load(CONF / group / "default.yaml")
-    node = node.get(group, {}) if group == "service" else node  # service/default.yaml is at the root package
+    declared = declared_node(path)
+    node = OmegaConf.to_container(OmegaConf.load(file))
+    entry = f"declared/{name}" if group == "method/declared" else "declared"
+    assert node.get("defaults", [None])[0] == entry, f"{file.name}: its defaults list must start with {entry}"
+    node = node.get("service", {}) if group == "service" else node  # service/default.yaml is at the root package
 
     def leaves(tree, prefix=""):
         for key, value in tree.items():
@@ -88,48 +98,63 @@ def test_conf_sets_only_what_differs_from_the_declared_defaults(group):
             else:
                 yield f"{prefix}{key}", value
 
-    for key, value in leaves(OmegaConf.to_container(node)):
+    for key, value in leaves(node):
         if key == "defaults":
             continue
         default = declared
         for part in key.split("."):
             default = default[part]
-        assert value != default, f"conf/{group}/default.yaml repeats the declared default {key}={value!r}"
-    key = {"federation": "rounds", "service": "limits.max_batch", "deploy": "startup_timeout_s"}[group]
-    assert OmegaConf.select(compose([f"{group}.{key}=5"]), f"{group}.{key}") == 5  # no yaml file names it
+        assert value != default, f"{file.relative_to(CONF)} repeats the declared default {key}={value!r}"
 
 
-# The sections whose declaring modules load torch (every method's, distill, transfer) are not in the ConfigStore
-# (registering them would import torch and each method's stack at every compose): conf/ still repeats their
-# defaults, and this one test keeps the two equal (it found distill.steps and distill.lr apart).
-ALLOWED = {"fedprompt": {"model"}}  # FedPrompt tunes on the served model: method.model=${model.name}
+@pytest.mark.parametrize("override", ["federation.rounds=5", "service.limits.max_batch=5", "deploy.startup_timeout_s=5",
+                                      "method.search.budget=5", "distill.steps=5", "transfer.steps=5",
+                                      "method=post method.train.local_steps=5", "method=rapt method.train.steps=5",
+                                      "method=bbt method.popsize=5", "method=bdpl method.local_steps=5",
+                                      "method=fedprompt method.prompt.num_tokens=5"])
+def test_a_plain_override_sets_a_key_that_no_yaml_file_names(override):
+    from omegaconf import OmegaConf
+
+    *choice, item = override.split()
+    key = item.partition("=")[0]
+    assert OmegaConf.select(compose([*choice, item]), key) == 5
 
 
-@pytest.mark.parametrize("option", sorted(f.stem for f in (CONF / "method").glob("*.yaml")) + ["distill", "transfer"])
-def test_conf_repeats_the_declared_defaults_of_the_torch_sections_exactly(option):
+def test_the_shipped_method_configs_are_the_declared_ones():
+    """What each method runs with by default is its dataclass's default (FedPrompt: on the served model)."""
     from dataclasses import asdict
 
     from fedprompt.fl.config import method_config
-    from fedprompt.schema import ON_DEMAND_CLASSES
+
+    for method in sorted(f.stem for f in (CONF / "method").glob("*.yaml")):
+        typed = method_config(compose([f"method={method}"]))
+        declared, shipped = asdict(type(typed)()), asdict(typed)
+        apart = {k for k in set(declared) | set(shipped) if declared.get(k) != shipped.get(k)}
+        assert apart == ({"model"} if method == "fedprompt" else set()), (method, sorted(apart))
+    from fedprompt.models.distill_config import DistillConfig
     from fedprompt.typed_config import from_node
 
-    if option in ON_DEMAND_CLASSES:
-        cfg = compose([])
-        typed = from_node(typing_class(option), cfg[option], option)
-    else:
-        typed = method_config(compose([f"method={option}"]))
-    declared, shipped = asdict(type(typed)()), asdict(typed)
-    apart = {k for k in set(declared) | set(shipped) if declared.get(k) != shipped.get(k)}
-    assert apart == ALLOWED.get(option, set()), f"conf/ and {type(typed).__name__} disagree on {sorted(apart)}"
+    assert from_node(DistillConfig, compose([]).distill, "distill") == DistillConfig()
 
 
-def typing_class(section):
-    from importlib import import_module
+def test_composing_imports_no_torch():
+    """The declaring modules of every section are torch-free: composing a config stays fast."""
+    import subprocess
+    import sys
 
-    from fedprompt.schema import ON_DEMAND_CLASSES
+    code = ("import sys; from fedprompt.config import compose; compose(['method=post']); compose(['method=feddtpt']); "
+            "print(sorted(m for m in ('torch', 'transformers', 'opacus', 'flwr') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"
 
-    module, _, name = ON_DEMAND_CLASSES[section].partition(":")
-    return getattr(import_module(module), name)
+
+def test_run_help_of_a_trimmed_method_lists_its_keys_with_their_help(capsys):
+    assert cli.main(["run", "method=post", "--help"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.strip().startswith("method.train.local_steps:"))
+    assert "int = 8" in line and "optimizer steps per client per round" in line
+    assert "method.privacy.noise_seed: str = simulation" in out and "method.model: str = student" in out
 
 
 def test_an_unknown_key_in_a_yaml_file_of_conf_is_an_error(tmp_path, monkeypatch, capsys):

@@ -23,53 +23,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Annotated, Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from pydantic import BeforeValidator
 
 from fedprompt.data.task import Example
 from fedprompt.errors import ConfigError, DataError
 from fedprompt.models.registry import fast_bf16
+from fedprompt.privacy.settings import DChiConfig
 
 _BLOCK = 128  # vocabulary rows per block of the shortlist search (DChiPrivatizer._top_scores)
-
-
-def _infinity(value: Any) -> Any:
-    """``eta: inf`` (or ``.inf``, ``Infinity``) written as text, as a JSON record of the config holds it."""
-    if isinstance(value, str) and value.strip().lower().lstrip(".+") in ("inf", "infinity"):
-        return math.inf
-    return value
-
-
-@dataclass(frozen=True)
-class DChiConfig:
-    """A ``privatize`` config node. ``eta=None``: privatization off; ``.inf``: on, but without noise."""
-
-    eta: Annotated[float | None, BeforeValidator(_infinity)] = None  # E||noise|| = d/eta; null = off
-    embedding: str | None = None  # model whose input embeddings (and tokenizer) are used; None = model.name
-    device: str = "auto"  # where the nearest-token search runs
-    chunk_size: int = 2048  # tokens per matrix product (memory: chunk_size x vocabulary bf16 scores)
-    shortlist: int = 8  # bf16 candidates per token, re-ranked exactly in float32
-
-    @property
-    def enabled(self) -> bool:
-        return self.eta is not None
-
-    def validate(self) -> None:
-        if self.eta is not None and not self.eta > 0:
-            raise ConfigError(f"eta must be > 0 (E||noise|| = d/eta: larger eta, less noise), or null (off), got {self.eta}")
-        for key in ("chunk_size", "shortlist"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
-
-    @classmethod
-    def from_dict(cls, node: Mapping[str, Any] | None, where: str = "privatize") -> DChiConfig:
-        """Build and validate a ``privatize`` node (fedprompt.typed_config.from_node)."""
-        from fedprompt.typed_config import from_node
-
-        return from_node(cls, node, where)
 
 
 def sample_noise(num: int, dim: int, eta: float, rng: np.random.Generator) -> np.ndarray:

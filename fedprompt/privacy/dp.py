@@ -47,9 +47,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from fedprompt.errors import ConfigError
 from fedprompt.models.soft_prompt import SoftPrompt
-
-ACCOUNTANTS = ("rdp", "prv")
-NOISE_SEEDS = ("simulation", "secure")
+from fedprompt.privacy.settings import ACCOUNTANTS, NOISE_SEEDS, PrivacyConfig  # noqa: F401 (declared in settings)
 
 # Opacus' backward hook sits on the SoftPrompt, whose inputs (frozen embeddings) never need gradients:
 # torch warns that the hook then fires on the outputs' gradients, which is exactly what the grad sampler reads.
@@ -61,33 +59,6 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 def soft_prompt_grad_sample(layer: SoftPrompt, activations: Sequence[torch.Tensor], backprops: torch.Tensor) -> dict:
     """Per-example gradients of a SoftPrompt: the prompt positions of the output's gradient, ``(B, P, H)``."""
     return {layer.weight: backprops[:, : layer.num_tokens].to(layer.weight.dtype)}
-
-
-@dataclass
-class PrivacyConfig:
-    """DP-SGD settings of one client (``method.privacy``). ``epsilon: null`` trains without DP."""
-
-    epsilon: float | None = None  # target epsilon after all planned steps; null: no DP
-    delta: float | None = None  # null: min(1e-5, 1 / (10 N)), N the client's number of examples
-    max_grad_norm: float = 1.0  # C: every per-example gradient is clipped to this L2 norm
-    accountant: str = "rdp"  # rdp | prv (Opacus' accountants)
-    noise_seed: str = "simulation"  # simulation: seeded, reproducible (the server can replay it) | secure: os.urandom
-
-    @property
-    def enabled(self) -> bool:
-        return self.epsilon is not None and self.epsilon != float("inf")
-
-    def validate(self) -> None:
-        if self.epsilon is not None and not self.epsilon > 0:
-            raise ConfigError(f"privacy.epsilon must be > 0 (or null / inf for no DP), got {self.epsilon}")
-        if self.delta is not None and not 0 < self.delta < 1:
-            raise ConfigError(f"privacy.delta must be in (0, 1) (or null for min(1e-5, 1/(10 N))), got {self.delta}")
-        if not self.max_grad_norm > 0:
-            raise ConfigError(f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm}")
-        if self.accountant not in ACCOUNTANTS:
-            raise ConfigError(f"privacy.accountant={self.accountant!r} is not one of {list(ACCOUNTANTS)}")
-        if self.noise_seed not in NOISE_SEEDS:
-            raise ConfigError(f"privacy.noise_seed={self.noise_seed!r} is not one of {list(NOISE_SEEDS)}")
 
 
 def default_delta(num_examples: int) -> float:

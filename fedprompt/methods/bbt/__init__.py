@@ -3,10 +3,34 @@ low-dimensional z (BBT, Sun et al. 2022; FedBPT, Sun et al. 2023). Plain Python;
 (``fedprompt.fl.bbt``) wrap it. The black box must accept prompt embeddings
 (:class:`fedprompt.blackbox.SoftPromptBlackBox`)."""
 
-from fedprompt.methods.bbt.aggregate import fedavg_bbt, fedbpt, weighted_mean
-from fedprompt.methods.bbt.config import BBTConfig
-from fedprompt.methods.bbt.projection import RandomProjection, bbt_projection_std
-from fedprompt.methods.bbt.search import LocalCMA, SearchResult, label_cross_entropy
+from __future__ import annotations
 
-__all__ = ["BBTConfig", "LocalCMA", "RandomProjection", "SearchResult", "bbt_projection_std", "fedavg_bbt", "fedbpt",
-           "label_cross_entropy", "weighted_mean"]
+from importlib import import_module
+
+# name -> the submodule that defines it; imported on first use (PEP 562), so that importing one submodule
+# (e.g. the torch-free config, for composing a config) does not import the others.
+_EXPORTS = {
+    "fedavg_bbt": "fedprompt.methods.bbt.aggregate",
+    "fedbpt": "fedprompt.methods.bbt.aggregate",
+    "weighted_mean": "fedprompt.methods.bbt.aggregate",
+    "BBTConfig": "fedprompt.methods.bbt.config",
+    "RandomProjection": "fedprompt.methods.bbt.projection",
+    "bbt_projection_std": "fedprompt.methods.bbt.projection",
+    "LocalCMA": "fedprompt.methods.bbt.search",
+    "SearchResult": "fedprompt.methods.bbt.search",
+    "label_cross_entropy": "fedprompt.methods.bbt.search",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

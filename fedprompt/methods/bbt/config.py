@@ -25,6 +25,9 @@ class BBTConfig:
     returns its best z (``client_return=best``) or its final CMA mean; the server averages z weighted by
     examples. ``mode=fedbpt`` (FedBPT, Sun et al. 2023): clients start from the global mean and global step
     size and return their final mean and step size; the server averages both, weighted by examples.
+
+    - ``mode``: fedavg (FedAvg-BBT: clients return a z, the server averages z by examples) | fedbpt (FedBPT: clients
+      return their CMA mean and step size, the server averages both by examples)
     """
 
     name: str = "bbt"

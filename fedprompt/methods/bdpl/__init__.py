@@ -3,36 +3,41 @@ gradient over per-slot categorical distributions; federated as FedOne (Wang et a
 client per round) or with K clients per round (FedAvg of the logits). Plain Python; the Flower apps
 (``fedprompt.fl.bdpl``) wrap it."""
 
-from fedprompt.methods.bdpl.config import BDPLConfig
-from fedprompt.methods.bdpl.policy import (
-    SGD,
-    Adam,
-    argmax_prompt,
-    entropy,
-    log_prob,
-    policy_gradient_step,
-    sample,
-    score_function,
-    softmax,
-    variance_reduced_gradient,
-)
-from fedprompt.methods.bdpl.search import BDPLClient, BDPLResult, candidate_vocab, label_losses, prompt_text
+from __future__ import annotations
 
-__all__ = [
-    "Adam",
-    "BDPLClient",
-    "BDPLConfig",
-    "BDPLResult",
-    "SGD",
-    "argmax_prompt",
-    "candidate_vocab",
-    "entropy",
-    "label_losses",
-    "log_prob",
-    "policy_gradient_step",
-    "prompt_text",
-    "sample",
-    "score_function",
-    "softmax",
-    "variance_reduced_gradient",
-]
+from importlib import import_module
+
+# name -> the submodule that defines it; imported on first use (PEP 562), so that importing one submodule
+# (e.g. the torch-free config, for composing a config) does not import the others.
+_EXPORTS = {
+    "BDPLConfig": "fedprompt.methods.bdpl.config",
+    "Adam": "fedprompt.methods.bdpl.policy",
+    "SGD": "fedprompt.methods.bdpl.policy",
+    "argmax_prompt": "fedprompt.methods.bdpl.policy",
+    "entropy": "fedprompt.methods.bdpl.policy",
+    "log_prob": "fedprompt.methods.bdpl.policy",
+    "policy_gradient_step": "fedprompt.methods.bdpl.policy",
+    "sample": "fedprompt.methods.bdpl.policy",
+    "score_function": "fedprompt.methods.bdpl.policy",
+    "softmax": "fedprompt.methods.bdpl.policy",
+    "variance_reduced_gradient": "fedprompt.methods.bdpl.policy",
+    "BDPLClient": "fedprompt.methods.bdpl.search",
+    "BDPLResult": "fedprompt.methods.bdpl.search",
+    "candidate_vocab": "fedprompt.methods.bdpl.search",
+    "label_losses": "fedprompt.methods.bdpl.search",
+    "prompt_text": "fedprompt.methods.bdpl.search",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -29,18 +29,20 @@ class BDPLConfig:
       moments carried across its rounds in ``context.state``);
     - ``clients_per_round``: K clients activated per round (1 = FedOne);
     - ``query_budget``: at most this many black-box queries per client per round (null = no cap).
+    - ``vocab_model``: tokenizer of the candidates (null = model.name, the service model: its own words read back as
+      the same tokens)
     """
 
     name: str = "bdpl"
     prompt_length: int = 10
     candidates: int = 200
-    min_word_len: int = 2
+    min_word_len: int = 2  # shortest candidate word (drops single letters)
     vocab_model: str | None = None
     samples_per_step: int = 4
     local_steps: int = 8
-    batch_size: int = 16
-    lr: float = 0.1
-    optimizer: str = "adam"
+    batch_size: int = 16  # examples per step (all of them if the client has fewer); a step costs samples_per_step x batch_size queries
+    lr: float = 0.1  # step size on the logits (Adam: about the change per step; 0.1 x ~50 steps can make a slot near-deterministic)
+    optimizer: str = "adam"  # adam (BDPL's choice) | sgd
     optimizer_state: str = "reset"
     clients_per_round: int = 1
     query_budget: int | None = None

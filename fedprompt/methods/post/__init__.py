@@ -2,22 +2,37 @@
 FedAvg of the clients' prompts, and the transfer of the global prompt to the large model. Plain Python;
 the Flower apps (``fedprompt.fl.post``) wrap it. The student itself is built in ``fedprompt.models.distill``."""
 
-from fedprompt.methods.post.config import POSTConfig, TransferConfig
-from fedprompt.methods.post.prompts import PromptConfig, initial_prompt, load_prompt, save_prompt
-from fedprompt.methods.post.transfer import PromptTransfer, TransferResult, alpha_rule
-from fedprompt.methods.post.tuning import SoftPromptTuner, TrainConfig, TrainResult
+from __future__ import annotations
 
-__all__ = [
-    "POSTConfig",
-    "PromptConfig",
-    "PromptTransfer",
-    "SoftPromptTuner",
-    "TrainConfig",
-    "TrainResult",
-    "TransferConfig",
-    "TransferResult",
-    "alpha_rule",
-    "initial_prompt",
-    "load_prompt",
-    "save_prompt",
-]
+from importlib import import_module
+
+# name -> the submodule that defines it; imported on first use (PEP 562), so that importing one submodule
+# (e.g. the torch-free config, for composing a config) does not import the others.
+_EXPORTS = {
+    "POSTConfig": "fedprompt.methods.post.config",
+    "TransferConfig": "fedprompt.methods.post.config",
+    "PromptConfig": "fedprompt.methods.post.config",
+    "initial_prompt": "fedprompt.methods.post.prompts",
+    "load_prompt": "fedprompt.methods.post.prompts",
+    "save_prompt": "fedprompt.methods.post.prompts",
+    "PromptTransfer": "fedprompt.methods.post.transfer",
+    "TransferResult": "fedprompt.methods.post.transfer",
+    "alpha_rule": "fedprompt.methods.post.transfer",
+    "SoftPromptTuner": "fedprompt.methods.post.tuning",
+    "TrainConfig": "fedprompt.methods.post.config",
+    "TrainResult": "fedprompt.methods.post.tuning",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -3,29 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedprompt.data.task import TaskSpec
 from fedprompt.errors import ConfigError
+from fedprompt.methods.post.config import PromptConfig
 from fedprompt.models.soft_prompt import SoftPrompt
 
 WEIGHT = "prompt"
-
-
-@dataclass
-class PromptConfig:
-    """The soft prompt (``method.prompt``): POST's ~100 tokens, initialised from text."""
-
-    num_tokens: int = 100
-    init_text: str | None = None  # null: the task's manual prompt (its tokens repeated to num_tokens)
-
-    def validate(self) -> None:
-        if self.num_tokens < 1:
-            raise ConfigError(f"method.prompt.num_tokens must be >= 1, got {self.num_tokens}")
-        if self.init_text is not None and not self.init_text.strip():
-            raise ConfigError("method.prompt.init_text is empty; give some text or null (the task's manual prompt)")
 
 
 def initial_prompt(config: PromptConfig, spec: TaskSpec, tokenizer, model) -> SoftPrompt:

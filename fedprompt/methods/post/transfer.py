@@ -40,10 +40,9 @@ import torch
 
 from fedprompt.data.task import Example
 from fedprompt.errors import ConfigError, DataError
+from fedprompt.methods.post.config import LOGITS, check_logits  # noqa: F401 (declared in config)
 from fedprompt.methods.post.tuning import SoftPromptTuner, check_prompt_fits, context_length
 from fedprompt.models.soft_prompt import SoftPrompt
-
-LOGITS = ("vocab", "labels")
 
 
 def alpha_rule(zero_shot: float, student_prompt: float, chance: float) -> float:
@@ -65,12 +64,6 @@ def output_vocab_size(model) -> int:
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
     return int(weight.shape[0]) if weight is not None else int(model.config.vocab_size)
-
-
-def check_logits(logits: str) -> None:
-    if logits not in LOGITS:
-        raise ConfigError(f"transfer.logits={logits!r} is not one of {list(LOGITS)} (vocab: all next-token logits "
-                          "at the answer position, POST's; labels: the label words' only, an ablation)")
 
 
 @dataclass

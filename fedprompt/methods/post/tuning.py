@@ -20,33 +20,9 @@ import torch
 
 from fedprompt.data.task import Example, TaskSpec
 from fedprompt.errors import ConfigError, DataError
+from fedprompt.methods.post.config import OPTIMIZERS, TrainConfig  # noqa: F401 (declared in config)
 from fedprompt.models.scoring import encode_label_words, prompted_logits
 from fedprompt.models.soft_prompt import SoftPrompt
-
-OPTIMIZERS = ("adam", "sgd")
-
-
-@dataclass
-class TrainConfig:
-    """Local training (``method.train``): one call of the tuner = ``local_steps`` optimizer steps."""
-
-    local_steps: int = 8
-    batch_size: int = 16  # with DP: the expected size of a Poisson batch (rate batch_size / N)
-    lr: float = 0.03
-    optimizer: str = "adam"  # adam | sgd
-    momentum: float = 0.0  # sgd only
-
-    def validate(self) -> None:
-        if self.local_steps < 1:
-            raise ConfigError(f"method.train.local_steps must be >= 1, got {self.local_steps}")
-        if self.batch_size < 1:
-            raise ConfigError(f"method.train.batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ConfigError(f"method.train.lr must be > 0, got {self.lr}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"method.train.optimizer={self.optimizer!r} is not one of {list(OPTIMIZERS)}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"method.train.momentum must be in [0, 1), got {self.momentum}")
 
 
 @dataclass

@@ -2,20 +2,36 @@
 random public plain tokens in front; the service trains a soft prompt on it jointly with a head that reconstructs
 the plain tokens, and drops the head afterwards. Plain Python; the Flower apps (``fedprompt.fl.rapt``) wrap it."""
 
-from fedprompt.methods.rapt.config import PromptConfig, RAPTConfig, ReconstructionConfig, TrainConfig
-from fedprompt.methods.rapt.inputs import PrivateExample, SlotEncoder, privatize_examples, text_ids
-from fedprompt.methods.rapt.train import RAPTTrainer, ReconstructionHead, first_label_tokens
+from __future__ import annotations
 
-__all__ = [
-    "PrivateExample",
-    "PromptConfig",
-    "RAPTConfig",
-    "RAPTTrainer",
-    "ReconstructionConfig",
-    "ReconstructionHead",
-    "SlotEncoder",
-    "TrainConfig",
-    "first_label_tokens",
-    "privatize_examples",
-    "text_ids",
-]
+from importlib import import_module
+
+# name -> the submodule that defines it; imported on first use (PEP 562), so that importing one submodule
+# (e.g. the torch-free config, for composing a config) does not import the others.
+_EXPORTS = {
+    "PromptConfig": "fedprompt.methods.rapt.config",
+    "RAPTConfig": "fedprompt.methods.rapt.config",
+    "ReconstructionConfig": "fedprompt.methods.rapt.config",
+    "TrainConfig": "fedprompt.methods.rapt.config",
+    "PrivateExample": "fedprompt.methods.rapt.inputs",
+    "SlotEncoder": "fedprompt.methods.rapt.inputs",
+    "privatize_examples": "fedprompt.methods.rapt.inputs",
+    "text_ids": "fedprompt.methods.rapt.inputs",
+    "RAPTTrainer": "fedprompt.methods.rapt.train",
+    "ReconstructionHead": "fedprompt.methods.rapt.train",
+    "first_label_tokens": "fedprompt.methods.rapt.train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

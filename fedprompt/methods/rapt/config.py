@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from fedprompt.errors import ConfigError
-from fedprompt.privacy.dchi import DChiConfig
+from fedprompt.privacy.settings import DChiConfig
 
 PROMPT_INITS = ("manual", "random")
 
@@ -18,7 +18,7 @@ class ReconstructionConfig:
     privatization (fresh for every example, so the head cannot learn them by position), and a head that
     predicts them back from the model's last hidden states."""
 
-    enabled: bool = True
+    enabled: bool = True  # false: plain prompt tuning on privatized text (no plain tokens, no head)
     plain_tokens: int = 16  # plain tokens per example
     plain_vocab: int = 1000  # drawn from (and reconstructed among) the first N ids of the vocabulary
     weight: float = 1.0  # loss = task + weight * reconstruction
