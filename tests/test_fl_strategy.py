@@ -200,18 +200,10 @@ def _public_check(box):
     from types import SimpleNamespace
 
     from fedprompt.data.task import Example
-    from fedprompt.fl.feddtpt.server import public_check
+    from fedprompt.methods.feddtpt.check import public_check
 
     spec = SimpleNamespace(label_words=["no", "yes"], format=lambda e, prompt: f"{prompt} {e.text}|{e.label}")
     return public_check(box, spec, [Example("a", 0), Example("b", 1), Example("c", 0), Example("d", 1)])
-
-
-def test_public_check_scores_on_the_public_pool_and_caches_the_old_prompt():
-    box = CountingBox()
-    check = _public_check(box)
-    assert check(["good"], ["bad"]) == {"kept": False, "old_accuracy": 1.0, "new_accuracy": 0.5, "examples": 4}
-    assert check(["good"], ["good", "too"])["kept"] is True  # a tie or better keeps the merge
-    assert len(box.texts) == 12  # "good" was scored once
 
 
 def test_the_server_checks_scores_are_checkpointed_so_a_resume_asks_the_black_box_no_more():

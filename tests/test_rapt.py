@@ -188,3 +188,30 @@ def test_rapt_on_smollm2_and_sst2():
     stats = trainer.train(steps=1)
     assert math.isfinite(stats["loss"]) and stats["rec_loss"] > 0
     assert set(trainer.predict(private).tolist()) <= {0, 1}
+
+
+def test_round_shares_split_the_partition_once_and_every_example_leaves_once():
+    from fedprompt.methods.rapt.user import round_share
+
+    items = list(range(10))
+    shares = [round_share(items, 3, r, seed=5) for r in (1, 2, 3)]
+    assert sorted(sum(shares, [])) == items and [len(s) for s in shares] == [4, 3, 3]
+    assert round_share(items, 3, 4, seed=5) == []  # after the last round: nothing
+    assert round_share(items, 3, 2, seed=5) == shares[1]  # the same shuffle every round (and after a resume)
+
+
+def test_a_user_sends_its_rounds_share_privatized_with_the_runs_settings(tiny_lm):
+    from fedprompt.methods.rapt.user import RAPTUser
+
+    model, tokenizer = tiny_lm
+    method = config()
+    clear = RAPTUser(method, tokenizer, make_privatizer(model, tokenizer, math.inf))
+    sent = clear.send(EXAMPLES, 2, 1, shuffle_seed=3, seed=0)
+    assert len(sent.examples) == 8 and sent.tokens_unchanged == 1.0
+    assert sent.tokens == sum(len(e.ids) - method.plain_tokens for e in sent.examples)
+    assert all(len(e.plain) == method.plain_tokens for e in sent.examples)
+    assert clear.privatize(EXAMPLES[:2], 0)[0] == privatize_examples(EXAMPLES[:2], tokenizer, clear.privatizer, 64, seed=0,
+                                                                      plain_tokens=4, plain_vocab=method.reconstruction.plain_vocab)[0]
+    noisy = RAPTUser(method, tokenizer, make_privatizer(model, tokenizer, 0.05)).send(EXAMPLES, 2, 1, shuffle_seed=3, seed=0)
+    assert noisy.tokens == sent.tokens and noisy.tokens_unchanged < 0.5
+    assert clear.send(EXAMPLES, 2, 3, shuffle_seed=3, seed=0) == type(sent)([], 0, 0.0)

@@ -39,14 +39,6 @@ def untuned_prompts(spec: TaskSpec) -> dict[str, str]:
     return {"manual": spec.manual_prompt, "zero-shot": ""}
 
 
-def predict_prompt(blackbox, spec: TaskSpec, examples: Sequence[Example], prompt: Sequence[str] | str | None) -> np.ndarray:
-    """A black box's predicted class per example under a text ``prompt`` (None: the manual prompt, "": zero-shot;
-    a list of words is joined with spaces): what the discrete-prompt methods' servers score with."""
-    text = prompt if prompt is None or isinstance(prompt, str) else " ".join(prompt)
-    result = blackbox.classify([spec.format(e, text) for e in examples], list(spec.label_words), labels_only=True)
-    return np.asarray(result.predictions)
-
-
 def _accuracy(predictions: np.ndarray, examples: Sequence[Example]) -> float:
     return float(np.mean(np.asarray(predictions) == np.array([e.label for e in examples])))
 

@@ -68,10 +68,11 @@ def predict_soft_prompt(blackbox, spec, examples, soft_prompt: np.ndarray) -> np
 
 
 def run_server(grid: Grid, cfg) -> dict:
+    from fedprompt.blackbox.scoring import predict_prompt
     from fedprompt.fl.bbt.strategy import BBTStrategy
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
-    from fedprompt.fl.protocol import measure_references, predict_prompt, provenance
+    from fedprompt.fl.protocol import measure_references, provenance
     from fedprompt.fl.records import audit_path
     from fedprompt.fl.report import RunReport
     from fedprompt.fl.rounds import Federation, RoundDriver, Scored

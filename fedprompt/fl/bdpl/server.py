@@ -59,11 +59,12 @@ def check(cfg, spec) -> dict:
 
 def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.blackbox import make_blackbox
+    from fedprompt.blackbox.scoring import predict_prompt
     from fedprompt.fl.bdpl.client import vocab_model
     from fedprompt.fl.bdpl.strategy import BDPLFedAvg
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
-    from fedprompt.fl.protocol import measure_references, predict_prompt, provenance
+    from fedprompt.fl.protocol import measure_references, provenance
     from fedprompt.fl.records import audit_path
     from fedprompt.fl.report import RunReport
     from fedprompt.fl.rounds import Federation, RoundDriver, Scored

@@ -3,7 +3,8 @@
 The client receives the global prompt, searches it against the black box (``service.kind``: in this
 process, or a ``fedprompt serve`` / OpenAI-compatible server at ``service.url``) on its own partition plus
 the public pool, and replies with its prompt words and numbers about the search (records.py). Its
-examples, labels and search history stay here.
+examples, labels and search history stay here. The search itself is plain Python
+(``fedprompt.methods.feddtpt.local``); this module decodes, calls it and encodes the reply.
 """
 
 from __future__ import annotations
@@ -19,17 +20,14 @@ from fedprompt.fl.feddtpt.records import arrays_to_words, words_to_arrays
 from fedprompt.fl.records import ARRAYS
 
 if TYPE_CHECKING:
-    from fedprompt.blackbox import BlackBoxLM
     from fedprompt.fl.data import ClientData
-    from fedprompt.methods.feddtpt import FedDTPTConfig, PromptSearch
+    from fedprompt.methods.feddtpt.local import LocalSearch
 
 
 @dataclass
 class FedDTPTClientState:
-    method: FedDTPTConfig
     data: ClientData
-    search: PromptSearch  # holds the proposer's model
-    blackbox: BlackBoxLM
+    local: LocalSearch  # the method's settings, the search (holds the proposer's model) and the black box
 
 
 def _build(cfg, node_config) -> FedDTPTClientState:
@@ -37,28 +35,29 @@ def _build(cfg, node_config) -> FedDTPTClientState:
     from fedprompt.fl.config import method_config
     from fedprompt.fl.data import client_data
     from fedprompt.methods.feddtpt import PromptSearch, build_proposer
+    from fedprompt.methods.feddtpt.local import LocalSearch
 
     method = method_config(cfg)
     data = client_data(cfg, node_config)
     if method.privatize.enabled:  # every text of the client's own is privatized before any query is formatted
         data = _privatized(data, method.privatize, cfg)
-    return FedDTPTClientState(method, data, PromptSearch(method.search, build_proposer(method.proposer)),
-                              make_blackbox(cfg))
+    return FedDTPTClientState(data, LocalSearch(method, PromptSearch(method.search, build_proposer(method.proposer)),
+                                                make_blackbox(cfg)))
 
 
 # A new run in this process first closes the previous run's black-box connections.
-CLIENT = PerRun(_build, release=lambda old: old.blackbox.close())
+CLIENT = PerRun(_build, release=lambda old: old.local.blackbox.close())
 
 
 def _privatized(data, privatize, cfg):
     """The client data with every partition's text privatized (d_chi, one seed per partition); the public pool is public."""
     from dataclasses import replace
 
+    from fedprompt.methods.feddtpt.local import privatize_partitions
     from fedprompt.privacy.dchi import load_privatizer
 
     privatizer, tokenizer = load_privatizer(privatize, str(cfg.model.name))
-    clients = [privatizer.privatize_examples(examples, tokenizer, seed=round_seed(int(cfg.seed), 0, i)) if examples
-               else [] for i, examples in enumerate(data.partition.clients)]  # empty: a partition this node lacks
+    clients = privatize_partitions(data.partition.clients, privatizer, tokenizer, lambda i: round_seed(int(cfg.seed), 0, i))
     return replace(data, partition=replace(data.partition, clients=clients))
 
 
@@ -67,17 +66,10 @@ def train(msg: Message, context: Context, cfg) -> Message:
     state = CLIENT.get(context, cfg)
     data = state.data
     now = ClientRound.of(msg, context, cfg, len(data.partition.clients))
-    prompt = arrays_to_words(msg.content[ARRAYS])
-    if now.server_round == 1 and state.method.seed_prompt.style == "mixed":
-        prompt = state.method.initial_prompt(data.spec, now.partition_id)  # each client starts from its own style
     start = time.perf_counter()
-    result = state.search.run(
-        state.blackbox, data.spec, prompt, data.partition.clients[now.partition_id], data.public, seed=now.seed,
-        # public_shared: the round's public batch is the same for every client (seeded without the partition)
-        public_seed=(int(cfg.seed), now.server_round) if state.method.search.public_shared else None,
-        # shared_edits: every client of the round tries the same edits in the same order (see PromptSearch.run)
-        edit_seed=(int(cfg.seed), now.server_round, 1) if state.method.search.shared_edits else None,
-    )
+    result = state.local.round(data.spec, arrays_to_words(msg.content[ARRAYS]), data.partition.clients[now.partition_id],
+                               data.public, server_round=now.server_round, partition_id=now.partition_id, seed=now.seed,
+                               run_seed=int(cfg.seed))
     # None (left out): not scored (feedback=none)
     return reply(msg, words_to_arrays(result.prompt), {
         "partition-id": now.partition_id, "batch-accuracy": result.accuracy, "local-accuracy": result.local_accuracy,

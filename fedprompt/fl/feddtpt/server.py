@@ -10,14 +10,11 @@ summary.json at the end. The search is seeded per (seed, round, partition) and t
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import numpy as np
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
+from fedprompt.blackbox.scoring import predict_prompt
 from fedprompt.fl.feddtpt.records import arrays_to_words, words_to_arrays
-from fedprompt.fl.protocol import predict_prompt
 
 
 def check(cfg, spec) -> dict:
@@ -49,39 +46,6 @@ def check(cfg, spec) -> dict:
     return {}
 
 
-def score_prompt(blackbox, spec, examples, prompt: Sequence[str] | str | None) -> tuple[float, int]:
-    """Accuracy of ``prompt`` (None: the manual prompt) from the black box's predicted labels; and the queries."""
-    predictions = predict_prompt(blackbox, spec, examples, prompt)
-    return float(np.mean(predictions == np.array([e.label for e in examples]))), len(examples)
-
-
-class PublicCheck:
-    """``method.aggregate.server_check``: ``check(old, merged)`` keeps the merged prompt if it scores at least as
-    well as the prompt the round started from on the public pool (public data: no client's text; 2 x its size
-    queries a round at most). Every prompt's score is cached in ``scores`` (the old prompt was scored in the
-    round before), which the strategy checkpoints: a resumed run asks the black box what the uninterrupted one
-    asks, no more."""
-
-    def __init__(self, blackbox, spec, public) -> None:
-        self.blackbox, self.spec, self.public = blackbox, spec, public
-        self.scores: dict[str, float] = {}  # " ".join(prompt) -> its accuracy on the public pool
-
-    def score(self, words: list[str]) -> float:
-        key = " ".join(words)
-        if key not in self.scores:
-            self.scores[key] = score_prompt(self.blackbox, self.spec, self.public, words)[0]
-        return self.scores[key]
-
-    def __call__(self, old: list[str], merged: list[str]) -> dict:
-        before, after = self.score(old), self.score(merged)
-        return {"kept": after >= before, "old_accuracy": before, "new_accuracy": after, "examples": len(self.public)}
-
-
-def public_check(blackbox, spec, public) -> PublicCheck:
-    """The server check on the public pool ``public`` (:class:`PublicCheck`)."""
-    return PublicCheck(blackbox, spec, public)
-
-
 def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.blackbox import make_blackbox
     from fedprompt.fl.config import method_config
@@ -93,6 +57,7 @@ def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.fl.rounds import Federation, RoundDriver, Scored
     from fedprompt.fl.run import run_folder
     from fedprompt.methods.feddtpt.aggregate import FedDTPTAggregator
+    from fedprompt.methods.feddtpt.check import public_check
 
     fed, federation = cfg.federation, Federation.from_cfg(cfg)
     method = method_config(cfg)

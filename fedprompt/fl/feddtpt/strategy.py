@@ -32,7 +32,7 @@ class FedDTPTStrategy(FedStrategy):
     With ``server_check`` (off in the paper): ``server_check(old, merged)`` scores both prompts (the server's
     public pool through the black box) and returns ``{"kept": bool, ...}``; a merged prompt that is not kept is
     recorded and the global prompt stays, the clients' own acceptance rule applied to the merge. A check with
-    a ``scores`` cache (``fedprompt.fl.feddtpt.server.PublicCheck``) has it checkpointed (resume).
+    a ``scores`` cache (``fedprompt.methods.feddtpt.check.PublicCheck``) has it checkpointed (resume).
     """
 
     def __init__(self, aggregator, max_tokens: int | None = None,

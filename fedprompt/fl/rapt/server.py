@@ -47,7 +47,8 @@ def run_server(grid: Grid, cfg) -> dict:
     from fedprompt.fl.report import RunReport
     from fedprompt.fl.rounds import Federation, RoundDriver, Scored
     from fedprompt.fl.run import run_folder
-    from fedprompt.methods.rapt import RAPTTrainer, privatize_examples
+    from fedprompt.methods.rapt import RAPTTrainer
+    from fedprompt.methods.rapt.user import RAPTUser
     from fedprompt.models import SoftPrompt, load_causal_lm, load_tokenizer
     from fedprompt.privacy.dchi import load_privatizer
 
@@ -61,11 +62,8 @@ def run_server(grid: Grid, cfg) -> dict:
     # The evaluation queries, privatized as users would send them (the server reads only this split).
     examples = eval_examples(cfg, task)
 
-    def privatized(rows, seed: int):
-        return privatize_examples(rows, tokenizer, privatizer, method.train.max_text_tokens, seed=seed,
-                                  plain_tokens=method.plain_tokens, plain_vocab=method.reconstruction.plain_vocab)[0]
-
-    queries = privatized(examples, int(cfg.seed) + 7)
+    user = RAPTUser(method, tokenizer, privatizer)
+    queries = user.privatize(examples, int(cfg.seed) + 7)[0]
     strategy = RAPTStrategy(trainer, seed=int(cfg.seed), audit_path=audit_path(cfg, folder), **federation.fedavg_kwargs())
     report = RunReport(folder, {
         "method": method.name, "task": spec.name, "model": str(cfg.model.name), "num_clients": int(fed.num_clients),
@@ -81,7 +79,7 @@ def run_server(grid: Grid, cfg) -> dict:
         validation = reference_examples(cfg, task)
         private = {id(examples): queries}
         if validation is not examples:
-            private[id(validation)] = privatized(validation, int(cfg.seed) + 8)
+            private[id(validation)] = user.privatize(validation, int(cfg.seed) + 8)[0]
         measure_references(report, lambda rows, text: trainer.predict(private[id(rows)], untuned=text), spec, examples,
                            validation)
     prompt = SoftPrompt(method.prompt.num_tokens, trainer.soft_prompt.weight.shape[1]).to(trainer.device)

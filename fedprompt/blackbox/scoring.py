@@ -1,0 +1,28 @@
+"""Scoring a text prompt through a black box: the predicted class per example, and the accuracy.
+
+What the discrete-prompt methods' servers score with (the global prompt every round, the untuned references,
+FedDTPT's public-pool check). Plain Python: any :class:`~fedprompt.blackbox.BlackBoxLM` with ``classify``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from fedprompt.data import Example, TaskSpec
+
+
+def predict_prompt(blackbox, spec: TaskSpec, examples: Sequence[Example], prompt: Sequence[str] | str | None) -> np.ndarray:
+    """A black box's predicted class per example under a text ``prompt`` (None: the manual prompt, "": zero-shot;
+    a list of words is joined with spaces): what the discrete-prompt methods' servers score with."""
+    text = prompt if prompt is None or isinstance(prompt, str) else " ".join(prompt)
+    result = blackbox.classify([spec.format(e, text) for e in examples], list(spec.label_words), labels_only=True)
+    return np.asarray(result.predictions)
+
+
+def score_prompt(blackbox, spec: TaskSpec, examples: Sequence[Example],
+                 prompt: Sequence[str] | str | None) -> tuple[float, int]:
+    """Accuracy of ``prompt`` (None: the manual prompt) from the black box's predicted labels; and the queries."""
+    predictions = predict_prompt(blackbox, spec, examples, prompt)
+    return float(np.mean(predictions == np.array([e.label for e in examples]))), len(examples)
