@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from importlib import import_module
+from fedprompt.lazy import lazy_exports
 
 # name -> the submodule that defines it; imported on first use (PEP 562), so that importing one submodule
 # (e.g. the torch-free config, for composing a config) does not import the others.
@@ -24,13 +24,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
