@@ -126,14 +126,15 @@ feddtpt_client.train = train  # the method registry looks the client up when a m
 '''
 
 
-def write_faulty_app(folder: Path) -> Path:
-    """A Flower app folder: fedprompt's ServerApp, and a ClientApp whose partition 0 raises and 1 hangs."""
+def write_client_app(folder: Path, name: str, client_source: str, description: str) -> Path:
+    """A Flower app folder: fedprompt's ServerApp and the ClientApp ``app`` of module ``<name>_client``
+    (``client_source``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "faulty_client.py").write_text(FAULTY_CLIENT)
-    (folder / "pyproject.toml").write_text('''[project]
-name = "faulty"
+    (folder / f"{name}_client.py").write_text(client_source)
+    (folder / "pyproject.toml").write_text(f'''[project]
+name = "{name}"
 version = "1.0.0"
-description = "fedprompt with faulty clients"
+description = "{description}"
 license = "Apache-2.0"
 
 [tool.flwr.app]
@@ -141,9 +142,14 @@ publisher = "tests"
 
 [tool.flwr.app.components]
 serverapp = "fedprompt.fl.server_app:app"
-clientapp = "faulty_client:app"
+clientapp = "{name}_client:app"
 
 [tool.flwr.app.config]
 fedprompt-config = ""
 ''')
     return folder
+
+
+def write_faulty_app(folder: Path) -> Path:
+    """A Flower app folder: fedprompt's ServerApp, and a ClientApp whose partition 0 raises and 1 hangs."""
+    return write_client_app(folder, "faulty", FAULTY_CLIENT, "fedprompt with faulty clients")

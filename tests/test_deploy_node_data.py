@@ -13,7 +13,7 @@ import pytest
 
 from fedprompt.config import compose
 from fedprompt.fl.data import client_data
-from tests.deploy_support import background_run, supernode_log, tiny_deployment
+from tests.deploy_support import background_run, supernode_log, tiny_deployment, write_client_app
 from tests.fl_support import tiny_overrides
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
@@ -68,25 +68,7 @@ feddtpt_client.train = train  # the method registry looks the client up when a m
 
 
 def write_watching_app(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "watching_client.py").write_text(WATCHING_CLIENT)
-    (folder / "pyproject.toml").write_text('''[project]
-name = "watching"
-version = "1.0.0"
-description = "fedprompt with clients that record the files they open"
-license = "Apache-2.0"
-
-[tool.flwr.app]
-publisher = "tests"
-
-[tool.flwr.app.components]
-serverapp = "fedprompt.fl.server_app:app"
-clientapp = "watching_client:app"
-
-[tool.flwr.app.config]
-fedprompt-config = ""
-''')
-    return folder
+    return write_client_app(folder, "watching", WATCHING_CLIENT, "fedprompt with clients that record the files they open")
 
 
 def test_each_supernode_reads_only_its_own_partition_folder(tmp_path, tiny_model_dir, monkeypatch):
