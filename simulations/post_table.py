@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     from fedprompt.commands.post import cmd_distill, public_examples, transfer_prompt
     from fedprompt.config import compose, load_task_checked
     from fedprompt.fl.data import training_examples
-    from fedprompt.fl.post.client import local_totals
+    from fedprompt.fl.post import local_totals
     from fedprompt.fl.run import cmd_run
     from fedprompt.methods.post import PromptConfig, SoftPromptTuner, TrainConfig, TransferConfig, initial_prompt, load_prompt
     from fedprompt.models import PromptedClassifier, load_causal_lm, load_tokenizer

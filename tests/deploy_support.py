@@ -106,7 +106,7 @@ FAULTY_CLIENT = '''
 import time
 
 import fedprompt.fl.client_app
-import fedprompt.fl.feddtpt.client as feddtpt_client
+import fedprompt.fl.feddtpt as feddtpt_client
 
 app = fedprompt.fl.client_app.app  # the ClientApp Flower loads (an assignment: `flwr run` looks for one)
 

@@ -15,8 +15,7 @@ from fedprompt import cli
 from fedprompt.blackbox.base import ClassifyResult, PromptSpace, Usage
 from fedprompt.config import compose
 from fedprompt.errors import ConfigError
-from fedprompt.fl.bbt.records import REPLY_METRICS, STATE, arrays_to_point, point_to_arrays
-from fedprompt.fl.bbt.strategy import BBTStrategy
+from fedprompt.fl.bbt import REPLY_METRICS, STATE, BBTStrategy, arrays_to_point, point_to_arrays
 from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
 from fedprompt.fl.records import serialize_content
 from fedprompt.methods.bbt import (

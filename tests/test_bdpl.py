@@ -178,7 +178,7 @@ def test_a_client_replies_logits_and_numbers_never_its_text(tmp_path, tiny_model
 
     from fedprompt.config import compose
     from fedprompt.fl import client_app
-    from fedprompt.fl.bdpl.records import OPTIMIZER_STATE, REPLY_METRICS, arrays_to_logits, logits_to_arrays
+    from fedprompt.fl.bdpl import OPTIMIZER_STATE, REPLY_METRICS, arrays_to_logits, logits_to_arrays
     from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
     from fedprompt.fl.records import serialize_content
     from tests.fl_support import find_leaks, write_secret_task
@@ -266,8 +266,7 @@ def test_the_server_takes_fedones_client_logits_and_averages_k_weighted_by_examp
     from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedprompt.fl.bdpl.records import logits_to_arrays
-    from fedprompt.fl.bdpl.strategy import BDPLFedAvg
+    from fedprompt.fl.bdpl import BDPLFedAvg, logits_to_arrays
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
@@ -327,8 +326,7 @@ def test_fedone_activates_the_same_partitions_whatever_node_ids_flower_draws(mon
     from flwr.app import ConfigRecord
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedprompt.fl.bdpl.records import logits_to_arrays
-    from fedprompt.fl.bdpl.strategy import BDPLFedAvg
+    from fedprompt.fl.bdpl import BDPLFedAvg, logits_to_arrays
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)

@@ -28,7 +28,7 @@ import os
 import sys
 
 import fedprompt.fl.client_app
-import fedprompt.fl.feddtpt.client as feddtpt_client
+import fedprompt.fl.feddtpt as feddtpt_client
 from fedprompt.methods.feddtpt.search import PromptSearch
 
 app = fedprompt.fl.client_app.app  # the ClientApp Flower loads

@@ -210,7 +210,7 @@ def test_fedprompt_distill_refuses_the_tuned_task_and_another_checkpoint_before_
 
 def test_a_post_run_refuses_a_student_distilled_on_its_tasks_train_split(capsys, tmp_path, tiny_model_dir,
                                                                         nothing_expensive):
-    from fedprompt.fl.post.server import check_student_not_distilled_on
+    from fedprompt.methods.post.student import check_student_not_distilled_on
     from tests.test_post_fl import post_overrides
 
     student = tmp_path / "student"

@@ -80,7 +80,7 @@ def test_parts_built_from_the_config_take_injected_parts():
 def test_server_check_without_a_public_pool_is_refused_before_launch():
     from omegaconf import OmegaConf
 
-    from fedprompt.fl.feddtpt.server import check
+    from fedprompt.fl.feddtpt import check
 
     cfg = OmegaConf.create({"federation": {"public_size": 0}, "method": {"name": "feddtpt", "aggregate": {"server_check": True}}})
     with pytest.raises(ConfigError, match="public_size is 0"):

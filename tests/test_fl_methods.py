@@ -1,5 +1,5 @@
 """Every method's server on the shared strategy (fedprompt.fl.strategy) honours the federation keys alike:
-min_replies, eval_every, fraction_train and min_available_clients; a seed makes a run: two runs with the
+min_replies, eval_every, fraction_train, min_available_clients and audit_replies; a seed makes a run: two runs with the
 same seed (behind other, late-connecting node ids) write the same rounds.json and end with the same arrays;
 and a run stopped after round 1 resumes (resume=true) to the uninterrupted run's end, POST's DP accountants too.
 
@@ -68,7 +68,7 @@ class LateGrid(InProcessGrid):
 def test_every_method_honours_min_replies_and_eval_every(server_identity, tmp_path, tiny_model_dir, monkeypatch, method):
     folder = tmp_path / "run"
     cfg = compose(overrides(method, write_secret_task(tmp_path / "data"), tiny_model_dir, folder,
-                            "federation.min_replies=2", "federation.eval_every=2"))
+                            "federation.min_replies=2", "federation.eval_every=2", "federation.audit_replies=true"))
     summary, _ = run_server(method, cfg, InProcessGrid(cfg, fails=lambda r, p: r == 1 and p == 1), monkeypatch)
     rows = json.loads((folder / "rounds.json").read_text())
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
@@ -81,6 +81,10 @@ def test_every_method_honours_min_replies_and_eval_every(server_identity, tmp_pa
     assert [r["eval_n"] for r in rows] == [8, 0, 8, 8]
     assert json.loads((folder / "checkpoint.json").read_text())["round"] == 3
     assert rows[1]["replies"] == 1
+    # every method's strategy audits every reply as received, the failed one too (the template hands it the path)
+    audited = [json.loads(line) for line in (folder / "replies.jsonl").read_text().splitlines()]
+    train = [r for r in audited if r["type"] == "train"]
+    assert [r["round"] for r in train] == [1, 1, 2, 2, 3, 3] and sum(r["error"] is not None for r in train) == 1
     # every method records its clients' metrics in partition order
     assert [c["partition-id"] for c in rows[2]["aggregation"]["clients"]] == [0, 1]
     if method == "rapt":  # the skipped round's examples are not pooled: round 2 starts the pool

@@ -9,8 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedprompt.fl.feddtpt.records import arrays_to_words, words_to_arrays
-from fedprompt.fl.feddtpt.strategy import FedDTPTStrategy, RoundStats
+from fedprompt.fl.feddtpt import FedDTPTStrategy, RoundStats, arrays_to_words, words_to_arrays
 from fedprompt.fl.records import record_bytes
 from fedprompt.methods.feddtpt import AggregateConfig, FedDTPTAggregator
 

@@ -239,7 +239,7 @@ def test_transfer_under_exclude_drops_the_shared_sentence_and_goes_on(post_data,
 
 def test_a_run_refuses_a_student_distilled_on_its_evaluation_text(post_data, tmp_path):
     from fedprompt.errors import DataError
-    from fedprompt.fl.post.server import check_student_text
+    from fedprompt.fl.post import check_student_text
 
     cfg = cli.compose([f"data_dir={post_data}", "task=toy"])  # the run evaluates on toy's test split
     student = tmp_path / "student"

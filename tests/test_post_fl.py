@@ -16,10 +16,16 @@ from fedprompt import cli
 from fedprompt.config import compose
 from fedprompt.fl import client_app, deploy
 from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
-from fedprompt.fl.post.client import LOCAL_LOG, local_totals
-from fedprompt.fl.post.records import DP_REPLY_METRICS, PRIVACY_STATE, REPLY_METRICS, soft_prompt
-from fedprompt.fl.post.server import privacy_summary
-from fedprompt.fl.post.strategy import PromptFedAvg
+from fedprompt.fl.post import (
+    DP_REPLY_METRICS,
+    LOCAL_LOG,
+    PRIVACY_STATE,
+    REPLY_METRICS,
+    PromptFedAvg,
+    local_totals,
+    privacy_summary,
+    soft_prompt,
+)
 from fedprompt.fl.records import serialize_content
 from fedprompt.models import SoftPrompt
 from tests.fl_support import find_leaks, write_secret_task

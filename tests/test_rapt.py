@@ -11,7 +11,7 @@ import torch
 from fedprompt.config import compose
 from fedprompt.data.task import Example, TaskSpec
 from fedprompt.errors import ConfigError
-from fedprompt.fl.rapt.records import arrays_to_examples, examples_to_arrays
+from fedprompt.fl.rapt import arrays_to_examples, examples_to_arrays
 from fedprompt.methods.rapt import PrivateExample, RAPTConfig, RAPTTrainer, SlotEncoder, privatize_examples, text_ids
 from fedprompt.privacy.dchi import DChiPrivatizer, output_vocabulary
 from tests.conftest import SHARED_DATA

@@ -17,9 +17,8 @@ from fedprompt.config import compose
 from fedprompt.errors import ConfigError
 from fedprompt.fl import client_app
 from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
-from fedprompt.fl.feddtpt.records import words_to_arrays
-from fedprompt.fl.rapt.records import DATA_KEYS, REPLY_METRICS, SOFT_PROMPT, arrays_to_examples, examples_to_arrays
-from fedprompt.fl.rapt.strategy import RAPTStrategy
+from fedprompt.fl.feddtpt import words_to_arrays
+from fedprompt.fl.rapt import DATA_KEYS, REPLY_METRICS, SOFT_PROMPT, RAPTStrategy, arrays_to_examples, examples_to_arrays
 from fedprompt.fl.records import serialize_content
 from fedprompt.fl.report import RoundStats
 from fedprompt.methods.rapt import PrivateExample
@@ -76,7 +75,7 @@ def test_a_rapt_client_sends_privatized_ids_only(server_identity, tmp_path, tiny
 
 def capture_blackbox_texts(monkeypatch) -> list[str]:
     """Every text any black box made from now on receives."""
-    import fedprompt.fl.feddtpt.client as feddtpt_client
+    import fedprompt.fl.feddtpt as feddtpt_client
 
     feddtpt_client.CLIENT.clear()
     seen: list[str] = []

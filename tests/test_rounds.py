@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from fedprompt.fl import client_app
 from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
-from fedprompt.fl.post.strategy import PromptFedAvg
+from fedprompt.fl.post import PromptFedAvg
 from fedprompt.fl.report import RunReport
 from fedprompt.fl.rounds import Federation, RoundDriver, Scored
 from tests.test_resume import NoGrid, NoisyStrategy

@@ -26,3 +26,18 @@ def score_prompt(blackbox, spec: TaskSpec, examples: Sequence[Example],
     """Accuracy of ``prompt`` (None: the manual prompt) from the black box's predicted labels; and the queries."""
     predictions = predict_prompt(blackbox, spec, examples, prompt)
     return float(np.mean(predictions == np.array([e.label for e in examples]))), len(examples)
+
+
+def check_service(cfg, spec: TaskSpec) -> None:
+    """Before launch, for a method that scores text prompts through ``service.kind``: an http service must answer
+    now (not after Ray has started); an in-process one has the task's label words encoded once here, which also
+    converts an embedded model once, so that the clients do not all convert it at the same time."""
+    if cfg.service.kind == "http":
+        from fedprompt.blackbox import make_blackbox
+
+        with make_blackbox(cfg, retries=0) as service:
+            service.health()
+    if cfg.service.kind == "inprocess":
+        from fedprompt.models import encode_label_words, load_tokenizer
+
+        encode_label_words(load_tokenizer(str(cfg.model.name)), spec.label_words)

@@ -1,15 +1,11 @@
 """The round template every method's server runs: one driver for sampling, sending, aggregating, evaluating
 and checkpointing, so that every ``federation.*`` key means the same in every method.
 
-A method's ``run_server`` builds its strategy and its run report, then::
-
-    fed = Federation.from_cfg(cfg)
-    strategy = MyStrategy(..., **fed.fedavg_kwargs())        # or the same values under its own names
-    driver = RoundDriver(cfg, folder, report, strategy, examples)   # resume=true: the report so far restored
-    ...                                                      # the references (report.info may already know them)
-    result = driver.run(grid, initial_arrays, score)
-
-and writes its own files from ``result.arrays``. Each round r = 1..``federation.rounds``:
+A method's adapter (``fedprompt/fl/<method>.py``) supplies only what differs, as a :class:`MethodServer`: its
+strategy (a :class:`fedprompt.fl.strategy.FedStrategy` subclass: reply checks and aggregation), its initial
+arrays, its central evaluation (``score``), its untuned predictions (the references) and its final files.
+:func:`serve` does the rest: the run folder, the task, the evaluation split, the run report, the references,
+the rounds (:class:`RoundDriver`) and the summary. Each round r = 1..``federation.rounds``:
 
 1. **sample and send** (the strategy's ``configure_train``): wait until ``federation.min_available_clients``
    SuperNodes (null: ``num_clients``) are connected, sample ``max(ceil(fraction_train x N),
@@ -154,3 +150,77 @@ class RoundDriver:
         if not len(result.arrays):  # no round changed the arrays (all skipped, or resumed at the end)
             result.arrays = self.checkpointed.last_arrays
         return result
+
+
+class MethodServer:
+    """A method's server side, as :func:`serve` calls it: built once a run from the run's config, the method's
+    typed config, the task, its spec and the evaluation examples (the only split the server reads). A subclass
+    overrides what its method needs; ``report`` is the run's :class:`~fedprompt.fl.report.RunReport`, set before
+    the references and the rounds."""
+
+    usage = None  # the server black box's cumulative Usage (None: none): checkpointed, summed over a resume
+    report = None
+
+    def __init__(self, cfg, method, task, spec, examples: Sequence) -> None:
+        self.cfg, self.method, self.task, self.spec, self.examples = cfg, method, task, spec, examples
+
+    def strategy(self, **common) -> Strategy:
+        """The round's strategy; ``common``: ``seed``, ``audit_path`` and the federation's sampling and reply keys
+        (:meth:`Federation.fedavg_kwargs`)."""
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        """The method's own facts for the run report (the template adds task, model, federation, provenance)."""
+        return {}
+
+    def untuned(self, rows: Sequence, text: str | None) -> np.ndarray:
+        """Predicted classes of ``rows`` under the untuned instruction ``text`` (None: no instruction): the
+        references of fedprompt.fl.protocol."""
+        raise NotImplementedError
+
+    def initial_arrays(self) -> ArrayRecord:
+        raise NotImplementedError
+
+    def score(self, server_round: int, arrays: ArrayRecord, due: bool) -> Scored:
+        raise NotImplementedError
+
+    def save(self, folder: Path, arrays: ArrayRecord) -> dict:
+        """Write the final global arrays' files into ``folder``; returns what the summary adds."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the server holds (a black box's connections)."""
+
+
+def serve(grid: Grid, cfg, server_cls: type[MethodServer]) -> dict:
+    """A method's whole server side (``run_server``): the run's summary (summary.json) when the rounds are done."""
+    from fedprompt.fl.config import method_config
+    from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
+    from fedprompt.fl.protocol import measure_references, provenance
+    from fedprompt.fl.records import audit_path
+    from fedprompt.fl.report import RunReport
+    from fedprompt.fl.run import run_folder
+
+    fed = cfg.federation
+    folder = run_folder(cfg)  # `fedprompt run` sets output_dir; `flwr run .` by hand: outputs/run/...
+    task, spec = load_task_and_spec(cfg)
+    examples = eval_examples(cfg, task)  # the server reads only the evaluation split, never client data
+    server = server_cls(cfg, method_config(cfg), task, spec, examples)
+    try:
+        strategy = server.strategy(seed=int(cfg.seed), audit_path=audit_path(cfg, folder),
+                                   **Federation.from_cfg(cfg).fedavg_kwargs())
+        server.report = report = RunReport(folder, {
+            "method": server.method.name, "task": spec.name, "model": str(cfg.model.name),
+            "num_clients": int(fed.num_clients), "partition": dict(cfg.partition), "eval_split": str(fed.eval_split),
+            "eval_n": len(examples), "manual_prompt": spec.manual_prompt, **server.info(), **provenance(cfg)})
+        # resume=true: the report so far (and the server's black-box usage) is restored here
+        driver = RoundDriver(cfg, folder, report, strategy, examples, server.usage)
+        if fed.eval_references:
+            measure_references(report, server.untuned, spec, examples, reference_examples(cfg, task))
+        result = driver.run(grid, server.initial_arrays(), server.score)
+        summary = server.save(folder, result.arrays)
+        if server.usage is not None:
+            summary["server_usage"] = server.usage.to_dict()
+        return report.finish(**summary)
+    finally:
+        server.close()

@@ -15,7 +15,7 @@ registered here for Opacus' ``GradSampleModule``; every other weight is frozen, 
 The guarantee is per client: example-level DP w.r.t. that client's own N examples, with delta =
 min(1e-5, 1 / (10 N)) by default (:func:`default_delta`). It covers the noisy prompt and what is computed
 from public values alone (N, the hyper-parameters, the planned steps: epsilon, delta, sigma); a DP
-client releases nothing else (fedprompt/fl/post/client.py: no loss, token count, batch size or timing).
+client releases nothing else (fedprompt/fl/post.py: no loss, token count, batch size or timing).
 N itself is released (it is FedAvg's weight and sets the sampling rate, hence sigma and epsilon):
 docs/privacy.md says what that means. The accountant's history (sigma, q, steps) must be kept across
 rounds (:meth:`DPSoftPromptSGD.history`) so that epsilon is cumulative.

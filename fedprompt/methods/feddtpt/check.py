@@ -1,6 +1,6 @@
 """FedDTPT's optional server check (``method.aggregate.server_check``, off in the paper): the merged prompt
 is kept only if it scores at least as well as the round's starting prompt on the public pool. Plain Python;
-the Flower strategy (``fedprompt.fl.feddtpt.strategy``) calls it and checkpoints its ``scores``."""
+the Flower strategy (``fedprompt.fl.feddtpt``) calls it and checkpoints its ``scores``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """One FedDTPT client's side, without Flower: its data privatized once (``method.privatize``), and its round
 (the start prompt, the search against the black box with the round's seeds). The Flower client
-(``fedprompt.fl.feddtpt.client``) decodes the global prompt, calls :meth:`LocalSearch.round` and encodes the
+(``fedprompt.fl.feddtpt``) decodes the global prompt, calls :meth:`LocalSearch.round` and encodes the
 result; the seeds it passes come from the run's one seed formula (``fedprompt.fl.client.round_seed``)."""
 
 from __future__ import annotations

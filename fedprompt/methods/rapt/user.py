@@ -1,5 +1,5 @@
 """A RAPT user's side, without Flower: which examples go out in which round, and privatizing them with the
-run's settings. The Flower client (``fedprompt.fl.rapt.client``) calls :meth:`RAPTUser.send` and encodes
+run's settings. The Flower client (``fedprompt.fl.rapt``) calls :meth:`RAPTUser.send` and encodes
 the result; the server privatizes its evaluation queries with :meth:`RAPTUser.privatize`, as a user would."""
 
 from __future__ import annotations
