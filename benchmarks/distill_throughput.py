@@ -8,7 +8,8 @@ One process, the same student (the default first 2 + last 2 layers, built afresh
 `fedprompt distill` formats them) and the same seeded batches. First the teacher cache of those texts is built
 (timed apart: it is the one-off), then ``distill`` runs --warmup + --steps steps reading the cache, then the same
 steps with the teacher forward at every step. Steps per second over the steps after the warm-up. Target: a ratio
->= 4. Writes benchmarks/results/distill_throughput.json.
+>= 4. ``compute_bound`` is the most the cache can give for these shapes (the student's full-vocabulary head and
+backward stay; see :func:`compute_bound`). Writes benchmarks/results/distill_throughput.json.
 """
 
 from __future__ import annotations
@@ -40,6 +41,22 @@ def timed_run(teacher, tokenizer, texts, config, layers, cache, warmup: int) -> 
     return {"steps_per_s": round(steps / measured, 3), "s_per_step": round(measured / steps, 3),
             "measured_steps": steps, "warmup_steps": warmup, "wall_s": round(time.perf_counter() - start, 2),
             "first_loss": report.curve[0], "last_loss": report.curve[-1], "tokens": report.tokens}
+
+
+def compute_bound(teacher, layers: list[int]) -> dict:
+    """The speedup the cache can give at most, from the models' shapes: per token, online = the teacher's forward
+    + the student's step, cached = the student's step alone, a step costing ~3 forwards (forward + backward). A
+    forward costs ~2 x (the layers' parameters + the LM head's vocab x hidden); attention's length-dependent part
+    is left out (small at these lengths). The student keeps the teacher's full-vocabulary head (tied embeddings),
+    which the KL and LM losses need: that head bounds the ratio."""
+    config = teacher.config
+    head = int(config.vocab_size) * int(config.hidden_size)
+    per_layer = sum(p.numel() for p in teacher.model.layers[0].parameters())
+    teacher_forward = per_layer * int(config.num_hidden_layers) + head
+    student_step = 3 * (per_layer * len(layers) + head)
+    return {"params_per_layer": per_layer, "head_params": head, "teacher_forward_macs_per_token": teacher_forward,
+            "student_step_macs_per_token": student_step,
+            "speedup_bound": round((teacher_forward + student_step) / student_step, 2)}
 
 
 def main() -> None:
@@ -84,12 +101,14 @@ def main() -> None:
         "cache_build_s_per_text": round(info["seconds"] / len(texts), 4),
         "cached": cached, "online": online,
         "speedup": round(cached["steps_per_s"] / online["steps_per_s"], 2),
+        "compute_bound": compute_bound(teacher, layers),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({k: record[k] for k in ("dtype", "batch", "max_length", "top_k", "cache_build_s", "cache_bytes",
                                              "speedup")} | {"cached_steps_per_s": cached["steps_per_s"],
-                                                            "online_steps_per_s": online["steps_per_s"]}))
+                                                            "online_steps_per_s": online["steps_per_s"],
+                                                            "speedup_bound": record["compute_bound"]["speedup_bound"]}))
 
 
 if __name__ == "__main__":

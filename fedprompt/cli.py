@@ -1,7 +1,7 @@
 """``fedprompt`` command line: ``fedprompt <command> [key=value ...]`` (Hydra-style overrides).
 
 Commands: ``eval`` (manual or zero-shot prompt on a split), ``serve``, ``run`` (a Hydra application:
-``-m`` sweeps, Hydra's output folders; fedprompt.fl.hydra_app), ``resume`` and ``report`` (they take a
+``-m`` sweeps, Hydra's output folders; fedprompt.commands.hydra_app), ``resume`` and ``report`` (they take a
 folder first). Bad input is reported in one line, before any model is loaded; the last line of a
 successful command is one JSON object.
 """
@@ -220,7 +220,7 @@ def cmd_serve(cfg: DictConfig) -> dict:
 
 
 def cmd_resume(folder: Path, overrides: list[str]) -> dict:
-    from fedprompt.fl.run import cmd_resume as resume
+    from fedprompt.commands.run import cmd_resume as resume
 
     return resume(folder, overrides)
 
@@ -238,13 +238,13 @@ def cmd_transfer(cfg: DictConfig) -> dict:
 
 
 def cmd_deploy(cfg: DictConfig) -> dict:
-    from fedprompt.fl.deploy import cmd_deploy as deploy  # lazy: Flower only when deploying
+    from fedprompt.commands.deploy import cmd_deploy as deploy  # lazy: Flower only when deploying
 
     return deploy(cfg)
 
 
 def cmd_partition(cfg: DictConfig) -> dict:
-    from fedprompt.fl.partitioner import cmd_partition as partition  # lazy: the partitioners only here
+    from fedprompt.commands.partition import cmd_partition as partition  # lazy: the partitioners only here
 
     return partition(cfg)
 
@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     if command == "run":  # a Hydra application with Hydra's own command line (-m, --cfg, hydra.*)
-        from fedprompt.fl.hydra_app import main as run_app  # lazy: Flower and Ray only when simulating
+        from fedprompt.commands.hydra_app import main as run_app  # lazy: Flower and Ray only when simulating
 
         return run_app(overrides)
     if command not in COMMANDS and command not in FOLDER_COMMANDS and command != "task":

@@ -2,7 +2,7 @@
 
 Every section is declared once, by the dataclass that the code reads (``federation``:
 :class:`fedprompt.fl.config.FederationConfig`, ``service``: :class:`fedprompt.blackbox.settings.ServiceConfig`,
-``deploy``: :class:`fedprompt.fl.deploy.DeploySettings`, ``distill``: :class:`fedprompt.models.distill_config.DistillConfig`,
+``deploy``: :class:`fedprompt.commands.deploy.DeploySettings`, ``distill``: :class:`fedprompt.models.distill_config.DistillConfig`,
 ``transfer``: :class:`fedprompt.methods.post.config.TransferConfig`, ``method``: the config class of the method
 that ``method.name`` names (``fedprompt.registry.METHODS``), ``privacy``: the class of the mechanism that
 ``privacy.name`` names (:data:`PRIVACY`)); the task, model and partition nodes are declared here.

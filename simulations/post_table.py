@@ -148,10 +148,10 @@ def _settings(args: dict) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from fedprompt.commands.post import cmd_distill, public_examples, transfer_prompt
+    from fedprompt.commands.run import cmd_run
     from fedprompt.config import compose, load_task_checked
     from fedprompt.fl.data import training_examples
     from fedprompt.fl.post import local_totals
-    from fedprompt.fl.run import cmd_run
     from fedprompt.methods.post import PromptConfig, SoftPromptTuner, TrainConfig, TransferConfig, initial_prompt, load_prompt
     from fedprompt.models import PromptedClassifier, load_causal_lm, load_tokenizer
     from fedprompt.models.distill import default_student_dir

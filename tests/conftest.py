@@ -78,7 +78,7 @@ def nothing_expensive(monkeypatch):
         raise AssertionError("a model was loaded or a simulation started before the input was validated")
 
     monkeypatch.setattr("fedprompt.models.load_causal_lm", refuse)
-    monkeypatch.setattr("fedprompt.fl.launch.local_superlink", refuse)
+    monkeypatch.setattr("fedprompt.commands.launch.local_superlink", refuse)
 
 
 @pytest.fixture(autouse=True)

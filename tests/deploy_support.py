@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from fedprompt.commands.deploy import DeploySettings, LocalDeployment, local_run
+from fedprompt.commands.launch import RunOutcome, stop_process_group
+from fedprompt.commands.run import app_dir
 from fedprompt.config import compose
-from fedprompt.fl.deploy import DeploySettings, LocalDeployment, local_run
-from fedprompt.fl.launch import RunOutcome, stop_process_group
-from fedprompt.fl.run import app_dir
 from tests.fl_support import tiny_overrides, write_secret_task
 
 

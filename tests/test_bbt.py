@@ -269,7 +269,7 @@ def bbt_overrides(data_dir, model_dir, *extra: str) -> list[str]:
     (["method.prompt_tokens=600"], "exceeds the model's context of 512"),
 ])
 def test_bad_bbt_input_is_one_line_before_anything_starts(capsys, tmp_path, tiny_model_dir, monkeypatch, extra, message):
-    monkeypatch.setattr("fedprompt.fl.launch.local_superlink", lambda *a, **k: pytest.fail("Flower started"))
+    monkeypatch.setattr("fedprompt.commands.launch.local_superlink", lambda *a, **k: pytest.fail("Flower started"))
     code = cli.main(["run", *bbt_overrides(write_secret_task(tmp_path), tiny_model_dir, *extra)])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err

@@ -245,7 +245,7 @@ def test_clients_per_round_beyond_the_federation_is_one_line_before_flower(capsy
     from fedprompt import cli
     from tests.fl_support import write_secret_task
 
-    monkeypatch.setattr("fedprompt.fl.launch.local_superlink", lambda *a, **k: pytest.fail("Flower started"))
+    monkeypatch.setattr("fedprompt.commands.launch.local_superlink", lambda *a, **k: pytest.fail("Flower started"))
     code = cli.main(["run", *bdpl_overrides(write_secret_task(tmp_path), tiny_model_dir, "method.clients_per_round=3")])
     err = capsys.readouterr().err
     assert code == 2 and "method.clients_per_round=3 but federation.num_clients=2" in err and "Traceback" not in err

@@ -320,9 +320,9 @@ def _up(url: str) -> bool:
 # ---- the key of `fedprompt deploy`'s own service ----------------------------------------------------------
 
 def test_the_local_deploy_service_runs_with_a_generated_key_kept_out_of_files(tiny_model_dir, tmp_path, monkeypatch):
+    from fedprompt.commands.deploy import DeploySettings, LocalDeployment
+    from fedprompt.commands.run import app_dir
     from fedprompt.config import compose
-    from fedprompt.fl.deploy import DeploySettings, LocalDeployment
-    from fedprompt.fl.run import app_dir
 
     monkeypatch.delenv("FEDPROMPT_API_KEY", raising=False)
     certs = tmp_path / "certs"

@@ -16,9 +16,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from omegaconf import OmegaConf
 
 from fedprompt import cli
+from fedprompt.commands import run
 from fedprompt.config import compose
 from fedprompt.fl import data as fl_data
-from fedprompt.fl import run
 from fedprompt.fl.checkpoint import CHECKPOINT, Checkpoint, _record_to_b64, _seal, check_resumable, rng_state
 from fedprompt.fl.config import serialize_config
 from fedprompt.fl.report import RoundStats, RunReport

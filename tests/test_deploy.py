@@ -24,9 +24,9 @@ from fedprompt.blackbox import HttpBlackBox, ServiceUnavailable
 from fedprompt.blackbox.runner import RunningServer
 from fedprompt.blackbox.server import create_app
 from fedprompt.blackbox.settings import ServerSettings
-from fedprompt.fl import deploy
-from fedprompt.fl.launch import _tool, free_port
-from fedprompt.fl.run import app_dir
+from fedprompt.commands import deploy
+from fedprompt.commands.launch import _tool, free_port
+from fedprompt.commands.run import app_dir
 from tests.deploy_support import stop_service, supernode_id, supernode_log, wait_for
 from tests.fl_support import find_leaks, tiny_overrides, write_secret_task
 

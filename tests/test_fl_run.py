@@ -64,7 +64,7 @@ def test_bad_input_is_one_line_before_anything_expensive(capsys, tmp_path, tiny_
 
 
 def test_an_unreachable_service_is_reported_before_the_simulation(capsys, tmp_path, tiny_model_dir, nothing_expensive):
-    from fedprompt.fl.launch import free_port
+    from fedprompt.commands.launch import free_port
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     code = cli.main(["run", *tiny_overrides(write_secret_task(tmp_path), tiny_model_dir), "service.kind=http",
@@ -114,7 +114,7 @@ def test_a_command_line_key_reaches_the_apps_but_no_file_of_the_run(capsys, tmp_
     stub that reads the run config as the apps do (a real run is in test_fl_simulation.py)."""
     from fedprompt.blackbox import make_blackbox
     from fedprompt.blackbox.http_client import API_KEY_ENV
-    from fedprompt.fl.launch import RunOutcome
+    from fedprompt.commands.launch import RunOutcome
 
     seen: list[tuple[str | None, str]] = []
 
@@ -132,8 +132,8 @@ def test_a_command_line_key_reaches_the_apps_but_no_file_of_the_run(capsys, tmp_
         (run_config.parent / "summary.json").write_text(json.dumps({"rounds": 1, "client_replies": 2}))
         return RunOutcome(run_id=1, status="finished:completed", details="", elapsed_s=0.0)
 
-    monkeypatch.setattr("fedprompt.fl.launch.local_superlink", superlink)
-    monkeypatch.setattr("fedprompt.fl.launch.flwr_run", flwr_run)
+    monkeypatch.setattr("fedprompt.commands.launch.local_superlink", superlink)
+    monkeypatch.setattr("fedprompt.commands.launch.flwr_run", flwr_run)
     folder, keys = tmp_path / "run", ["sk-first-7f3a9c", "sk-second-52be01"]
     overrides = [*tiny_overrides(write_secret_task(tmp_path / "data"), tiny_model_dir), f"output_dir={folder}"]
     assert cli.main(["run", *overrides, f"service.api_key={keys[0]}"]) == 0

@@ -1,5 +1,5 @@
-"""`fedprompt run` as a Hydra app (fedprompt.fl.hydra_app): Hydra's public API only, no sys.argv swap, and
-each job's checks (fedprompt.fl.run.prepare: data, partition, tokenizers) run once, not once before the
+"""`fedprompt run` as a Hydra app (fedprompt.commands.hydra_app): Hydra's public API only, no sys.argv swap, and
+each job's checks (fedprompt.commands.run.prepare: data, partition, tokenizers) run once, not once before the
 sweep and again in the job. The simulation is replaced by a stub (a real run is in test_fl_simulation.py)."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 
 import fedprompt
 from fedprompt import cli
+from fedprompt.commands import run as fl_run
+from fedprompt.commands.hydra_app import expand_jobs, task_overrides
 from fedprompt.config import rewrite_shorthands
-from fedprompt.fl import run as fl_run
-from fedprompt.fl.hydra_app import expand_jobs, task_overrides
 from tests.fl_support import tiny_overrides, write_secret_task
 
 SOURCE = Path(fedprompt.__file__).parent

@@ -1,4 +1,4 @@
-"""A SuperNode's own data (fedprompt.fl.partitioner, fedprompt.fl.node_data): `fedprompt partition` writes one
+"""A SuperNode's own data (fedprompt.commands.partition, fedprompt.fl.node_data): `fedprompt partition` writes one
 folder per partition with the simulation's partition logic; a node whose node config names a data-dir reads only
 that folder (never the task's train split), and a wrong folder is refused in one line."""
 

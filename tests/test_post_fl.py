@@ -13,8 +13,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedprompt import cli
+from fedprompt.commands import deploy
 from fedprompt.config import compose
-from fedprompt.fl import client_app, deploy
+from fedprompt.fl import client_app
 from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
 from fedprompt.fl.post import (
     DP_REPLY_METRICS,
@@ -182,7 +183,7 @@ def test_fedprompt_run_method_post_through_flwr_run(capsys, tmp_path, tiny_model
 ])
 def test_bad_post_input_is_one_line_before_anything_expensive(capsys, tmp_path, tiny_model_dir, monkeypatch, extra,
                                                               message):
-    monkeypatch.setattr("fedprompt.fl.launch.local_superlink", lambda *a, **k: pytest.fail("Flower started"))
+    monkeypatch.setattr("fedprompt.commands.launch.local_superlink", lambda *a, **k: pytest.fail("Flower started"))
     monkeypatch.setenv("FEDPROMPT_CACHE_DIR", str(tmp_path / "cache"))
     code = cli.main(["run", *post_overrides(write_secret_task(tmp_path), tiny_model_dir, *extra)])
     err = capsys.readouterr().err

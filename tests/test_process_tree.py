@@ -1,4 +1,4 @@
-"""One process tree per run, stopped as one (fedprompt.fl.tree), without Flower: stand-in processes that do what
+"""One process tree per run, stopped as one (fedprompt.commands.tree), without Flower: stand-in processes that do what
 Flower and Ray do (a session of their own, a parent that exits, SIGTERM ignored) are all stopped when the run is
 left, and by the watchdog when the launcher is killed; then status.json says where the run was interrupted.
 A real `fedprompt run` stopped both ways: tests/test_resume.py."""
@@ -12,8 +12,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from fedprompt.fl.status import read_status
-from fedprompt.fl.tree import RunProcesses, run_processes
+from fedprompt.commands.status import read_status
+from fedprompt.commands.tree import RunProcesses, run_processes
 from tests.fl_support import MARK_ENV, marked_processes, wait_until_gone
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,8 +50,8 @@ def test_leaving_the_run_stops_every_process_with_its_token_and_nothing_else(tmp
 LAUNCHER = """
 import json, os, sys, time
 from pathlib import Path
-from fedprompt.fl.status import write_status
-from fedprompt.fl.tree import RunProcesses
+from fedprompt.commands.status import write_status
+from fedprompt.commands.tree import RunProcesses
 from tests.test_process_tree import _spawn
 folder = Path(sys.argv[1])
 write_status(folder, "running", pid=os.getpid())

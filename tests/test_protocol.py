@@ -163,7 +163,7 @@ def test_a_two_seed_sweep_of_real_runs_is_reported_with_intervals_and_gains(caps
 
 
 def test_the_console_shows_rounds_and_errors_and_closes_with_the_results_table():
-    from fedprompt.fl.launch import CONSOLE_LINES
+    from fedprompt.commands.launch import CONSOLE_LINES
     from fedprompt.fl.report import results_table
 
     assert CONSOLE_LINES.search("INFO :      round 2: accuracy 0.81, prompt 'Is it positive?'")

@@ -13,9 +13,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedprompt import cli
+from fedprompt.commands.launch import SimulationError
 from fedprompt.data import Example
 from fedprompt.data.leakage import content_ids, ids_digest
-from fedprompt.fl.launch import SimulationError
 from tests.fl_support import tiny_overrides, write_secret_task
 
 N = 40  # evaluation examples of the fake runs
@@ -55,7 +55,7 @@ def fake_run(cfg, partition=None) -> dict:
 
 
 def _sweep(tmp_path, tiny_model_dir, capsys, monkeypatch) -> Path:
-    monkeypatch.setattr("fedprompt.fl.run.cmd_run", fake_run)
+    monkeypatch.setattr("fedprompt.commands.run.cmd_run", fake_run)
     sweep = tmp_path / "sweep"
     args = [*tiny_overrides(write_secret_task(tmp_path / "data"), tiny_model_dir), "partition=dirichlet",
             "partition.alpha=0.5,1.0", "seed=0,1,2", f"hydra.sweep.dir={sweep}"]

@@ -1,4 +1,4 @@
-"""A SuperNode's own data: one folder per partition, written beforehand (fedprompt.fl.partitioner), and read
+"""A SuperNode's own data: one folder per partition, written beforehand (fedprompt.commands.partition), and read
 by that node alone (here).
 
 ``fedprompt partition task=... federation.num_clients=N partition=... output_dir=DIR`` writes, with the

@@ -14,7 +14,19 @@ from typing import Any
 
 import numpy as np
 
+from fedprompt.config import make_dir
+
 PREDICTIONS = "predictions.npz"
+
+
+def run_folder(cfg) -> Path:
+    """The run's folder, made: ``output_dir`` (``fedprompt run`` sets it), else outputs/run/<time>-<task>-<method>
+    (``flwr run .`` by hand)."""
+    if cfg.get("output_dir"):
+        path = Path(str(cfg.output_dir))
+    else:
+        path = Path("outputs") / "run" / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.task.name}-{cfg.method.name}"
+    return make_dir(path).resolve()
 
 # Flat per-round columns (CSV and JSON); the JSON rows add client prompts, failures and aggregation details.
 # failures = error replies + sampled clients that never replied; queries = the clients' black-box queries.

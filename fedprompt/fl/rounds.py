@@ -198,8 +198,7 @@ def serve(grid: Grid, cfg, server_cls: type[MethodServer]) -> dict:
     from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
     from fedprompt.fl.protocol import measure_references, provenance
     from fedprompt.fl.records import audit_path
-    from fedprompt.fl.report import RunReport
-    from fedprompt.fl.run import run_folder
+    from fedprompt.fl.report import RunReport, run_folder
 
     fed = cfg.federation
     folder = run_folder(cfg)  # `fedprompt run` sets output_dir; `flwr run .` by hand: outputs/run/...

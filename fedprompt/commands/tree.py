@@ -12,9 +12,9 @@ failed, Ctrl-C or SIGTERM. If the launcher dies before it can (SIGKILL, the OOM 
 small process in a session of its own (a kill of the launcher's group misses it) that holds the read end of
 a pipe whose write end only the launcher holds. The launcher writes ``done`` after stopping the run; a pipe
 that closes without it means the launcher died, and the watchdog stops the run's processes and marks the run
-folder interrupted (fedprompt.fl.status).
+folder interrupted (fedprompt.commands.status).
 
-    python -m fedprompt.fl.tree <pipe fd> <token> <run folder>     # the watchdog; started by RunProcesses
+    python -m fedprompt.commands.tree <pipe fd> <token> <run folder>     # the watchdog; started by RunProcesses
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class RunProcesses:
         try:
             with (self.folder / WATCHDOG_LOG).open("ab") as log:
                 self._watchdog = subprocess.Popen(
-                    [sys.executable, "-m", "fedprompt.fl.tree", str(read_fd), self.token, str(self.folder)],
+                    [sys.executable, "-m", "fedprompt.commands.tree", str(read_fd), self.token, str(self.folder)],
                     pass_fds=(read_fd,), env={**os.environ, "PYTHONPATH": path}, stdin=subprocess.DEVNULL,
                     stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True)  # out of the launcher's group: `kill -9 -<pgid>` must miss it
@@ -141,7 +141,7 @@ def watch(fd: int, token: str, folder: Path) -> None:
         message += chunk
     if message == DONE:
         return
-    from fedprompt.fl.status import mark_interrupted
+    from fedprompt.commands.status import mark_interrupted
 
     stopped = stop_run(token)
     status = mark_interrupted(folder, "the launcher's death")

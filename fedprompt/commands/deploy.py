@@ -34,8 +34,8 @@ from typing import Callable, Iterator, TextIO
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedprompt.commands.launch import CONNECTION, QUIET_ENV, RunOutcome, _tool, free_port, stop_process_group, submit_run
 from fedprompt.errors import ConfigError, FedPromptError
-from fedprompt.fl.launch import CONNECTION, QUIET_ENV, RunOutcome, _tool, free_port, stop_process_group, submit_run
 from fedprompt.sections import DeploySettings  # noqa: F401  (re-exported)
 
 
@@ -62,7 +62,7 @@ class Certificates:
 
     def make(self, supernodes: int) -> None:
         """Run the script: what exists is kept, what is missing is made."""
-        from fedprompt.fl.run import app_dir
+        from fedprompt.commands.run import app_dir
 
         script = app_dir() / "scripts" / "make-certs.sh"
         out = subprocess.run(["bash", str(script), str(self.folder), "--supernodes", str(supernodes)],
@@ -203,7 +203,7 @@ class LocalDeployment:
 
     def write_node_data(self) -> None:
         """The run's partitions, one folder per SuperNode (a previous deployment's copy in this folder is replaced)."""
-        from fedprompt.fl.partitioner import remove_partitions, write_partitions
+        from fedprompt.commands.partition import remove_partitions, write_partitions
 
         remove_partitions(self.data_folder)
         write_partitions(self.cfg, self.data_folder)
@@ -277,7 +277,8 @@ def service_key_env(cfg: DictConfig, env: dict[str, str]) -> tuple[dict[str, str
 @contextmanager
 def local_run(cfg: DictConfig, settings: DeploySettings) -> Iterator[tuple[LocalDeployment, Path, Path]]:
     """The run's checks, then the local deployment and the run folder: yields (deployment, folder, run config)."""
-    from fedprompt.fl.run import prepare, run_folder, start_run_folder
+    from fedprompt.commands.run import prepare, start_run_folder
+    from fedprompt.fl.report import run_folder
 
     if _own_service(cfg):  # not up yet: check its settings, and its model and label words as in-process would
         from fedprompt.blackbox.settings import ServerSettings
@@ -304,8 +305,8 @@ def check_secret_noise(cfg: DictConfig) -> None:
 
 
 def cmd_deploy(cfg: DictConfig) -> dict:
+    from fedprompt.commands.run import app_dir, finish_run, prepare, start_run_folder
     from fedprompt.fl.protocol import git_state
-    from fedprompt.fl.run import app_dir, finish_run, prepare, start_run_folder
     from fedprompt.redact import SECRETS, redact_config
 
     start = time.perf_counter()

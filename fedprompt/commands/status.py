@@ -7,7 +7,7 @@
     {"state": "failed", "error": "...", "at": ...}
 
 ``round`` is the last round the checkpoint holds, where ``fedprompt resume`` continues. The launcher writes
-every state; if it dies, its watchdog writes "interrupted" (fedprompt.fl.tree). A folder left at "running"
+every state; if it dies, its watchdog writes "interrupted" (fedprompt.commands.tree). A folder left at "running"
 with no such process alive was stopped in a way neither could see (the machine went down).
 """
 

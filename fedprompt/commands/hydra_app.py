@@ -5,11 +5,11 @@
 
 Hydra composes ``conf/``, expands the sweep (its sweeper plugin, the basic one unless ``hydra/sweeper=``
 says otherwise), creates the run / job folders (with ``.hydra/``, and ``multirun.yaml`` for a sweep) and
-runs each job in turn (its launcher plugin); each job is one :func:`fedprompt.fl.run.cmd_run` (its own
+runs each job in turn (its launcher plugin); each job is one :func:`fedprompt.commands.run.cmd_run` (its own
 SuperLink + ``flwr run``) whose run folder is the job's Hydra output folder. Before Hydra starts, every
 job's config is composed and checked as ``fedprompt run`` would (keys, values, data, partition, models),
 so a typo in a sweep fails at once, with no folder written; the job then reuses that check's result
-(:func:`fedprompt.fl.run.prepare` runs once a job). A job that fails later is reported (its line on
+(:func:`fedprompt.commands.run.prepare` runs once a job). A job that fails later is reported (its line on
 stderr, ``error.json`` in its folder) and the sweep goes on; the last stdout line is one JSON object: the
 run's result, or the sweep's summary (also ``<sweep dir>/sweep.json``).
 
@@ -110,11 +110,11 @@ def expand_jobs(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
 
 def check_jobs(jobs: list[list[str]], config_name: str, multirun: bool = False) -> dict[tuple[str, ...], dict]:
     """Compose and check every job before the first one starts: first the config alone, then its data, then
-    that Hydra can write its folder. Returns each job's :func:`~fedprompt.fl.run.prepare` result, by its
+    that Hydra can write its folder. Returns each job's :func:`~fedprompt.commands.run.prepare` result, by its
     :func:`task_overrides`: the job reuses it rather than preparing again."""
+    from fedprompt.commands.run import prepare, resume_point
     from fedprompt.config import compose
     from fedprompt.fl.config import validate_config
-    from fedprompt.fl.run import prepare, resume_point
 
     shared = set.intersection(*(set(job) for job in jobs))
 
@@ -358,10 +358,10 @@ def _launch_overrides(overrides: list[str], multirun: bool) -> list[str]:
 
 def _run_job(cfg: DictConfig, multirun: bool, partition: dict | None = None) -> dict:
     """One job in its Hydra folder; a failure becomes a record (and error.json) so that a sweep goes on.
-    ``partition``: the job's :func:`~fedprompt.fl.run.prepare` result from :func:`check_jobs`, if it has one."""
+    ``partition``: the job's :func:`~fedprompt.commands.run.prepare` result from :func:`check_jobs`, if it has one."""
     from hydra.core.hydra_config import HydraConfig
 
-    from fedprompt.fl.run import cmd_run
+    from fedprompt.commands.run import cmd_run
 
     folder = Path(HydraConfig.get().runtime.output_dir).resolve()
     cfg = OmegaConf.merge(cfg, {"output_dir": str(folder)})

@@ -9,9 +9,9 @@ rounds.json/csv, accuracy.png and summary.json there; the returned dict is summa
 launcher's own figures. After every round the server writes checkpoint.json; ``resume=true`` (or
 ``fedprompt resume <folder>``) continues from it (fedprompt.fl.checkpoint).
 
-Every process of the run carries the run's token and is stopped with it (fedprompt.fl.tree): at the end,
+Every process of the run carries the run's token and is stopped with it (fedprompt.commands.tree): at the end,
 on Ctrl-C, SIGTERM or SIGHUP, and by a watchdog if the launcher is killed. status.json says how the run
-ended, "interrupted at round r of n" included (fedprompt.fl.status).
+ended, "interrupted at round r of n" included (fedprompt.commands.status).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedprompt.config import make_dir
 from fedprompt.errors import ConfigError, Interrupted
+from fedprompt.fl.report import run_folder
 
 
 def app_dir() -> Path:
@@ -70,14 +70,6 @@ def prepare(cfg: DictConfig) -> dict:
             "eval_overlap_excluded": overlap_excluded(cfg, task)}
 
 
-def run_folder(cfg: DictConfig) -> Path:
-    if cfg.get("output_dir"):
-        path = Path(str(cfg.output_dir))
-    else:
-        path = Path("outputs") / "run" / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.task.name}-{cfg.method.name}"
-    return make_dir(path).resolve()
-
-
 def write_run_config(cfg: DictConfig, folder: Path) -> Path:
     import tomli_w
 
@@ -115,7 +107,7 @@ def signals_interrupt() -> Iterator[None]:
 def recorded_status(folder: Path, checkpoint) -> Iterator[None]:
     """status.json says "running" while inside, then how it ended: completed, failed, or interrupted at the
     round a resume continues from (then the Interrupted raised carries that message)."""
-    from fedprompt.fl.status import checkpoint_round, mark_interrupted, write_status
+    from fedprompt.commands.status import checkpoint_round, mark_interrupted, write_status
 
     write_status(folder, "running", pid=os.getpid(), resumed_from_round=None if checkpoint is None else checkpoint.round)
     try:
@@ -201,8 +193,8 @@ def cmd_run(cfg: DictConfig, partition: dict | None = None) -> dict:
 
 def simulate(cfg: DictConfig, root: Path, folder: Path, run_config: Path, checkpoint):
     """The Flower run: a SuperLink of its own and ``flwr run``, all of it one process tree stopped as one."""
-    from fedprompt.fl.launch import flwr_run, local_superlink
-    from fedprompt.fl.tree import RunProcesses
+    from fedprompt.commands.launch import flwr_run, local_superlink
+    from fedprompt.commands.tree import RunProcesses
 
     fed = cfg.federation
     with RunProcesses(folder) as tree, \
@@ -230,7 +222,7 @@ def start_run_folder(cfg: DictConfig, partition: dict):
 def finish_run(folder: Path, outcome, start: float, checkpoint=None, code: dict | None = None) -> dict:
     """summary.json of a completed run plus the launcher's figures (result.json); a clear error otherwise.
     ``code``: the launching checkout's git state, added to summary.json (the server cannot see it)."""
-    from fedprompt.fl.launch import SimulationError
+    from fedprompt.commands.launch import SimulationError
 
     summary_path = folder / "summary.json"
     if outcome.status == "finished:completed" and not summary_path.is_file():

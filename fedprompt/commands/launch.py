@@ -16,7 +16,7 @@ process's environment, and stops it afterwards:
 back with ``flwr ls fedprompt --run-id <id> --format json``.
 
 The SuperLink's environment carries ``extra_env``: ``fedprompt run`` puts its run's token there, so that every
-process the SuperLink starts, wherever Flower and Ray put it, is stopped with the run (fedprompt.fl.tree).
+process the SuperLink starts, wherever Flower and Ray put it, is stopped with the run (fedprompt.commands.tree).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from typing import Iterator, Mapping, Sequence, TextIO
 
 import psutil
 
+from fedprompt.commands.tree import GRACE_S, stop_processes
 from fedprompt.errors import FedPromptError
-from fedprompt.fl.tree import GRACE_S, stop_processes
 
 CONNECTION = "fedprompt"
 # Offline and quiet: no telemetry, no update check, no runtime pip installs, no Ray usage stats.
