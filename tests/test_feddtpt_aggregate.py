@@ -223,11 +223,33 @@ def test_one_word_per_slot_keeps_the_edit_most_clients_share():
     assert per_slot.aggregate(flipped).prompt == ["positive", "and", "negative"]
 
 
+def test_cannot_link_keeps_apart_the_words_one_prompt_holds_together():
+    # "positive" / "negative" sit as close as "movie" / "film": at one eps the paper's DBSCAN merges both pairs and
+    # keeps one word of each. Every prompt holds both label words (so they are two words, not variants); no prompt
+    # holds "movie" and "film" together (a substitution). "flick", near "movie", is one client's addition beside it.
+    table = {"movie": arc(0.0), "film": arc(0.02), "flick": arc(0.04), "positive": arc(math.pi / 2),
+             "negative": arc(math.pi / 2 + 0.02), "review": [0, 0, 1.0]}
+    prompts = ([["movie", "review", "positive", "negative"]] * 4 + [["film", "review", "positive", "negative"]] * 2
+               + [["movie", "flick", "review", "positive", "negative"]])
+    settings = {"attention_threshold": 0, "min_samples": 3, "eps": 0.01}
+    paper = FedDTPTAggregator(AggregateConfig(**settings), TableEmbedder(table)).aggregate(prompts)
+    # one word per cluster, the highest-weight one: one of movie / film (/ flick), review, and ONE label word
+    assert len(paper.prompt) == 3 and paper.prompt[1] == "review" and paper.cannot_link_splits == 0
+    assert len({"positive", "negative"} & set(paper.prompt)) == 1
+    linked = FedDTPTAggregator(AggregateConfig(**settings, cannot_link=True), TableEmbedder(table)).aggregate(prompts)
+    assert linked.prompt[1:] == ["review", "positive", "negative"] and linked.prompt[0] in ("movie", "film")
+    # split off: "negative" (kept, 7 occurrences) and "flick" (1 < min_samples: noise), not "film" (merged with movie)
+    assert linked.cannot_link_splits == 2
+    assert [labels[1] for labels in linked.labels][-1] == -1 and linked.labels[4][0] == linked.labels[0][0]
+
+
 def test_bad_config_fails_before_any_embedding():
     with pytest.raises(ConfigError, match="aggregate.mode"):
         FedDTPTAggregator(AggregateConfig(mode="mean"), TableEmbedder({}))
     with pytest.raises(ConfigError, match="one_word_per_slot"):
         FedDTPTAggregator(AggregateConfig(mode="fedavg", one_word_per_slot=True), TableEmbedder({}))
+    with pytest.raises(ConfigError, match="cannot_link splits DBSCAN's clusters"):
+        FedDTPTAggregator(AggregateConfig(mode="kmeans", cannot_link=True), TableEmbedder({}))
     with pytest.raises(ConfigError, match="attention_threshold"):
         FedDTPTAggregator(AggregateConfig(attention_threshold=1.5), TableEmbedder({}))
     with pytest.raises(ConfigError, match="at least one"):

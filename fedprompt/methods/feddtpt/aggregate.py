@@ -101,6 +101,7 @@ class AggregationResult:
     n_noise: int = 0
     knee: float | None = None  # the knee of the distinct-word k-distance curve (None: none found or eps fixed)
     eps_floored: bool = False  # True when eps is min_eps because the knee was below it or missing
+    cannot_link_splits: int = 0  # cannot_link: word groups split off a cluster (kept, or noise below min_samples)
     empty_replies: int = 0  # clients that returned the empty prompt (a vote for no instruction)
     filtered: list[dict] = field(default_factory=list)  # words the attention filter dropped, with their attention
     fallbacks: list[str] = field(default_factory=list)  # each fallback taken ("identical-replies",
@@ -193,6 +194,8 @@ class FedDTPTAggregator:
             labels = km.fit_predict(pts.xu, sample_weight=pts.counts)[pts.inverse]
         else:
             labels = self._dbscan(pts.xu, pts.counts, len(prompts), result)[pts.inverse]
+            if cfg.cannot_link:
+                labels, result.cannot_link_splits = split_cooccurring(labels, pts.words, pts.client, result.min_samples)
         result.labels = [row.tolist() for row in points.scatter(keep, labels, -2)]  # -2: filtered out, -1: noise
         clusters = sorted(set(labels.tolist()) - {-1})
         result.n_clusters, result.n_noise = len(clusters), int(np.sum(labels == -1))
@@ -319,6 +322,38 @@ class FedDTPTAggregator:
             mean = _normalise(rows.mean(0, keepdims=True))[0]
             out.append(vocab[int(np.argmax(xu @ mean))])
         return out
+
+
+def split_cooccurring(labels: np.ndarray, words: Sequence[str], client: np.ndarray,
+                      min_samples: int) -> tuple[np.ndarray, int]:
+    """Each cluster split so that no two distinct words that one client's prompt holds together share a cluster.
+
+    Within a cluster, its words (most frequent first, ties by the word) are placed greedily: into the first group
+    none of whose words appears in a prompt beside it, else into a new group. The first group keeps the label, each
+    other gets a new one; a group with fewer than ``min_samples`` occurrences becomes noise (-1), as DBSCAN's core
+    condition asks of a cluster. Returns the new labels (one per point) and how many groups were split off.
+    """
+    out, next_label, splits = labels.copy(), int(labels.max(initial=-1)) + 1, 0
+    for label in sorted(set(labels.tolist()) - {-1}):
+        members: dict[str, list[int]] = {}
+        for j in np.flatnonzero(labels == label):
+            members.setdefault(words[j], []).append(int(j))
+        groups: list[tuple[list[str], set[int]]] = []  # (words, the clients that used any of them)
+        for word in sorted(members, key=lambda w: (-len(members[w]), w)):
+            used_by = {int(client[j]) for j in members[word]}
+            group = next((g for g in groups if not g[1] & used_by), None)
+            if group is None:
+                groups.append(([word], used_by))
+            else:
+                group[0].append(word)
+                group[1].update(used_by)
+        for number, (group_words, _) in enumerate(groups):
+            points = [j for w in group_words for j in members[w]]
+            if number:
+                out[points], next_label, splits = next_label, next_label + 1, splits + 1
+            if len(points) < min_samples:
+                out[points] = -1
+    return out, splits
 
 
 class _Points:

@@ -193,6 +193,12 @@ class AggregateConfig:
       clients share (paper: every cluster)
     - ``server_check``: true: the server keeps the previous global prompt unless the merged one scores at least as
       well on the public pool (federation.public_size examples; paper: always the merge)
+    - ``cannot_link``: dbscan: true (ours, not the paper) splits every cluster so that no two distinct words one client
+      prompt holds together share a cluster (they are different words of that prompt, not variants of one), and a
+      part with fewer than min_samples occurrences becomes noise; false: the paper's clusters as DBSCAN returns them.
+      Why: at the knee eps, DBSCAN chains the prompt's function words ("What", "this", "of", "question", ...) into
+      one cluster and merges antonym label words ("positive" / "negative?"), of which one word survives
+      (simulations/diagnostics/feddtpt_clusters.py, docs/feddtpt.md)
     """
 
     mode: str = "dbscan"
@@ -214,9 +220,13 @@ class AggregateConfig:
     # Server: keep the previous global prompt unless the merged one scores at least as well on the public
     # pool (federation.public_split / public_size) through the black box; off in the paper.
     server_check: bool = False
+    cannot_link: bool = False
 
     def validate(self) -> None:
         _choice("aggregate.mode", self.mode, AGG_MODES)
+        if self.cannot_link and self.mode != "dbscan":
+            raise ConfigError(f"aggregate.cannot_link splits DBSCAN's clusters, so it needs mode dbscan, not "
+                              f"{self.mode!r}; drop it or set aggregate.mode=dbscan")
         if self.one_word_per_slot and self.mode not in ("dbscan", "kmeans"):
             raise ConfigError(
                 f"aggregate.one_word_per_slot chooses between clusters, so it needs mode dbscan or kmeans, "
