@@ -91,13 +91,7 @@ class BBTStrategy(FedStrategy):
         self.mode, self.dim, self.sigma0 = mode, int(intrinsic_dim), float(sigma0)
 
     def invalid(self, msg: Message) -> str | None:
-        if reason := self.weighted_layout(msg):
-            return reason
-        try:
-            arrays_to_point(msg.content[ARRAYS], self.dim)
-        except ValueError as err:
-            return f"malformed reply: {err}"
-        return None
+        return self.weighted_layout(msg, lambda arrays: arrays_to_point(arrays, self.dim))
 
     def record(self, stats: RoundStats, valid: list[Message]) -> None:
         stats.aggregation["mode"] = self.mode

@@ -100,13 +100,7 @@ class BDPLFedAvg(FedStrategy):
         self._shape = tuple(arrays[LOGITS].shape)
 
     def invalid(self, msg: Message) -> str | None:
-        if reason := self.weighted_layout(msg):
-            return reason
-        try:
-            arrays_to_logits(msg.content[ARRAYS], self._shape)
-        except ValueError as err:
-            return f"malformed reply: {err}"
-        return None
+        return self.weighted_layout(msg, lambda arrays: arrays_to_logits(arrays, self._shape))
 
     def record(self, stats: RoundStats, valid: list[Message]) -> None:
         if self.vocab is not None:

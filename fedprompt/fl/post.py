@@ -93,13 +93,7 @@ class PromptFedAvg(FedStrategy):
         self._shape = tuple(arrays[PROMPT].shape)
 
     def invalid(self, msg: Message) -> str | None:
-        if reason := self.weighted_layout(msg):
-            return reason
-        try:
-            arrays_to_prompt(msg.content[ARRAYS], {PROMPT: self._shape or (None, None)})
-        except ValueError as err:
-            return f"malformed reply: {err}"
-        return None
+        return self.weighted_layout(msg, lambda arrays: arrays_to_prompt(arrays, {PROMPT: self._shape or (None, None)}))
 
     def aggregate(self, server_round: int, valid: list[Message]) -> ArrayRecord:
         return aggregate_arrayrecords([m.content for m in valid], self.weighted_by_key)

@@ -198,15 +198,23 @@ class FedStrategy(Strategy):
         """Why a reply without an error is refused (``"malformed reply: ..."``), or None to take it."""
         return None
 
-    def weighted_layout(self, msg: Message) -> str | None:
-        """The check of a FedAvg-like reply: exactly "arrays" and "metrics", and a positive ``weighted_by_key``."""
+    def weighted_layout(self, msg: Message, decode: Callable[[ArrayRecord], object] | None = None) -> str | None:
+        """The check of a FedAvg-like reply: exactly "arrays" and "metrics", a positive ``weighted_by_key``, and
+        arrays that ``decode`` (the method's codec, raising ValueError) accepts."""
         if set(msg.content.keys()) != {ARRAYS, METRICS}:
             return f"malformed reply: records {sorted(msg.content.keys())}"
         try:
             weight = float(msg.content[METRICS].get(self.weighted_by_key, 0))
         except (TypeError, ValueError):
             weight = 0.0
-        return None if weight > 0 else f"malformed reply: no positive {self.weighted_by_key!r}"
+        if not weight > 0:
+            return f"malformed reply: no positive {self.weighted_by_key!r}"
+        try:
+            if decode is not None:
+                decode(msg.content[ARRAYS])
+        except ValueError as err:
+            return f"malformed reply: {err}"
+        return None
 
     def record(self, stats: RoundStats, valid: list[Message]) -> None:
         """A method's per-round details from the valid replies (``client_prompts``, ``aggregation``), skipped or not."""
