@@ -180,7 +180,7 @@ class AggregateConfig:
       SST-2 of {0, 0.3, 0.5} (docs/feddtpt.md)
     - ``attention_score``: what the filter scores: similarity (the paper: mean cosine similarity to the other clients'
       words) | agreement (ours: mean over the other clients of the best-matching word's similarity; a word every
-      client kept scores 1; not yet measured on validation)
+      client kept scores 1; on validation +8.3 points over similarity on TREC, +0.1 on SST-2: docs/feddtpt.md)
     - ``filter_temperature``: the filter's softmax runs over each word's MEAN cosine similarity to the other clients'
       words / this (a sum would make the rule depend on the number of clients)
     - ``min_samples``: DBSCAN min_samples: a count, or a fraction of the clients (0.3: 3 of the paper's 10, and it
