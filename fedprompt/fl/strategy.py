@@ -209,9 +209,10 @@ class FedStrategy(Strategy):
             weight = 0.0
         if not weight > 0:
             return f"malformed reply: no positive {self.weighted_by_key!r}"
+        if decode is None:
+            return None
         try:
-            if decode is not None:
-                decode(msg.content[ARRAYS])
+            decode(msg.content[ARRAYS])
         except ValueError as err:
             return f"malformed reply: {err}"
         return None

@@ -349,8 +349,10 @@ def split_cooccurring(labels: np.ndarray, words: Sequence[str], client: np.ndarr
                 group[1].update(used_by)
         for number, (group_words, _) in enumerate(groups):
             points = [j for w in group_words for j in members[w]]
-            if number:
-                out[points], next_label, splits = next_label, next_label + 1, splits + 1
+            if number:  # split off: a cluster of its own
+                out[points] = next_label
+                next_label += 1
+                splits += 1
             if len(points) < min_samples:
                 out[points] = -1
     return out, splits
