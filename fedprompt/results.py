@@ -62,6 +62,20 @@ def run_folders(folder: Path) -> list[Path]:
     return sorted((p for p in found if ".hydra" not in p.parts and is_run(p)), key=lambda p: str(p))
 
 
+def query_curve(folder: Path) -> list[tuple[int, float]] | None:
+    """(cumulative training queries of all clients, accuracy) after each evaluated round of a run folder's
+    rounds.json; None for a run without rounds (an eval)."""
+    rounds = folder / "rounds.json"
+    if not rounds.is_file():
+        return None
+    spent, curve = 0, []
+    for row in _read_json(rounds):
+        spent += int(row.get("queries") or 0)
+        if row.get("accuracy") is not None:
+            curve.append((spent, float(row["accuracy"])))
+    return curve
+
+
 def read_predictions(folder: Path, summary: dict) -> dict[str, np.ndarray] | None:
     """A finished run's predictions.npz, checked against its summary (None when the run predates them)."""
     if not summary.get("predictions_file"):

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import yaml
 
+from fedprompt.results import query_curve
+
 DEFAULT_COLUMNS = ["final_accuracy", "manual_accuracy", "initial_accuracy", "rounds", "queries_per_client_round",
                    "bytes_up_per_client_round", "wall_s", "final_prompt"]
 
@@ -65,20 +67,6 @@ def run_spec(default_command: str, extra) -> tuple[str, list[str]]:
     if isinstance(extra, dict):
         return str(extra.get("command", default_command)), [str(o) for o in extra.get("overrides") or []]
     return default_command, [str(o) for o in extra]
-
-
-def query_curve(folder: Path) -> list[tuple[int, float]] | None:
-    """(cumulative training queries of all clients, accuracy) after each evaluated round of a run folder's
-    rounds.json; None for a run without rounds (an eval)."""
-    rounds = folder / "rounds.json"
-    if not rounds.is_file():
-        return None
-    spent, curve = 0, []
-    for row in json.loads(rounds.read_text()):
-        spent += int(row.get("queries") or 0)
-        if row.get("accuracy") is not None:
-            curve.append((spent, float(row["accuracy"])))
-    return curve
 
 
 def plot_queries(runs: list[tuple[str, Path, dict]], path: Path) -> None:
