@@ -1,0 +1,131 @@
+"""FedDTPT's ablation table (issue 22) from the sweep folders simulations/ablations/feddtpt.sh writes: one row per
+folder <config>_<row>/, with the final accuracy (mean and Student-t 95% CI over seeds), the gain over the reference
+(the better untuned prompt on validation, paired bootstrap over the test examples, from the folder's
+`fedprompt report`), the paired difference from the `frozen` row (the paper's server), and what the server did
+(eps from the knee or the guard, final prompt length).
+
+    python simulations/ablations/feddtpt_table.py --task trec
+    -> simulations/results/ablations/feddtpt_<task>_table.md and .json
+
+A row whose folder is missing or has no finished seed is listed as such; rows scored on different test examples
+are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fedprompt.results import read_run, run_folders
+from fedprompt.stats import paired_bootstrap
+
+ABLATIONS = Path(__file__).resolve().parents[1] / "results" / "ablations"
+ROWS = {  # folder suffix -> what the row changes (simulations/ablations/feddtpt.sh)
+    "frozen": "the paper's server (frozen config)",
+    "no_filter": "without the attention filter",
+    "fixed_eps": "fixed eps = 0.15 instead of the elbow",
+    "kmeans": "k-means (k = median prompt length) instead of DBSCAN",
+    "fedavg": "FedAvg of word embeddings per position",
+    "vote": "majority vote per word (eps ~ 0: identical words only)",
+    "agreement": "ours: the filter scores agreement (chosen on validation)",
+}
+
+
+def finished_runs(folder: Path) -> list[dict]:
+    runs = [read_run(f) for f in run_folders(folder)] if folder.is_dir() else []
+    return sorted((r for r in runs if r["status"] == "completed"), key=lambda r: int(r["config.seed"]))
+
+
+def server_facts(runs: list[dict]) -> dict:
+    """What the server did in every round of the row's seeds (rounds.json's aggregation records)."""
+    eps_from = {"knee": 0, "guard": 0, "fixed or none": 0}
+    lengths = []
+    for run in runs:
+        rows = json.loads((Path(run["folder"]) / "rounds.json").read_text())
+        for row in rows[1:]:
+            aggregation = row.get("aggregation") or {}
+            if aggregation.get("eps_floored"):
+                eps_from["guard"] += 1
+            elif aggregation.get("knee_found"):
+                eps_from["knee"] += 1
+            else:
+                eps_from["fixed or none"] += 1
+        lengths.append(rows[-1].get("prompt_length"))
+    return {"eps_from": eps_from, "final_prompt_words": lengths}
+
+
+def row_entry(name: str, folder: Path, runs: list[dict], frozen: list[dict] | None) -> dict:
+    report = json.loads((folder / "report" / "report.json").read_text())[0]
+    entry = {"row": name, "change": ROWS.get(name, name), "folder": str(folder), "seeds": report["seeds"],
+             "final_accuracy": report["final_accuracy"], "reference": report["reference"], "gain": report["gain"],
+             "queries_per_client_round": float(np.mean([r["queries_per_client_round"] for r in runs])),
+             **server_facts(runs)}
+    if frozen and name != "frozen":
+        paired = {int(r["config.seed"]): r for r in frozen}
+        common = [r for r in runs if int(r["config.seed"]) in paired]
+        if common:
+            mine = np.stack([r["predictions"]["final"] == r["predictions"]["label"] for r in common])
+            theirs = np.stack([paired[int(r["config.seed"])]["predictions"]["final"]
+                               == paired[int(r["config.seed"])]["predictions"]["label"] for r in common])
+            entry["vs_frozen"] = paired_bootstrap(mine, theirs).to_dict()
+    return entry
+
+
+def interval(stat: dict | None, points: bool = False) -> str:
+    if not stat:
+        return "-"
+    scale, fmt = (100, "{:+.1f}") if points else (1, "{:.3f}")
+    text = fmt.format(stat["mean"] * scale)
+    if stat.get("ci95"):
+        low, high = (fmt.format(v * scale) for v in stat["ci95"])
+        text += f" [{low}, {high}]"
+    return text
+
+
+def markdown(task: str, entries: list[dict], missing: list[str]) -> str:
+    lines = [f"FedDTPT ablations, {task} (test; seeds as listed; gains in points, paired 95% CI)", "",
+             "| row | seeds | final (mean [95% CI]) | reference | gain over the reference | vs the paper's server | "
+             "eps: knee / guard / fixed | final prompt words |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        ref = e["reference"]
+        eps = e["eps_from"]
+        lines.append(f"| {e['change']} | {len(e['seeds'])} | {interval(e['final_accuracy'])} | "
+                     f"{ref['kind']} {ref['accuracy']:.3f} | {interval(e['gain'], True)} | "
+                     f"{interval(e.get('vs_frozen'), True)} | {eps['knee']} / {eps['guard']} / {eps['fixed or none']} | "
+                     f"{' / '.join(str(n) for n in e['final_prompt_words'])} |")
+    if missing:
+        lines += ["", "Not finished: " + ", ".join(missing)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--results", type=Path, default=ABLATIONS)
+    parser.add_argument("--config", default=None, help="the folders' prefix (default feddtpt_<task>)")
+    args = parser.parse_args(argv)
+    prefix = args.config or f"feddtpt_{args.task}"
+    found = {name: finished_runs(args.results / f"{prefix}_{name}") for name in ROWS}
+    missing = [name for name, runs in found.items() if not runs]
+    done = {name: runs for name, runs in found.items() if runs}
+    if not done:
+        sys.exit(f"no finished row under {args.results}/{prefix}_*; run simulations/ablations/feddtpt.sh {args.task}")
+    scored_on = {r["eval_ids_sha256"] for runs in done.values() for r in runs}
+    if len(scored_on) > 1:
+        sys.exit(f"the rows were scored on different test examples ({len(scored_on)} id sets): not one table")
+    entries = [row_entry(name, args.results / f"{prefix}_{name}", runs, done.get("frozen")) for name, runs in done.items()]
+    text = markdown(args.task, entries, missing)
+    out = args.results / f"{prefix}_table"
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps({"task": args.task, "rows": entries, "missing": missing}, indent=2) + "\n")
+    print(text)
+    return {"rows": entries, "missing": missing}
+
+
+if __name__ == "__main__":
+    main()
