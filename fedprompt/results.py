@@ -124,7 +124,7 @@ def read_run(folder: Path) -> dict[str, Any]:
     summary = summary or {}
     for key in ("task", "eval_split", "eval_n", "eval_ids_sha256", "final_accuracy", "initial_accuracy",
                 "manual_accuracy", "zero_shot_accuracy", "reference_kind", "reference_accuracy",
-                "queries_per_client_round", "git_commit", "config_sha256"):
+                "queries_per_client_round", "git_commit", "config_sha256", "model_dtype"):
         row[key] = summary.get(key)
     row["wall_s"] = (result or {}).get("wall_s")
     row["predictions"] = read_predictions(folder, summary) if status == "completed" else None

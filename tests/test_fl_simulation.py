@@ -20,7 +20,7 @@ KEYS = {"final_accuracy", "rounds", "queries", "output_dir", "manual_accuracy", 
         "bytes_up", "bytes_down", "eval_queries", "wall_s", "run_id", "num_clients", "failures",
         # the result protocol: both references, the one chosen on validation, what was scored, where it came from
         "zero_shot_accuracy", "reference_kind", "reference_accuracy", "reference_choice", "eval_split", "eval_n",
-        "eval_ids_sha256", "predictions_file", "git_commit", "git_dirty", "config_sha256"}
+        "eval_ids_sha256", "predictions_file", "git_commit", "git_dirty", "config_sha256", "model_dtype"}
 
 
 def test_two_clients_one_round_through_flwr_run(capsys, tmp_path, tiny_model_dir):
@@ -34,6 +34,7 @@ def test_two_clients_one_round_through_flwr_run(capsys, tmp_path, tiny_model_dir
     assert KEYS <= set(result)
     assert result["rounds"] == 1 and result["num_clients"] == 2 and result["failures"] == 0
     assert 0.0 <= result["final_accuracy"] <= 1.0
+    assert result["model_dtype"] in ("float32", "bfloat16")  # what model.dtype=auto resolved to on this machine
     assert 0 < result["queries"] <= 2 * 60  # two clients, method.search.budget=60 each
     assert result["bytes_up"] > 0 and result["bytes_down"] > 0
     assert Path(result["output_dir"]) == out.resolve()

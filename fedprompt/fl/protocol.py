@@ -88,8 +88,15 @@ def round_accuracy(report, evaluation: Sequence[Example], server_round: int, las
 
 
 def provenance(cfg) -> dict:
-    """What the server records of where its run came from: ``config_sha256`` of the resolved config."""
-    return {"config_sha256": config_sha256(cfg)}
+    """What the server records of where its run came from: ``config_sha256`` of the resolved config, and
+    ``model_dtype``, the precision ``model.dtype`` resolves to on this machine (``auto`` is bf16 on a CPU with
+    AVX512-BF16 and float32 on one without, so one config scores differently on two machines: docs/feddtpt.md
+    traces one such difference). The in-process black box and the clients' local models load that precision."""
+    from fedprompt.models.registry import resolve_device, resolve_dtype
+
+    model = cfg.get("model") or {}
+    dtype = resolve_dtype(model.get("dtype"), resolve_device(model.get("device")))
+    return {"config_sha256": config_sha256(cfg), "model_dtype": str(dtype).removeprefix("torch.")}
 
 
 def git_state() -> dict:

@@ -63,6 +63,7 @@ def row_entry(name: str, folder: Path, runs: list[dict], frozen: list[dict] | No
     entry = {"row": name, "change": ROWS.get(name, name), "folder": str(folder), "seeds": report["seeds"],
              "final_accuracy": report["final_accuracy"], "reference": report["reference"], "gain": report["gain"],
              "queries_per_client_round": float(np.mean([r["queries_per_client_round"] for r in runs])),
+             "model_dtype": sorted({str(r.get("model_dtype")) for r in runs}),  # None: a run older than the field
              **server_facts(runs)}
     if frozen and name != "frozen":
         paired = {int(r["config.seed"]): r for r in frozen}
