@@ -90,7 +90,7 @@ def interval(stat: dict | None, points: bool = False) -> str:
 def markdown(task: str, entries: list[dict], missing: list[str]) -> str:
     lines = [f"FedDTPT ablations, {task} (test; seeds as listed; gains in points, paired 95% CI)", "",
              "| row | seeds | final (mean [95% CI]) | reference | gain over the reference | vs the paper's server | "
-             "eps: knee / guard / fixed | final prompt words |",
+             "eps: knee / guard / fixed or n/a | final prompt words |",
              "|---|---|---|---|---|---|---|---|"]
     for e in entries:
         ref = e["reference"]
