@@ -50,9 +50,9 @@ def test_rows_report_their_gain_and_the_paired_difference_from_the_papers_server
     out = table.main(["--task", "trec", "--results", str(tmp_path)])
 
     rows = {e["row"]: e for e in out["rows"]}
-    assert rows["frozen"]["gain"]["mean"] == pytest.approx(0.0) and "vs_frozen" not in rows["frozen"]
+    assert rows["frozen"]["gain"]["mean"] == pytest.approx(0.0) and "vs_baseline" not in rows["frozen"]
     assert rows["agreement"]["gain"]["mean"] == pytest.approx(0.5)
-    assert rows["agreement"]["vs_frozen"]["mean"] == pytest.approx(0.5)
+    assert rows["agreement"]["vs_baseline"]["mean"] == pytest.approx(0.5)
     assert rows["frozen"]["eps_from"] == {"knee": 0, "guard": 2, "fixed or none": 0}
     assert rows["agreement"]["eps_from"]["knee"] == 2 and rows["agreement"]["final_prompt_words"] == [3, 3]
     assert "no_filter" in out["missing"] and "fedavg" in out["missing"]
@@ -65,3 +65,16 @@ def test_rows_scored_on_different_examples_are_refused(tmp_path):
     write_run(tmp_path / "feddtpt_trec_kmeans" / "0", 0, ZERO_SHOT, np.arange(10, 20, dtype=np.uint64), floored=True)
     with pytest.raises(SystemExit, match="different test examples"):
         table.main(["--task", "trec", "--results", str(tmp_path)])
+
+
+def test_explicit_rows_pair_with_the_named_baseline(tmp_path):
+    ids = np.arange(10, dtype=np.uint64)
+    write_run(tmp_path / "split_iid" / "0", 0, LABEL.copy(), ids, floored=False)
+    write_run(tmp_path / "split_0.1" / "0", 0, ZERO_SHOT, ids, floored=False)
+    for folder in ("split_iid", "split_0.1"):
+        cmd_report(tmp_path / folder, [])
+    out = table.main(["--task", "trec", "--results", str(tmp_path), "--baseline", "iid", "--out", "partitions",
+                      "--row", "iid=split_iid", "--row", "Dirichlet 0.1=split_0.1"])
+    rows = {e["row"]: e for e in out["rows"]}
+    assert rows["Dirichlet 0.1"]["vs_baseline"]["mean"] == pytest.approx(-0.5) and "vs_baseline" not in rows["iid"]
+    assert "| vs iid |" in (tmp_path / "partitions.md").read_text() and out["missing"] == []

@@ -7,6 +7,12 @@ folder <config>_<row>/, with the final accuracy (mean and Student-t 95% CI over 
     python simulations/ablations/feddtpt_table.py --task trec
     -> simulations/results/ablations/feddtpt_<task>_table.md and .json
 
+Any other set of sweeps, e.g. the partitions of the agreement config, paired with the IID row:
+
+    python simulations/ablations/feddtpt_table.py --task trec --out feddtpt_trec_partitions --baseline iid \
+        --row iid=feddtpt_trec_agreement_iid --row "Dirichlet 1.0=feddtpt_trec_agreement" \
+        --row "Dirichlet 0.1=feddtpt_trec_agreement_alpha_0.1"
+
 A row whose folder is missing or has no finished seed is listed as such; rows scored on different test examples
 are refused.
 """
@@ -58,21 +64,21 @@ def server_facts(runs: list[dict]) -> dict:
     return {"eps_from": eps_from, "final_prompt_words": lengths}
 
 
-def row_entry(name: str, folder: Path, runs: list[dict], frozen: list[dict] | None) -> dict:
+def row_entry(name: str, folder: Path, runs: list[dict], baseline: list[dict] | None) -> dict:
     report = json.loads((folder / "report" / "report.json").read_text())[0]
     entry = {"row": name, "change": ROWS.get(name, name), "folder": str(folder), "seeds": report["seeds"],
              "final_accuracy": report["final_accuracy"], "reference": report["reference"], "gain": report["gain"],
              "queries_per_client_round": float(np.mean([r["queries_per_client_round"] for r in runs])),
              "model_dtype": sorted({str(r.get("model_dtype")) for r in runs}),  # None: a run older than the field
              **server_facts(runs)}
-    if frozen and name != "frozen":
-        paired = {int(r["config.seed"]): r for r in frozen}
+    if baseline and runs is not baseline:
+        paired = {int(r["config.seed"]): r for r in baseline}
         common = [r for r in runs if int(r["config.seed"]) in paired]
         if common:
             mine = np.stack([r["predictions"]["final"] == r["predictions"]["label"] for r in common])
             theirs = np.stack([paired[int(r["config.seed"])]["predictions"]["final"]
                                == paired[int(r["config.seed"])]["predictions"]["label"] for r in common])
-            entry["vs_frozen"] = paired_bootstrap(mine, theirs).to_dict()
+            entry["vs_baseline"] = paired_bootstrap(mine, theirs).to_dict()
     return entry
 
 
@@ -87,9 +93,9 @@ def interval(stat: dict | None, points: bool = False) -> str:
     return text
 
 
-def markdown(task: str, entries: list[dict], missing: list[str]) -> str:
+def markdown(task: str, entries: list[dict], missing: list[str], baseline: str) -> str:
     lines = [f"FedDTPT ablations, {task} (test; seeds as listed; gains in points, paired 95% CI)", "",
-             "| row | seeds | final (mean [95% CI]) | reference | gain over the reference | vs the paper's server | "
+             f"| row | seeds | final (mean [95% CI]) | reference | gain over the reference | vs {baseline} | "
              "eps: knee / guard / fixed or n/a | final prompt words |",
              "|---|---|---|---|---|---|---|---|"]
     for e in entries:
@@ -97,7 +103,7 @@ def markdown(task: str, entries: list[dict], missing: list[str]) -> str:
         eps = e["eps_from"]
         lines.append(f"| {e['change']} | {len(e['seeds'])} | {interval(e['final_accuracy'])} | "
                      f"{ref['kind']} {ref['accuracy']:.3f} | {interval(e['gain'], True)} | "
-                     f"{interval(e.get('vs_frozen'), True)} | {eps['knee']} / {eps['guard']} / {eps['fixed or none']} | "
+                     f"{interval(e.get('vs_baseline'), True)} | {eps['knee']} / {eps['guard']} / {eps['fixed or none']} | "
                      f"{' / '.join(str(n) for n in e['final_prompt_words'])} |")
     if missing:
         lines += ["", "Not finished: " + ", ".join(missing)]
@@ -109,19 +115,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--task", required=True)
     parser.add_argument("--results", type=Path, default=ABLATIONS)
     parser.add_argument("--config", default=None, help="the folders' prefix (default feddtpt_<task>)")
+    parser.add_argument("--row", action="append", default=[], metavar="LABEL=FOLDER",
+                        help="a row and its sweep folder under --results (repeatable; default: the ablation rows)")
+    parser.add_argument("--baseline", default="frozen", help="the row every other is paired with (default frozen)")
+    parser.add_argument("--out", default=None, help="the table's name under --results (default <prefix>_table)")
     args = parser.parse_args(argv)
     prefix = args.config or f"feddtpt_{args.task}"
-    found = {name: finished_runs(args.results / f"{prefix}_{name}") for name in ROWS}
+    if args.row:
+        if any("=" not in r for r in args.row):
+            sys.exit(f"--row takes LABEL=FOLDER, got {[r for r in args.row if '=' not in r]}")
+        folders = dict(r.split("=", 1) for r in args.row)
+    else:
+        folders = {name: f"{prefix}_{name}" for name in ROWS}
+    found = {name: finished_runs(args.results / folder) for name, folder in folders.items()}
     missing = [name for name, runs in found.items() if not runs]
     done = {name: runs for name, runs in found.items() if runs}
     if not done:
-        sys.exit(f"no finished row under {args.results}/{prefix}_*; run simulations/ablations/feddtpt.sh {args.task}")
+        sys.exit(f"no finished row under {args.results} ({', '.join(folders.values())}); "
+                 f"run simulations/ablations/feddtpt.sh {args.task}")
     scored_on = {r["eval_ids_sha256"] for runs in done.values() for r in runs}
     if len(scored_on) > 1:
         sys.exit(f"the rows were scored on different test examples ({len(scored_on)} id sets): not one table")
-    entries = [row_entry(name, args.results / f"{prefix}_{name}", runs, done.get("frozen")) for name, runs in done.items()]
-    text = markdown(args.task, entries, missing)
-    out = args.results / f"{prefix}_table"
+    entries = [row_entry(name, args.results / folders[name], runs, done.get(args.baseline)) for name, runs in done.items()]
+    text = markdown(args.task, entries, missing, args.baseline if args.baseline in done else "-")
+    out = args.results / (args.out or f"{prefix}_table")
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"task": args.task, "rows": entries, "missing": missing}, indent=2) + "\n")
     print(text)
