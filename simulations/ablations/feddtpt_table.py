@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     if len(scored_on) > 1:
         sys.exit(f"the rows were scored on different test examples ({len(scored_on)} id sets): not one table")
     entries = [row_entry(name, args.results / folders[name], runs, done.get(args.baseline)) for name, runs in done.items()]
-    text = markdown(args.task, entries, missing, args.baseline if args.baseline in done else "-")
+    text = markdown(args.task, entries, missing, ROWS.get(args.baseline, args.baseline) if args.baseline in done else "-")
     out = args.results / (args.out or f"{prefix}_table")
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"task": args.task, "rows": entries, "missing": missing}, indent=2) + "\n")
