@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> dict:
     scored_on = {sha for curve in methods.values() for sha in curve["eval_ids_sha256"]}
     if len(scored_on) > 1:
         sys.exit(f"the methods were scored on different test examples ({sorted(scored_on)}): not comparable")
+    references = {(c["reference"]["kind"], round(c["reference"]["accuracy"], 9)) for c in methods.values()}
+    if len(references) > 1:  # one dashed line stands for every method's reference
+        sys.exit(f"the methods measured different references ({sorted(references)}): same examples, different "
+                 "scores means a different model or precision; rerun them on one machine")
     stem = args.results / f"queries_{args.task}"
     plot(args.task, methods, stem.with_suffix(".png"))
     out = {"task": args.task, "methods": methods, "missing": missing,

@@ -16,7 +16,8 @@ queries_plot = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(queries_plot)
 
 
-def write_seed(folder: Path, seed: int, curve: list[tuple[int, float]], eval_ids: str = "same") -> None:
+def write_seed(folder: Path, seed: int, curve: list[tuple[int, float]], eval_ids: str = "same",
+               reference: float = 0.4) -> None:
     """A finished run folder as `fedprompt run` leaves it, with only the keys the plot reads."""
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(f"seed: {seed}\ntask: trec\n")
@@ -24,7 +25,7 @@ def write_seed(folder: Path, seed: int, curve: list[tuple[int, float]], eval_ids
         [{"round": i, "queries": q, "accuracy": a} for i, (q, a) in enumerate(curve)]))
     (folder / "summary.json").write_text(json.dumps({
         "task": "trec", "eval_split": "test", "eval_n": 4, "eval_ids_sha256": eval_ids, "final_accuracy": curve[-1][1],
-        "reference_kind": "zero-shot", "reference_accuracy": 0.4, "queries_per_client_round": 290.0}))
+        "reference_kind": "zero-shot", "reference_accuracy": reference, "queries_per_client_round": 290.0}))
     (folder / "result.json").write_text(json.dumps({"wall_s": 1.0}))
 
 
@@ -57,4 +58,11 @@ def test_methods_scored_on_different_examples_are_refused(tmp_path):
 
 def test_no_finished_method_is_a_clear_exit(tmp_path):
     with pytest.raises(SystemExit, match="run the commands"):
+        queries_plot.main(["--task", "trec", "--results", str(tmp_path)])
+
+
+def test_methods_with_different_references_are_refused(tmp_path):
+    write_seed(tmp_path / "feddtpt_trec_frozen" / "0", 0, [(0, 0.2), (100, 0.3)])
+    write_seed(tmp_path / "bdpl_trec" / "0", 0, [(0, 0.2), (100, 0.3)], reference=0.41)  # another model or precision
+    with pytest.raises(SystemExit, match="different references"):
         queries_plot.main(["--task", "trec", "--results", str(tmp_path)])
