@@ -131,6 +131,12 @@ def read_run(folder: Path) -> dict[str, Any]:
     return row
 
 
+def completed_runs(folder: Path) -> list[dict[str, Any]]:
+    """The finished runs under ``folder`` (read_run rows), by seed; [] when the folder does not exist."""
+    runs = [read_run(f) for f in run_folders(folder)] if folder.is_dir() else []
+    return sorted((r for r in runs if r["status"] == "completed"), key=lambda r: int(r.get("config.seed") or 0))
+
+
 def _varying(runs, keys: list[str]) -> list[str]:
     return [k for k in keys if runs[k].astype(str).nunique(dropna=False) > 1]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedprompt.results import query_curve, read_run, run_folders
+from fedprompt.results import completed_runs, query_curve
 from fedprompt.stats import seed_interval
 
 ABLATIONS = Path(__file__).resolve().parent / "results" / "ablations"
@@ -37,8 +37,7 @@ METHODS = {  # headline sweep name (with the task) -> legend
 def method_curve(folder: Path) -> dict | None:
     """Per evaluated round over the finished seeds of a sweep folder: the mean cumulative training queries and the
     accuracy's mean and 95% CI, plus what the runs were scored on. None when no seed finished."""
-    runs = [read_run(f) for f in run_folders(folder)]
-    runs = [r for r in runs if r["status"] == "completed"]
+    runs = completed_runs(folder)
     if not runs:
         return None
     curves = [query_curve(Path(r["folder"])) for r in runs]
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     methods, missing = {}, []
     for pattern, label in METHODS.items():
         folder = args.results / pattern.format(task=args.task)
-        curve = method_curve(folder) if folder.is_dir() else None
+        curve = method_curve(folder)
         if curve is None:
             missing.append(str(folder))
         else:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedprompt.results import read_run, run_folders
+from fedprompt.results import completed_runs
 from fedprompt.stats import paired_bootstrap
 
 ABLATIONS = Path(__file__).resolve().parents[1] / "results" / "ablations"
@@ -39,11 +39,6 @@ ROWS = {  # folder suffix -> what the row changes (simulations/ablations/feddtpt
     "vote": "majority vote per word (eps ~ 0: identical words only)",
     "agreement": "ours: the filter scores agreement (chosen on validation)",
 }
-
-
-def finished_runs(folder: Path) -> list[dict]:
-    runs = [read_run(f) for f in run_folders(folder)] if folder.is_dir() else []
-    return sorted((r for r in runs if r["status"] == "completed"), key=lambda r: int(r["config.seed"]))
 
 
 def server_facts(runs: list[dict]) -> dict:
@@ -72,12 +67,14 @@ def row_entry(name: str, folder: Path, runs: list[dict], baseline: list[dict] | 
              "model_dtype": sorted({str(r.get("model_dtype")) for r in runs}),  # None: a run older than the field
              **server_facts(runs)}
     if baseline and runs is not baseline:
+        def correct(run: dict) -> np.ndarray:
+            return run["predictions"]["final"] == run["predictions"]["label"]
+
         paired = {int(r["config.seed"]): r for r in baseline}
         common = [r for r in runs if int(r["config.seed"]) in paired]
         if common:
-            mine = np.stack([r["predictions"]["final"] == r["predictions"]["label"] for r in common])
-            theirs = np.stack([paired[int(r["config.seed"])]["predictions"]["final"]
-                               == paired[int(r["config.seed"])]["predictions"]["label"] for r in common])
+            mine = np.stack([correct(r) for r in common])
+            theirs = np.stack([correct(paired[int(r["config.seed"])]) for r in common])
             entry["vs_baseline"] = paired_bootstrap(mine, theirs).to_dict()
     return entry
 
@@ -127,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         folders = dict(r.split("=", 1) for r in args.row)
     else:
         folders = {name: f"{prefix}_{name}" for name in ROWS}
-    found = {name: finished_runs(args.results / folder) for name, folder in folders.items()}
+    found = {name: completed_runs(args.results / folder) for name, folder in folders.items()}
     missing = [name for name, runs in found.items() if not runs]
     done = {name: runs for name, runs in found.items() if runs}
     if not done:
