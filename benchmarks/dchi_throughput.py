@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedprompt.config import compose  # noqa: E402
-from fedprompt.fl.data import load_task_and_spec  # noqa: E402
 from fedprompt.privacy.dchi import DChiConfig, load_privatizer, sample_noise  # noqa: E402
+from fedprompt.runs.data import load_task_and_spec  # noqa: E402
 
 
 def timed(function, *args) -> float:

@@ -27,11 +27,11 @@ import torch
 
 from fedprompt.blackbox import BlackBoxLM, make_blackbox
 from fedprompt.config import compose
-from fedprompt.fl.config import method_config
-from fedprompt.fl.data import client_data
 from fedprompt.methods.feddtpt import FedDTPTAggregator, PromptSearch, build_proposer
 from fedprompt.models import load_causal_lm, load_tokenizer
 from fedprompt.models.scoring import _left_pad, encode_label_words, forward_logits, length_sorted_batches
+from fedprompt.runs.data import client_data
+from fedprompt.runs.run_config import method_config
 
 
 class Recording(BlackBoxLM):

@@ -25,7 +25,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from fedprompt.errors import ConfigError, DataError
-from fedprompt.fl.protocol import PREDICTION_KEY
+from fedprompt.runs.protocol import PREDICTION_KEY
 from fedprompt.stats import paired_bootstrap, seed_interval
 
 # Settings that say where or how a run was launched, not what it computed; never a grouping key.

@@ -1,7 +1,7 @@
 """The shape of the composed config: the root node, and the section each of its keys holds.
 
 Every section is declared once, by the dataclass that the code reads (``federation``:
-:class:`fedprompt.fl.config.FederationConfig`, ``service``: :class:`fedprompt.blackbox.settings.ServiceConfig`,
+:class:`fedprompt.runs.run_config.FederationConfig`, ``service``: :class:`fedprompt.blackbox.settings.ServiceConfig`,
 ``deploy``: :class:`fedprompt.commands.deploy.DeploySettings`, ``distill``: :class:`fedprompt.models.distill_config.DistillConfig`,
 ``transfer``: :class:`fedprompt.methods.post.config.TransferConfig`, ``method``: the config class of the method
 that ``method.name`` names (``fedprompt.registry.METHODS``), ``privacy``: the class of the mechanism that
@@ -140,7 +140,7 @@ class RootSchema:
 
 # Sections whose declaring module loads torch and a method's training stack: every command (and every compose)
 # would pay seconds for it, so check_schema leaves them to the commands that read them unless asked
-# (``sections``): ``fedprompt run`` and its apps check method and privacy (fedprompt.fl.config.validate_config),
+# (``sections``): ``fedprompt run`` and its apps check method and privacy (fedprompt.runs.run_config.validate_config),
 # ``fedprompt distill`` and ``fedprompt transfer`` their own node, all with the same validator, first thing.
 ON_DEMAND = ("method", "privacy", "distill", "transfer")
 

@@ -150,12 +150,12 @@ def main(argv=None) -> dict:
     from fedprompt.commands.post import cmd_distill, public_examples, transfer_prompt
     from fedprompt.commands.run import cmd_run
     from fedprompt.config import compose, load_task_checked
-    from fedprompt.fl.data import training_examples
     from fedprompt.fl.post import local_totals
     from fedprompt.methods.post import PromptConfig, SoftPromptTuner, TrainConfig, TransferConfig, initial_prompt, load_prompt
     from fedprompt.models import PromptedClassifier, load_causal_lm, load_tokenizer
     from fedprompt.models.distill import default_student_dir
     from fedprompt.privacy.dp import PrivacyConfig, plan_dp
+    from fedprompt.runs.data import training_examples
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -37,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from fedprompt.config import compose  # noqa: E402
 from fedprompt.data import sample_balanced  # noqa: E402
-from fedprompt.fl.data import load_task_and_spec  # noqa: E402
 from fedprompt.methods.rapt import PrivateExample, RAPTConfig, RAPTTrainer, privatize_examples  # noqa: E402
 from fedprompt.models import load_causal_lm, load_tokenizer  # noqa: E402
 from fedprompt.privacy.attacks import token_recovery  # noqa: E402
 from fedprompt.privacy.dchi import DChiPrivatizer, output_vocabulary  # noqa: E402
+from fedprompt.runs.data import load_task_and_spec  # noqa: E402
 
 VARIANTS = ("none", "reconstruction")
 

@@ -16,7 +16,6 @@ from fedprompt.blackbox.base import ClassifyResult, PromptSpace, Usage
 from fedprompt.config import compose
 from fedprompt.errors import ConfigError
 from fedprompt.fl.bbt import REPLY_METRICS, STATE, BBTStrategy, arrays_to_point, point_to_arrays
-from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
 from fedprompt.fl.records import serialize_content
 from fedprompt.methods.bbt import (
     BBTConfig,
@@ -28,6 +27,7 @@ from fedprompt.methods.bbt import (
     label_cross_entropy,
 )
 from fedprompt.methods.bbt.projection import projection_for
+from fedprompt.runs.run_config import RUN_CONFIG_KEY, serialize_config
 from tests.fl_support import find_leaks, write_secret_task
 
 # --- (a) CMA-ES on a known quadratic through the same interfaces ------------------------------------------------

@@ -179,8 +179,8 @@ def test_a_client_replies_logits_and_numbers_never_its_text(tmp_path, tiny_model
     from fedprompt.config import compose
     from fedprompt.fl import client_app
     from fedprompt.fl.bdpl import OPTIMIZER_STATE, REPLY_METRICS, arrays_to_logits, logits_to_arrays
-    from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
     from fedprompt.fl.records import serialize_content
+    from fedprompt.runs.run_config import RUN_CONFIG_KEY, serialize_config
     from tests.fl_support import find_leaks, write_secret_task
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):

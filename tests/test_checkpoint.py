@@ -18,10 +18,11 @@ from omegaconf import OmegaConf
 from fedprompt import cli
 from fedprompt.commands import run
 from fedprompt.config import compose
-from fedprompt.fl import data as fl_data
-from fedprompt.fl.checkpoint import CHECKPOINT, Checkpoint, _record_to_b64, _seal, check_resumable, rng_state
-from fedprompt.fl.config import serialize_config
-from fedprompt.fl.report import RoundStats, RunReport
+from fedprompt.fl.checkpoint import CHECKPOINT, Checkpoint, _record_to_b64, check_resumable
+from fedprompt.runs import data as fl_data
+from fedprompt.runs.report import RoundStats, RunReport
+from fedprompt.runs.resume import rng_state, seal
+from fedprompt.runs.run_config import serialize_config
 
 
 class DataRead(Exception):
@@ -62,7 +63,7 @@ def _resealed(change):
         data = json.loads(raw)
         del data["sha256"]
         change(data)
-        return _seal(json.dumps(data).encode())
+        return seal(json.dumps(data).encode())
     return damage
 
 
@@ -98,7 +99,7 @@ CASES = {
     "last byte": (_flip(-1), "no SHA-256 at its end"),
     "a float written alike": (lambda raw: raw.replace(b"0.1,", b"0.10,", 1), "SHA-256 does not match"),
     # resealed: every field is checked too
-    "sealed garbage": (lambda raw: _seal(b'{"round": 1, oops}'), "not JSON"),
+    "sealed garbage": (lambda raw: seal(b'{"round": 1, oops}'), "not JSON"),
     "garbage arrays": (_resealed(_set("arrays", GARBAGE)), "arrays: no Flower RecordDict in base64 (DecodeError"),
     "arrays not base64": (_resealed(_set("arrays", "%%%")), "arrays: no Flower RecordDict in base64"),
     "no arrays": (_resealed(_set("arrays", "")), "arrays hold no ArrayRecord"),

@@ -14,7 +14,7 @@ import pytest
 from fedprompt import cli
 from fedprompt.config import compose, rewrite_shorthands
 from fedprompt.errors import ConfigError
-from fedprompt.fl.config import RUN_CONFIG_KEY, config_from_run_config, serialize_config, validate_config
+from fedprompt.runs.run_config import RUN_CONFIG_KEY, config_from_run_config, serialize_config, validate_config
 from tests.fl_support import tiny_overrides, write_secret_task
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -46,7 +46,7 @@ def test_unknown_keys_and_wrong_types_are_config_errors(overrides, message):
 
 @pytest.mark.parametrize("method", sorted(f.stem for f in (CONF / "method").glob("*.yaml")))
 def test_every_method_yaml_composes_and_validates_as_shipped(method):
-    from fedprompt.fl.config import method_config
+    from fedprompt.runs.run_config import method_config
 
     typed = method_config(compose([f"method={method}"]))
     if method == "fedprompt":  # ${model.name} resolves against the whole config, not inside the method section
@@ -57,7 +57,7 @@ def test_every_method_yaml_composes_and_validates_as_shipped(method):
                                          ("bbt", "popsize"), ("post", "train.local_steps")])
 def test_one_coercion_rule_for_every_method(method, key):
     """Same input, same verdict whichever method reads it: an integer key refuses text and 3.0 alike."""
-    from fedprompt.fl.config import validate_config
+    from fedprompt.runs.run_config import validate_config
 
     for value in ("'240'", "240.0", "true"):
         with pytest.raises(ConfigError, match=f"method.{key} must be a whole number") as err:
@@ -124,7 +124,7 @@ def test_the_shipped_method_configs_are_the_declared_ones():
     """What each method runs with by default is its dataclass's default (FedPrompt: on the served model)."""
     from dataclasses import asdict
 
-    from fedprompt.fl.config import method_config
+    from fedprompt.runs.run_config import method_config
 
     for method in sorted(f.stem for f in (CONF / "method").glob("*.yaml")):
         typed = method_config(compose([f"method={method}"]))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedprompt.config import compose
-from fedprompt.fl.data import client_data
+from fedprompt.runs.data import client_data
 from tests.deploy_support import background_run, supernode_log, tiny_deployment, write_client_app
 from tests.fl_support import tiny_overrides
 

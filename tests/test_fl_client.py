@@ -8,9 +8,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedprompt.config import compose
 from fedprompt.fl import client_app
-from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
 from fedprompt.fl.feddtpt import REPLY_METRICS, arrays_to_words, words_to_arrays
 from fedprompt.fl.records import serialize_content
+from fedprompt.runs.run_config import RUN_CONFIG_KEY, serialize_config
 from tests.fl_support import TRAIN_TEXTS, find_leaks, tiny_overrides, write_secret_task
 
 PROMPT = ["Classify", "the", "text", "as", "one", "of:", "negative,", "positive."]

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from fedprompt import cli
 from fedprompt.config import compose
-from fedprompt.fl.config import RUN_CONFIG_KEY, config_from_run_config, serialize_config
+from fedprompt.runs.run_config import RUN_CONFIG_KEY, config_from_run_config, serialize_config
 from tests.fl_support import tiny_overrides, write_secret_task
 
 

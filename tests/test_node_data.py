@@ -1,4 +1,4 @@
-"""A SuperNode's own data (fedprompt.commands.partition, fedprompt.fl.node_data): `fedprompt partition` writes one
+"""A SuperNode's own data (fedprompt.commands.partition, fedprompt.runs.node_data): `fedprompt partition` writes one
 folder per partition with the simulation's partition logic; a node whose node config names a data-dir reads only
 that folder (never the task's train split), and a wrong folder is refused in one line."""
 
@@ -13,8 +13,8 @@ import pytest
 from fedprompt import cli
 from fedprompt.config import compose
 from fedprompt.errors import ConfigError, DataError
-from fedprompt.fl.data import client_data
-from fedprompt.fl.node_data import partition_folder
+from fedprompt.runs.data import client_data
+from fedprompt.runs.node_data import partition_folder
 from tests.fl_support import TRAIN_TEXTS, tiny_overrides, write_secret_task
 
 SCHEMES = {"iid": ["partition=iid"], "dirichlet": ["partition=dirichlet", "partition.alpha=0.5"]}
@@ -167,8 +167,8 @@ def test_the_clientapp_trains_on_its_own_folder_without_the_task_data(capsys, tm
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedprompt.fl import client_app
-    from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
     from fedprompt.methods.feddtpt.search import PromptSearch
+    from fedprompt.runs.run_config import RUN_CONFIG_KEY, serialize_config
     from tests.test_fl_client import train_message
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):

@@ -16,7 +16,6 @@ from fedprompt import cli
 from fedprompt.commands import deploy
 from fedprompt.config import compose
 from fedprompt.fl import client_app
-from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
 from fedprompt.fl.post import (
     DP_REPLY_METRICS,
     LOCAL_LOG,
@@ -29,6 +28,7 @@ from fedprompt.fl.post import (
 )
 from fedprompt.fl.records import serialize_content
 from fedprompt.models import SoftPrompt
+from fedprompt.runs.run_config import RUN_CONFIG_KEY, serialize_config
 from tests.fl_support import find_leaks, write_secret_task
 
 HIDDEN = 32  # the tiny Llama's hidden size

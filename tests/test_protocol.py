@@ -13,9 +13,9 @@ from fedprompt.config import compose
 from fedprompt.data import Example, load_task
 from fedprompt.data.leakage import check_disjoint, content_ids, content_key
 from fedprompt.errors import DataError
-from fedprompt.fl.data import eval_examples, public_examples, reference_examples, training_examples
-from fedprompt.fl.protocol import measure_references
-from fedprompt.fl.report import RunReport
+from fedprompt.runs.data import eval_examples, public_examples, reference_examples, training_examples
+from fedprompt.runs.protocol import measure_references
+from fedprompt.runs.report import RunReport
 from fedprompt.stats import paired_bootstrap, seed_interval
 from tests.conftest import write_task
 from tests.fl_support import tiny_overrides, write_secret_task
@@ -135,7 +135,7 @@ def test_every_frozen_headline_config_is_a_valid_run(name):
 
     import yaml
 
-    from fedprompt.fl.config import validate_config
+    from fedprompt.runs.run_config import validate_config
 
     path = Path(__file__).resolve().parents[1] / "simulations" / "headline" / f"{name}.yaml"
     overrides = yaml.safe_load(path.read_text())["overrides"]
@@ -164,7 +164,7 @@ def test_a_two_seed_sweep_of_real_runs_is_reported_with_intervals_and_gains(caps
 
 def test_the_console_shows_rounds_and_errors_and_closes_with_the_results_table():
     from fedprompt.commands.launch import CONSOLE_LINES
-    from fedprompt.fl.report import results_table
+    from fedprompt.runs.report import results_table
 
     assert CONSOLE_LINES.search("INFO :      round 2: accuracy 0.81, prompt 'Is it positive?'")
     assert CONSOLE_LINES.search("ERROR :     ServerApp raised an exception")

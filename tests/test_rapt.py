@@ -170,8 +170,8 @@ def test_reply_records_round_trip(pair):
 @pytest.mark.skipif(not (SHARED_DATA / "sst2").is_dir(), reason="needs ../shared/data")
 def test_rapt_on_smollm2_and_sst2():
     """The real service model: its embeddings privatize SST-2 text, one RAPT step runs, predictions come out."""
-    from fedprompt.fl.data import load_task_and_spec
     from fedprompt.models import load_causal_lm, load_tokenizer
+    from fedprompt.runs.data import load_task_and_spec
 
     cfg = compose(["method=rapt", "task=sst2", f"data_dir={SHARED_DATA}"])
     task, spec = load_task_and_spec(cfg)

@@ -16,12 +16,12 @@ from fedprompt import cli
 from fedprompt.config import compose
 from fedprompt.errors import ConfigError
 from fedprompt.fl import client_app
-from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
 from fedprompt.fl.feddtpt import words_to_arrays
 from fedprompt.fl.rapt import DATA_KEYS, REPLY_METRICS, SOFT_PROMPT, RAPTStrategy, arrays_to_examples, examples_to_arrays
 from fedprompt.fl.records import serialize_content
-from fedprompt.fl.report import RoundStats
 from fedprompt.methods.rapt import PrivateExample
+from fedprompt.runs.report import RoundStats
+from fedprompt.runs.run_config import RUN_CONFIG_KEY, serialize_config
 from tests.fl_support import TRAIN_TEXTS, find_leaks, tiny_overrides, write_secret_task
 from tests.rapt_support import one_thread, tiny_lm  # noqa: F401 - fixtures
 

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from fedprompt import cli
 from fedprompt.fl.checkpoint import CheckpointedRounds, restore_client_state, save_client_state
-from fedprompt.fl.report import RunReport
+from fedprompt.runs.report import RunReport
 from tests.fl_support import MARK_ENV, marked_processes, tiny_overrides, wait_until_gone, write_secret_task
 
 REPO = Path(__file__).resolve().parents[1]

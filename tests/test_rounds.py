@@ -14,10 +14,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from omegaconf import OmegaConf
 
 from fedprompt.fl import client_app
-from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
 from fedprompt.fl.post import PromptFedAvg
-from fedprompt.fl.report import RunReport
 from fedprompt.fl.rounds import Federation, RoundDriver, Scored
+from fedprompt.runs.report import RunReport
+from fedprompt.runs.run_config import RUN_CONFIG_KEY, serialize_config
 from tests.test_resume import NoGrid, NoisyStrategy
 
 

@@ -101,7 +101,7 @@ class LocalDeployment:
     127.0.0.1, all over TLS, with SuperNode authentication; a context manager that stops them all.
 
     Each SuperNode gets its own data, as an organisation's host would have it: the run's partitions are written
-    to ``deploy/data/partition_<i>`` (fedprompt.fl.node_data) and SuperNode i's node config names only its own
+    to ``deploy/data/partition_<i>`` (fedprompt.runs.node_data) and SuperNode i's node config names only its own
     folder (``data-dir``), so its ClientApps never open the task's training split or another partition."""
 
     def __init__(self, cfg: DictConfig, folder: Path, settings: DeploySettings) -> None:
@@ -210,12 +210,12 @@ class LocalDeployment:
 
     def node_data_dir(self, i: int) -> Path:
         """SuperNode i's own data folder (its node config's ``data-dir``)."""
-        from fedprompt.fl.node_data import partition_folder
+        from fedprompt.runs.node_data import partition_folder
 
         return partition_folder(self.data_folder, i)
 
     def _start_supernode(self, i: int) -> subprocess.Popen:
-        from fedprompt.fl.node_data import node_config_line
+        from fedprompt.runs.node_data import node_config_line
 
         cert, key = self.certs.server("runtime")
         return self._spawn(f"supernode-{i}", [
@@ -278,7 +278,7 @@ def service_key_env(cfg: DictConfig, env: dict[str, str]) -> tuple[dict[str, str
 def local_run(cfg: DictConfig, settings: DeploySettings) -> Iterator[tuple[LocalDeployment, Path, Path]]:
     """The run's checks, then the local deployment and the run folder: yields (deployment, folder, run config)."""
     from fedprompt.commands.run import prepare, start_run_folder
-    from fedprompt.fl.report import run_folder
+    from fedprompt.runs.report import run_folder
 
     if _own_service(cfg):  # not up yet: check its settings, and its model and label words as in-process would
         from fedprompt.blackbox.settings import ServerSettings
@@ -294,8 +294,8 @@ def check_secret_noise(cfg: DictConfig) -> None:
     """Refuse (one line, before anything starts) DP noise the server could replay: ``method.privacy.noise_seed=
     simulation`` seeds it from (seed, round, partition-id), all known to the server. Refused rather than switched
     to ``secure`` behind the user's back, so that the run's config.yaml says which noise was used."""
-    from fedprompt.fl.config import method_config
     from fedprompt.privacy.dp import PrivacyConfig
+    from fedprompt.runs.run_config import method_config
 
     privacy = getattr(method_config(cfg), "privacy", None)
     if isinstance(privacy, PrivacyConfig) and privacy.enabled and privacy.noise_seed != "secure":
@@ -306,8 +306,8 @@ def check_secret_noise(cfg: DictConfig) -> None:
 
 def cmd_deploy(cfg: DictConfig) -> dict:
     from fedprompt.commands.run import app_dir, finish_run, prepare, start_run_folder
-    from fedprompt.fl.protocol import git_state
     from fedprompt.redact import SECRETS, redact_config
+    from fedprompt.runs.protocol import git_state
 
     start = time.perf_counter()
     check_secret_noise(cfg)

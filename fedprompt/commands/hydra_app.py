@@ -114,7 +114,7 @@ def check_jobs(jobs: list[list[str]], config_name: str, multirun: bool = False) 
     :func:`task_overrides`: the job reuses it rather than preparing again."""
     from fedprompt.commands.run import prepare, resume_point
     from fedprompt.config import compose
-    from fedprompt.fl.config import validate_config
+    from fedprompt.runs.run_config import validate_config
 
     shared = set.intersection(*(set(job) for job in jobs))
 
@@ -378,7 +378,7 @@ def _run_job(cfg: DictConfig, multirun: bool, partition: dict | None = None) -> 
     else:
         (folder / "error.json").unlink(missing_ok=True)  # an earlier attempt's, now resumed
         if cfg.get("progress", True):
-            from fedprompt.fl.report import results_table
+            from fedprompt.runs.report import results_table
 
             print(results_table(record), file=sys.stderr, flush=True)
     if multirun:

@@ -1,4 +1,4 @@
-"""``fedprompt partition``: the run's partitions written to one folder each (layout: fedprompt.fl.node_data),
+"""``fedprompt partition``: the run's partitions written to one folder each (layout: fedprompt.runs.node_data),
 for SuperNodes that hold and read only their own data; ``fedprompt deploy`` writes them for its local
 SuperNodes too. Same rows, same order and same checks as the partition ``fedprompt run`` builds in-process."""
 
@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from fedprompt.data import Example
 from fedprompt.errors import ConfigError
-from fedprompt.fl.node_data import (
+from fedprompt.runs.node_data import (
     INFO,
     META,
     PUBLIC,
@@ -43,7 +43,7 @@ def write_partitions(cfg: DictConfig, out: str | Path) -> dict:
 
     The partition is the one ``fedprompt run`` builds in-process (same rows, same order, same checks: a client
     without examples or training rows that share content with the evaluation split are refused)."""
-    from fedprompt.fl.data import (
+    from fedprompt.runs.data import (
         check_no_leak,
         checked_partition,
         load_task_and_spec,
@@ -96,7 +96,7 @@ def cmd_partition(cfg: DictConfig) -> dict:
     import time
 
     from fedprompt.config import check_writable_dir
-    from fedprompt.fl.config import validate_config
+    from fedprompt.runs.run_config import validate_config
 
     validate_config(cfg)
     if cfg.get("output_dir"):

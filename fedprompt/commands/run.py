@@ -29,7 +29,7 @@ from typing import Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.errors import ConfigError, Interrupted
-from fedprompt.fl.report import run_folder
+from fedprompt.runs.report import run_folder
 
 
 def app_dir() -> Path:
@@ -45,8 +45,8 @@ def app_dir() -> Path:
 def prepare(cfg: DictConfig) -> dict:
     """All checks that need data or tokenizers but no model weights, after the config's own and (resume=true)
     the checkpoint's; returns the partition's summary."""
-    from fedprompt.fl.config import validate_config
-    from fedprompt.fl.data import (
+    from fedprompt.registry import federated_method
+    from fedprompt.runs.data import (
         check_no_leak,
         checked_partition,
         eval_examples,
@@ -55,7 +55,7 @@ def prepare(cfg: DictConfig) -> dict:
         public_examples,
         training_examples,
     )
-    from fedprompt.registry import federated_method
+    from fedprompt.runs.run_config import validate_config
 
     validate_config(cfg)
     check_resume(cfg)
@@ -73,7 +73,7 @@ def prepare(cfg: DictConfig) -> dict:
 def write_run_config(cfg: DictConfig, folder: Path) -> Path:
     import tomli_w
 
-    from fedprompt.fl.config import RUN_CONFIG_KEY, serialize_config
+    from fedprompt.runs.run_config import RUN_CONFIG_KEY, serialize_config
 
     path = folder / "run_config.toml"
     path.write_text(tomli_w.dumps({RUN_CONFIG_KEY: serialize_config(cfg)}))  # a file: no shell quoting of JSON
@@ -132,7 +132,7 @@ def check_resume(cfg: DictConfig) -> None:
     """With ``resume=true``, refuse a damaged checkpoint or one made with other settings early: before the data,
     the tokenizers or the SuperLink are touched, and before resume_point changes anything in the folder."""
     from fedprompt.fl.checkpoint import check_resumable
-    from fedprompt.fl.config import serialize_config
+    from fedprompt.runs.run_config import serialize_config
 
     if cfg.get("resume") and cfg.get("output_dir"):
         folder = Path(str(cfg.output_dir)).resolve()
@@ -148,7 +148,7 @@ def resume_point(cfg: DictConfig, folder: Path):
     import shutil
 
     from fedprompt.fl.checkpoint import CHECKPOINT, CLIENTS, Checkpoint, check_resumable
-    from fedprompt.fl.config import serialize_config
+    from fedprompt.runs.run_config import serialize_config
 
     if cfg.get("resume"):
         checkpoint = check_resumable(folder, json.loads(serialize_config(cfg)))  # refused: nothing changed yet
@@ -173,7 +173,7 @@ def cmd_run(cfg: DictConfig, partition: dict | None = None) -> dict:
     ``partition``: :func:`prepare`'s result for this config when the caller already checked it (``fedprompt
     run`` checks every job of a sweep before the first starts): then only the resume check is redone here,
     since the folder is known now, and the data, partition and tokenizers are not loaded a second time."""
-    from fedprompt.fl.protocol import git_state
+    from fedprompt.runs.protocol import git_state
 
     start = time.perf_counter()
     root = app_dir()
@@ -254,7 +254,7 @@ def cmd_resume(folder: Path, overrides: list[str]) -> dict:
     """``fedprompt resume <run folder> [key=value ...]``: the folder's run, from its last completed round.
 
     The config is the folder's config.yaml; overrides may change only how the run is launched
-    (fedprompt.fl.checkpoint.VOLATILE), anything else is refused when the checkpoint is compared.
+    (fedprompt.runs.resume.VOLATILE), anything else is refused when the checkpoint is compared.
     """
     folder = Path(folder)
     if not (folder / "config.yaml").is_file():

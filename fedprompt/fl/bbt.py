@@ -28,15 +28,15 @@ from flwr.supercore import log
 from fedprompt.errors import ConfigError
 from fedprompt.fl.client import ClientRound, PerRun, reply, usage_metrics
 from fedprompt.fl.records import ARRAYS, METRICS, arrays_to_prompt, prompt_to_arrays
-from fedprompt.fl.report import RoundStats
 from fedprompt.fl.rounds import MethodServer, Scored, serve
 from fedprompt.fl.strategy import FedStrategy
 from fedprompt.methods.bbt.aggregate import fedavg_bbt, fedbpt
+from fedprompt.runs.report import RoundStats
 
 if TYPE_CHECKING:
     from fedprompt.blackbox import SoftPromptBlackBox
-    from fedprompt.fl.data import ClientData
     from fedprompt.methods.bbt import BBTConfig, LocalCMA
+    from fedprompt.runs.data import ClientData
 
 Z, SIGMA = "z", "sigma"
 STATE = "bbt"
@@ -132,10 +132,10 @@ class BBTClientState:
 
 
 def _build(cfg, node_config) -> BBTClientState:
-    from fedprompt.fl.config import method_config
-    from fedprompt.fl.data import client_data
     from fedprompt.methods.bbt import LocalCMA
     from fedprompt.methods.bbt.projection import projection_for
+    from fedprompt.runs.data import client_data
+    from fedprompt.runs.run_config import method_config
 
     method = method_config(cfg)
     data = client_data(cfg, node_config)
@@ -176,10 +176,10 @@ def check(cfg, spec) -> dict:
     """Checks before launch: the service takes embeddings, label words, the prompt fits the model's context."""
     from transformers import AutoConfig
 
-    from fedprompt.fl.config import method_config
-    from fedprompt.fl.data import client_data
     from fedprompt.methods.post.tuning import check_prompt_fits
     from fedprompt.models import encode_label_words, load_tokenizer, materialize
+    from fedprompt.runs.data import client_data
+    from fedprompt.runs.run_config import method_config
 
     method = method_config(cfg)
     if str(cfg.service.kind) != "inprocess":

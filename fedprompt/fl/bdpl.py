@@ -31,14 +31,14 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedprompt.fl.client import ClientRound, PerRun, reply, usage_metrics
 from fedprompt.fl.records import ARRAYS, arrays_to_prompt, prompt_to_arrays
-from fedprompt.fl.report import RoundStats
 from fedprompt.fl.rounds import MethodServer, Scored, serve
 from fedprompt.fl.strategy import FedStrategy
+from fedprompt.runs.report import RoundStats
 
 if TYPE_CHECKING:
     from fedprompt.blackbox import BlackBoxLM
-    from fedprompt.fl.data import ClientData
     from fedprompt.methods.bdpl import BDPLClient, BDPLConfig
+    from fedprompt.runs.data import ClientData
 
 LOGITS = "logits"
 OPTIMIZER_STATE = "bdpl-optimizer"
@@ -129,10 +129,10 @@ class BDPLClientState:
 
 def _build(cfg, node_config) -> BDPLClientState:
     from fedprompt.blackbox import make_blackbox
-    from fedprompt.fl.config import method_config
-    from fedprompt.fl.data import client_data
     from fedprompt.methods.bdpl import BDPLClient, candidate_vocab
     from fedprompt.models import load_tokenizer
+    from fedprompt.runs.data import client_data
+    from fedprompt.runs.run_config import method_config
 
     method = method_config(cfg)
     vocab = candidate_vocab(load_tokenizer(vocab_model(cfg)), method)
@@ -172,9 +172,9 @@ def check(cfg, spec) -> dict:
     """BDPL's checks before launch: the candidate vocabulary, K against the federation, the service."""
     from fedprompt.blackbox.scoring import check_service
     from fedprompt.errors import ConfigError
-    from fedprompt.fl.config import method_config
     from fedprompt.methods.bdpl import candidate_vocab
     from fedprompt.models import load_tokenizer
+    from fedprompt.runs.run_config import method_config
 
     method = method_config(cfg)
     fed = cfg.federation

@@ -50,7 +50,7 @@ class PerRun(Generic[S]):
     """What a client process builds once per run and reuses every round (Ray keeps its actors alive).
 
     ``build(cfg, node_config)``: the node config matters to a SuperNode with its own data folder (``data-dir``,
-    fedprompt.fl.node_data), whose client data is that folder alone. Keyed by the run's serialized config
+    fedprompt.runs.node_data), whose client data is that folder alone. Keyed by the run's serialized config
     (``fedprompt-config``) and that folder with its partition id; a new run in the same process first releases the previous run's
     state (``release``, e.g. closing a black box's connections): one run per process at a time.
     """
@@ -61,8 +61,8 @@ class PerRun(Generic[S]):
         self.value: S | None = None
 
     def get(self, context: Context, cfg) -> S:
-        from fedprompt.fl.config import RUN_CONFIG_KEY
-        from fedprompt.fl.node_data import NODE_DATA_KEY
+        from fedprompt.runs.node_data import NODE_DATA_KEY
+        from fedprompt.runs.run_config import RUN_CONFIG_KEY
 
         node = context.node_config
         own = f"{node[NODE_DATA_KEY]}\0{node.get('partition-id')}" if node.get(NODE_DATA_KEY) else ""

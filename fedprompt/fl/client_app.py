@@ -26,8 +26,8 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     try:
         from fedprompt.fl.checkpoint import restore_client_state, save_client_state
-        from fedprompt.fl.config import config_from_run_config
         from fedprompt.registry import federated_method
+        from fedprompt.runs.run_config import config_from_run_config
 
         cfg = config_from_run_config(context.run_config)
         server_round = int(msg.content[CONFIG]["server-round"])

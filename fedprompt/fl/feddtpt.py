@@ -29,13 +29,13 @@ from flwr.supercore import log
 
 from fedprompt.fl.client import ClientRound, PerRun, reply, round_seed, usage_metrics
 from fedprompt.fl.records import ARRAYS
-from fedprompt.fl.report import RoundStats
 from fedprompt.fl.rounds import MethodServer, Scored, serve
 from fedprompt.fl.strategy import FedStrategy
+from fedprompt.runs.report import RoundStats
 
 if TYPE_CHECKING:
-    from fedprompt.fl.data import ClientData
     from fedprompt.methods.feddtpt.local import LocalSearch
+    from fedprompt.runs.data import ClientData
 
 PROMPT = "prompt"
 SERVER_CHECK = "server-check"  # the checkpoint state's record: the server check's scores per prompt
@@ -156,11 +156,11 @@ class FedDTPTClientState:
 
 def _build(cfg, node_config) -> FedDTPTClientState:
     from fedprompt.blackbox import make_blackbox
-    from fedprompt.fl.config import method_config
-    from fedprompt.fl.data import client_data
     from fedprompt.methods.feddtpt import PromptSearch, build_proposer
     from fedprompt.methods.feddtpt.local import LocalSearch, privatize_partitions
     from fedprompt.privacy.dchi import load_privatizer
+    from fedprompt.runs.data import client_data
+    from fedprompt.runs.run_config import method_config
 
     method = method_config(cfg)
     data = client_data(cfg, node_config)
@@ -200,8 +200,8 @@ def check(cfg, spec) -> dict:
     """FedDTPT's checks before launch: the proposer's model, the embedder, the black-box service."""
     from fedprompt.blackbox.scoring import check_service
     from fedprompt.errors import ConfigError, ModelError
-    from fedprompt.fl.config import method_config
     from fedprompt.models.registry import check_model_name
+    from fedprompt.runs.run_config import method_config
 
     method = method_config(cfg)
     if method.aggregate.server_check and int(cfg.federation.public_size) < 1:
@@ -230,9 +230,9 @@ class FedDTPTServer(MethodServer):
         self.seed_prompt = method.initial_prompt(spec)
 
     def strategy(self, **common) -> FedDTPTStrategy:
-        from fedprompt.fl.data import public_examples
         from fedprompt.methods.feddtpt.aggregate import FedDTPTAggregator
         from fedprompt.methods.feddtpt.check import public_check
+        from fedprompt.runs.data import public_examples
 
         # The public pool is public (federation.public_split), not client data: the server may score on it.
         check = public_check(self.blackbox, self.spec, public_examples(self.cfg, self.task, self.spec)) \

@@ -35,9 +35,9 @@ from fedprompt.fl.rounds import MethodServer, Scored, serve
 from fedprompt.fl.strategy import FedStrategy
 
 if TYPE_CHECKING:
-    from fedprompt.fl.data import ClientData
     from fedprompt.methods.post import POSTConfig, SoftPromptTuner
     from fedprompt.models.soft_prompt import SoftPrompt
+    from fedprompt.runs.data import ClientData
 
 PROMPT = "prompt"
 PROMPT_FILE = "prompt.safetensors"
@@ -110,11 +110,11 @@ class POSTClientState:
 
 
 def _build(cfg, node_config) -> POSTClientState:
-    from fedprompt.fl.config import method_config
-    from fedprompt.fl.data import client_data
     from fedprompt.methods.post import SoftPromptTuner
     from fedprompt.models import load_causal_lm, load_tokenizer
     from fedprompt.models.distill import resolve_model
+    from fedprompt.runs.data import client_data
+    from fedprompt.runs.run_config import method_config
 
     method = method_config(cfg)
     data = client_data(cfg, node_config)
@@ -193,7 +193,7 @@ def check_student_text(cfg, student: str) -> None:
     from fedprompt.data import load_task
     from fedprompt.data.leakage import check_disjoint
     from fedprompt.errors import DataError, FedPromptError
-    from fedprompt.fl.data import eval_examples, load_task_and_spec
+    from fedprompt.runs.data import eval_examples, load_task_and_spec
 
     path = Path(student) / "distill_report.json"
     report = json.loads(path.read_text()) if path.is_file() else {}
@@ -218,13 +218,13 @@ def check(cfg, spec) -> dict:
     a student distilled neither on the clients' text nor on the evaluation examples."""
     from transformers import AutoConfig
 
-    from fedprompt.fl.config import method_config
-    from fedprompt.fl.data import client_data
     from fedprompt.methods.post.student import check_student_not_distilled_on
     from fedprompt.methods.post.tuning import check_prompt_fits, label_token_ids, planned_steps
     from fedprompt.models import load_tokenizer, materialize
     from fedprompt.models.distill import resolve_model
     from fedprompt.privacy.dp import plan_dp
+    from fedprompt.runs.data import client_data
+    from fedprompt.runs.run_config import method_config
 
     method = method_config(cfg)
     name = resolve_model(method.model, str(cfg.model.name))

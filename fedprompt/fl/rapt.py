@@ -50,8 +50,8 @@ from fedprompt.fl.strategy import FedStrategy
 from fedprompt.methods.rapt.inputs import PrivateExample
 
 if TYPE_CHECKING:
-    from fedprompt.fl.data import ClientData
     from fedprompt.methods.rapt.user import RAPTUser
+    from fedprompt.runs.data import ClientData
 
 SOFT_PROMPT = "soft-prompt"
 DATA_KEYS = ("ids", "lengths", "labels", "plain", "pair-ids", "pair-lengths")
@@ -167,10 +167,10 @@ class RAPTClientState:
 
 
 def _build(cfg, node_config) -> RAPTClientState:
-    from fedprompt.fl.config import method_config
-    from fedprompt.fl.data import client_data
     from fedprompt.methods.rapt.user import RAPTUser
     from fedprompt.privacy.dchi import load_privatizer
+    from fedprompt.runs.data import client_data
+    from fedprompt.runs.run_config import method_config
 
     method = method_config(cfg)
     privatizer, tokenizer = load_privatizer(method.privatize, str(cfg.model.name))
@@ -200,9 +200,9 @@ def train(msg: Message, context: Context, cfg) -> Message:
 def check(cfg, spec) -> dict:
     """RAPT's checks before launch: label words, the privatizer's tokenizer, the model converted once."""
     from fedprompt.errors import ConfigError
-    from fedprompt.fl.config import method_config
     from fedprompt.methods.rapt import first_label_tokens
     from fedprompt.models import load_tokenizer
+    from fedprompt.runs.run_config import method_config
 
     method = method_config(cfg)
     tokenizer = load_tokenizer(str(cfg.model.name))  # also converts an embedded model once, before the clients start

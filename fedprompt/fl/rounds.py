@@ -125,7 +125,7 @@ class RoundDriver:
 
     def evaluate(self, score: Score, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Round ``server_round``'s row: scored if due, else ``accuracy: null`` (no evaluation cost)."""
-        from fedprompt.fl.protocol import round_accuracy
+        from fedprompt.runs.protocol import round_accuracy
 
         due = self.fed.due(server_round)
         start = time.perf_counter()
@@ -155,7 +155,7 @@ class RoundDriver:
 class MethodServer:
     """A method's server side, as :func:`serve` calls it: built once a run from the run's config, the method's
     typed config, the task, its spec and the evaluation examples (the only split the server reads). A subclass
-    overrides what its method needs; ``report`` is the run's :class:`~fedprompt.fl.report.RunReport`, set before
+    overrides what its method needs; ``report`` is the run's :class:`~fedprompt.runs.report.RunReport`, set before
     the references and the rounds."""
 
     usage = None  # the server black box's cumulative Usage (None: none): checkpointed, summed over a resume
@@ -175,7 +175,7 @@ class MethodServer:
 
     def untuned(self, rows: Sequence, text: str | None) -> np.ndarray:
         """Predicted classes of ``rows`` under the untuned instruction ``text`` (None: no instruction): the
-        references of fedprompt.fl.protocol."""
+        references of fedprompt.runs.protocol."""
         raise NotImplementedError
 
     def initial_arrays(self) -> ArrayRecord:
@@ -194,11 +194,11 @@ class MethodServer:
 
 def serve(grid: Grid, cfg, server_cls: type[MethodServer]) -> dict:
     """A method's whole server side (``run_server``): the run's summary (summary.json) when the rounds are done."""
-    from fedprompt.fl.config import method_config
-    from fedprompt.fl.data import eval_examples, load_task_and_spec, reference_examples
-    from fedprompt.fl.protocol import measure_references, provenance
     from fedprompt.fl.records import audit_path
-    from fedprompt.fl.report import RunReport, run_folder
+    from fedprompt.runs.data import eval_examples, load_task_and_spec, reference_examples
+    from fedprompt.runs.protocol import measure_references, provenance
+    from fedprompt.runs.report import RunReport, run_folder
+    from fedprompt.runs.run_config import method_config
 
     fed = cfg.federation
     folder = run_folder(cfg)  # `fedprompt run` sets output_dir; `flwr run .` by hand: outputs/run/...

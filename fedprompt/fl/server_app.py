@@ -10,8 +10,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from fedprompt.fl.config import config_from_run_config
     from fedprompt.registry import federated_method
+    from fedprompt.runs.run_config import config_from_run_config
 
     cfg = config_from_run_config(context.run_config)
     federated_method(cfg.method.name).load("server")(grid, cfg)

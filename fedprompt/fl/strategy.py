@@ -40,7 +40,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedprompt.fl.records import ARRAYS, CONFIG, METRICS, audit_replies, record_bytes, serialize_content
-from fedprompt.fl.report import RoundStats
+from fedprompt.runs.report import RoundStats
 
 WEIGHT_KEY = "num-examples"
 PARTITION_QUERY = "query.partition"  # answered by fedprompt.fl.client_app.partition

@@ -2,7 +2,7 @@
 by that node alone (here).
 
 ``fedprompt partition task=... federation.num_clients=N partition=... output_dir=DIR`` writes, with the
-partition logic of the simulation (fedprompt.fl.data: k-shot sample, evaluation-overlap exclusion, the seeded
+partition logic of the simulation (fedprompt.runs.data: k-shot sample, evaluation-overlap exclusion, the seeded
 flwr-datasets partitioner)::
 
     DIR/partitions.json               the partition's summary (sizes, label histograms, settings)
@@ -87,7 +87,7 @@ def _read_info(folder: Path) -> dict | None:
 
 @dataclass(frozen=True)
 class NodeData:
-    """What a SuperNode reads from its own folder (fedprompt.fl.data.client_data makes its ClientData of it)."""
+    """What a SuperNode reads from its own folder (fedprompt.runs.data.client_data makes its ClientData of it)."""
 
     spec: TaskSpec
     train: list[Example]

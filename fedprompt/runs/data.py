@@ -1,7 +1,7 @@
 """What each side of a simulation reads: clients their partition and the public pool, the server its
 evaluation examples and the validation examples that decide the run's reference. In a simulation every
 ClientApp recomputes the same seeded partition and keeps partition ``node_config["partition-id"]``; a SuperNode
-whose node config names a ``data-dir`` reads only that folder, its own partition (fedprompt.fl.node_data).
+whose node config names a ``data-dir`` reads only that folder, its own partition (fedprompt.runs.node_data).
 
 No set a run learns or chooses from may share content with the evaluation examples
 (fedprompt.data.leakage): ``federation.eval_overlap=refuse`` (default) stops the run before launch,
@@ -177,7 +177,7 @@ def check_no_leak(cfg: DictConfig, task, train: list[Example], public: list[Exam
 def client_data(cfg: DictConfig, node_config: Mapping[str, Any] | None = None) -> ClientData:
     """All partitions and the public pool of this run (the ClientApp caches it per process); on a node whose
     ``node_config`` names a ``data-dir``, only that folder is read (its own partition and the public pool)."""
-    from fedprompt.fl.node_data import load_node_data, node_data_dir
+    from fedprompt.runs.node_data import load_node_data, node_data_dir
 
     folder = node_data_dir(node_config)
     if folder is not None:

@@ -119,8 +119,8 @@ def git_state() -> dict:
 def config_sha256(cfg) -> str:
     """SHA-256 of the resolved config without the launch settings a resume may change (its folder, port,
     timeout, progress bars): two runs of one experiment in two folders hash alike."""
-    from fedprompt.fl.checkpoint import VOLATILE
-    from fedprompt.fl.config import serialize_config
+    from fedprompt.runs.resume import VOLATILE
+    from fedprompt.runs.run_config import serialize_config
 
     data = json.loads(serialize_config(cfg))
     for key in VOLATILE:
