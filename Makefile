@@ -25,15 +25,18 @@ install: $(STAMP)
 demo: install
 	$(BIN)/fedprompt run task=sst2 federation.rounds=2 method.search.budget=300 federation.eval_limit=500
 
-# ruff (pyproject.toml [tool.ruff]) and lint-imports (the layers of docs/architecture.md), before any test runs.
+# ruff (pyproject.toml [tool.ruff]), lint-imports (the layers of docs/architecture.md) and mypy ([tool.mypy]),
+# before any test runs.
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 test-fast: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/pytest -q -m "not e2e"
 
 bench: install

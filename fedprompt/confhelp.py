@@ -152,8 +152,8 @@ def field_help(cls: type) -> dict[str, str]:
     docstring's ``- ``key``: help`` line."""
     out: dict[str, str] = {}
     doc = inspect.getdoc(cls) or ""
-    for match in re.finditer(r"^- ``(\w+)``(?:, ``\w+``)*: (.+?)(?=\n- |\n\n|\Z)", doc, re.M | re.S):
-        out[match.group(1)] = " ".join(match.group(2).split()).rstrip(";.")
+    for item in re.finditer(r"^- ``(\w+)``(?:, ``\w+``)*: (.+?)(?=\n- |\n\n|\Z)", doc, re.M | re.S):
+        out[item.group(1)] = " ".join(item.group(2).split()).rstrip(";.")
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -173,6 +173,11 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     return cfg
 
 
+def merge(cfg: DictConfig, *others: Any) -> DictConfig:
+    """``OmegaConf.merge(cfg, *others)``: a copy of ``cfg``, so a DictConfig (typed as any config by OmegaConf)."""
+    return cast(DictConfig, OmegaConf.merge(cfg, *others))
+
+
 def check_composed(cfg: DictConfig, sections: tuple[str, ...] = ()) -> None:
     """No required value left unset, no unknown key, no value of the wrong type or out of range
     (fedprompt.schema; ``sections``: the on-demand sections to check too, e.g. ``("method", "privacy")``)."""
@@ -231,9 +236,10 @@ def output_dir(cfg: DictConfig, command: str) -> Path:
 def load_task_checked(cfg: DictConfig):
     """The task's data, with an unknown task named as such (not as a missing folder)."""
     from fedprompt.data import load_task
+    from fedprompt.typed_config import plain_dict
 
     try:
-        return load_task(OmegaConf.to_container(cfg.task, resolve=True), cfg.get("data_dir"))
+        return load_task(plain_dict(cfg.task), cfg.get("data_dir"))
     except FedPromptError as err:
         if cfg.task.get("custom"):
             raise ConfigError(

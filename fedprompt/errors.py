@@ -15,6 +15,8 @@ class FedPromptError(ValueError):
 class ConfigError(FedPromptError):
     """The composed configuration is invalid (unknown task/model, impossible value)."""
 
+    complete = False  # True once its message names the full key (fedprompt.typed_config.from_node)
+
 
 class DataError(FedPromptError):
     """A data folder or a row in it is missing or malformed."""

@@ -11,7 +11,7 @@ apps still send the key; :meth:`ClientSettings.from_config` reads :data:`REDACTE
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Sequence, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -46,7 +46,7 @@ def redact_overrides(overrides: Sequence[str]) -> list[str]:
         value = _override_value(item) if env and sep else None
         # no key, null, already redacted, or an interpolation (${oc.env:X}: no secret in the text; redact_config
         # exports its value at launch)
-        if value is None or value == REDACTED or "${" in str(value):
+        if not env or value is None or value == REDACTED or "${" in str(value):
             out.append(item)
             continue
         os.environ[env] = str(value)  # inherited by every process started from here on
@@ -64,5 +64,5 @@ def redact_config(cfg: DictConfig) -> DictConfig:
             node: object = REDACTED
             for part in reversed(key.split(".")):
                 node = {part: node}
-            cfg = OmegaConf.merge(cfg, node)
+            cfg = cast(DictConfig, OmegaConf.merge(cfg, node))  # a merged copy of a DictConfig is one
     return cfg

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Any, Callable
+from typing import Any, Callable, Literal, overload
 
 from fedprompt.errors import ConfigError
 
@@ -34,6 +34,11 @@ class FederatedMethod:
     config: str
     adapter: str
     privacy: tuple[str, ...] = ("none",)
+
+    @overload
+    def load(self, part: Literal["config"]) -> type[Any]: ...
+    @overload
+    def load(self, part: str) -> Callable[..., Any]: ...
 
     def load(self, part: str) -> Callable[..., Any]:
         """``"config"`` (the config class) or one of :data:`ADAPTER_PARTS` (the adapter's callable)."""

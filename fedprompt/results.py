@@ -272,6 +272,7 @@ def _plot_rounds(runs, group_keys: list[str], groups: list[dict], path: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
+    from matplotlib.ticker import MaxNLocator
 
     done = runs[runs.status == "completed"]
     keys = [f"config.{k}" for k in group_keys]
@@ -284,8 +285,9 @@ def _plot_rounds(runs, group_keys: list[str], groups: list[dict], path: Path) ->
         mean = np.array([s.mean for s in stats])
         name = ", ".join(f"{k}={v}" for k, v in zip(group_keys, label)) or "all runs"
         line, = ax.plot(rounds, mean, marker="o", label=name)
-        if all(s.ci95 is not None for s in stats):
-            ax.fill_between(rounds, [s.ci95[0] for s in stats], [s.ci95[1] for s in stats], color=line.get_color(),
+        bounds = [s.ci95 for s in stats if s.ci95 is not None]
+        if len(bounds) == len(stats):
+            ax.fill_between(rounds, [low for low, _ in bounds], [high for _, high in bounds], color=line.get_color(),
                             alpha=0.15)
         reference = next((g["reference"] for g in groups if g["group"] == dict(zip(group_keys, label)) and g["reference"]),
                          None)
@@ -294,7 +296,9 @@ def _plot_rounds(runs, group_keys: list[str], groups: list[dict], path: Path) ->
                        label=f"reference ({reference['kind']})" + (f", {name}" if group_keys else ""))
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy (mean, 95% CI over seeds)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    locator = ax.xaxis.get_major_locator()
+    if isinstance(locator, MaxNLocator):  # the default AutoLocator is one; Locator.set_params only warns
+        locator.set_params(integer=True)
     ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

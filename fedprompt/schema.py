@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib import import_module
 from typing import Annotated, Any, Mapping
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pydantic import PlainValidator
 
 from fedprompt.blackbox.settings import ServiceConfig
@@ -82,9 +82,9 @@ ON_DEMAND_CLASSES = {"distill": "fedprompt.models.distill_config:DistillConfig",
                      "transfer": "fedprompt.methods.post.config:TransferConfig"}
 
 
-def section(key: str, resolve: str) -> Any:
-    """A root key whose section is declared by a class imported only when a config is checked (``resolve``:
-    ``"module:Class"``, or ``"method"`` / ``"privacy"``: the class that the node's ``name`` registers)."""
+def section(key: str, resolve: str) -> PlainValidator:
+    """The validator of a root key whose section is declared by a class imported only when a config is checked
+    (``resolve``: ``"module:Class"``, or ``"method"`` / ``"privacy"``: the class that the node's ``name`` registers)."""
 
     def check(node: Any) -> Any:
         from fedprompt.typed_config import from_node
@@ -100,7 +100,7 @@ def section(key: str, resolve: str) -> Any:
             cls = getattr(import_module(module), attribute)
         return from_node(cls, node, key)
 
-    return Annotated[Any, PlainValidator(check)]
+    return PlainValidator(check)
 
 
 @dataclass
@@ -108,10 +108,10 @@ class RootSchema:
     task: TaskSchema = field(default_factory=TaskSchema)
     model: ModelSchema = field(default_factory=ModelSchema)
     service: ServiceConfig = field(default_factory=ServiceConfig)
-    method: section("method", "method") = None  # the config class of method.name (fedprompt.registry)
-    privacy: section("privacy", "privacy") = None  # the config class of privacy.name (PRIVACY below)
-    distill: section("distill", ON_DEMAND_CLASSES["distill"]) = None  # `fedprompt distill`
-    transfer: section("transfer", ON_DEMAND_CLASSES["transfer"]) = None  # `fedprompt transfer`
+    method: Annotated[Any, section("method", "method")] = None  # the config class of method.name (fedprompt.registry)
+    privacy: Annotated[Any, section("privacy", "privacy")] = None  # the config class of privacy.name (PRIVACY below)
+    distill: Annotated[Any, section("distill", ON_DEMAND_CLASSES["distill"])] = None  # `fedprompt distill`
+    transfer: Annotated[Any, section("transfer", ON_DEMAND_CLASSES["transfer"])] = None  # `fedprompt transfer`
     deploy: DeploySettings = field(default_factory=DeploySettings)  # `fedprompt deploy`
     federation: FederationConfig = field(default_factory=FederationConfig)
     partition: PartitionSchema = field(default_factory=PartitionSchema)
@@ -191,7 +191,7 @@ def privacy_class(name: Any) -> type:
 
 def privacy_config(cfg: DictConfig) -> Any:
     """The typed, validated config of ``cfg.privacy`` (``none`` when the node is absent)."""
-    from fedprompt.typed_config import from_node
+    from fedprompt.typed_config import from_node, plain_dict
 
-    node = OmegaConf.to_container(cfg.privacy, resolve=True) if cfg.get("privacy") is not None else {"name": "none"}
+    node = plain_dict(cfg.privacy) if cfg.get("privacy") is not None else {"name": "none"}
     return from_node(privacy_class(node.get("name")), node, "privacy")

@@ -36,6 +36,6 @@ def pick_labels(scores: np.ndarray, keys: Sequence[str] | None = None) -> tuple[
     tied = np.flatnonzero((scores == best).sum(axis=1) > 1)
     for i in tied:
         candidates = np.flatnonzero(scores[i] == best[i])
-        key = keys[i] if keys is not None else str(i)
+        key = keys[int(i)] if keys is not None else str(i)
         predictions[i] = candidates[tie_key(key) % len(candidates)]
     return predictions, int(len(tied))

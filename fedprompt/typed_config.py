@@ -22,17 +22,23 @@ import dataclasses
 import difflib
 import json
 import re
+from collections.abc import Sequence
 from functools import cache
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from fedprompt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+    from pydantic import ConfigDict
+    from pydantic_core import ErrorDetails
 
 T = TypeVar("T")
 
 # pydantic's settings of every declared section (the one coercion rule above). Validation goes through JSON
 # (the config came from YAML and the command line, both JSON-typed), where pydantic's strict mode accepts a
 # mapping for a dataclass and a whole number for a real one.
-CONFIG = {"strict": True, "extra": "forbid"}
+CONFIG: ConfigDict = {"strict": True, "extra": "forbid"}
 
 
 def from_node(cls: type[T], node: Any, where: str) -> T:
@@ -59,6 +65,11 @@ def plain(node: Any) -> Any:
     if isinstance(node, (DictConfig, ListConfig)):
         return OmegaConf.to_container(node, resolve=True)
     return node
+
+
+def plain_dict(node: DictConfig) -> dict[str, Any]:
+    """A mapping node as a plain dict, resolved (``to_container`` is typed for any node; a DictConfig gives a dict)."""
+    return cast("dict[str, Any]", plain(node))
 
 
 def check_tree(value: Any, where: str) -> None:
@@ -99,13 +110,15 @@ def _adapter(cls: type) -> Any:
     return TypeAdapter(cls)
 
 
-def _configure(cls: Any, config: Any) -> None:
+def _configure(cls: Any, config: ConfigDict) -> None:
     """Give every dataclass reachable from ``cls`` the one set of rules (pydantic reads ``__pydantic_config__``)."""
     import typing
 
+    from pydantic import with_config
+
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)) or "__pydantic_config__" in cls.__dict__:
         return
-    cls.__pydantic_config__ = config
+    with_config(config)(cls)  # sets cls.__pydantic_config__
     for hint in typing.get_type_hints(cls, include_extras=True).values():
         for arg in _type_args(hint):
             _configure(arg, config)
@@ -127,13 +140,14 @@ def _validate(cls: type[T], data: dict, where: str) -> T:
         text = json.dumps(data, allow_nan=True)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: not a config of plain values ({err})") from None
+    section: type = cls  # a plain type: mypy does not see that a type[T] is hashable, as functools.cache needs
     try:
-        return _adapter(cls).validate_json(text)
+        return _adapter(section).validate_json(text)
     except ValidationError as err:
         raise ConfigError(describe(err.errors(), where, cls, data)) from None
 
 
-def describe(errors: list[dict], where: str, cls: type, data: Any) -> str:
+def describe(errors: Sequence[ErrorDetails], where: str, cls: type, data: Any) -> str:
     """The first of pydantic's errors as one line, naming the full key."""
     error = errors[0]
     loc = [str(p) for p in error["loc"] if not str(p).startswith("function-")]

@@ -15,6 +15,7 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 from fedprompt.blackbox.base import Usage
 from fedprompt.blackbox.errors import AuthError, BudgetExhausted
@@ -61,7 +62,7 @@ def parse_keys_file(path: str | os.PathLike) -> list[KeySpec]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read API keys file {path}: {err}") from None
-    specs = []
+    specs: list[KeySpec] = []
     for number, line in enumerate(lines, 1):
         words = line.split("#", 1)[0].split()
         if not words:
@@ -98,7 +99,7 @@ def merge_budget(spec: Budget | None, default: Budget) -> Budget:
 class Accountant:
     """Thread-safe table of accounts: authentication, reservations against budgets, usage reports."""
 
-    def __init__(self, keys: list[KeySpec] = (), default_budget: Budget = Budget()) -> None:
+    def __init__(self, keys: Sequence[KeySpec] = (), default_budget: Budget = Budget()) -> None:
         self._lock = threading.Lock()
         self._by_digest: dict[str, Account] = {}
         names = set()

@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from fedprompt.blackbox.engine import CompletionJob, ScoringEngine, Stopped
 from fedprompt.blackbox.errors import Overloaded, ShuttingDown
@@ -150,6 +150,7 @@ class DynamicBatcher:
         self.jobs_done += 1
 
     def _run_group(self, kind: str, key: Any, group: list[_Job]) -> None:
+        results: Sequence[object]  # one per job: its scores (classify) or completions, None once stopped
         try:
             if kind == "classify":
                 # merged jobs share forward passes: the work stops only once none of them wants it

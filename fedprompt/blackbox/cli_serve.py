@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m fedprompt.blackbox.cli_serve CONFIG.yaml", file=sys.stderr)
         return 2
     try:
-        print(json.dumps(cmd_serve(OmegaConf.load(args[0]))), flush=True)
+        cfg = OmegaConf.load(args[0])
+        if not isinstance(cfg, DictConfig):
+            raise ConfigError(f"{args[0]} holds a list; a config is a mapping")
+        print(json.dumps(cmd_serve(cfg)), flush=True)
     except FedPromptError as err:
         print(f"fedprompt serve: error: {err}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Generic, Hashable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -46,14 +46,19 @@ def _never() -> bool:
     return False
 
 
-class LRUCache:
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class LRUCache(Generic[K, V]):
     """Thread-safe least-recently-used map; ``size`` 0 keeps nothing."""
 
     def __init__(self, size: int) -> None:
-        self.size, self._data, self._lock = size, OrderedDict(), threading.Lock()
+        self.size, self._lock = size, threading.Lock()
+        self._data: OrderedDict[K, V] = OrderedDict()
         self.hits = self.misses = 0
 
-    def get(self, key):
+    def get(self, key: K) -> V | None:
         with self._lock:
             if key in self._data:
                 self._data.move_to_end(key)
@@ -62,7 +67,7 @@ class LRUCache:
             self.misses += 1
             return None
 
-    def put(self, key, value) -> None:
+    def put(self, key: K, value: V) -> None:
         if self.size <= 0:
             return
         with self._lock:
@@ -118,7 +123,7 @@ class ScoringEngine:
                  model_id: str = "model") -> None:
         self.model, self.tokenizer, self.limits, self.batch_size = model, tokenizer, limits, batch_size
         self.model_id = model_id
-        self.cache = LRUCache(cache_size)
+        self.cache: LRUCache[tuple[tuple[str, ...], str], np.ndarray] = LRUCache(cache_size)  # (labels, text) -> row
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
         eos = eos if isinstance(eos, (list, tuple)) else [eos]
@@ -240,14 +245,16 @@ class ScoringEngine:
                        stopped: Callable[[], bool] = _never) -> list[np.ndarray]:
         """Score several requests that share their labels in one call; repeated texts are scored once.
         Raises :class:`Stopped` between batches once ``stopped()`` (every caller gave up)."""
-        rows: dict[str, np.ndarray | None] = {}
-        missing = []
+        rows: dict[str, np.ndarray] = {}
+        missing: dict[str, None] = {}  # the texts to score, each once, in order
         for texts in text_lists:
             for text in texts:
-                if text not in rows:
-                    rows[text] = self.cache.get((labels, text))
-                    if rows[text] is None:
-                        missing.append(text)
+                if text not in rows and text not in missing:
+                    row = self.cache.get((labels, text))
+                    if row is None:
+                        missing[text] = None
+                    else:
+                        rows[text] = row
         if missing:
             def between_batches(_done) -> None:
                 if stopped():
@@ -256,7 +263,7 @@ class ScoringEngine:
             with self._lock:
                 if stopped():  # gave up while waiting for the lock
                     raise Stopped()
-                scores = score_label_words(self.model, self.tokenizer, missing, labels, batch_size=self.batch_size,
+                scores = score_label_words(self.model, self.tokenizer, list(missing), labels, batch_size=self.batch_size,
                                            progress=between_batches)
                 self.forward_calls += 1
                 self.texts_scored += len(missing)
@@ -328,7 +335,8 @@ class ScoringEngine:
             for idx in length_sorted_batches(lengths, self.batch_size):
                 yield [rows[i] for i in idx]
             return
-        budget, batch = self.echo_positions(), []
+        budget = self.echo_positions()
+        batch: list[tuple[int, int]] = []
         for i in np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable"):
             # sorted by length, so the row added last is the longest: it sets the padded width
             if batch and (len(batch) == self.batch_size or (len(batch) + 1) * lengths[i] > budget):

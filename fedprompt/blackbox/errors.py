@@ -152,6 +152,7 @@ def error_from_response(status: int, body: object, retry_after: float | None = N
     elif body is not None:
         message = json.dumps(body, ensure_ascii=False)
     message = message if len(message) <= 300 else message[:300] + "..."
+    cls: type[BlackBoxError]
     if status == 429:
         cls = BudgetExhausted if code == "insufficient_quota" or retry_after is None else Overloaded
     elif status >= 500:

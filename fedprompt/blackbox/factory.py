@@ -23,18 +23,20 @@ def make_blackbox(cfg: Any = None, kind: str | None = None, *, model=None, token
         raise ValueError(f"unknown black-box kind {kind!r}; choose inprocess, http or openai (service.kind)")
     network = dict(timeout_s=client.timeout_s, connect_timeout_s=client.connect_timeout_s, retries=client.retries,
                    backoff_s=client.backoff_s, max_backoff_s=client.max_backoff_s, ca_file=client.ca_file)
+    url = client.url
+    assert url is not None  # from_config always builds one (from service.host and port without service.url)
     if kind == "http":
         from fedprompt.blackbox.http_client import HttpBlackBox
 
-        return HttpBlackBox(client.url, client.api_key, chunk_size=client.chunk_size, **{**network, **overrides})
+        return HttpBlackBox(url, client.api_key, chunk_size=client.chunk_size, **{**network, **overrides})
     if kind == "openai":
         from fedprompt.blackbox.openai_client import OpenAICompatibleBlackBox
 
         name = client.openai_model or (str(cfg.model.name) if cfg is not None and cfg.get("model") else None)
-        options = dict(label_mode=client.label_mode, top_logprobs=client.top_logprobs, tokenizer=client.tokenizer,
-                       chunk_size=min(client.chunk_size, 64),
-                       max_prompts_per_request=client.max_prompts_per_request, **network)
-        return OpenAICompatibleBlackBox(client.url, name, client.api_key, **{**options, **overrides})
+        options: dict[str, Any] = dict(label_mode=client.label_mode, top_logprobs=client.top_logprobs,
+                                       tokenizer=client.tokenizer, chunk_size=min(client.chunk_size, 64),
+                                       max_prompts_per_request=client.max_prompts_per_request, **network)
+        return OpenAICompatibleBlackBox(url, name, client.api_key, **{**options, **overrides})
     from fedprompt.blackbox.inprocess import InProcessBlackBox
 
     server = ServerSettings.from_config(cfg) if cfg is not None else ServerSettings()

@@ -134,7 +134,7 @@ class GuardedH11(H11Protocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._head_timer = None
+        self._head_timer: asyncio.TimerHandle | None = None
         served = sum(1 for c in self.connections if c is not self and getattr(c, "admitted", False))
         self.admitted = served < self.max_connections
         if not self.admitted:
@@ -176,8 +176,9 @@ class GuardedH11(H11Protocol):
         self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
-        if getattr(self, "_head_timer", None) is not None:
-            self._head_timer.cancel()
+        timer: asyncio.TimerHandle | None = getattr(self, "_head_timer", None)
+        if timer is not None:
+            timer.cancel()
             self._head_timer = None
 
     def _head_timed_out(self) -> None:

@@ -43,8 +43,9 @@ class InProcessBlackBox(SoftPromptBlackBox):
                 model = load_causal_lm(model, device, dtype)
             elif tokenizer is None:
                 raise ValueError("InProcessBlackBox: pass the tokenizer with a loaded model")
-            self.engine = ScoringEngine(model, tokenizer, limits, batch_size, cache_size,
-                                        model_id or getattr(model.config, "name_or_path", "model"))
+            if not model_id:
+                model_id = getattr(model.config, "name_or_path", "model")
+            self.engine = ScoringEngine(model, tokenizer, limits, batch_size, cache_size, model_id)
         self.chunk_size = chunk_size
         self.accountant = Accountant([], budget)
         self.account = self.accountant.authenticate(None)

@@ -99,7 +99,7 @@ def label_floor(top: dict[str, float]) -> float:
 
 
 class OpenAICompatibleBlackBox(BlackBoxLM):
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, label_mode: str = "first_token",
+    def __init__(self, base_url: str, model: str | None, api_key: str | None = None, *, label_mode: str = "first_token",
                  top_logprobs: int = 20, tokenizer=None, chunk_size: int = 32, max_prompts_per_request: int | None = None,
                  timeout_s: float = 300.0, connect_timeout_s: float = 5.0, retries: int = 4, backoff_s: float = 0.5,
                  max_backoff_s: float = 8.0, ca_file: str | None = None, transport=None, sleep=time.sleep) -> None:

@@ -21,6 +21,7 @@ def legacy_logprobs(engine: ScoringEngine, plan: PromptPlan, comp: Completion, e
     """``{tokens, token_logprobs, top_logprobs, text_offset}``; offsets index prompt + completion text."""
     tokens, logprobs, tops, offsets = [], [], [], []
     if echo:
+        assert comp.prompt_logprobs is not None and comp.prompt_top is not None  # the engine fills them for echo
         for i, token_id in enumerate(plan.ids):
             tokens.append(engine.token_text(token_id))
             logprobs.append(comp.prompt_logprobs[i])

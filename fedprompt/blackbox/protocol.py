@@ -8,7 +8,7 @@ follow the OpenAI protocol (greedy decoding only). See docs/blackbox.md.
 from __future__ import annotations
 
 import json
-from typing import Literal, Sequence
+from typing import Literal, Sequence, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -72,7 +72,10 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(default=None, ge=0)
 
 
-def parse_request(body: bytes, model_cls: type[_Request]) -> _Request:
+RequestT = TypeVar("RequestT", bound=_Request)
+
+
+def parse_request(body: bytes, model_cls: type[RequestT]) -> RequestT:
     """Parse and validate a JSON body: 400 if it is not JSON, 422 (naming the fields) if it does not fit."""
     try:
         return model_cls.model_validate_json(body)

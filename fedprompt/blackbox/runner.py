@@ -33,8 +33,9 @@ def uvicorn_config(app, host: str, port: int, log_level: str = "warning", ssl_ce
     limits = getattr(getattr(app, "state", None), "limits", None) or Limits()
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False, ws="none",
                           ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, http=guarded_protocol(limits),
-                          timeout_keep_alive=limits.keep_alive_s, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
-                          timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+                          # uvicorn annotates timeout_keep_alive as int but only hands it to loop.call_later (float)
+                          timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]
+                          h11_max_incomplete_event_size=MAX_HEAD_BYTES, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
 
 
 class ServiceServer(uvicorn.Server):

@@ -38,6 +38,7 @@ def check_service(cfg, spec: TaskSpec) -> None:
         with make_blackbox(cfg, retries=0) as service:
             service.health()
     if cfg.service.kind == "inprocess":
-        from fedprompt.models import encode_label_words, load_tokenizer
+        from fedprompt.models.registry import load_tokenizer
+        from fedprompt.models.scoring import encode_label_words
 
         encode_label_words(load_tokenizer(str(cfg.model.name)), spec.label_words)

@@ -70,28 +70,31 @@ def create_app(model, settings: ServerSettings = ServerSettings(), *, tokenizer=
     engine = model if isinstance(model, ScoringEngine) else _engine(model, tokenizer, settings, device, dtype)
     accountant = accountant or Accountant.from_settings(settings.api_keys_file, settings.api_keys_env, settings.budget)
     limits = settings.limits
-    state = {"batcher": None, "started": time.time()}
+    started = time.time()
+    current: DynamicBatcher | None = None
 
     def batcher() -> DynamicBatcher:
         # Created on first use too, so that an app driven without its lifespan (a bare TestClient) works.
-        if state["batcher"] is None:
-            state["batcher"] = DynamicBatcher(engine, settings.max_texts, settings.wait_ms, limits.max_queue)
-        return state["batcher"]
+        nonlocal current
+        if current is None:
+            current = DynamicBatcher(engine, settings.max_texts, settings.wait_ms, limits.max_queue)
+        return current
 
     def begin_shutdown() -> None:
         # Called as soon as the server is told to stop: waiting requests are answered "shutting down" and
         # the model stops at its next batch boundary, so shutdown never waits for the queue.
-        if state["batcher"] is not None:
-            state["batcher"].begin_close()
+        if current is not None:
+            current.begin_close()
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher()
+        nonlocal current
+        running = batcher()
         try:
             yield
         finally:
-            app.state.worker_stopped = await run_in_threadpool(state["batcher"].close)
-            state["batcher"] = None
+            app.state.worker_stopped = await run_in_threadpool(running.close)
+            current = None
 
     app = FastAPI(title="fedprompt black-box LLM service", version="1", lifespan=lifespan)
     app.add_middleware(Gate, accountant=accountant, limits=limits)
@@ -181,7 +184,7 @@ def create_app(model, settings: ServerSettings = ServerSettings(), *, tokenizer=
     async def health():
         queue = batcher()
         return {"status": "ok", "model": engine.model_id, "auth": accountant.auth_required,
-                "uptime_s": round(time.time() - state["started"], 3), "queued_texts": queue.pending,
+                "uptime_s": round(time.time() - started, 3), "queued_texts": queue.pending,
                 "merged_calls": queue.merged_calls, "forward_calls": engine.forward_calls,
                 "texts_scored": engine.texts_scored, "cache_hits": engine.cache.hits, "peak_rss_mb": round(peak_rss_mb(), 1),
                 "rss_mb": None if (now := rss_mb()) is None else round(now, 1),
@@ -189,7 +192,7 @@ def create_app(model, settings: ServerSettings = ServerSettings(), *, tokenizer=
 
     @app.get("/v1/models")
     async def models(account: Account = Depends(authenticate)):
-        return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "created": int(state["started"]),
+        return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "created": int(started),
                                             "owned_by": "fedprompt", "context_length": engine.context_length,
                                             "max_logprobs": limits.max_logprobs}]}
 

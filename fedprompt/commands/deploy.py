@@ -182,7 +182,9 @@ class LocalDeployment:
         config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self.service = self._spawn("service", [sys.executable, "-m", "fedprompt.blackbox.cli_serve", str(config)],
                                    env={**self.env, **self.service_env})
-        _wait(lambda: _https_ok(self.service_url + "/health", self.certs.ca), "the black-box service",
+        url = self.service_url
+        assert url is not None  # start_service runs only for a service of the deployment's own (own_service)
+        _wait(lambda: _https_ok(url + "/health", self.certs.ca), "the black-box service",
               [self.service], self.folder / "service.log", self.settings.startup_timeout_s)
 
     def _start_superlink(self) -> None:
@@ -247,7 +249,9 @@ class LocalDeployment:
         """The run's config, pointed at the deployment's own service (https, our CA) when it runs one."""
         if not self.own_service:
             return cfg
-        return OmegaConf.merge(cfg, {"service": {"url": self.service_url, "client": {"ca_file": str(self.certs.ca)}}})
+        from fedprompt.config import merge
+
+        return merge(cfg, {"service": {"url": self.service_url, "client": {"ca_file": str(self.certs.ca)}}})
 
     def run(self, app: Path, run_config: Path, log: TextIO, echo: TextIO | None = None) -> RunOutcome:
         return submit_run(app, CONNECTION, run_config, self.env_cli, log, echo)
@@ -278,13 +282,14 @@ def service_key_env(cfg: DictConfig, env: dict[str, str]) -> tuple[dict[str, str
 def local_run(cfg: DictConfig, settings: DeploySettings) -> Iterator[tuple[LocalDeployment, Path, Path]]:
     """The run's checks, then the local deployment and the run folder: yields (deployment, folder, run config)."""
     from fedprompt.commands.run import prepare, start_run_folder
+    from fedprompt.config import merge
     from fedprompt.runs.report import run_folder
 
     if _own_service(cfg):  # not up yet: check its settings, and its model and label words as in-process would
         from fedprompt.blackbox.settings import ServerSettings
 
         ServerSettings.from_config(cfg)
-    partition = prepare(OmegaConf.merge(cfg, {"service": {"kind": "inprocess"}}) if _own_service(cfg) else cfg)
+    partition = prepare(merge(cfg, {"service": {"kind": "inprocess"}}) if _own_service(cfg) else cfg)
     with LocalDeployment(cfg, run_folder(cfg), settings) as deployment:
         cfg, folder, run_config, _ = start_run_folder(deployment.client_config(cfg), partition)
         yield deployment, folder, run_config

@@ -30,7 +30,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -102,6 +102,7 @@ def expand_jobs(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
             elif override.is_discrete_sweep():
                 choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
             else:
+                assert override.value_type is not None  # a sweep override has a value type (is_sweep_override)
                 raise HydraException(f"the basic sweeper does not support sweep type {override.value_type.name}")
     except HydraException as err:
         raise ConfigError(f"bad sweep {list(overrides)}: {err}") from None
@@ -113,7 +114,7 @@ def check_jobs(jobs: list[list[str]], config_name: str, multirun: bool = False) 
     that Hydra can write its folder. Returns each job's :func:`~fedprompt.commands.run.prepare` result, by its
     :func:`task_overrides`: the job reuses it rather than preparing again."""
     from fedprompt.commands.run import prepare, resume_point
-    from fedprompt.config import compose
+    from fedprompt.config import compose, merge
     from fedprompt.runs.run_config import validate_config
 
     shared = set.intersection(*(set(job) for job in jobs))
@@ -136,7 +137,7 @@ def check_jobs(jobs: list[list[str]], config_name: str, multirun: bool = False) 
             if cfg.get("output_dir"):  # a named folder: refuse to overwrite an unfinished run before Hydra writes there
                 folder = Path(str(cfg.output_dir))
                 if folder.is_dir():
-                    resume_point(OmegaConf.merge(cfg, {"output_dir": str(folder.resolve())}), folder.resolve())
+                    resume_point(merge(cfg, {"output_dir": str(folder.resolve())}), folder.resolve())
         except FedPromptError as err:
             raise type(err)(f"{name(number)}{err}") from None
     check_hydra_folder(jobs[0], config_name, multirun)
@@ -291,7 +292,7 @@ def launch(config_name: str, overrides: list[str], task_function, multirun: bool
             callbacks.on_multirun_start(config=cfg, config_name=config_name)
             sweeper = Plugins.instance().instantiate_sweeper(config=cfg, hydra_context=context,
                                                              task_function=task_function)
-            sweeper.sweep(arguments=list(OmegaConf.to_container(cfg.hydra.overrides.task, resolve=False)))
+            sweeper.sweep(arguments=list(cast("list[str]", OmegaConf.to_container(cfg.hydra.overrides.task, resolve=False))))
             callbacks.on_multirun_end(config=cfg, config_name=config_name)
             return
         callbacks.on_run_start(config=cfg, config_name=config_name)
@@ -362,9 +363,10 @@ def _run_job(cfg: DictConfig, multirun: bool, partition: dict | None = None) -> 
     from hydra.core.hydra_config import HydraConfig
 
     from fedprompt.commands.run import cmd_run
+    from fedprompt.config import merge
 
     folder = Path(HydraConfig.get().runtime.output_dir).resolve()
-    cfg = OmegaConf.merge(cfg, {"output_dir": str(folder)})
+    cfg = merge(cfg, {"output_dir": str(folder)})
     try:
         record = cmd_run(cfg, partition=partition)
     except FedPromptError as err:

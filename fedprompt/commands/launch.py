@@ -167,6 +167,7 @@ def submit_run(app_dir: Path, connection: str, run_config: Path, env: dict[str, 
     run_id = None
     with subprocess.Popen(command, cwd=app_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as proc:
+        assert proc.stdout is not None  # stdout=PIPE
         try:
             for line in proc.stdout:
                 log.write(line)

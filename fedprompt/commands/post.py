@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Set
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from fedprompt.data import Example, load_task
 from fedprompt.data.dataset import TaskData
 from fedprompt.data.leakage import check_disjoint, content_key, without
 from fedprompt.errors import ConfigError, DataError
+from fedprompt.typed_config import plain_dict
 
 
 def _task_examples(name: str, split: str, data_dir) -> list[Example]:
@@ -35,7 +37,7 @@ def distill_tasks(data, data_dir) -> dict[str, TaskData]:
     """The tasks of ``data.tasks`` as distill reads them: ``raw`` needs only a folder, ``task`` the task's conf."""
     if data.format == "raw":
         return {name: load_task({"name": name}, data_dir) for name in data.tasks}
-    return {name: load_task(OmegaConf.to_container(compose([f"task={name}"]).task, resolve=True), data_dir)
+    return {name: load_task(plain_dict(compose([f"task={name}"]).task), data_dir)
             for name in data.tasks}
 
 
@@ -173,7 +175,7 @@ def cmd_distill(cfg: DictConfig) -> dict:
 
 
 def public_examples(tcfg, task_name: str, data_dir, seed: int,
-                    exclude: set[bytes] = frozenset()) -> tuple[list[Example], str, str]:
+                    exclude: Set[bytes] = frozenset()) -> tuple[list[Example], str, str]:
     """The public transfer set (labels present in the files but never used) and where it came from; rows whose
     content is in ``exclude`` are dropped before sampling."""
     public_task, split = tcfg.public_source(task_name)

@@ -24,7 +24,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -131,12 +131,13 @@ def finished(folder: Path, checkpoint) -> bool:
 def check_resume(cfg: DictConfig) -> None:
     """With ``resume=true``, refuse a damaged checkpoint or one made with other settings early: before the data,
     the tokenizers or the SuperLink are touched, and before resume_point changes anything in the folder."""
+    from fedprompt.config import merge
     from fedprompt.fl.checkpoint import check_resumable
     from fedprompt.runs.run_config import serialize_config
 
     if cfg.get("resume") and cfg.get("output_dir"):
         folder = Path(str(cfg.output_dir)).resolve()
-        check_resumable(folder, json.loads(serialize_config(OmegaConf.merge(cfg, {"output_dir": str(folder)}))))
+        check_resumable(folder, json.loads(serialize_config(merge(cfg, {"output_dir": str(folder)}))))
 
 
 def resume_point(cfg: DictConfig, folder: Path):
@@ -208,10 +209,11 @@ def simulate(cfg: DictConfig, root: Path, folder: Path, run_config: Path, checkp
 def start_run_folder(cfg: DictConfig, partition: dict):
     """The run folder with the config, the partition's sizes and the run config; returns the config with
     ``output_dir`` set, the folder, the run config's path and the checkpoint to resume from (or None)."""
+    from fedprompt.config import merge
     from fedprompt.redact import redact_config
 
     folder = run_folder(cfg)
-    cfg = OmegaConf.merge(redact_config(cfg), {"output_dir": str(folder)})  # what follows writes the config
+    cfg = merge(redact_config(cfg), {"output_dir": str(folder)})  # what follows writes the config
     checkpoint = resume_point(cfg, folder)
     if not finished(folder, checkpoint):
         (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -256,11 +258,13 @@ def cmd_resume(folder: Path, overrides: list[str]) -> dict:
     The config is the folder's config.yaml; overrides may change only how the run is launched
     (fedprompt.runs.resume.VOLATILE), anything else is refused when the checkpoint is compared.
     """
+    from fedprompt.config import merge
+
     folder = Path(folder)
     if not (folder / "config.yaml").is_file():
         raise ConfigError(f"{folder} is not a run folder (no config.yaml); give the folder `fedprompt run` wrote")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.load(folder / "config.yaml"), OmegaConf.from_dotlist(list(overrides)))
+    try:  # a config.yaml that holds a list fails here (a list cannot take the dotlist's mapping): a DictConfig
+        cfg = cast(DictConfig, OmegaConf.merge(OmegaConf.load(folder / "config.yaml"), OmegaConf.from_dotlist(list(overrides))))
     except Exception as err:  # noqa: BLE001 - a malformed file or override: one line
         raise ConfigError(f"cannot read {folder / 'config.yaml'} with overrides {overrides}: {err}") from None
-    return cmd_run(OmegaConf.merge(cfg, {"resume": True, "output_dir": str(folder.resolve())}))
+    return cmd_run(merge(cfg, {"resume": True, "output_dir": str(folder.resolve())}))

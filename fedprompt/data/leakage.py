@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 
 import numpy as np
 
@@ -49,7 +49,7 @@ def overlap(examples: Iterable[Example], keys: set[bytes]) -> int:
     return sum(content_key(e) in keys for e in examples)
 
 
-def without(examples: Sequence[Example], keys: set[bytes]) -> list[Example]:
+def without(examples: Sequence[Example], keys: Set[bytes]) -> list[Example]:
     """``examples`` minus those whose content is in ``keys`` (``federation.eval_overlap=exclude``)."""
     return [e for e in examples if content_key(e) not in keys]
 

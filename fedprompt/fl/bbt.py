@@ -27,7 +27,7 @@ from flwr.supercore import log
 
 from fedprompt.errors import ConfigError
 from fedprompt.fl.client import ClientRound, PerRun, reply, usage_metrics
-from fedprompt.fl.records import ARRAYS, METRICS, arrays_to_prompt, prompt_to_arrays
+from fedprompt.fl.records import array_record, arrays_to_prompt, metric_record, prompt_to_arrays, record_value
 from fedprompt.fl.rounds import MethodServer, Scored, serve
 from fedprompt.fl.strategy import FedStrategy
 from fedprompt.methods.bbt.aggregate import fedavg_bbt, fedbpt
@@ -35,7 +35,8 @@ from fedprompt.runs.report import RoundStats
 
 if TYPE_CHECKING:
     from fedprompt.blackbox import SoftPromptBlackBox
-    from fedprompt.methods.bbt import BBTConfig, LocalCMA
+    from fedprompt.methods.bbt.config import BBTConfig
+    from fedprompt.methods.bbt.search import LocalCMA
     from fedprompt.runs.data import ClientData
 
 Z, SIGMA = "z", "sigma"
@@ -97,8 +98,8 @@ class BBTStrategy(FedStrategy):
         stats.aggregation["mode"] = self.mode
 
     def aggregate(self, server_round: int, valid: list[Message]) -> ArrayRecord:
-        points = [arrays_to_point(m.content[ARRAYS], self.dim) for m in valid]
-        weights = [float(m.content[METRICS][self.weighted_by_key]) for m in valid]
+        points = [arrays_to_point(array_record(m.content), self.dim) for m in valid]
+        weights = [float(record_value(metric_record(m.content), self.weighted_by_key, float)) for m in valid]
         if self.mode == "fedavg":
             z, sigma = fedavg_bbt([p[0] for p in points], weights), self.sigma0
         else:
@@ -153,14 +154,14 @@ def train(msg: Message, context: Context, cfg) -> Message:
     method, data = state.method, state.data
     now = ClientRound.of(msg, context, cfg, len(data.partition.clients))
     examples = data.partition.clients[now.partition_id]
-    z, sigma = arrays_to_point(msg.content[ARRAYS], method.intrinsic_dim)
+    z, sigma = arrays_to_point(array_record(msg.content), method.intrinsic_dim)
     result = state.search.run(state.blackbox, [data.spec.format(e) for e in examples], [e.label for e in examples],
                               list(data.spec.label_words), z, sigma, seed=now.seed)
     if method.mode == "fedavg":
         point = result.best_z if method.client_return == "best" else result.mean
     else:  # fedbpt: the client's distribution
         point = result.mean
-    total = int(context.state[STATE]["queries-total"]) if STATE in context.state else 0
+    total = int(record_value(metric_record(context.state, STATE), "queries-total", int)) if STATE in context.state else 0
     context.state[STATE] = MetricRecord({"queries-total": total + result.queries})
     return reply(msg, point_to_arrays(point, result.sigma), {
         "num-examples": len(examples), "partition-id": now.partition_id, "queries": result.queries,

@@ -30,14 +30,15 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedprompt.fl.client import ClientRound, PerRun, reply, usage_metrics
-from fedprompt.fl.records import ARRAYS, arrays_to_prompt, prompt_to_arrays
+from fedprompt.fl.records import array_record, arrays_to_prompt, prompt_to_arrays
 from fedprompt.fl.rounds import MethodServer, Scored, serve
 from fedprompt.fl.strategy import FedStrategy
 from fedprompt.runs.report import RoundStats
 
 if TYPE_CHECKING:
     from fedprompt.blackbox import BlackBoxLM
-    from fedprompt.methods.bdpl import BDPLClient, BDPLConfig
+    from fedprompt.methods.bdpl.config import BDPLConfig
+    from fedprompt.methods.bdpl.search import BDPLClient
     from fedprompt.runs.data import ClientData
 
 LOGITS = "logits"
@@ -62,7 +63,7 @@ def logits_to_arrays(logits: np.ndarray) -> ArrayRecord:
     return prompt_to_arrays({LOGITS: logits})
 
 
-def arrays_to_logits(arrays: ArrayRecord, shape: tuple[int, int] | None = None) -> np.ndarray:
+def arrays_to_logits(arrays: ArrayRecord, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """The (L, V) logits of an ArrayRecord (exactly ``"logits"``, finite); ``shape`` is the one this run expects."""
     return arrays_to_prompt(arrays, {LOGITS: shape or (None, None)})[LOGITS]
 
@@ -104,7 +105,7 @@ class BDPLFedAvg(FedStrategy):
 
     def record(self, stats: RoundStats, valid: list[Message]) -> None:
         if self.vocab is not None:
-            stats.client_prompts = [" ".join(self.vocab[int(i)] for i in arrays_to_logits(m.content[ARRAYS]).argmax(axis=1))
+            stats.client_prompts = [" ".join(self.vocab[int(i)] for i in arrays_to_logits(array_record(m.content)).argmax(axis=1))
                                     for m in valid]
 
     def aggregate(self, server_round: int, valid: list[Message]) -> ArrayRecord:
@@ -150,15 +151,15 @@ def train(msg: Message, context: Context, cfg) -> Message:
     state = CLIENT.get(context, cfg)
     method, clients = state.method, state.data.partition.clients
     now = ClientRound.of(msg, context, cfg, len(clients))
-    logits = arrays_to_logits(msg.content[ARRAYS], state.search.shape)
+    logits = arrays_to_logits(array_record(msg.content), state.search.shape)
     optimizer = state.search.make_optimizer()
-    keep = method.optimizer_state == "keep" and isinstance(optimizer, Adam)
-    if keep and OPTIMIZER_STATE in context.state:
-        optimizer.m, optimizer.v, optimizer.t = arrays_to_optimizer(context.state[OPTIMIZER_STATE])
+    kept = optimizer if method.optimizer_state == "keep" and isinstance(optimizer, Adam) else None
+    if kept is not None and OPTIMIZER_STATE in context.state:
+        kept.m, kept.v, kept.t = arrays_to_optimizer(array_record(context.state, OPTIMIZER_STATE))
     examples = clients[now.partition_id]
     result = state.search.run(state.blackbox, state.data.spec, logits, examples, seed=now.seed, optimizer=optimizer)
-    if keep and optimizer.m is not None:
-        context.state[OPTIMIZER_STATE] = optimizer_to_arrays(optimizer.m, optimizer.v, optimizer.t)
+    if kept is not None and kept.m is not None and kept.v is not None:  # Adam sets m and v together
+        context.state[OPTIMIZER_STATE] = optimizer_to_arrays(kept.m, kept.v, kept.t)
     return reply(msg, logits_to_arrays(result.logits), {  # None (left out): no step (budget)
         "num-examples": len(examples), "partition-id": now.partition_id, "loss": result.mean_loss,
         "local-accuracy": result.sample_accuracy, "entropy": result.entropy, "queries": result.queries,

@@ -31,7 +31,7 @@ import json
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Protocol, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -98,14 +98,16 @@ def _decode(data: Any) -> Checkpoint:
     check(isinstance(data["info"], dict), "info is not an object")
     check_rng(data["rng"])
     arrays = _record(data["arrays"], "arrays")
-    check(list(arrays) == ["arrays"] and isinstance(arrays["arrays"], ArrayRecord), "arrays hold no ArrayRecord")
+    record = arrays["arrays"] if list(arrays) == ["arrays"] else None
+    if not isinstance(record, ArrayRecord):
+        raise Damaged("arrays hold no ArrayRecord")
     try:
-        for array in arrays["arrays"].values():
+        for array in record.values():
             array.numpy()  # its dtype, shape and bytes agree
     except Exception as err:  # noqa: BLE001
         raise Damaged(f"arrays: an Array does not decode ({type(err).__name__}: {err})") from None
     strategy = None if data["strategy"] is None else _record(data["strategy"], "strategy")
-    return Checkpoint(done, total, config, arrays["arrays"], data["rows"], data["info"], strategy, data["rng"])
+    return Checkpoint(done, total, config, record, data["rows"], data["info"], strategy, data["rng"])
 
 
 @dataclass
@@ -181,6 +183,14 @@ class _RoundOffset(Strategy):
         return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
 
 
+class StatefulStrategy(Protocol):
+    """A strategy with state of its own (e.g. RAPT's trainer): what it checkpoints, and how it restores that."""
+
+    def checkpoint_state(self) -> RecordDict | None: ...
+
+    def restore_state(self, state: RecordDict) -> None: ...
+
+
 class CheckpointedRounds:
     """Runs ``strategy`` for ``num_rounds`` through Flower's ``Strategy.start``, checkpointing every round.
 
@@ -190,10 +200,10 @@ class CheckpointedRounds:
     """
 
     def __init__(self, cfg, folder: Path, report, strategy: Strategy) -> None:
-        from omegaconf import OmegaConf
+        from fedprompt.runs.run_config import resolved
 
         self.folder, self.report, self.strategy = Path(folder), report, strategy
-        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.config = resolved(cfg)
         self.resumed = check_resumable(self.folder, self.config) if cfg.get("resume") else None
         self.last_arrays: ArrayRecord | None = None  # the global arrays after the last round run (or restored)
         if self.resumed is not None:
@@ -209,7 +219,8 @@ class CheckpointedRounds:
         self.last_arrays = arrays
         if self.resumed is not None:
             if self.resumed.strategy is not None:
-                self.strategy.restore_state(self.resumed.strategy)
+                # only a strategy with checkpoint_state (a StatefulStrategy) wrote one
+                cast(StatefulStrategy, self.strategy).restore_state(self.resumed.strategy)
             set_rng_state(self.resumed.rng)  # last: nothing may draw between here and the next round
             log(INFO, "resuming from round %d of %d (%s)", done, num_rounds, self.folder / CHECKPOINT)
 

@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from fedprompt.fl.records import ARRAYS, CONFIG, METRICS
+from fedprompt.fl.records import ARRAYS, METRICS, server_round_of
 
 S = TypeVar("S")
 
@@ -42,7 +42,7 @@ class ClientRound:
         if nodes != num_partitions or not 0 <= partition_id < num_partitions:
             raise RuntimeError(f"{nodes} SuperNodes (this one partition {partition_id}) but federation.num_clients="
                                f"{num_partitions}")
-        server_round = int(msg.content[CONFIG]["server-round"])
+        server_round = server_round_of(msg)
         return cls(partition_id, server_round, round_seed(int(cfg.seed), server_round, partition_id))
 
 

@@ -15,7 +15,7 @@ from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedprompt.fl.records import CONFIG, METRICS
+from fedprompt.fl.records import CONFIG, METRICS, server_round_of
 
 log = logging.getLogger("fedprompt.fl.client")
 
@@ -30,7 +30,7 @@ def train(msg: Message, context: Context) -> Message:
         from fedprompt.runs.run_config import config_from_run_config
 
         cfg = config_from_run_config(context.run_config)
-        server_round = int(msg.content[CONFIG]["server-round"])
+        server_round = server_round_of(msg)
         restore_client_state(cfg, context, server_round)  # a resumed run starts with an empty context.state
         reply = federated_method(cfg.method.name).load("client")(msg, context, cfg)
         save_client_state(cfg, context, server_round)

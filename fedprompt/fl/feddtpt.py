@@ -21,19 +21,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from logging import INFO
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore import log
 
 from fedprompt.fl.client import ClientRound, PerRun, reply, round_seed, usage_metrics
-from fedprompt.fl.records import ARRAYS
+from fedprompt.fl.records import array_record, config_record, record_value
 from fedprompt.fl.rounds import MethodServer, Scored, serve
 from fedprompt.fl.strategy import FedStrategy
 from fedprompt.runs.report import RoundStats
 
 if TYPE_CHECKING:
+    from fedprompt.methods.feddtpt.check import PublicCheck
     from fedprompt.methods.feddtpt.local import LocalSearch
     from fedprompt.runs.data import ClientData
 
@@ -100,7 +101,7 @@ class FedDTPTStrategy(FedStrategy):
 
     def invalid(self, msg: Message) -> str | None:
         try:
-            prompt = arrays_to_words(msg.content[ARRAYS])
+            prompt = arrays_to_words(array_record(msg.content))
         except (KeyError, ValueError, UnicodeDecodeError) as err:  # UnicodeDecodeError: non-UTF-8 bytes
             return f"malformed reply: {err}"
         if self.max_tokens is not None and len(prompt) > self.max_tokens:
@@ -109,7 +110,7 @@ class FedDTPTStrategy(FedStrategy):
 
     @staticmethod
     def _prompts(valid: list[Message]) -> list[list[str]]:
-        return sorted((arrays_to_words(m.content[ARRAYS]) for m in valid), key=" ".join)
+        return sorted((arrays_to_words(array_record(m.content)) for m in valid), key=" ".join)
 
     def record(self, stats: RoundStats, valid: list[Message]) -> None:
         stats.client_prompts = [" ".join(p) for p in self._prompts(valid)]
@@ -141,8 +142,9 @@ class FedDTPTStrategy(FedStrategy):
         return RecordDict({SERVER_CHECK: ConfigRecord({"prompts": list(scores), "accuracies": list(scores.values())})})
 
     def restore_state(self, state: RecordDict) -> None:
-        record = state[SERVER_CHECK]
-        self.server_check.scores.update(zip(record["prompts"], record["accuracies"]))
+        record = config_record(state, SERVER_CHECK)  # only a check with scores (a PublicCheck) wrote one
+        scores = cast("PublicCheck", self.server_check).scores
+        scores.update(zip(record_value(record, "prompts", list[str]), record_value(record, "accuracies", list[float])))
 
 
 # --- the client --------------------------------------------------------------------------------------------------
@@ -183,7 +185,7 @@ def train(msg: Message, context: Context, cfg) -> Message:
     data = state.data
     now = ClientRound.of(msg, context, cfg, len(data.partition.clients))
     start = time.perf_counter()
-    result = state.local.round(data.spec, arrays_to_words(msg.content[ARRAYS]), data.partition.clients[now.partition_id],
+    result = state.local.round(data.spec, arrays_to_words(array_record(msg.content)), data.partition.clients[now.partition_id],
                                data.public, server_round=now.server_round, partition_id=now.partition_id, seed=now.seed,
                                run_seed=int(cfg.seed))
     # None (left out): not scored (feedback=none)
@@ -251,7 +253,8 @@ class FedDTPTServer(MethodServer):
 
         return predict_prompt(self.blackbox, self.spec, rows, prompt)
 
-    untuned = predict
+    def untuned(self, rows: Sequence, text: str | None) -> np.ndarray:
+        return self.predict(rows, text)
 
     def initial_arrays(self) -> ArrayRecord:
         return words_to_arrays(self.seed_prompt)

@@ -30,12 +30,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedprompt.fl.client import ClientRound, PerRun, reply
-from fedprompt.fl.records import ARRAYS, arrays_to_prompt, prompt_to_arrays
+from fedprompt.fl.records import array_record, arrays_to_prompt, config_record, prompt_to_arrays, record_value
 from fedprompt.fl.rounds import MethodServer, Scored, serve
 from fedprompt.fl.strategy import FedStrategy
 
 if TYPE_CHECKING:
-    from fedprompt.methods.post import POSTConfig, SoftPromptTuner
+    from fedprompt.methods.post.config import POSTConfig
+    from fedprompt.methods.post.tuning import SoftPromptTuner
     from fedprompt.models.soft_prompt import SoftPrompt
     from fedprompt.runs.data import ClientData
 
@@ -78,7 +79,9 @@ def history_to_record(history: list[tuple[float, float, int]]) -> ConfigRecord:
 def record_to_history(record: ConfigRecord | None) -> list[tuple[float, float, int]]:
     if record is None:
         return []
-    return list(zip(map(float, record["noise-multiplier"]), map(float, record["sample-rate"]), map(int, record["steps"])))
+    return list(zip(map(float, record_value(record, "noise-multiplier", list[float])),
+                    map(float, record_value(record, "sample-rate", list[float])),
+                    map(int, record_value(record, "steps", list[int]))))
 
 
 class PromptFedAvg(FedStrategy):
@@ -135,12 +138,12 @@ def train(msg: Message, context: Context, cfg) -> Message:
     method, clients = state.method, state.data.partition.clients
     now = ClientRound.of(msg, context, cfg, len(clients))
     examples = clients[now.partition_id]
-    prompt = soft_prompt(msg.content[ARRAYS])
+    prompt = soft_prompt(array_record(msg.content))
     plan, history = None, []
     if method.privacy.enabled:
         plan = plan_dp(method.privacy, len(examples), method.train.batch_size,
                        planned_steps(int(cfg.federation.rounds), method.train.local_steps))
-        history = record_to_history(context.state.get(PRIVACY_STATE))
+        history = record_to_history(config_record(context.state, PRIVACY_STATE) if PRIVACY_STATE in context.state else None)
     result = state.tuner.train(prompt, examples, seed=now.seed, plan=plan, history=history)
     if plan is not None:
         context.state[PRIVACY_STATE] = history_to_record(result.history)

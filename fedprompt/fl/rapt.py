@@ -44,7 +44,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.supercore import log
 
 from fedprompt.fl.client import ClientRound, PerRun, reply, round_seed
-from fedprompt.fl.records import ARRAYS, arrays_to_prompt, prompt_to_arrays
+from fedprompt.fl.records import array_record, arrays_to_prompt, prompt_to_arrays
 from fedprompt.fl.rounds import MethodServer, Scored, serve
 from fedprompt.fl.strategy import FedStrategy
 from fedprompt.methods.rapt.inputs import PrivateExample
@@ -113,7 +113,7 @@ class RAPTStrategy(FedStrategy):
 
     def invalid(self, msg: Message) -> str | None:
         try:
-            examples = arrays_to_examples(msg.content[ARRAYS])
+            examples = arrays_to_examples(array_record(msg.content))
             self.trainer.add(examples)
         except (KeyError, ValueError) as err:  # ConfigError is a ValueError: bad ids, labels, plain tokens
             return f"malformed reply: {err}"
@@ -151,9 +151,9 @@ class RAPTStrategy(FedStrategy):
                            TRAINER: ArrayRecord({"state": Array(np.frombuffer(buffer.getvalue(), dtype=np.uint8).copy())})})
 
     def restore_state(self, state: RecordDict) -> None:
-        data = state[TRAINER]["state"].numpy().tobytes()
+        data = array_record(state, TRAINER)["state"].numpy().tobytes()
         trainer_state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        trainer_state["examples"] = arrays_to_examples(state[POOL])
+        trainer_state["examples"] = arrays_to_examples(array_record(state, POOL))
         self.trainer.load_state(trainer_state)
 
 

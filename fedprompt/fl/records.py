@@ -17,13 +17,42 @@ import base64
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 AUDIT_FILE = "replies.jsonl"
+V = TypeVar("V")
+
+
+# --- typed access: Flower types a lookup as any kind of record (any kind of value); the layout says which -------
+
+
+def array_record(content: RecordDict, key: str = ARRAYS) -> ArrayRecord:
+    """``content[key]``, the ArrayRecord the message layout puts there."""
+    return cast(ArrayRecord, content[key])
+
+
+def config_record(content: RecordDict, key: str = CONFIG) -> ConfigRecord:
+    """``content[key]``, the ConfigRecord the message layout puts there."""
+    return cast(ConfigRecord, content[key])
+
+
+def metric_record(content: RecordDict, key: str = METRICS) -> MetricRecord:
+    """``content[key]``, the MetricRecord the message layout puts there."""
+    return cast(MetricRecord, content[key])
+
+
+def record_value(record: ConfigRecord | MetricRecord, key: str, kind: type[V]) -> V:
+    """``record[key]``, a ``kind`` (e.g. ``int``, ``list[float]``) by the layout; ``kind`` is for the type checker only."""
+    return cast(V, record[key])
+
+
+def server_round_of(msg: Message) -> int:
+    """The ``server-round`` of a server -> client message's config (the strategy sets it)."""
+    return int(record_value(config_record(msg.content), "server-round", int))
 
 
 def record_bytes(content: RecordDict) -> int:

@@ -30,13 +30,17 @@ import time
 from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
+
+if TYPE_CHECKING:
+    from fedprompt.blackbox.base import Usage
+    from fedprompt.runs.report import RunReport
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,10 @@ class RoundDriver:
         row = self.report.add(server_round, list(scored.prompt), accuracy, len(self.examples) if due else 0,
                               int(scored.queries) if due else 0, time.perf_counter() - start, rounds.get(server_round))
         log(INFO, "round %d: accuracy %s%s", server_round, accuracy, f", prompt {row['prompt']!r}" if row["prompt"] else "")
-        return MetricRecord({"accuracy": accuracy}) if due else None
+        if not due:
+            return None
+        assert accuracy is not None, "score returned no predictions for a due round"  # Scored's contract
+        return MetricRecord({"accuracy": accuracy})
 
     def run(self, grid: Grid, initial_arrays: ArrayRecord, score: Score,
             train_config: ConfigRecord | None = None) -> Result:
@@ -148,6 +155,7 @@ class RoundDriver:
                                          train_config=train_config if train_config is not None else ConfigRecord(),
                                          evaluate_fn=lambda r, arrays: self.evaluate(score, r, arrays))
         if not len(result.arrays):  # no round changed the arrays (all skipped, or resumed at the end)
+            assert self.checkpointed.last_arrays is not None  # start() set it
             result.arrays = self.checkpointed.last_arrays
         return result
 
@@ -158,8 +166,8 @@ class MethodServer:
     overrides what its method needs; ``report`` is the run's :class:`~fedprompt.runs.report.RunReport`, set before
     the references and the rounds."""
 
-    usage = None  # the server black box's cumulative Usage (None: none): checkpointed, summed over a resume
-    report = None
+    usage: Usage | None = None  # the server black box's cumulative Usage (None: none): checkpointed, summed over a resume
+    report: RunReport  # set by serve before the references and the rounds
 
     def __init__(self, cfg, method, task, spec, examples: Sequence) -> None:
         self.cfg, self.method, self.task, self.spec, self.examples = cfg, method, task, spec, examples

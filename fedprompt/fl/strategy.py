@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -39,7 +40,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedprompt.fl.records import ARRAYS, CONFIG, METRICS, audit_replies, record_bytes, serialize_content
+from fedprompt.fl.records import ARRAYS, CONFIG, METRICS, array_record, audit_replies, record_bytes, serialize_content
 from fedprompt.runs.report import RoundStats
 
 WEIGHT_KEY = "num-examples"
@@ -204,7 +205,7 @@ class FedStrategy(Strategy):
         if set(msg.content.keys()) != {ARRAYS, METRICS}:
             return f"malformed reply: records {sorted(msg.content.keys())}"
         try:
-            weight = float(msg.content[METRICS].get(self.weighted_by_key, 0))
+            weight = float(metrics_of(msg).get(self.weighted_by_key, 0))
         except (TypeError, ValueError):
             weight = 0.0
         if not weight > 0:
@@ -212,7 +213,7 @@ class FedStrategy(Strategy):
         if decode is None:
             return None
         try:
-            decode(msg.content[ARRAYS])
+            decode(array_record(msg.content))
         except ValueError as err:
             return f"malformed reply: {err}"
         return None
@@ -240,7 +241,8 @@ class FedStrategy(Strategy):
         stats.missing = max(0, stats.sampled - len(replies))
         for node in sorted(set(stats.nodes) - {self.sender(m) for m in replies}):  # the round's timeout passed first
             stats.failures.append({"node": node, "code": None, "reason": "no reply within federation.round_timeout_s"})
-        valid, failed = [], []
+        valid: list[Message] = []
+        failed: list[dict[str, Any]] = []
         for msg in sorted(replies, key=lambda m: (reply_order(m), self.sender(m))):  # invalid() sees them in this order
             if msg.has_error():
                 failed.append({"node": self.sender(msg), "code": int(msg.error.code), "reason": str(msg.error.reason)})
@@ -265,4 +267,4 @@ class FedStrategy(Strategy):
         if not stats.skipped:
             arrays = self.aggregate(server_round, valid)
         stats.train_s = time.perf_counter() - stats.started
-        return arrays, MetricRecord(stats.metrics) if valid else None
+        return arrays, MetricRecord(dict(stats.metrics)) if valid else None

@@ -68,8 +68,8 @@ def normalize(log_scores: np.ndarray) -> np.ndarray:
 def mean_bias(log_scores: np.ndarray, labels: Sequence[int]) -> np.ndarray:
     """``(C,)`` log of each label's mean probability over the rows, every present class weighing the same."""
     logp = normalize(np.asarray(log_scores, dtype=np.float64))
-    labels = np.asarray(labels)
-    per_class = [np.exp(logp[labels == c]).mean(axis=0) for c in np.unique(labels)]
+    label_arr = np.asarray(labels)
+    per_class = [np.exp(logp[label_arr == c]).mean(axis=0) for c in np.unique(label_arr)]
     return np.log(np.clip(np.mean(per_class, axis=0), 1e-12, None)).astype(np.float32)
 
 
@@ -89,5 +89,5 @@ def estimate_bias(score: Callable[[Sequence[Example]], np.ndarray], examples: Se
 
 def majority_rate(labels: Sequence[int]) -> float:
     """Accuracy of always predicting the most frequent class of ``labels`` (the floor a prompt should clear)."""
-    labels = np.asarray(labels)
-    return float(np.bincount(labels).max() / len(labels)) if len(labels) else 0.0
+    label_arr = np.asarray(labels)
+    return float(np.bincount(label_arr).max() / len(label_arr)) if len(label_arr) else 0.0

@@ -297,8 +297,7 @@ def distill(teacher, student, tokenizer, texts: Sequence[str], config: DistillCo
     generator = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
     curve, window, tokens, first, elapsed = [], [], 0, 0, 0.0
-    state = checkpoint.load() if checkpoint is not None else None
-    if state is not None:
+    if checkpoint is not None and (state := checkpoint.load()) is not None:
         unexpected = student.load_state_dict(state["student"], strict=False).unexpected_keys
         if unexpected or set(state["student"]) != {n for n, p in student.named_parameters() if p.requires_grad}:
             raise ConfigError(f"the checkpoint in {checkpoint.folder} does not fit this student; delete it to start over")

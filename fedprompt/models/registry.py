@@ -152,7 +152,8 @@ def materialize(name: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A dequantized model still carries its GGUF quantizer; drop it so the copy saves and loads as plain fp32.
-    model.hf_quantizer = None
+    # (transformers sets hf_quantizer at load without declaring it; torch types Module.__setattr__ as Tensor | Module)
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +203,7 @@ def load_causal_lm(name: str, device: str | None = "auto", dtype: str | None = "
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    model.to(dev).eval()
+    # transformers wraps PreTrainedModel.to with functools.wraps, which typeshed types as unbound (self = dev)
+    model.to(dev).eval()  # type: ignore[arg-type]
     model.requires_grad_(False)
     return model

@@ -21,7 +21,7 @@ from fedprompt.errors import DataError
 
 
 @torch.no_grad()
-def nearest_neighbour_inversion(observed: Sequence[int], embedding: torch.Tensor, k: int = 1,
+def nearest_neighbour_inversion(observed: Sequence[int] | np.ndarray, embedding: torch.Tensor, k: int = 1,
                                 chunk_size: int = 1024) -> np.ndarray:
     """``(len(observed), k)`` guesses: the ``k`` vocabulary tokens nearest to each observed token's embedding."""
     observed = np.asarray(observed, dtype=np.int64)

@@ -160,7 +160,7 @@ def load_privatizer(cfg: DChiConfig, model_name: str) -> tuple[DChiPrivatizer, A
     that model's tokenizer. Loads the model once (on CPU, float32) to copy its embedding matrix."""
     from fedprompt.models.registry import load_causal_lm, load_tokenizer, resolve_device
 
-    if not cfg.enabled:
+    if cfg.eta is None:
         raise ConfigError("privatize.eta is null (privatization off); set it to a number > 0")
     name = cfg.embedding or model_name
     tokenizer = load_tokenizer(name)

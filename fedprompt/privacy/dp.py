@@ -103,7 +103,7 @@ def plan_dp(privacy: PrivacyConfig, num_examples: int, batch_size: int, planned_
     Raises ConfigError, before any training, when the target cannot be reached: no examples, an expected
     batch larger than the data (a sampling rate above 1), or an epsilon too small for Opacus' search.
     """
-    if not privacy.enabled:
+    if privacy.epsilon is None or not privacy.enabled:
         raise ConfigError("plan_dp needs privacy.epsilon (a finite target)")
     if num_examples < 1:
         raise ConfigError("a DP client needs at least one training example; this client has none")
@@ -171,13 +171,16 @@ class DPSoftPromptSGD:
 
     def step(self) -> None:
         if self.plan.secure:  # a fresh secret seed per step: no stretch of generator output spans two steps
+            assert self.generator is not None  # __init__ makes one for a secure plan
             self.generator.manual_seed(secure_seed())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def step_empty(self) -> None:
         weight = self.prompt.weight
-        weight.grad_sample = torch.zeros((0, *weight.shape), dtype=weight.dtype, device=weight.device)
+        empty = torch.zeros((0, *weight.shape), dtype=weight.dtype, device=weight.device)
+        # Opacus' per-example gradients: an attribute it adds to torch Parameters at run time, which torch's types lack
+        weight.grad_sample = empty  # type: ignore[attr-defined]
         self.step()
 
     def epsilon(self) -> float:

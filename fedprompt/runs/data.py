@@ -181,6 +181,7 @@ def client_data(cfg: DictConfig, node_config: Mapping[str, Any] | None = None) -
 
     folder = node_data_dir(node_config)
     if folder is not None:
+        assert node_config is not None  # it names the folder
         node = load_node_data(cfg, node_config, folder)
         clients: list[list[Example]] = [[] for _ in range(node.num_partitions)]
         clients[node.partition_id] = node.train

@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -34,7 +34,7 @@ def run_folder(cfg) -> Path:
 # under "skipped" (null for aggregated rounds).
 # Each column's JSON types: a resumed run's rows are checked against them (fedprompt.fl.checkpoint).
 _INT, _NUM, _OPT = (int,), (int, float), (int, float, type(None))
-ROW_TYPES = {
+ROW_TYPES: dict[str, tuple[type, ...]] = {
     "round": _INT, "accuracy": _OPT, "eval_n": _INT, "clients_sampled": _INT, "replies": _INT, "failures": _INT,
     "queries": _INT, "eval_queries": _INT, "bytes_down": _INT, "bytes_up": _INT, "service_bytes_sent": _INT,
     "service_bytes_received": _INT, "local_accuracy": _OPT, "train_s": _NUM, "eval_s": _NUM, "wall_s": _NUM,
@@ -42,8 +42,9 @@ ROW_TYPES = {
 }
 COLUMNS = tuple(ROW_TYPES)
 # The JSON rows' details, in the rows of trained rounds only.
-ROW_EXTRA_TYPES = {"client_metrics": (dict,), "client_prompts": (list,), "failure_details": (list,),
-                   "skipped": (str, type(None)), "aggregation": (dict,)}
+ROW_EXTRA_TYPES: dict[str, tuple[type, ...]] = {"client_metrics": (dict,), "client_prompts": (list,),
+                                                "failure_details": (list,), "skipped": (str, type(None)),
+                                                "aggregation": (dict,)}
 
 
 @dataclass
@@ -88,7 +89,7 @@ class RunReport:
         one entry per evaluation example, in the order scored, labels as class indices; no example text."""
         self.predictions.update({k: np.asarray(v) for k, v in arrays.items()})
         tmp = self.folder / (PREDICTIONS + ".tmp.npz")
-        np.savez_compressed(tmp, **self.predictions)
+        np.savez_compressed(tmp, allow_pickle=True, **self.predictions)  # named: no array is taken for the flag
         tmp.replace(self.folder / PREDICTIONS)  # a stop while writing leaves the previous file whole
 
     def add(self, server_round: int, prompt: list[str], accuracy: float, eval_n: int, eval_queries: int,
@@ -129,6 +130,7 @@ class RunReport:
 
         matplotlib.use("Agg")  # files only, no display (also inside Ray and on headless machines)
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
         scored = [r for r in self.rows if r["accuracy"] is not None]  # federation.eval_every skips rounds
@@ -139,7 +141,7 @@ class RunReport:
         ax.set_xlabel("round")
         ax.set_ylabel(f"accuracy ({self.info.get('eval_split', 'test')}, n={self.info.get('eval_n', '?')})")
         ax.set_title(f"{self.info.get('method', '')} on {self.info.get('task', '')}, {self.info.get('num_clients', '?')} clients")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        cast(MaxNLocator, ax.xaxis.get_major_locator()).set_params(integer=True)  # a new axis's AutoLocator
         ax.legend(loc="best")
         fig.tight_layout()
         fig.savefig(self.folder / "accuracy.png", dpi=120)

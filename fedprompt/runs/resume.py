@@ -13,7 +13,7 @@ import random
 import re
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import numpy as np
 
@@ -65,7 +65,8 @@ def short(value: Any) -> str:
 def unseal(raw: bytes) -> Any:
     """The JSON value of a file :func:`seal` wrote, or Damaged: its hash missing, not matching, or over non-JSON."""
     found = _SEAL.search(raw)
-    check(found is not None, "no SHA-256 at its end (truncated, or not written by this fedprompt)")
+    if found is None:
+        raise Damaged("no SHA-256 at its end (truncated, or not written by this fedprompt)")
     body = raw[: found.start()] + b"}"
     check(hashlib.sha256(body).hexdigest() == found[1].decode(),
           "its SHA-256 does not match its content (changed after it was written)")
@@ -98,7 +99,7 @@ def check_rng(rng: Any) -> None:
         check(typed(pos, (int,)) and 0 <= pos <= 624, f"rng.numpy's position {short(pos)} is not in 0..624")
         np.random.RandomState().set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
         for state in ([rng["torch"]] if "torch" in rng else []) + list(rng.get("cuda", [])):
-            check(isinstance(state, str) and base64.b64decode(state, validate=True), "a torch state is empty")
+            check(isinstance(state, str) and bool(base64.b64decode(state, validate=True)), "a torch state is empty")
     except Damaged:
         raise
     except Exception as err:  # noqa: BLE001 - each generator raises its own kind
@@ -125,7 +126,8 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
 
 
 def rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # the legacy tuple, get_state()'s default (numpy's stub types its default call as the dict form)
+    kind, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state: dict[str, Any] = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
                              "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
     torch = sys.modules.get("torch")  # only if the method uses torch: never import it for this

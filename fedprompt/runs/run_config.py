@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,9 +22,14 @@ from fedprompt.sections import MAX_COUNT, MAX_EXAMPLES, MAX_TIMEOUT_S, Federatio
 RUN_CONFIG_KEY = "fedprompt-config"
 
 
+def resolved(node: DictConfig) -> dict[str, Any]:
+    """A config section (a DictConfig) as a plain dict, interpolations resolved."""
+    return cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))  # a DictConfig's container is a dict
+
+
 def serialize_config(cfg: DictConfig) -> str:
     """The resolved config as JSON, with every path made absolute (the apps run in another folder)."""
-    data = OmegaConf.to_container(cfg, resolve=True)
+    data = resolved(cfg)
     data_dir = data.get("data_dir") or os.environ.get("FEDPROMPT_DATA_DIR")
     data["data_dir"] = str(Path(data_dir).expanduser().resolve()) if data_dir else None
     if data.get("output_dir"):
@@ -98,4 +103,5 @@ def method_config(cfg: DictConfig):
     from fedprompt.registry import federated_method
 
     method = cfg.get("method")
-    return federated_method(None if method is None else method.get("name")).load("config").from_dict(method)
+    config_class: Any = federated_method(None if method is None else method.get("name")).load("config")  # a class
+    return config_class.from_dict(method)

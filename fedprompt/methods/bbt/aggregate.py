@@ -41,8 +41,8 @@ def fedavg_bbt(points: Sequence[np.ndarray], weights: Sequence[float]) -> np.nda
 
 def fedbpt(means: Sequence[np.ndarray], sigmas: Sequence[float], weights: Sequence[float]) -> tuple[np.ndarray, float]:
     """FedBPT: (example-weighted mean of the clients' CMA means, example-weighted mean of their step sizes)."""
-    sigmas = np.asarray(sigmas, dtype=np.float64)
-    if sigmas.shape != (len(means),) or not np.all(np.isfinite(sigmas)) or np.any(sigmas <= 0):
-        raise ValueError(f"need one positive step size per client, got {list(sigmas)}")
+    steps = np.asarray(sigmas, dtype=np.float64)
+    if steps.shape != (len(means),) or not np.all(np.isfinite(steps)) or np.any(steps <= 0):
+        raise ValueError(f"need one positive step size per client, got {list(steps)}")
     w = _weights(weights, len(means))
-    return weighted_mean(means, weights), float(w @ sigmas)
+    return weighted_mean(means, weights), float(w @ steps)

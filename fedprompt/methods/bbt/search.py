@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -72,22 +72,23 @@ class LocalCMA:
             raise ValueError(f"the CMA-ES step size must be a positive number, got {sigma}")
         start = time.perf_counter()
         x0 = np.asarray(mean, dtype=np.float64)
-        options = {"popsize": cfg.popsize, "seed": _cma_seed(seed), "verbose": -9, "CMA_diagonal": False}
+        options: dict[str, Any] = {"popsize": cfg.popsize, "seed": _cma_seed(seed), "verbose": -9, "CMA_diagonal": False}
         if cfg.bound is not None:
             options["bounds"] = [-cfg.bound, cfg.bound]
             x0 = np.clip(x0, -cfg.bound, cfg.bound)  # an average of bounded points is inside; guard rounding
         es = cma.CMAEvolutionStrategy(x0, float(sigma), options)
         rng = np.random.default_rng(seed)
-        gold = np.asarray(gold)
+        gold_arr = np.asarray(gold)
         best_z, best_loss = x0.copy(), float("inf")
         losses, usage, queries, evaluations, iterations = [], Usage(), 0, 0, 0
         for _ in range(cfg.local_iterations):
             batch = _batch(rng, len(texts), cfg.batch_size)
-            batch_texts, batch_gold = [texts[i] for i in batch], gold[batch]
+            batch_texts, batch_gold = [texts[i] for i in batch], gold_arr[batch]
             candidates = es.ask()
             fitness = []
             for z in candidates:
                 result = blackbox.classify_embeds(batch_texts, labels, self.projection.prompt(z))
+                assert result.logprobs is not None  # classify_embeds always returns log-probs
                 loss = label_cross_entropy(result.logprobs, batch_gold)
                 fitness.append(loss)
                 usage.add(result.usage)

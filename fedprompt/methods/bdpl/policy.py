@@ -85,7 +85,8 @@ class Adam:
     t: int = 0
 
     def step(self, logits: np.ndarray, grad: np.ndarray) -> np.ndarray:
-        if self.m is None or self.m.shape != grad.shape:  # first step, or a state of another shape: start afresh
+        # first step, or a state of another shape: start afresh (m and v are set together)
+        if self.m is None or self.v is None or self.m.shape != grad.shape:
             self.m, self.v, self.t = np.zeros_like(grad), np.zeros_like(grad), 0
         b1, b2 = self.betas
         self.t += 1

@@ -195,7 +195,8 @@ class FedDTPTAggregator:
         else:
             labels = self._dbscan(pts.xu, pts.counts, len(prompts), result)[pts.inverse]
             if cfg.cannot_link:
-                labels, result.cannot_link_splits = split_cooccurring(labels, pts.words, pts.client, result.min_samples)
+                labels, result.cannot_link_splits = split_cooccurring(labels, pts.words, pts.client,
+                                                                      self.min_samples(len(prompts)))
         result.labels = [row.tolist() for row in points.scatter(keep, labels, -2)]  # -2: filtered out, -1: noise
         clusters = sorted(set(labels.tolist()) - {-1})
         result.n_clusters, result.n_noise = len(clusters), int(np.sum(labels == -1))
@@ -249,7 +250,9 @@ class FedDTPTAggregator:
         return result
 
     @staticmethod
-    def _one_per_slot(survivors, places, clusters, labels, client, weights, length, words, result):
+    def _one_per_slot(survivors: list[int], places: np.ndarray, clusters: list[int], labels: np.ndarray, client: np.ndarray,
+                      weights: np.ndarray, length: int, words: Sequence[str],
+                      result: AggregationResult) -> tuple[list[int], np.ndarray]:
         """Of the clusters whose place falls in one slot of a ``length``-word prompt, keep the one the most
         clients share (ties: the larger summed weight, then the earlier cluster).
 
@@ -308,7 +311,7 @@ class FedDTPTAggregator:
                 result.fallbacks.append("no-knee")  # eps = min_eps: only near-identical words merge
             # min_eps is a guard, not a setting: it fires when the knee sits below it (or there is none)
             result.eps_floored = knee is None or knee < cfg.min_eps
-            eps = cfg.min_eps if result.eps_floored else knee
+            eps = knee if knee is not None and not result.eps_floored else cfg.min_eps
         result.eps, result.min_samples = float(eps), int(min_samples)
         return DBSCAN(eps=eps, min_samples=min_samples, metric="cosine", algorithm="brute").fit_predict(
             xu, sample_weight=counts)
@@ -337,7 +340,7 @@ def split_cooccurring(labels: np.ndarray, words: Sequence[str], client: np.ndarr
     for label in sorted(set(labels.tolist()) - {-1}):
         members: dict[str, list[int]] = {}
         for j in np.flatnonzero(labels == label):
-            members.setdefault(words[j], []).append(int(j))
+            members.setdefault(words[int(j)], []).append(int(j))
         groups: list[tuple[list[str], set[int]]] = []  # (words, the clients that used any of them)
         for word in sorted(members, key=lambda w: (-len(members[w]), w)):
             used_by = {int(client[j]) for j in members[word]}
@@ -386,7 +389,7 @@ class _Points:
     def subset(self, keep: np.ndarray) -> _Points:
         """The kept points only (client indices and lengths unchanged, so positions stay comparable)."""
         sub = object.__new__(_Points)
-        sub.n_clients, sub.lengths, sub.median_len, sub.split = self.n_clients, self.lengths, self.median_len, None
+        sub.n_clients, sub.lengths, sub.median_len = self.n_clients, self.lengths, self.median_len  # no split: never scattered
         sub.client, sub.position, sub.rel = self.client[keep], self.position[keep], self.rel[keep]
         sub.words = [w for w, k in zip(self.words, keep) if k]
         vocab, sub.inverse, sub.counts = np.unique(np.array(sub.words, dtype=object), return_inverse=True, return_counts=True)
@@ -419,8 +422,8 @@ def _agreement(points: _Points) -> np.ndarray:
         ids = np.unique(points.inverse[points.client == c])
         if len(ids):
             best[:, c] = sim[:, ids].max(1)
-    u, c = points.inverse, points.client
-    return (best[u].sum(1) - best[u, c]) / max(points.n_clients - 1, 1)
+    u, own = points.inverse, points.client
+    return (best[u].sum(1) - best[u, own]) / max(points.n_clients - 1, 1)
 
 
 def _softmax_within(z: np.ndarray, group: np.ndarray, n: int) -> np.ndarray:

@@ -156,15 +156,20 @@ class ProposerConfig:
 
     def validate(self) -> None:
         _choice("proposer.name", self.name, PROPOSERS)
+        self.model_name()
+        _positive("proposer.shortlist", self.shortlist)
+        _positive("proposer.min_word_len", self.min_word_len)
+        if self.vocab_limit is not None:
+            _positive("proposer.vocab_limit", self.vocab_limit)
+
+    def model_name(self) -> str:
+        """``model``, which every proposer needs (ConfigError without one)."""
         if not self.model:
             raise ConfigError(
                 f"proposer.model is required for proposer {self.name!r} (a local model name, folder or HF id; "
                 "for 'random' and 'embedding-neighbours' its vocabulary is the word list)"
             )
-        _positive("proposer.shortlist", self.shortlist)
-        _positive("proposer.min_word_len", self.min_word_len)
-        if self.vocab_limit is not None:
-            _positive("proposer.vocab_limit", self.vocab_limit)
+        return self.model
 
 
 @dataclass(frozen=True)

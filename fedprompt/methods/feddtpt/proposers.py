@@ -235,12 +235,13 @@ def build_proposer(cfg: ProposerConfig) -> Proposer:
     """Load the configured proposer's model (once per client process; reuse it across rounds)."""
     from fedprompt.models.registry import load_tokenizer
 
+    name = cfg.model_name()
     if cfg.name == "random":
-        return RandomProposer(whole_word_vocab(load_tokenizer(cfg.model), cfg.min_word_len, cfg.vocab_limit)[0])
+        return RandomProposer(whole_word_vocab(load_tokenizer(name), cfg.min_word_len, cfg.vocab_limit)[0])
     if cfg.name == "mlm":
         return _load_mlm(cfg)
-    model = _load_lm(cfg.model, cfg.device, cfg.dtype)
-    tokenizer = load_tokenizer(cfg.model)
+    model = _load_lm(name, cfg.device, cfg.dtype)
+    tokenizer = load_tokenizer(name)
     if cfg.name == "embedding-neighbours":
         return EmbeddingNeighbourProposer.from_model(model, tokenizer, cfg.min_word_len, cfg.vocab_limit)
     return LMInfillProposer(model, tokenizer, cfg.context, cfg.shortlist, cfg.min_word_len, cfg.vocab_limit)
@@ -261,7 +262,7 @@ def _load_mlm(cfg: ProposerConfig) -> MLMProposer:
     from fedprompt.models.registry import materialize, resolve_device, resolve_dtype
 
     device = resolve_device(cfg.device)
-    path = materialize(cfg.model)
+    path = materialize(cfg.model_name())
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForMaskedLM.from_pretrained(path, dtype=resolve_dtype(cfg.dtype, device))

@@ -177,7 +177,7 @@ class _Run:
             for i, text in enumerate(new):
                 correct = preds[i] == self.gold
                 margin = None
-                if not self.labels_only:
+                if not self.labels_only and logprobs is not None:  # without labels_only they are there (checked above)
                     lp = logprobs[i]
                     gold = lp[np.arange(len(self.gold)), self.gold]
                     others = np.where(np.eye(lp.shape[1], dtype=bool)[self.gold], -np.inf, lp).max(1)
@@ -229,7 +229,8 @@ class _Run:
         if op == "delete_span":
             most = len(t) - max(self.cfg.min_tokens, 0)  # words that may go
             lengths = sorted({min(2**i, len(t) - pos, most) for i in range(1, 8)} - {0, 1})
-            spans = [(pos, " ".join(t[pos : pos + k]), None, t[:pos] + t[pos + k :]) for k in lengths]
+            spans: list[tuple[int, str | None, str | None, list[str]]] = [
+                (pos, " ".join(t[pos : pos + k]), None, t[:pos] + t[pos + k :]) for k in lengths]
             return [c for c in spans if c[:3] not in self.tried][:limit]
         if op == "insert":
             slot = pos + int(self.edit_rng.integers(2)) if t else 0  # before or after the picked word
@@ -299,7 +300,7 @@ class _Run:
             if no_feedback:
                 slot, old, new, tokens = cands[0]
                 self.history.append(Edit(steps, op, slot, old, new, None, None, True,
-                                         len(old.split()) if op == "delete_span" else 1))
+                                         len(old.split()) if op == "delete_span" and old is not None else 1))
                 self._apply(op, slot, tokens)
                 self.exhausted.clear()
                 continue
@@ -310,7 +311,7 @@ class _Run:
             accept = gain or (cfg.accept == "no-drop" and self._key(scores[best]) == self._key(current))
             for i, (slot, old, new, _) in enumerate(cands):
                 s = scores[i]
-                span = len(old.split()) if op == "delete_span" else 1
+                span = len(old.split()) if op == "delete_span" and old is not None else 1  # a span's old is a str
                 self.history.append(Edit(steps, op, slot, old, new, s.accuracy, s.margin, accept and i == best, span))
             if accept:
                 if gain and self.tokens:

@@ -133,6 +133,7 @@ class SoftPromptTuner:
         try:
             for idx in batches:
                 if not idx:  # an empty Poisson batch: a noise-only step, still accounted
+                    assert dp is not None  # only DP's Poisson batches can be empty
                     dp.step_empty()
                     result.empty_batches += 1
                     continue

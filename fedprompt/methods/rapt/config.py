@@ -93,7 +93,7 @@ class RAPTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        if math.isinf(self.privatize.eta):
+        if self.privatize.eta is not None and math.isinf(self.privatize.eta):
             out["privatize"]["eta"] = "inf"  # JSON has no infinity
         return out
 

@@ -138,7 +138,8 @@ class RAPTTrainer:
         if not self.examples:
             raise ConfigError("RAPT has no privatized examples to train on")
         steps = self.cfg.train.steps if steps is None else steps
-        start, sums = time.perf_counter(), {}
+        start = time.perf_counter()
+        sums: dict[str, float] = {}
         for _ in range(steps):
             size = min(self.cfg.train.batch_size, len(self.examples))
             batch = [self.examples[i] for i in self.rng.choice(len(self.examples), size=size, replace=False)]
