@@ -198,6 +198,23 @@ def test_the_codec_round_trips_a_state_dict_and_names_what_is_wrong():
         arrays_to_prompt(prompt_to_arrays({"z": [np.nan]}), {"z": (1,)})
 
 
+@pytest.mark.parametrize("codec", ["fedprompt.fl.feddtpt:arrays_to_words", "fedprompt.fl.bbt:arrays_to_point",
+                                   "fedprompt.fl.bdpl:arrays_to_logits", "fedprompt.fl.rapt:arrays_to_examples"])
+def test_every_codec_refuses_another_kind_of_record_with_a_value_error(codec):
+    # A strategy records a ValueError as a malformed reply; anything else (AttributeError) would stop the server.
+    from importlib import import_module
+
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedprompt.fl.records import array_record
+
+    module, name = codec.split(":")
+    decode = getattr(import_module(module), name)
+    content = RecordDict({"arrays": ConfigRecord({"prompt": b"the", "z": [1.0], "logits": [1.0]})})
+    with pytest.raises(ValueError, match="'arrays' holds a ConfigRecord instead of the layout's ArrayRecord"):
+        decode(array_record(content))
+
+
 def test_a_client_round_checks_the_federation_and_seeds_by_seed_round_and_partition():
     from types import SimpleNamespace
 

@@ -223,7 +223,7 @@ def test_the_server_checks_scores_are_checkpointed_so_a_resume_asks_the_black_bo
 
 def test_bad_replies_are_recorded_and_skipped_and_the_rest_merged():
     strategy = make_strategy(max_tokens=4)
-    to = {m.metadata.dst_node_id: m for m in _sent_by_the_grid(strategy, [11, 12, 13, 14, 15])}
+    to = {m.metadata.dst_node_id: m for m in _sent_by_the_grid(strategy, [11, 12, 13, 14, 15, 16])}
     garbage = ArrayRecord({"prompt": Array(np.frombuffer(b"\xff\xfe bad", dtype=np.uint8).copy())})
     replies = [
         Message(RecordDict({"arrays": words_to_arrays(PROMPTS[11])}), reply_to=to[11]),
@@ -231,12 +231,14 @@ def test_bad_replies_are_recorded_and_skipped_and_the_rest_merged():
         Message(RecordDict({"arrays": garbage}), reply_to=to[13]),  # not UTF-8
         Message(RecordDict({"arrays": words_to_arrays(["the"] * 5)}), reply_to=to[14]),  # > max_tokens
         Message(RecordDict({"arrays": words_to_arrays([])}), reply_to=to[15]),  # empty: a valid vote for zero-shot
+        Message(RecordDict({"arrays": ConfigRecord({"prompt": b"the"})}), reply_to=to[16]),  # the wrong kind of record
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     stats = strategy.rounds[1]
     reasons = {f["node"]: f["reason"] for f in stats.failures}
-    assert sorted(reasons) == [13, 14]
+    assert sorted(reasons) == [13, 14, 16]
     assert "malformed reply" in reasons[13] and "utf-8" in reasons[13].lower()
+    assert reasons[16] == "malformed reply: 'arrays' holds a ConfigRecord instead of the layout's ArrayRecord"
     assert reasons[14] == "prompt of 5 words > method.search.max_tokens=4"
     assert stats.replies == 3 and stats.aggregation["empty_replies"] == 1
     assert arrays_to_words(arrays) == ["classify", "the"]  # the words both non-empty replies share

@@ -30,19 +30,31 @@ V = TypeVar("V")
 # --- typed access: Flower types a lookup as any kind of record (any kind of value); the layout says which -------
 
 
+R = TypeVar("R", ArrayRecord, ConfigRecord, MetricRecord)
+
+
+def _record(content: RecordDict, key: str, kind: type[R]) -> R:
+    # A reply is untrusted: a record of another kind under the layout's name is a malformed reply (ValueError,
+    # which every strategy's check records), not an AttributeError deep inside a codec that stops the server.
+    record = content[key]
+    if not isinstance(record, kind):
+        raise ValueError(f"{key!r} holds a {type(record).__name__} instead of the layout's {kind.__name__}")
+    return record
+
+
 def array_record(content: RecordDict, key: str = ARRAYS) -> ArrayRecord:
-    """``content[key]``, the ArrayRecord the message layout puts there."""
-    return cast(ArrayRecord, content[key])
+    """``content[key]``, the ArrayRecord the message layout puts there (ValueError if it is another kind)."""
+    return _record(content, key, ArrayRecord)
 
 
 def config_record(content: RecordDict, key: str = CONFIG) -> ConfigRecord:
-    """``content[key]``, the ConfigRecord the message layout puts there."""
-    return cast(ConfigRecord, content[key])
+    """``content[key]``, the ConfigRecord the message layout puts there (ValueError if it is another kind)."""
+    return _record(content, key, ConfigRecord)
 
 
 def metric_record(content: RecordDict, key: str = METRICS) -> MetricRecord:
-    """``content[key]``, the MetricRecord the message layout puts there."""
-    return cast(MetricRecord, content[key])
+    """``content[key]``, the MetricRecord the message layout puts there (ValueError if it is another kind)."""
+    return _record(content, key, MetricRecord)
 
 
 def record_value(record: ConfigRecord | MetricRecord, key: str, kind: type[V]) -> V:
