@@ -2,6 +2,7 @@
 
     python benchmarks/distill_throughput.py [--model smollm2-135m] [--steps 10] [--warmup 2] [--batch 8]
                                             [--max-length 96] [--top-k 128] [--dtype float32]
+                                            [--loss-positions 0.25 ...]
 
 One process, the same student (the default first 2 + last 2 layers, built afresh for each run), the same texts
 (the first (warmup + steps) x batch default distillation texts that fit in max_length, formatted as
@@ -9,7 +10,10 @@ One process, the same student (the default first 2 + last 2 layers, built afresh
 (timed apart: it is the one-off), then ``distill`` runs --warmup + --steps steps reading the cache, then the same
 steps with the teacher forward at every step. Steps per second over the steps after the warm-up. Target: a ratio
 >= 4. ``compute_bound`` is the most the cache can give for these shapes (the student's full-vocabulary head and
-backward stay; see :func:`compute_bound`). Writes benchmarks/results/distill_throughput.json.
+backward stay; see :func:`compute_bound`). Then, for each --loss-positions fraction, the cached steps again with
+the loss read at that fraction of the positions (``distill.loss_positions``: the LM head runs there only), each
+against the same online run (``speedup_at_positions``): a cheaper step, but not the same step, since it sees fewer
+positions' targets (an unbiased, noisier estimate of the loss). Writes benchmarks/results/distill_throughput.json.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import platform
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -68,8 +73,12 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--top-k", type=int, default=128)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--loss-positions", type=float, nargs="*", default=[0.25],
+                        help="distill.loss_positions fractions (< 1) to time cached beside the full loss")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "distill_throughput.json"))
     args = parser.parse_args()
+    if not all(0 < f < 1 for f in args.loss_positions):
+        parser.error(f"--loss-positions takes fractions in (0, 1), got {args.loss_positions}")
 
     cfg = compose([f"model={args.model}"])
     steps = args.warmup + args.steps
@@ -90,6 +99,8 @@ def main() -> None:
         cache, info = build_teacher_cache(teacher, tokenizer, texts, Path(root), key, args.batch)
         cached = timed_run(teacher, tokenizer, texts, config, layers, cache, args.warmup)
         online = timed_run(teacher, tokenizer, texts, config, layers, None, args.warmup)
+        at_positions = {str(f): timed_run(teacher, tokenizer, texts, replace(config, loss_positions=f), layers, cache,
+                                          args.warmup) for f in args.loss_positions}
     tokens = int(cache.meta["tokens"])
     record = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
@@ -102,13 +113,16 @@ def main() -> None:
         "cached": cached, "online": online,
         "speedup": round(cached["steps_per_s"] / online["steps_per_s"], 2),
         "compute_bound": compute_bound(teacher, layers),
+        "cached_at_positions": at_positions,
+        "speedup_at_positions": {f: round(run["steps_per_s"] / online["steps_per_s"], 2) for f, run in at_positions.items()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({k: record[k] for k in ("dtype", "batch", "max_length", "top_k", "cache_build_s", "cache_bytes",
                                              "speedup")} | {"cached_steps_per_s": cached["steps_per_s"],
                                                             "online_steps_per_s": online["steps_per_s"],
-                                                            "speedup_bound": record["compute_bound"]["speedup_bound"]}))
+                                                            "speedup_bound": record["compute_bound"]["speedup_bound"],
+                                                            "speedup_at_positions": record["speedup_at_positions"]}))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ from fedprompt.models.distill import (
     _softened_kl,
     build_student,
     distill,
+    distill_loss,
     distill_settings,
+    loss_positions,
 )
 from fedprompt.models.teacher_cache import build_teacher_cache, cache_key, topk_kl
 from fedprompt.typed_config import from_node
@@ -96,6 +98,50 @@ def test_cached_distillation_at_the_vocabulary_equals_online_on_the_first_step(t
                 DistillConfig(steps=1, loss=DistillLossWeights(temperature=1.0)), cache=cache)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_the_loss_at_drawn_positions_is_the_loss_of_those_positions(teacher, tiny_model_dir, tmp_path, side,
+                                                                   monkeypatch):
+    model, tok = teacher
+    monkeypatch.setattr(tok, "padding_side", side)  # the fixture's tokenizer is shared by the module
+    texts = CORPUS[:4]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    weights = DistillLossWeights(a_answer=1.0)
+    cache, _ = build_teacher_cache(model, tok, texts, tmp_path / "cache", _key(str(tiny_model_dir), texts, top_k=vocab),
+                                   batch_size=4)
+    enc = tok(texts, return_tensors="pt", padding=True)
+    mask, length = enc.attention_mask, enc.attention_mask.shape[1]
+    keep = loss_positions(mask, 0.3, torch.Generator().manual_seed(0))
+    last = [int(row.nonzero().max()) for row in mask]
+    assert set(last) <= set(keep.tolist()) and len(keep) < length and keep.tolist() == sorted(set(keep.tolist()))
+    assert loss_positions(mask, 1.0, torch.Generator()) is None
+    student = build_student(model, [1])
+    args = dict(input_ids=enc.input_ids, attention_mask=mask, output_hidden_states=True)
+    with torch.no_grad():
+        full_s, full_t = student(**args), model(**args)
+        part_s, part_t = student(**args, logits_to_keep=keep), model(**args, logits_to_keep=keep)
+    torch.testing.assert_close(part_s.logits, full_s.logits[:, keep])
+    targets = cache.targets(texts, mask.sum(1).tolist(), "cpu")
+    # Every position kept is the loss without keep, online and cached.
+    every = torch.arange(length)
+    for cached, t_out in ((None, full_t), (targets, None)):
+        assert distill_loss(full_s, t_out, enc.input_ids, mask, weights, cached, every)[1] == \
+               pytest.approx(distill_loss(full_s, t_out, enc.input_ids, mask, weights, cached)[1])
+    # The drawn positions' KL and LM, by hand from the full logits; the cached (top-k = vocabulary) loss agrees.
+    kept = mask.bool()[:, keep]
+    _, online = distill_loss(part_s, part_t, enc.input_ids, mask, weights, None, keep)
+    _, offline = distill_loss(part_s, None, enc.input_ids, mask, weights, targets, keep)
+    kl = _softened_kl(full_s.logits[:, keep][kept], full_t.logits[:, keep][kept], 2.0)
+    nxt = keep[keep + 1 < length]
+    pairs = mask.bool()[:, nxt] & mask.bool()[:, nxt + 1]
+    lm = torch.nn.functional.cross_entropy(full_s.logits[:, nxt][pairs], enc.input_ids[:, nxt + 1][pairs])
+    rows = torch.tensor(last)
+    answer = _softened_kl(full_s.logits[torch.arange(4), rows], full_t.logits[torch.arange(4), rows], 2.0)
+    assert online["kl"] == pytest.approx(float(kl), rel=1e-5) and online["lm"] == pytest.approx(float(lm), rel=1e-5)
+    assert online["answer"] == pytest.approx(float(answer), rel=1e-5)
+    for part in ("kl", "lm", "cos", "answer"):
+        assert offline[part] == pytest.approx(online[part], rel=1e-4, abs=1e-6), part
+
+
 def test_the_cache_is_reused_for_the_same_settings_and_recomputed_for_another(teacher, tiny_model_dir, tmp_path):
     model, tok = teacher
     root = tmp_path / "cache"
@@ -118,10 +164,12 @@ def test_the_cache_is_reused_for_the_same_settings_and_recomputed_for_another(te
     assert not list(root.glob("*.partial"))  # complete caches only
 
 
-def test_resume_from_a_checkpoint_gives_the_uninterrupted_result(teacher, tmp_path):
+@pytest.mark.parametrize("fraction", [1.0, 0.3])
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_result(teacher, tmp_path, fraction):
     model, tok = teacher
-    # 11 texts, 3 a batch: the 8th step draws a new permutation after the resume (the generator's state is restored).
-    config = DistillConfig(steps=8, batch_size=3, lr=3e-3, autocast=False)
+    # 11 texts, 3 a batch: the 8th step draws a new permutation after the resume (the generator's state is restored;
+    # with fraction < 1 it draws the loss positions too).
+    config = DistillConfig(steps=8, batch_size=3, lr=3e-3, autocast=False, loss_positions=fraction)
     settings = distill_settings(config, CORPUS, teacher="tiny", layers=[1])
     whole = build_student(model, [1])
     full = distill(model, whole, tok, CORPUS, config, log_every=1)
@@ -146,12 +194,14 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_result(teacher, tmp_pa
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in report.curve] == \
            [{k: v for k, v in r.items() if k != "seconds"} for r in full.curve]
     # Another setting is refused in one line that says what differs and how to start over.
-    other = DistillCheckpoint(tmp_path, 2, distill_settings(DistillConfig(steps=8, batch_size=3, lr=1e-3, autocast=False),
+    other = DistillCheckpoint(tmp_path, 2, distill_settings(DistillConfig(steps=8, batch_size=3, lr=1e-3, autocast=False,
+                                                                          loss_positions=fraction),
                                                             CORPUS, teacher="tiny", layers=[1]))
     with pytest.raises(ConfigError, match=r"made with other settings \(lr 0.003 -> 0.001\).*delete .*distill_checkpoint"):
         other.check()
     # Output and evaluation keys are not settings: changing them still resumes.
     same = distill_settings(DistillConfig(steps=8, batch_size=3, lr=3e-3, autocast=False, eval_limit=7, output="x",
+                                          loss_positions=fraction,
                                           checkpoint_every=3, teacher_cache=TeacherCacheConfig(dir="/elsewhere")),
                             CORPUS, teacher="tiny", layers=[1])
     assert DistillCheckpoint(tmp_path, 3, same).check() == 6  # the resumed run checkpointed step 6 too
@@ -162,6 +212,8 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_result(teacher, tmp_pa
     ({"teacher_cache": {"hidden_dtype": "int8"}}, "hidden_dtype='int8' is not one of"),
     ({"teacher_cache": {"topk": 3}}, "unknown config key 'distill.teacher_cache.topk'.*did you mean 'distill.teacher_cache.top_k'"),
     ({"checkpoint_every": -1}, "distill.checkpoint_every must be >= 0"),
+    ({"loss_positions": 0}, "distill.loss_positions must be in (0, 1]"),
+    ({"loss_positions": 1.5}, "distill.loss_positions must be in (0, 1]"),
 ])
 def test_the_cache_and_checkpoint_settings_are_checked(node, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):

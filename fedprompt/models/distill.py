@@ -16,6 +16,8 @@ With a :class:`~fedprompt.models.teacher_cache.TeacherCache` (``distill.teacher_
 the teacher is not run at the steps: its top-k log-probabilities, tail mass and hidden states are read from disk
 and the KL is the top-k + tail KL of :func:`~fedprompt.models.teacher_cache.topk_kl`. A
 :class:`DistillCheckpoint` saves the training state every N steps and resumes it (same settings only).
+``distill.loss_positions`` < 1 reads the KL and LM terms at a fraction of the positions, drawn per step
+(:func:`loss_positions`), and the models compute their logits there only (``logits_to_keep``).
 
 The embeddings and the (tied) LM head stay frozen by default: the student keeps the large model's
 input space, so a soft prompt tuned on the student can be pasted onto, or initialise, the large
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -129,33 +132,59 @@ def resolve_model(name: str, teacher: str) -> str:
     return str(folder)
 
 
-def distill_loss(student_out, teacher_out, input_ids: torch.Tensor, mask: torch.Tensor,
-                 w: DistillLossWeights, cached: CachedTargets | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def loss_positions(mask: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor | None:
+    """The sorted sequence positions whose logits a step computes (``distill.loss_positions``): ``fraction`` of
+    them drawn with ``generator`` and every row's last real token (its answer position); None (all) at 1."""
+    if fraction >= 1:
+        return None
+    length = mask.shape[1]
+    drawn = torch.randperm(length, generator=generator)[: max(1, math.ceil(fraction * length))]
+    last = (mask.cpu() * torch.arange(length)).argmax(1)  # the last real position of each row, either padding side
+    return torch.unique(torch.cat([drawn, last])).to(mask.device)
+
+
+def distill_loss(student_out, teacher_out, input_ids: torch.Tensor, mask: torch.Tensor, w: DistillLossWeights,
+                 cached: CachedTargets | None = None, keep: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted loss of one batch and its parts (floats, for the loss curve).
 
     ``cached`` (offline distillation): the teacher's top-k log-probabilities, tail mass and hidden states of the
     batch's real tokens from a :class:`~fedprompt.models.teacher_cache.TeacherCache`; ``teacher_out`` is then
     unused and the KL is :func:`~fedprompt.models.teacher_cache.topk_kl` (the exact KL when top_k is the vocabulary).
+    ``keep`` (:func:`loss_positions`): the sequence positions the outputs' logits were computed at (the models'
+    ``logits_to_keep``); the KL and LM terms read those, the cosine every real token. None: every position.
     """
     real = mask.bool()
-    s_logits = student_out.logits.float()[real]  # (tokens, V)
+    length = mask.shape[1]
+    positions = torch.arange(length, device=mask.device) if keep is None else keep
+    kept = real[:, positions]  # the real tokens among the positions that have logits
+    s_logits = student_out.logits.float()[kept]  # (kept tokens, V)
     temp = w.temperature
     if cached is None:
-        t_logits = teacher_out.logits.float()[real]
+        t_logits = teacher_out.logits.float()[kept]
 
         def kl_of(rows):
             return _softened_kl(s_logits[rows], t_logits[rows], temp)
 
         t_hidden = teacher_out.hidden_states[-1][real].float()
     else:
+        logp, ids, log_tail = cached.logp, cached.ids, cached.log_tail
+        if keep is not None:  # the cache holds every real token, flattened row by row: pick the kept ones
+            flat = (real.flatten().cumsum(0) - 1).view_as(real)[:, positions][kept]
+            logp, ids, log_tail = logp[flat], ids[flat], log_tail[flat]
+
         def kl_of(rows):
-            return topk_kl(s_logits[rows], cached.logp[rows], cached.ids[rows], cached.log_tail[rows], temp)
+            return topk_kl(s_logits[rows], logp[rows], ids[rows], log_tail[rows], temp)
 
         t_hidden = cached.hidden
     kl = kl_of(slice(None))
     # Next-token targets: position t predicts token t+1 where both are real tokens.
-    pairs = real[:, :-1] & real[:, 1:]
-    lm = torch.nn.functional.cross_entropy(student_out.logits[:, :-1][pairs].float(), input_ids[:, 1:][pairs])
+    following = (positions + 1).clamp(max=length - 1)
+    pairs = kept & real[:, following] & (positions + 1 < length)
+    if pairs.any():
+        lm = torch.nn.functional.cross_entropy(student_out.logits[pairs].float(), input_ids[:, following][pairs])
+    else:  # only last tokens drawn: nothing to predict in this batch
+        lm = s_logits.new_zeros(())
     total = w.a_ce * kl + w.a_lm * lm
     parts = {"kl": kl.item(), "lm": lm.item()}
     if t_hidden is not None:
@@ -168,7 +197,7 @@ def distill_loss(student_out, teacher_out, input_ids: torch.Tensor, mask: torch.
     if w.a_answer:
         # The last real token of each row (either padding side): where a task-formatted text's answer comes; in the
         # flattened real tokens, the last of each row's run.
-        last = real.sum(1).cumsum(0) - 1
+        last = kept.sum(1).cumsum(0) - 1  # the last real token is always kept
         answer = kl_of(last)
         total = total + w.a_answer * answer
         parts["answer"] = answer.item()
@@ -211,6 +240,8 @@ def distill_settings(config: DistillConfig, texts: Sequence[str], **extra) -> di
     settings["teacher_cache"] = {k: v for k, v in settings["teacher_cache"].items() if k not in _NOT_CACHE_SETTINGS}
     if not config.teacher_cache.enabled:
         settings["teacher_cache"] = {"enabled": False}
+    if config.loss_positions == 1:
+        del settings["loss_positions"]  # the default, as before it was a setting: older checkpoints still resume
     return {**settings, "texts": texts_digest(texts), "n_texts": len(texts), **extra}
 
 
@@ -316,6 +347,9 @@ def distill(teacher, student, tokenizer, texts: Sequence[str], config: DistillCo
         enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=config.max_length).to(device)
         kwargs = dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True,
                       position_ids=position_ids_from_mask(enc.attention_mask), use_cache=False)
+        keep = loss_positions(enc.attention_mask, config.loss_positions, generator)
+        if keep is not None:
+            kwargs["logits_to_keep"] = keep
         if cache is None:
             with torch.no_grad():
                 teacher_out = teacher(**kwargs)
@@ -325,7 +359,8 @@ def distill(teacher, student, tokenizer, texts: Sequence[str], config: DistillCo
             targets = cache.targets(batch, enc.attention_mask.sum(1).tolist(), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             student_out = student(**kwargs)
-        loss, parts = distill_loss(student_out, teacher_out, enc.input_ids, enc.attention_mask, config.loss, targets)
+        loss, parts = distill_loss(student_out, teacher_out, enc.input_ids, enc.attention_mask, config.loss, targets,
+                                   keep)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -86,14 +86,19 @@ class DistillConfig:
     eval_limit: int = 300  # zero-shot accuracy of teacher and student on this many examples of task/split
     seed: int = 0
     teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
-    # Student, optimizer, step and RNG every N steps into <output>/distill_checkpoint (0: never); a rerun with the
-    # same settings resumes from it, one with other settings is refused.
-    checkpoint_every: int = 50
+    # A rerun with the same settings resumes from the checkpoint; one with other settings is refused.
+    checkpoint_every: int = 50  # student, optimizer, step and RNG every N steps into <output>/distill_checkpoint; 0: never
+    # The LM head, the largest matmul of a cached step, runs at the drawn positions only; the loss is an unbiased
+    # estimate of the all-positions loss, noisier per step.
+    loss_positions: float = 1.0  # fraction of positions the KL and LM terms read, drawn per step (last tokens always); 1: all
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "max_length", "eval_limit"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"distill.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0 < self.loss_positions <= 1:
+            raise ConfigError(f"distill.loss_positions must be in (0, 1] (the fraction of positions the loss reads), "
+                              f"got {self.loss_positions}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"distill.checkpoint_every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
         self.teacher_cache.validate()
