@@ -27,19 +27,11 @@ from omegaconf import OmegaConf
 from fedprompt.errors import ConfigError, DataError
 from fedprompt.runs.protocol import PREDICTION_KEY
 from fedprompt.stats import paired_bootstrap, seed_interval
+from fedprompt.typed_config import flatten
 
 # Settings that say where or how a run was launched, not what it computed; never a grouping key.
 LAUNCH_KEYS = ("seed", "output_dir", "resume", "progress", "data_dir", "federation.superlink_port",
                "federation.round_timeout_s", "federation.audit_replies")
-
-
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: json.dumps(data) if isinstance(data, list) else data}
 
 
 def _read_json(path: Path) -> Any:
@@ -117,7 +109,7 @@ def read_run(folder: Path) -> dict[str, Any]:
     rows = _read_json(folder / "rounds.json") or []
     error = _read_json(folder / "error.json")
     status = "failed" if error else "completed" if summary and result else "unfinished"
-    row = {f"config.{k}": v for k, v in _flat(config).items()}
+    row = {f"config.{k}": json.dumps(v) if isinstance(v, list) else v for k, v in flatten(config).items()}
     row.update(folder=str(folder), status=status, error=(error or {}).get("error"),
                rounds_done=max((r["round"] for r in rows), default=None),
                per_round=json.dumps([[r["round"], r["accuracy"]] for r in rows if r.get("accuracy") is not None]))

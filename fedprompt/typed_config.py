@@ -22,7 +22,7 @@ import dataclasses
 import difflib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -70,6 +70,16 @@ def plain(node: Any) -> Any:
 def plain_dict(node: DictConfig) -> dict[str, Any]:
     """A mapping node as a plain dict, resolved (``to_container`` is typed for any node; a DictConfig gives a dict)."""
     return cast("dict[str, Any]", plain(node))
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"a.b.c": leaf}`` (dotted keys, as on the command line); an empty mapping adds nothing."""
+    if not isinstance(data, Mapping):
+        return {prefix[:-1]: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flatten(value, f"{prefix}{key}."))
+    return out
 
 
 def check_tree(value: Any, where: str) -> None:

@@ -49,6 +49,7 @@ from fedprompt.models.distill_config import (  # noqa: F401 (declared there; imp
 from fedprompt.models.registry import fast_bf16
 from fedprompt.models.scoring import position_ids_from_mask
 from fedprompt.models.teacher_cache import CachedTargets, TeacherCache, texts_digest, topk_kl
+from fedprompt.typed_config import flatten
 
 _LAYER_KEY = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
 
@@ -245,16 +246,6 @@ def distill_settings(config: DistillConfig, texts: Sequence[str], **extra) -> di
     return {**settings, "texts": texts_digest(texts), "n_texts": len(texts), **extra}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 class DistillCheckpoint:
     """``<folder>/distill_checkpoint``: the trainable student weights, optimizer, schedule, step, data order and
     RNG states every ``every`` steps (written whole to a temporary file, then renamed), with the settings."""
@@ -275,7 +266,7 @@ class DistillCheckpoint:
             return None
         saved = json.loads(path.read_text())
         if saved["settings"] != self.settings:
-            old, new = _flat(saved["settings"]), _flat(self.settings)
+            old, new = flatten(saved["settings"]), flatten(self.settings)
             keys = sorted(set(old) | set(new), key=lambda k: (k not in old or k not in new, k))  # changed values first
             diff = [f"{k} {old.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in keys if old.get(k) != new.get(k)]
             raise ConfigError(f"{self.folder.parent} holds a distillation checkpoint (step {saved['step']}) made with other "

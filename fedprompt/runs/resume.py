@@ -18,6 +18,7 @@ from typing import Any, Mapping, cast
 import numpy as np
 
 from fedprompt.runs.report import ROW_EXTRA_TYPES, ROW_TYPES
+from fedprompt.typed_config import flatten
 
 # Settings a resumed run may change: where and how it is launched, not what it computes.
 VOLATILE = ("resume", "progress", "verbose", "output_dir", "federation.round_timeout_s", "federation.superlink_port",
@@ -106,18 +107,9 @@ def check_rng(rng: Any) -> None:
         raise Damaged(f"rng states are malformed ({type(err).__name__}: {err})") from None
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: data}
-
-
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``key: saved -> current`` for every setting (but :data:`VOLATILE`) that differs."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten(saved), flatten(current)
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(VOLATILE))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 
