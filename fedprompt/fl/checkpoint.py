@@ -200,10 +200,10 @@ class CheckpointedRounds:
     """
 
     def __init__(self, cfg, folder: Path, report, strategy: Strategy) -> None:
-        from fedprompt.runs.run_config import resolved
+        from fedprompt.typed_config import plain_dict
 
         self.folder, self.report, self.strategy = Path(folder), report, strategy
-        self.config = resolved(cfg)
+        self.config = plain_dict(cfg)
         self.resumed = check_resumable(self.folder, self.config) if cfg.get("resume") else None
         self.last_arrays: ArrayRecord | None = None  # the global arrays after the last round run (or restored)
         if self.resumed is not None:

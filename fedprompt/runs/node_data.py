@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.data import Example, TaskSpec
 from fedprompt.errors import ConfigError, DataError
-from fedprompt.runs.run_config import resolved
+from fedprompt.typed_config import plain_dict
 
 NODE_DATA_KEY = "data-dir"  # the Flower node config key naming a SuperNode's own data folder
 SUMMARY = "partitions.json"
@@ -128,7 +128,7 @@ def load_node_data(cfg: DictConfig, node_config: Mapping[str, Any], folder: Path
             raise DataError(f"{where} holds partition {held[0]} of {held[1]} (its partition.json), but the node config "
                             f"says partition-id={partition_id} num-partitions={num_partitions}; point {NODE_DATA_KEY} "
                             f"at DIR/partition_{partition_id}, or start this SuperNode with partition-id={held[0]}")
-    task_cfg = dict(resolved(cfg.task), path=str(folder))  # never <data_dir>/<task>
+    task_cfg = dict(plain_dict(cfg.task), path=str(folder))  # never <data_dir>/<task>
     try:
         task = load_task(task_cfg, None)
         spec = task.spec.with_chat_format(cfg.model.get("chat_format"))

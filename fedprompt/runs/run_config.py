@@ -12,24 +12,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, cast
+from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.errors import ConfigError
 from fedprompt.sections import MAX_COUNT, MAX_EXAMPLES, MAX_TIMEOUT_S, FederationConfig  # noqa: F401  (re-exported)
+from fedprompt.typed_config import plain_dict
 
 RUN_CONFIG_KEY = "fedprompt-config"
 
 
-def resolved(node: DictConfig) -> dict[str, Any]:
-    """A config section (a DictConfig) as a plain dict, interpolations resolved."""
-    return cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))  # a DictConfig's container is a dict
-
-
 def serialize_config(cfg: DictConfig) -> str:
     """The resolved config as JSON, with every path made absolute (the apps run in another folder)."""
-    data = resolved(cfg)
+    data = plain_dict(cfg)
     data_dir = data.get("data_dir") or os.environ.get("FEDPROMPT_DATA_DIR")
     data["data_dir"] = str(Path(data_dir).expanduser().resolve()) if data_dir else None
     if data.get("output_dir"):
