@@ -4,7 +4,9 @@
 
 Stages, each at epsilon = infinity and at epsilon = --epsilon (8), on the first --eval-limit test examples:
 
-1. large zero-shot: the large model (model=, SmolLM2-135M) with the task's manual prompt, no soft prompt;
+1. large zero-shot: the large model (model=, SmolLM2-135M) with the task's manual prompt, no soft prompt (POST's
+   ZS); large no instruction: the same without the instruction. The result protocol's *reference* is the better
+   of the two on the first 500 validation examples (docs/experiments.md), scored here on the test examples;
 2. direct: a soft prompt tuned centrally on the large model, on all clients' examples pooled, with the same
    number of steps and batch size as the clients take together (central DP-SGD, delta = min(1e-5, 1/(10 N)), at epsilon);
 3. student: ``fedprompt run method=post`` (Flower, Ray): --clients clients (IID split of the train split),
@@ -12,12 +14,15 @@ Stages, each at epsilon = infinity and at epsilon = --epsilon (8), on the first 
 4. pasted: that global prompt evaluated on the large model as it is;
 5. POST: ``fedprompt transfer``'s transfer of it to the large model on the public set (alpha by POST's rule).
 
-Derived: gap recovered (POST - zero-shot) / (direct - zero-shot), and the cost ratio (student tuning +
+Derived: gap recovered (POST - reference) / (direct - reference), also against POST's ZS (the manual prompt),
+and the cost ratio (student tuning +
 transfer) / direct tuning, both as measured compute seconds (the clients' training time + the transfer,
 alpha's two evaluations included) and as FLOP estimates (4 x non-embedding parameters x token positions
 for forward+backward, 2 x for forward-only; the LM head is read at one position, so it is left out).
 Distillation is a one-off of the model provider (built with `fedprompt distill` if missing) and is
-reported apart. Writes post_<task>.json and post_<task>.md to --out (default simulations/results).
+reported apart. Writes post_<task>.json and post_<task>.md to --out (default simulations/results). Each
+large-model test row keeps which examples it got right (``correct``, a 0/1 string in test order), so that gains
+over the reference can be paired (simulations/post_headline.py).
 
 A run resumes from --out's partial (or finished) table with the same settings; delete post_<task>*.json
 there to start afresh. Rows that depend on the student (student, pasted, POST) remember which distillation
@@ -34,8 +39,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+REFERENCE_LIMIT = 500  # validation examples that choose the reference, as federation.reference_limit's default
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,7 +138,8 @@ class Table:
 
 
 TRANSFER_ARGS = ("transfer_steps", "public_size", "transfer_lr", "transfer_init", "transfer_logits")
-LARGE_STAGES = ("large zero-shot", "direct (large, central)")
+LARGE_STAGES = ("large zero-shot", "large no instruction", "direct (large, central)")
+REFERENCE_STAGE = {"manual": "large zero-shot", "zero-shot": "large no instruction"}  # protocol kind -> its row
 STAGES = (*LARGE_STAGES, "student (federated)", "student prompt pasted on large", "POST transfer")
 
 
@@ -156,6 +165,7 @@ def main(argv=None) -> dict:
     from fedprompt.models.distill import default_student_dir
     from fedprompt.privacy.dp import PrivacyConfig, plan_dp
     from fedprompt.runs.data import training_examples
+    from fedprompt.runs.protocol import untuned_prompts
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,10 +216,23 @@ def main(argv=None) -> dict:
         return 4.0 * params[model] * train_tokens + 2.0 * params[model] * forward_tokens
 
     large_cls = PromptedClassifier(large_model, tokenizer, spec, batch_size=16)
-    if not table.done("large zero-shot", None):
-        t0 = time.perf_counter()
-        table.add("large zero-shot", None, large_cls.evaluate(evaluation).accuracy, time.perf_counter() - t0)
-    zero_shot = table.done("large zero-shot", None)["accuracy"]
+
+    def score(prompt: str | None = None, soft_prompt=None) -> dict:
+        """Accuracy on the test examples and which ones were right (pairs a gain with the reference)."""
+        right = large_cls.predict(evaluation, prompt, soft_prompt=soft_prompt) == np.array([e.label for e in evaluation])
+        return {"accuracy": float(right.mean()), "correct": "".join("01"[int(r)] for r in right)}
+
+    for stage, prompt in (("large zero-shot", None), ("large no instruction", "")):
+        if not table.done(stage, None):
+            t0 = time.perf_counter()
+            result = score(prompt)
+            table.add(stage, None, result.pop("accuracy"), time.perf_counter() - t0, **result)
+    if "reference" not in table.info:  # the protocol's reference, chosen on validation, never on test
+        validation = task.split("validation")[:REFERENCE_LIMIT]
+        scores = {kind: large_cls.evaluate(validation, text).accuracy for kind, text in untuned_prompts(spec).items()}
+        kind = "manual" if scores["manual"] >= scores["zero-shot"] else "zero-shot"  # a tie goes to the manual prompt
+        table.info["reference"] = {"kind": kind, "validation": scores, "validation_n": len(validation)}
+        table.save_info()
     if "alpha_zero_shot" not in table.info:
         t0 = time.perf_counter()
         accuracy = large_cls.evaluate(alpha_examples).accuracy  # ZS of POST's alpha rule, shared by both epsilons
@@ -231,9 +254,10 @@ def main(argv=None) -> dict:
             plan = plan_dp(privacy, len(train), args.batch_size, steps) if privacy.enabled else None
             direct = direct_tuner.train(prompt, train, steps, seed=int(cfg.seed), plan=plan)
             train_s = time.perf_counter() - t0
-            acc = large_cls.evaluate(evaluation, soft_prompt=direct.prompt).accuracy
-            table.add("direct (large, central)", tag, acc, time.perf_counter() - t0, compute_s=round(train_s, 1),
-                      flops=flops("large", direct.tokens), epsilon_spent=direct.epsilon, steps=steps,
+            result = score(soft_prompt=direct.prompt)
+            table.add("direct (large, central)", tag, result.pop("accuracy"), time.perf_counter() - t0,
+                      compute_s=round(train_s, 1), flops=flops("large", direct.tokens), epsilon_spent=direct.epsilon,
+                      delta=direct.delta, steps=steps, **result,
                       examples_seen=direct.examples_seen, noise_multiplier=direct.noise_multiplier)
         if args.stages == "direct":
             continue
@@ -255,13 +279,16 @@ def main(argv=None) -> dict:
                 costs = local_totals(run_dir)
             table.add("student (federated)", tag, fl["final_accuracy"], time.perf_counter() - t0,
                       compute_s=round(costs["train-s"], 3), flops=flops("student", int(costs["tokens"])),
-                      epsilon_spent=fl["epsilon"], steps=steps, run_dir=str(run_dir), student=student_id)
+                      epsilon_spent=fl["epsilon"], delta=fl.get("delta"),
+                      epsilon_per_client=fl.get("epsilon_per_client"), delta_per_client=fl.get("delta_per_client"),
+                      steps=steps, run_dir=str(run_dir), student=student_id)
         student_prompt = load_prompt(run_dir / "prompt.safetensors")[0]
 
         if not table.current("student prompt pasted on large", tag, student=student_id):
             t0 = time.perf_counter()
-            acc = large_cls.evaluate(evaluation, soft_prompt=student_prompt).accuracy
-            table.add("student prompt pasted on large", tag, acc, time.perf_counter() - t0, student=student_id)
+            result = score(soft_prompt=student_prompt)
+            table.add("student prompt pasted on large", tag, result.pop("accuracy"), time.perf_counter() - t0,
+                      student=student_id, **result)
 
         transfer_settings = {"transfer": {k: getattr(args, k) for k in TRANSFER_ARGS}, "student": student_id}
         if not table.current("POST transfer", tag, **transfer_settings):
@@ -274,18 +301,18 @@ def main(argv=None) -> dict:
                                     zero_shot=zero_shot_alpha)
             result = moved.pop("result")
             transfer_s = time.perf_counter() - t0
-            acc = large_cls.evaluate(evaluation, soft_prompt=result.prompt).accuracy
+            scored = score(soft_prompt=result.prompt)
             # Forward token positions of the student's alpha evaluation (C), beside the transfer's own.
             alpha_tokens = sum(len(ids) + args.prompt_tokens for ids in student_tuner.encode(alpha_examples))
             fixed = result.fixed_tokens
-            table.add("POST transfer", tag, acc, time.perf_counter() - t0, compute_s=round(transfer_s, 1),
+            table.add("POST transfer", tag, scored.pop("accuracy"), time.perf_counter() - t0, compute_s=round(transfer_s, 1),
                       flops=flops("large", result.tokens, fixed["large"]) + flops("student", 0, fixed["student"] + alpha_tokens),
                       alpha=result.alpha, student_prompt_accuracy=moved.get("student_prompt_accuracy"),
-                      losses=[round(x, 4) for x in result.losses], **transfer_settings)
+                      losses=[round(x, 4) for x in result.losses], **transfer_settings, **scored)
 
     if args.stages == "direct":
         return {"rows": table.rows}
-    summary = derive(table, args, zero_shot)
+    summary = derive(table, args)
     total_wall = sum(r["wall_s"] for r in table.rows) + table.info["alpha_zero_shot"]["seconds"]
     reused_wall = sum(r["wall_s"] for r in table.rows if r.get("reused_from"))
     record = {**table.info, "rows": table.rows, "summary": summary, "total_wall_s": round(total_wall, 1),
@@ -297,16 +324,26 @@ def main(argv=None) -> dict:
     return record
 
 
-def derive(table: Table, args, zero_shot: float) -> dict:
-    """Gap recovered and cost ratio for each epsilon."""
+def gap_recovered(post: float, direct: float, base: float) -> float | None:
+    """(POST - base) / (direct - base); None when direct tuning gained nothing over base."""
+    gap = direct - base
+    return round((post - base) / gap, 3) if abs(gap) > 1e-9 else None
+
+
+def derive(table: Table, args) -> dict:
+    """Gap recovered (against the protocol's reference and against POST's ZS) and cost ratio for each epsilon."""
+    kind = table.info["reference"]["kind"]
+    reference = table.done(REFERENCE_STAGE[kind], None)["accuracy"]
+    manual = table.done("large zero-shot", None)["accuracy"]
     out = {}
     for tag in ("inf", f"{args.epsilon:g}"):
         direct, post = table.done("direct (large, central)", tag), table.done("POST transfer", tag)
         student = table.done("student (federated)", tag)
-        gap = direct["accuracy"] - zero_shot
         out[tag] = {
-            "gap_recovered": round((post["accuracy"] - zero_shot) / gap, 3) if abs(gap) > 1e-9 else None,
-            "direct_gain": round(gap, 4), "post_gain": round(post["accuracy"] - zero_shot, 4),
+            "reference": kind,
+            "gap_recovered": gap_recovered(post["accuracy"], direct["accuracy"], reference),
+            "gap_recovered_vs_manual": gap_recovered(post["accuracy"], direct["accuracy"], manual),
+            "direct_gain": round(direct["accuracy"] - reference, 4), "post_gain": round(post["accuracy"] - reference, 4),
             "cost_ratio_time": round((student["compute_s"] + post["compute_s"]) / direct["compute_s"], 3),
             "cost_ratio_flops": round((student["flops"] + post["flops"]) / direct["flops"], 3),
         }
@@ -334,11 +371,15 @@ def markdown(record: dict) -> str:
         stage += " *" if r.get("reused_from") else ""
         lines.append(f"| {stage} | {r['epsilon'] or '-'} | {r['accuracy']:.4f} | {r['wall_s']:.0f} | "
                      f"{r.get('compute_s', '')} | {flops} | {'; '.join(notes)} |")
-    lines += ["", "| epsilon | gap recovered | direct gain | POST gain | cost ratio (time) | cost ratio (FLOPs) |",
-              "|---|---|---|---|---|---|"]
+    reference = record.get("reference")
+    if reference:
+        lines += ["", f"Reference (the better untuned prompt on {reference['validation_n']} validation examples): "
+                      f"**{reference['kind']}** ({reference['validation']}); gains are over it."]
+    lines += ["", "| epsilon | gap recovered | gap recovered vs the manual prompt (POST's ZS) | direct gain | POST gain "
+                  "| cost ratio (time) | cost ratio (FLOPs) |", "|---|---|---|---|---|---|---|"]
     for tag, s in record["summary"].items():
-        lines.append(f"| {tag} | {s['gap_recovered']} | {s['direct_gain']} | {s['post_gain']} | "
-                     f"{s['cost_ratio_time']} | {s['cost_ratio_flops']} |")
+        lines.append(f"| {tag} | {s['gap_recovered']} | {s.get('gap_recovered_vs_manual')} | {s['direct_gain']} | "
+                     f"{s['post_gain']} | {s['cost_ratio_time']} | {s['cost_ratio_flops']} |")
     distill = record.get("distill") or {}
     if distill:
         lines += ["", f"Student: layers {distill.get('layers')} of {distill.get('teacher_layers')}, "

@@ -115,3 +115,67 @@ def test_the_label_word_ablation_has_its_own_row_name_and_old_transfer_rows_run_
     settings = {"transfer": {k: getattr(args, k) for k in post_table.TRANSFER_ARGS}, "student": "old"}
     assert "transfer_logits" in settings["transfer"]
     assert table.current("POST transfer", "inf", **settings) is None
+
+
+def _seed_record(seed: int, reference_kind: str = "zero-shot") -> dict:
+    """A finished table of one seed: 4 test examples, the reference (no instruction) gets 2 right."""
+    rows = [
+        {"stage": "large zero-shot", "epsilon": None, "accuracy": 0.25, "correct": "1000"},
+        {"stage": "large no instruction", "epsilon": None, "accuracy": 0.5, "correct": "1100"},
+    ]
+    for tag, (direct, post) in {"inf": ("1111", "1110"), "8": ("1110", "1100" if seed else "1000")}.items():
+        rows += [
+            {"stage": "direct (large, central)", "epsilon": tag, "accuracy": direct.count("1") / 4, "correct": direct,
+             "compute_s": 10.0, "flops": 100.0, "epsilon_spent": None if tag == "inf" else 8.0,
+             "delta": None if tag == "inf" else 1e-5},
+            {"stage": "student (federated)", "epsilon": tag, "accuracy": 0.4, "compute_s": 2.0, "flops": 20.0,
+             "epsilon_per_client": None if tag == "inf" else [7.9, 8.0 - seed / 100],
+             "delta_per_client": None if tag == "inf" else [1e-5, 1e-5]},
+            {"stage": "student prompt pasted on large", "epsilon": tag, "accuracy": 0.3, "correct": "1000"},
+            {"stage": "POST transfer", "epsilon": tag, "accuracy": post.count("1") / 4, "correct": post,
+             "compute_s": 1.0, "flops": 10.0},
+        ]
+    table = post_table.Table.__new__(post_table.Table)
+    table.rows, table.info = rows, {"reference": {"kind": reference_kind, "validation": {"manual": 0.3, "zero-shot": 0.6},
+                                                  "validation_n": 500}}
+    args = post_table.parse_args(["--task", "agnews"])
+    return {**table.info, "task": "agnews", "model": "m", "eval_n": 4, "args": vars(args), "rows": rows,
+            "summary": post_table.derive(table, args)}
+
+
+def test_gap_recovered_is_measured_against_the_reference_chosen_on_validation():
+    summary = _seed_record(0)["summary"]
+    # reference no instruction 0.5; direct 1.0, POST 0.75 at inf: half the gap; POST's own ZS (manual, 0.25): 2/3
+    assert summary["inf"]["reference"] == "zero-shot"
+    assert summary["inf"]["gap_recovered"] == 0.5 and summary["inf"]["gap_recovered_vs_manual"] == 0.667
+    assert summary["8"]["gap_recovered"] == -1.0  # 0.25 against 0.5, direct 0.75
+    assert summary["inf"]["cost_ratio_flops"] == 0.3 and summary["inf"]["cost_ratio_time"] == 0.3
+
+
+def test_the_headline_summary_pairs_gains_and_reports_every_clients_epsilon():
+    spec_h = importlib.util.spec_from_file_location("post_headline", REPO / "simulations" / "post_headline.py")
+    post_headline = importlib.util.module_from_spec(spec_h)
+    spec_h.loader.exec_module(post_headline)
+    summary = post_headline.summarise([_seed_record(s) for s in (0, 1, 2)], [0, 1, 2])
+    assert summary["gap_recovered"]["inf"] == 0.5 and summary["gap_recovered_ci95"]["inf"] == [0.5, 0.5]
+    assert summary["gap_recovered_per_seed"]["8"] == [-1.0, 0.0, 0.0]
+    low, high = summary["gap_recovered_ci95"]["8"]
+    assert low < -1 / 3 < high
+    post_gain = summary["gains"]["inf"]["POST transfer"]
+    assert post_gain["mean"] == 0.25  # example 3 right in every seed, none lost
+    assert summary["epsilon"]["8"]["max"] == 8.0 and summary["delta"]["8"]["max"] == 1e-5
+    assert summary["epsilon"]["inf"] is None and summary["cost_ratio"] == 0.3
+    assert "| inf | 0.50 [0.50, 0.50] |" in post_headline.markdown(summary)
+    with pytest.raises(ValueError, match="different references"):
+        post_headline.summarise([_seed_record(0), _seed_record(1, "manual")], [0, 1])
+
+
+def test_the_headline_wants_three_seeds_and_owns_the_seed():
+    spec_h = importlib.util.spec_from_file_location("post_headline", REPO / "simulations" / "post_headline.py")
+    post_headline = importlib.util.module_from_spec(spec_h)
+    spec_h.loader.exec_module(post_headline)
+    for argv in (["--task", "sst2", "--seeds", "0", "1"], ["--task", "sst2", "--set", "seed=3"]):
+        with pytest.raises(SystemExit):
+            post_headline.parse_args(argv)
+    args, rest = post_headline.parse_args(["--task", "sst2", "--rounds", "5"])
+    assert args.seeds == [0, 1, 2] and rest == ["--rounds", "5"]
