@@ -34,7 +34,8 @@ import post_table  # noqa: E402  (simulations/ is no package)
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # allow_abbrev=False: an abbreviation of one of post_table.py's options must not be taken for one of these.
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--task", required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default=str(HERE / "results" / "headline"))
