@@ -60,10 +60,11 @@ def summarise(records: list[dict], seeds: list[int]) -> dict:
         raise ValueError(f"the seeds chose different references: {sorted(kinds)}")
     kind = kinds.pop()
     tags = list(records[0]["summary"])
-    tables = [post_table.Table.__new__(post_table.Table) for _ in records]
-    for table, record in zip(tables, records):
-        table.rows = record["rows"]
-    reference = [t.done(post_table.REFERENCE_STAGE[kind], None) for t in tables]
+
+    def rows(stage: str, epsilon) -> list[dict]:  # that stage's row of every seed
+        return [post_table.find_row(r["rows"], stage, epsilon) for r in records]
+
+    reference = rows(post_table.REFERENCE_STAGE[kind], None)
 
     def interval(values) -> dict:
         return seed_interval(values).to_dict()
@@ -82,24 +83,23 @@ def summarise(records: list[dict], seeds: list[int]) -> dict:
         manual = [r["summary"][tag]["gap_recovered_vs_manual"] for r in records]
         out["gap_recovered_vs_manual"][tag] = interval(manual) if None not in manual else None
         out["gains"][tag] = {
-            stage: paired_bootstrap([_correct(t.done(stage, tag)) for t in tables],
-                                    [_correct(r) for r in reference]).to_dict()
+            stage: paired_bootstrap([_correct(r) for r in rows(stage, tag)], [_correct(r) for r in reference]).to_dict()
             for stage in ("direct (large, central)", "POST transfer")}
-        out["accuracy"][tag] = {stage: interval([t.done(stage, tag)["accuracy"] for t in tables])
+        out["accuracy"][tag] = {stage: interval([r["accuracy"] for r in rows(stage, tag)])
                                 for stage in post_table.STAGES if stage not in post_table.LARGE_STAGES[:2]}
         ratios["flops"][tag] = float(np.mean([r["summary"][tag]["cost_ratio_flops"] for r in records]))
         ratios["time"][tag] = float(np.mean([r["summary"][tag]["cost_ratio_time"] for r in records]))
-        students = [t.done("student (federated)", tag) for t in tables]
+        students, direct = rows("student (federated)", tag), rows("direct (large, central)", tag)
         clients_eps = [s.get("epsilon_per_client") for s in students]
         clients_delta = [s.get("delta_per_client") for s in students]
         out["epsilon"][tag] = None if tag == "inf" else {
             "per_client": clients_eps, "max": max(max(e) for e in clients_eps if e) if any(clients_eps) else None,
-            "direct": [t.done("direct (large, central)", tag).get("epsilon_spent") for t in tables]}
+            "direct": [d.get("epsilon_spent") for d in direct]}
         out["delta"][tag] = None if tag == "inf" else {
             "per_client": clients_delta, "max": max(max(d) for d in clients_delta if d) if any(clients_delta) else None,
-            "direct": [t.done("direct (large, central)", tag).get("delta") for t in tables]}
+            "direct": [d.get("delta") for d in direct]}
     for stage in post_table.LARGE_STAGES[:2]:
-        out["accuracy"][stage] = interval([t.done(stage, None)["accuracy"] for t in tables])
+        out["accuracy"][stage] = interval([r["accuracy"] for r in rows(stage, None)])
     out["cost_ratio"] = max(ratios["flops"].values())
     out["cost_ratio_time"] = max(ratios["time"].values())
     out["cost_ratio_by_epsilon"] = ratios
@@ -108,12 +108,13 @@ def summarise(records: list[dict], seeds: list[int]) -> dict:
     return out
 
 
-def _fmt(entry: dict | None, scale: float = 1.0, digits: int = 3) -> str:
+def _fmt(entry: dict | None, scale: float = 1.0, digits: int = 3, sign: str = "") -> str:
+    """``mean [low, high]``; ``sign="+"`` writes gains with their sign."""
     if not entry or entry.get("mean") is None:
         return "n/a"
     ci = entry.get("ci95")
-    text = f"{entry['mean'] * scale:.{digits}f}"
-    return text + (f" [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]" if ci else "")
+    text = f"{entry['mean'] * scale:{sign}.{digits}f}"
+    return text + (f" [{ci[0] * scale:{sign}.{digits}f}, {ci[1] * scale:{sign}.{digits}f}]" if ci else "")
 
 
 def markdown(summary: dict) -> str:
@@ -128,7 +129,7 @@ def markdown(summary: dict) -> str:
         entry = {"mean": summary["gap_recovered"][tag], "ci95": summary["gap_recovered_ci95"][tag]}
         lines.append(f"| {tag} | {_fmt(entry, digits=2)} | {summary['gap_recovered_per_seed'][tag]} | "
                      f"{_fmt(summary['gap_recovered_vs_manual'][tag], digits=2)} | "
-                     f"{_fmt(gains['POST transfer'], 100, 1)} | {_fmt(gains['direct (large, central)'], 100, 1)} |")
+                     f"{_fmt(gains['POST transfer'], 100, 1, '+')} | {_fmt(gains['direct (large, central)'], 100, 1, '+')} |")
     lines += ["", "| stage | epsilon | accuracy (mean [95% CI]) |", "|---|---|---|"]
     for key, value in summary["accuracy"].items():
         if "mean" in value:

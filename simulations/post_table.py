@@ -86,6 +86,12 @@ def non_embedding_parameters(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters() if id(p) not in skip}.values())
 
 
+def find_row(rows: list[dict], stage: str, epsilon, **settings) -> dict | None:
+    """The row of ``stage`` at ``epsilon`` (None, "inf" or e.g. "8") made with ``settings``, if any."""
+    return next((r for r in rows if r["stage"] == stage and r["epsilon"] == epsilon
+                 and all(r.get(k) == v for k, v in settings.items())), None)
+
+
 class Table:
     """The rows so far; each new row is printed and the partial table saved. A run with the same settings
     resumes from that file, or from the finished table: stages done are not run again (a long run that
@@ -102,8 +108,7 @@ class Table:
                 self.info.update({k: v for k, v in saved.items() if k not in ("rows", "args")})
 
     def done(self, stage: str, epsilon, **settings) -> dict | None:
-        return next((r for r in self.rows if r["stage"] == stage and r["epsilon"] == epsilon
-                     and all(r.get(k) == v for k, v in settings.items())), None)
+        return find_row(self.rows, stage, epsilon, **settings)
 
     def current(self, stage: str, epsilon, **settings) -> dict | None:
         """``done``, after dropping this stage's rows made with other settings (they are run again)."""
