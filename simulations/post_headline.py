@@ -32,6 +32,8 @@ sys.path.insert(0, str(HERE.parent))
 
 import post_table  # noqa: E402  (simulations/ is no package)
 
+UNTUNED = tuple(post_table.REFERENCE_STAGE.values())  # the two untuned rows (manual prompt, no instruction)
+
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     # allow_abbrev=False: an abbreviation of one of post_table.py's options must not be taken for one of these.
@@ -86,19 +88,16 @@ def summarise(records: list[dict], seeds: list[int]) -> dict:
             stage: paired_bootstrap([_correct(r) for r in rows(stage, tag)], [_correct(r) for r in reference]).to_dict()
             for stage in ("direct (large, central)", "POST transfer")}
         out["accuracy"][tag] = {stage: interval([r["accuracy"] for r in rows(stage, tag)])
-                                for stage in post_table.STAGES if stage not in post_table.LARGE_STAGES[:2]}
+                                for stage in post_table.STAGES if stage not in UNTUNED}
         ratios["flops"][tag] = float(np.mean([r["summary"][tag]["cost_ratio_flops"] for r in records]))
         ratios["time"][tag] = float(np.mean([r["summary"][tag]["cost_ratio_time"] for r in records]))
         students, direct = rows("student (federated)", tag), rows("direct (large, central)", tag)
-        clients_eps = [s.get("epsilon_per_client") for s in students]
-        clients_delta = [s.get("delta_per_client") for s in students]
-        out["epsilon"][tag] = None if tag == "inf" else {
-            "per_client": clients_eps, "max": max(max(e) for e in clients_eps if e) if any(clients_eps) else None,
-            "direct": [d.get("epsilon_spent") for d in direct]}
-        out["delta"][tag] = None if tag == "inf" else {
-            "per_client": clients_delta, "max": max(max(d) for d in clients_delta if d) if any(clients_delta) else None,
-            "direct": [d.get("delta") for d in direct]}
-    for stage in post_table.LARGE_STAGES[:2]:
+        for key, direct_key in (("epsilon", "epsilon_spent"), ("delta", "delta")):  # each client's, then the max
+            clients = [s.get(f"{key}_per_client") for s in students]
+            out[key][tag] = None if tag == "inf" else {
+                "per_client": clients, "max": max(max(c) for c in clients if c) if any(clients) else None,
+                "direct": [d.get(direct_key) for d in direct]}
+    for stage in UNTUNED:
         out["accuracy"][stage] = interval([r["accuracy"] for r in rows(stage, None)])
     out["cost_ratio"] = max(ratios["flops"].values())
     out["cost_ratio_time"] = max(ratios["time"].values())
