@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -86,6 +88,19 @@ def non_embedding_parameters(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters() if id(p) not in skip}.values())
 
 
+def machine(device: str | None, dtype: str | None) -> str:
+    """What runs this table, measured at its start: the device and dtype the models get (model.device and
+    model.dtype resolved as the loader does) and the 1-minute load average, which says whether it ran alone."""
+    import torch
+
+    from fedprompt.models.registry import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    where = f"GPU {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else "no GPU"
+    return (f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), {where}, "
+            f"{str(resolve_dtype(dtype, dev)).removeprefix('torch.')}, load average {os.getloadavg()[0]:.1f} at start")
+
+
 def find_row(rows: list[dict], stage: str, epsilon, **settings) -> dict | None:
     """The row of ``stage`` at ``epsilon`` (None, "inf" or e.g. "8") made with ``settings``, if any."""
     return next((r for r in rows if r["stage"] == stage and r["epsilon"] == epsilon
@@ -105,7 +120,9 @@ class Table:
             saved = json.loads(source.read_text())
             if _settings(saved.get("args", {})) == _settings(info["args"]):
                 self.rows = saved["rows"]
-                self.info.update({k: v for k, v in saved.items() if k not in ("rows", "args")})
+                self.info.update({k: v for k, v in saved.items() if k not in ("rows", "args", "machine")})
+                # One entry per start, so a resumed table says every machine (and load) its rows were made on.
+                self.info["machine"] = "; ".join(filter(None, (saved.get("machine"), info.get("machine"))))
 
     def done(self, stage: str, epsilon, **settings) -> dict | None:
         return find_row(self.rows, stage, epsilon, **settings)
@@ -180,7 +197,7 @@ def main(argv=None) -> dict:
     cfg = compose(base)
     large_name = str(cfg.model.name)
     info: dict = {"task": args.task, "model": large_name, "args": vars(args), "total_steps": steps,
-                  "machine": "2-core CPU, no GPU (shared)"}
+                  "machine": machine(cfg.model.get("device"), cfg.model.get("dtype"))}
     table = Table(out / f"post_{args.task}.partial.json", info, finished=out / f"post_{args.task}.json")
     if args.reuse_large:
         table.reuse_large(Path(args.reuse_large))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,17 @@ def test_a_finished_table_resumes_when_there_is_no_partial_one(tmp_path):
     assert table.done("student (federated)", "inf", student="old")
     other = post_table.Table(tmp_path / "x.partial.json", _info(tmp_path, rounds=9), finished=finished)
     assert other.rows == []  # other settings: start afresh
+
+
+def test_a_resumed_table_names_every_machine_its_rows_were_made_on(tmp_path):
+    path = tmp_path / "post_agnews.partial.json"
+    _finished_table(path, {**_info(tmp_path), "machine": "2 CPUs (x86_64), no GPU, bfloat16, load average 1.0 at start"})
+    here = post_table.machine("cpu", "float32")
+    assert here.startswith(f"{os.cpu_count()} CPUs") and "no GPU, float32, load average" in here
+    table = post_table.Table(path, {**_info(tmp_path), "machine": here})
+    assert table.info["machine"] == f"2 CPUs (x86_64), no GPU, bfloat16, load average 1.0 at start; {here}"
+    fresh = post_table.Table(tmp_path / "new.partial.json", {**_info(tmp_path), "machine": here})
+    assert fresh.info["machine"] == here
 
 
 def test_the_label_word_ablation_has_its_own_row_name_and_old_transfer_rows_run_again(tmp_path):
