@@ -2,6 +2,7 @@
 intervals, in simulations/results/headline/post_<task>.json (and .md).
 
     python simulations/post_headline.py --task agnews [--seeds 0 1 2] [any of post_table.py's options]
+    python simulations/post_headline.py --task agnews --summary-only   # the headline again, from finished seeds
 
 Each seed's table lives in <out>/post_<task>/seed_<s>/ and resumes like post_table.py's (a stopped run loses
 only the stage it was in). What the JSON holds, per epsilon ("inf" and --epsilon):
@@ -41,6 +42,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--task", required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default=str(HERE / "results" / "headline"))
+    ap.add_argument("--summary-only", action="store_true",
+                    help="write the headline from the seeds' finished tables in --out, loading no model")
     args, table_args = ap.parse_known_args(argv)
     if len(set(args.seeds)) < 3:
         ap.error(f"the result protocol wants at least 3 seeds, got {args.seeds}")
@@ -57,6 +60,10 @@ def summarise(records: list[dict], seeds: list[int]) -> dict:
     """The headline JSON from each seed's finished post_table record (same settings, same test examples)."""
     from fedprompt.stats import paired_bootstrap, seed_interval
 
+    settings = [{k: v for k, v in r["args"].items() if k not in ("out", "set")} for r in records]
+    if any(s != settings[0] for s in settings):
+        raise ValueError("the seeds' tables were made with different settings: "
+                         f"{sorted({k for s in settings for k in s if s.get(k) != settings[0].get(k)})}")
     kinds = {r["reference"]["kind"] for r in records}
     if len(kinds) != 1:  # the choice is made on validation with the untuned model: it cannot depend on the seed
         raise ValueError(f"the seeds chose different references: {sorted(kinds)}")
@@ -103,7 +110,8 @@ def summarise(records: list[dict], seeds: list[int]) -> dict:
     out["cost_ratio_time"] = max(ratios["time"].values())
     out["cost_ratio_by_epsilon"] = ratios
     out["distill"] = records[0].get("distill")
-    out["settings"] = {k: v for k, v in records[0]["args"].items() if k not in ("out", "set")}
+    out["settings"] = settings[0]
+    out["machine"] = [r.get("machine") for r in records]
     return out
 
 
@@ -141,14 +149,21 @@ def markdown(summary: dict) -> str:
         if eps:
             lines.append(f"Epsilon {tag}: the largest client epsilon {eps['max']}, delta {summary['delta'][tag]['max']} "
                          "(every client's in the JSON).")
+    lines += [f"Seed {seed}'s machine: {where}." for seed, where in zip(summary["seeds"], summary["machine"])]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
     args, table_args = parse_args(argv)
     folder = Path(args.out) / f"post_{args.task}"
-    records = [post_table.main(["--task", args.task, *table_args, "--set", f"seed={seed}",
-                                "--out", str(folder / f"seed_{seed}")]) for seed in args.seeds]
+    if args.summary_only:
+        missing = [str(folder / f"seed_{s}") for s in args.seeds if not (folder / f"seed_{s}" / f"post_{args.task}.json").is_file()]
+        if missing:
+            raise SystemExit(f"--summary-only: no finished table in {', '.join(missing)}; run without it to finish them")
+        records = [json.loads((folder / f"seed_{s}" / f"post_{args.task}.json").read_text()) for s in args.seeds]
+    else:
+        records = [post_table.main(["--task", args.task, *table_args, "--set", f"seed={seed}",
+                                    "--out", str(folder / f"seed_{seed}")]) for seed in args.seeds]
     summary = summarise(records, args.seeds)
     path = Path(args.out) / f"post_{args.task}.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")

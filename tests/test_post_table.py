@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("post_table", REPO / "simulations" / "post_table.py")
 post_table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(post_table)
+spec_h = importlib.util.spec_from_file_location("post_headline", REPO / "simulations" / "post_headline.py")
+post_headline = importlib.util.module_from_spec(spec_h)
+spec_h.loader.exec_module(post_headline)  # imports post_table again, by name, from simulations/
 
 
 def _info(tmp_path, **changes):
@@ -165,9 +168,6 @@ def test_gap_recovered_is_measured_against_the_reference_chosen_on_validation():
 
 
 def test_the_headline_summary_pairs_gains_and_reports_every_clients_epsilon():
-    spec_h = importlib.util.spec_from_file_location("post_headline", REPO / "simulations" / "post_headline.py")
-    post_headline = importlib.util.module_from_spec(spec_h)
-    spec_h.loader.exec_module(post_headline)
     summary = post_headline.summarise([_seed_record(s) for s in (0, 1, 2)], [0, 1, 2])
     assert summary["gap_recovered"]["inf"] == 0.5 and summary["gap_recovered_ci95"]["inf"] == [0.5, 0.5]
     assert summary["gap_recovered_per_seed"]["8"] == [-1.0, 0.0, 0.0]
@@ -180,12 +180,27 @@ def test_the_headline_summary_pairs_gains_and_reports_every_clients_epsilon():
     assert "| inf | 0.50 [0.50, 0.50] |" in post_headline.markdown(summary)
     with pytest.raises(ValueError, match="different references"):
         post_headline.summarise([_seed_record(0), _seed_record(1, "manual")], [0, 1])
+    other = _seed_record(2)
+    other["args"]["rounds"] = 9
+    with pytest.raises(ValueError, match=r"different settings: \['rounds'\]"):
+        post_headline.summarise([_seed_record(0), _seed_record(1), other], [0, 1, 2])
+
+
+def test_the_headline_is_written_again_from_finished_seeds_without_a_model(tmp_path):
+    for seed in (0, 1, 2):
+        folder = tmp_path / "post_agnews" / f"seed_{seed}"
+        folder.mkdir(parents=True)
+        (folder / "post_agnews.json").write_text(json.dumps({**_seed_record(seed), "machine": f"box {seed}"}))
+    summary = post_headline.main(["--task", "agnews", "--summary-only", "--out", str(tmp_path)])
+    assert summary["gap_recovered"]["inf"] == 0.5 and summary["machine"] == ["box 0", "box 1", "box 2"]
+    assert json.loads((tmp_path / "post_agnews.json").read_text())["gap_recovered"]["inf"] == 0.5
+    assert "Seed 2's machine: box 2." in (tmp_path / "post_agnews.md").read_text()
+    (tmp_path / "post_agnews" / "seed_1" / "post_agnews.json").unlink()
+    with pytest.raises(SystemExit, match="no finished table in .*seed_1"):
+        post_headline.main(["--task", "agnews", "--summary-only", "--out", str(tmp_path)])
 
 
 def test_the_headline_wants_three_seeds_and_owns_the_seed():
-    spec_h = importlib.util.spec_from_file_location("post_headline", REPO / "simulations" / "post_headline.py")
-    post_headline = importlib.util.module_from_spec(spec_h)
-    spec_h.loader.exec_module(post_headline)
     for argv in (["--task", "sst2", "--seeds", "0", "1"], ["--task", "sst2", "--set", "seed=3"]):
         with pytest.raises(SystemExit):
             post_headline.parse_args(argv)
