@@ -156,11 +156,14 @@ def markdown(summary: dict) -> str:
 def main(argv=None) -> dict:
     args, table_args = parse_args(argv)
     folder = Path(args.out) / f"post_{args.task}"
-    if args.summary_only:
-        missing = [str(folder / f"seed_{s}") for s in args.seeds if not (folder / f"seed_{s}" / f"post_{args.task}.json").is_file()]
+    if args.summary_only:  # the tables' own settings are used (summarise checks that the seeds agree)
+        if table_args:
+            raise SystemExit(f"--summary-only reads the finished tables as they were made; drop {' '.join(table_args)}")
+        finished = [folder / f"seed_{seed}" / f"post_{args.task}.json" for seed in args.seeds]
+        missing = [str(path.parent) for path in finished if not path.is_file()]
         if missing:
             raise SystemExit(f"--summary-only: no finished table in {', '.join(missing)}; run without it to finish them")
-        records = [json.loads((folder / f"seed_{s}" / f"post_{args.task}.json").read_text()) for s in args.seeds]
+        records = [json.loads(path.read_text()) for path in finished]
     else:
         records = [post_table.main(["--task", args.task, *table_args, "--set", f"seed={seed}",
                                     "--out", str(folder / f"seed_{seed}")]) for seed in args.seeds]

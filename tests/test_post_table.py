@@ -195,6 +195,8 @@ def test_the_headline_is_written_again_from_finished_seeds_without_a_model(tmp_p
     assert summary["gap_recovered"]["inf"] == 0.5 and summary["machine"] == ["box 0", "box 1", "box 2"]
     assert json.loads((tmp_path / "post_agnews.json").read_text())["gap_recovered"]["inf"] == 0.5
     assert "Seed 2's machine: box 2." in (tmp_path / "post_agnews.md").read_text()
+    with pytest.raises(SystemExit, match="drop --rounds 5"):
+        post_headline.main(["--task", "agnews", "--summary-only", "--out", str(tmp_path), "--rounds", "5"])
     (tmp_path / "post_agnews" / "seed_1" / "post_agnews.json").unlink()
     with pytest.raises(SystemExit, match="no finished table in .*seed_1"):
         post_headline.main(["--task", "agnews", "--summary-only", "--out", str(tmp_path)])
