@@ -90,7 +90,8 @@ def non_embedding_parameters(model) -> int:
 
 def machine(device: str | None, dtype: str | None) -> str:
     """What runs this table, measured at its start: the device and dtype the models get (model.device and
-    model.dtype resolved as the loader does) and the 1-minute load average, which says whether it ran alone."""
+    model.dtype resolved as the loader does) and the 1-minute load average, a hint of whether it ran alone (it
+    lags: a job that ended a minute ago still counts)."""
     import torch
 
     from fedprompt.models.registry import resolve_device, resolve_dtype
