@@ -182,19 +182,21 @@ def main(argv=None) -> dict:
     from fedprompt.commands.post import cmd_distill, public_examples, transfer_prompt
     from fedprompt.commands.run import cmd_run
     from fedprompt.config import compose, load_task_checked
+    from fedprompt.data.leakage import check_disjoint
     from fedprompt.fl.post import local_totals
     from fedprompt.methods.post import PromptConfig, SoftPromptTuner, TrainConfig, TransferConfig, initial_prompt, load_prompt
     from fedprompt.models import PromptedClassifier, load_causal_lm, load_tokenizer
     from fedprompt.models.distill import default_student_dir
     from fedprompt.privacy.dp import PrivacyConfig, plan_dp
-    from fedprompt.runs.data import training_examples
+    from fedprompt.runs.data import eval_examples, training_examples
     from fedprompt.runs.protocol import untuned_prompts
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = args.clients * args.rounds * args.local_steps
     k_shot = "null" if args.k_shot is None else str(args.k_shot)
-    base = [f"task={args.task}", "progress=false", *args.set]
+    # eval_limit in every composed config: eval_overlap=exclude then drops the same rows for both direct and federated tuning.
+    base = [f"task={args.task}", "progress=false", f"federation.eval_limit={args.eval_limit}", *args.set]
     cfg = compose(base)
     large_name = str(cfg.model.name)
     info: dict = {"task": args.task, "model": large_name, "args": vars(args), "total_steps": steps,
@@ -202,6 +204,18 @@ def main(argv=None) -> dict:
     table = Table(out / f"post_{args.task}.partial.json", info, finished=out / f"post_{args.task}.json")
     if args.reuse_large:
         table.reuse_large(Path(args.reuse_large))
+
+    # The data and its leak check come before any distillation or model load. The federated stage's own check
+    # (fedprompt run) covers only its clients, so the direct stage's pooled examples are checked here, under the
+    # same federation.eval_overlap policy (exclude has already dropped the shared rows).
+    task = load_task_checked(cfg)
+    spec = task.spec.with_chat_format(cfg.model.get("chat_format"))
+    train = training_examples(compose([*base, f"partition.k_shot={k_shot}"]), task, spec)
+    evaluation = eval_examples(cfg, task)  # the federated run's too: the first --eval-limit test examples by default
+    validation = task.split("validation")[:REFERENCE_LIMIT]
+    check_disjoint({"direct tuning's training examples (train split)": train,
+                    "the reference examples (validation split)": validation},
+                   f"{cfg.federation.eval_split} split", evaluation)
 
     student_dir = Path(args.student) if args.student else default_student_dir(large_name)
     student_id = None
@@ -215,10 +229,6 @@ def main(argv=None) -> dict:
         if args.task in report.get("data_tasks", []):
             raise SystemExit(f"the student at {student_dir} was distilled on {args.task}'s text; distil another one")
 
-    task = load_task_checked(cfg)
-    spec = task.spec.with_chat_format(cfg.model.get("chat_format"))
-    train = training_examples(compose([*base, f"partition.k_shot={k_shot}"]), task, spec)
-    evaluation = task.split("test")[: args.eval_limit]
     tcfg = TransferConfig(public_size=args.public_size, steps=args.transfer_steps, batch_size=args.batch_size,
                           lr=args.transfer_lr, logits=args.transfer_logits)
     public, public_task, public_split = public_examples(tcfg, spec.name, cfg.get("data_dir"), int(cfg.seed))
@@ -251,7 +261,6 @@ def main(argv=None) -> dict:
             result = score(prompt)
             table.add(stage, None, result.pop("accuracy"), time.perf_counter() - t0, **result)
     if "reference" not in table.info:  # the protocol's reference, chosen on validation, never on test
-        validation = task.split("validation")[:REFERENCE_LIMIT]
         scores = {kind: large_cls.evaluate(validation, text).accuracy for kind, text in untuned_prompts(spec).items()}
         kind = "manual" if scores["manual"] >= scores["zero-shot"] else "zero-shot"  # a tie goes to the manual prompt
         table.info["reference"] = {"kind": kind, "validation": scores, "validation_n": len(validation)}

@@ -208,3 +208,29 @@ def test_the_headline_wants_three_seeds_and_owns_the_seed():
             post_headline.parse_args(argv)
     args, rest = post_headline.parse_args(["--task", "sst2", "--rounds", "5"])
     assert args.seeds == [0, 1, 2] and rest == ["--rounds", "5"]
+
+
+def _task_with_a_train_row_in_test(tiny_data: Path) -> Path:
+    train = tiny_data / "toy" / "train.jsonl"
+    test_row = (tiny_data / "toy" / "test.jsonl").read_text().splitlines()[3]
+    train.write_text(train.read_text() + test_row + "\n")
+    return tiny_data
+
+
+def test_direct_tunings_examples_are_checked_for_the_test_rows_before_any_model_loads(tiny_data, nothing_expensive,
+                                                                                      tmp_path):
+    from fedprompt.errors import DataError
+
+    data = _task_with_a_train_row_in_test(tiny_data)
+    args = ["--task", "toy", "--stages", "direct", "--eval-limit", "6", "--out", str(tmp_path / "out"),
+            "--set", f"data_dir={data}"]
+    with pytest.raises(DataError, match=r"direct tuning's training examples \(train split\): 1 of its 13 examples"):
+        post_table.main(args)
+    # Under eval_overlap=exclude the row is dropped and the table goes on, to the model (refused by the fixture).
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        post_table.main([*args, "--set", "federation.eval_overlap=exclude"])
+    # A test row beyond --eval-limit is not evaluated on, so it does not count.
+    narrow = ["--task", "toy", "--stages", "direct", "--eval-limit", "2", "--out", str(tmp_path / "out2"),
+                       "--set", f"data_dir={data}"]
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        post_table.main(narrow)
