@@ -24,6 +24,10 @@ reported apart. Writes post_<task>.json and post_<task>.md to --out (default sim
 large-model test row keeps which examples it got right (``correct``, a 0/1 string in test order), so that gains
 over the reference can be paired (simulations/post_headline.py).
 
+Before any model loads, direct tuning's pooled examples and the validation examples that choose the reference are
+checked against the test rows by content (a DataError; ``--set federation.eval_overlap=exclude`` drops shared
+rows from direct and federated tuning alike).
+
 A run resumes from --out's partial (or finished) table with the same settings; delete post_<task>*.json
 there to start afresh. Rows that depend on the student (student, pasted, POST) remember which distillation
 made it and are run again for another student; ``--reuse-large FILE`` starts a table from a finished one's
