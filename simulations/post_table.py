@@ -49,7 +49,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-REFERENCE_LIMIT = 500  # validation examples that choose the reference, as federation.reference_limit's default
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -186,13 +185,12 @@ def main(argv=None) -> dict:
     from fedprompt.commands.post import cmd_distill, public_examples, transfer_prompt
     from fedprompt.commands.run import cmd_run
     from fedprompt.config import compose, load_task_checked
-    from fedprompt.data.leakage import check_disjoint
     from fedprompt.fl.post import local_totals
     from fedprompt.methods.post import PromptConfig, SoftPromptTuner, TrainConfig, TransferConfig, initial_prompt, load_prompt
     from fedprompt.models import PromptedClassifier, load_causal_lm, load_tokenizer
     from fedprompt.models.distill import default_student_dir
     from fedprompt.privacy.dp import PrivacyConfig, plan_dp
-    from fedprompt.runs.data import eval_examples, training_examples
+    from fedprompt.runs.data import check_no_leak, eval_examples, reference_examples, training_examples
     from fedprompt.runs.protocol import untuned_prompts
 
     out = Path(args.out)
@@ -210,16 +208,14 @@ def main(argv=None) -> dict:
         table.reuse_large(Path(args.reuse_large))
 
     # The data and its leak check come before any distillation or model load. The federated stage's own check
-    # (fedprompt run) covers only its clients, so the direct stage's pooled examples are checked here, under the
-    # same federation.eval_overlap policy (exclude has already dropped the shared rows).
+    # (fedprompt run) covers only that run, so direct tuning's pooled examples (all the clients' examples) and
+    # the reference examples are checked here with the same function and federation.eval_overlap policy.
     task = load_task_checked(cfg)
     spec = task.spec.with_chat_format(cfg.model.get("chat_format"))
     train = training_examples(compose([*base, f"partition.k_shot={k_shot}"]), task, spec)
     evaluation = eval_examples(cfg, task)  # the federated run's too: the first --eval-limit test examples by default
-    validation = task.split("validation")[:REFERENCE_LIMIT]
-    check_disjoint({"direct tuning's training examples (train split)": train,
-                    "the reference examples (validation split)": validation},
-                   f"{cfg.federation.eval_split} split", evaluation)
+    validation = reference_examples(cfg, task)  # the first federation.reference_limit (500) validation examples
+    check_no_leak(cfg, task, train, public=[])  # POST's transfer set is checked where it is drawn
 
     student_dir = Path(args.student) if args.student else default_student_dir(large_name)
     student_id = None

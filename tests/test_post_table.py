@@ -222,15 +222,17 @@ def test_direct_tunings_examples_are_checked_for_the_test_rows_before_any_model_
     from fedprompt.errors import DataError
 
     data = _task_with_a_train_row_in_test(tiny_data)
-    args = ["--task", "toy", "--stages", "direct", "--eval-limit", "6", "--out", str(tmp_path / "out"),
-            "--set", f"data_dir={data}"]
-    with pytest.raises(DataError, match=r"direct tuning's training examples \(train split\): 1 of its 13 examples"):
-        post_table.main(args)
+
+    def argv(eval_limit: int, *overrides: str) -> list[str]:
+        return ["--task", "toy", "--stages", "direct", "--eval-limit", str(eval_limit),
+                "--out", str(tmp_path / f"out{eval_limit}"), "--set", f"data_dir={data}",
+                *(a for o in overrides for a in ("--set", o))]
+
+    with pytest.raises(DataError, match=r"training examples \(train split\): 1 of its 13 examples"):
+        post_table.main(argv(6))
     # Under eval_overlap=exclude the row is dropped and the table goes on, to the model (refused by the fixture).
     with pytest.raises(AssertionError, match="a model was loaded"):
-        post_table.main([*args, "--set", "federation.eval_overlap=exclude"])
+        post_table.main(argv(6, "federation.eval_overlap=exclude"))
     # A test row beyond --eval-limit is not evaluated on, so it does not count.
-    narrow = ["--task", "toy", "--stages", "direct", "--eval-limit", "2", "--out", str(tmp_path / "out2"),
-                       "--set", f"data_dir={data}"]
     with pytest.raises(AssertionError, match="a model was loaded"):
-        post_table.main(narrow)
+        post_table.main(argv(2))
