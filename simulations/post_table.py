@@ -28,10 +28,11 @@ Before any model loads, direct tuning's pooled examples and the validation examp
 checked against the test rows by content (a DataError; ``--set federation.eval_overlap=exclude`` drops shared
 rows from direct and federated tuning alike).
 
-A run resumes from --out's partial (or finished) table with the same settings; delete post_<task>*.json
-there to start afresh. Rows that depend on the student (student, pasted, POST) remember which distillation
-made it and are run again for another student; ``--reuse-large FILE`` starts a table from a finished one's
-large-model rows (zero-shot, direct tuning: the expensive half) when only the student changed.
+A run resumes from --out's partial (or finished) table with the same settings, and a federated stage stopped mid-run
+continues from its last round; delete post_<task>*.json there to start afresh. Rows that depend on the student
+(student, pasted, POST) remember which distillation made it and are run again for another student; ``--reuse-large
+FILE`` starts a table from a finished one's large-model rows (zero-shot, direct tuning: the expensive half) when
+only the student changed.
 """
 
 from __future__ import annotations
@@ -111,6 +112,14 @@ def find_row(rows: list[dict], stage: str, epsilon, **settings) -> dict | None:
                  and all(r.get(k) == v for k, v in settings.items())), None)
 
 
+def interrupted(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a federated run stopped before its last round: it is resumed, not refused
+    (fedprompt's resume check still refuses it if its settings differ from this table's)."""
+    from fedprompt.fl.checkpoint import CHECKPOINT
+
+    return (run_dir / CHECKPOINT).is_file() and not (run_dir / "result.json").is_file()
+
+
 class Table:
     """The rows so far; each new row is printed and the partial table saved. A run with the same settings
     resumes from that file, or from the finished table: stages done are not run again (a long run that
@@ -119,14 +128,16 @@ class Table:
     def __init__(self, path: Path, info: dict, finished: Path | None = None) -> None:
         self.rows: list[dict] = []
         self.path, self.info = path, info
+        self._here = None  # this start's machine, named once it makes a row
         source = path if path.is_file() else finished  # a finished table resumes too (e.g. another transfer)
         if source is not None and source.is_file():
             saved = json.loads(source.read_text())
             if _settings(saved.get("args", {})) == _settings(info["args"]):
                 self.rows = saved["rows"]
                 self.info.update({k: v for k, v in saved.items() if k not in ("rows", "args", "machine")})
-                # One entry per start, so a resumed table says every machine (and load) its rows were made on.
-                self.info["machine"] = "; ".join(filter(None, (saved.get("machine"), info.get("machine"))))
+                # One entry per start that makes a row, so a resumed table says every machine (and load) its
+                # rows were made on; a start that only rewrites the summary adds none.
+                self._here, self.info["machine"] = info.get("machine"), saved.get("machine")
 
     def done(self, stage: str, epsilon, **settings) -> dict | None:
         return find_row(self.rows, stage, epsilon, **settings)
@@ -155,6 +166,8 @@ class Table:
         row = {"stage": stage, "epsilon": epsilon, "accuracy": round(float(accuracy), 4), "wall_s": round(wall_s, 1),
                **extra}
         self.rows.append(row)
+        if self._here:
+            self.info["machine"], self._here = "; ".join(filter(None, (self.info.get("machine"), self._here))), None
         print(json.dumps(row), flush=True)
         self.path.write_text(json.dumps({**self.info, "rows": self.rows}, indent=2) + "\n")
         return row
@@ -304,7 +317,7 @@ def main(argv=None) -> dict:
             f"method.train.lr={lr}", f"method.privacy.epsilon={'null' if epsilon is None else epsilon}",
             f"federation.num_clients={args.clients}", f"federation.rounds={args.rounds}",
             f"federation.eval_limit={args.eval_limit}", "federation.eval_references=false", "partition=iid",
-                f"partition.k_shot={k_shot}", f"output_dir={run_dir}",
+            f"partition.k_shot={k_shot}", f"output_dir={run_dir}", f"resume={str(interrupted(run_dir)).lower()}",
             ]))
             costs = {"train-s": fl["client_train_s"], "tokens": fl["client_tokens"]}
             if costs["tokens"] is None:  # DP clients keep these to themselves: their own logs in the run folder

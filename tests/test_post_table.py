@@ -106,9 +106,26 @@ def test_a_resumed_table_names_every_machine_its_rows_were_made_on(tmp_path):
     here = post_table.machine("cpu", "float32")
     assert here.startswith(f"{os.cpu_count()} CPUs") and "no GPU, float32, load average" in here
     table = post_table.Table(path, {**_info(tmp_path), "machine": here})
-    assert table.info["machine"] == f"2 CPUs (x86_64), no GPU, bfloat16, load average 1.0 at start; {here}"
+    before = "2 CPUs (x86_64), no GPU, bfloat16, load average 1.0 at start"
+    assert table.info["machine"] == before  # a start that only rewrites the summary made no row here
+    table.add("POST transfer", "8", 0.5, 1.0)
+    table.add("student (federated)", "8", 0.3, 1.0)
+    assert table.info["machine"] == f"{before}; {here}"  # named once, by the start's first row
+    assert json.loads(path.read_text())["machine"] == f"{before}; {here}"
     fresh = post_table.Table(tmp_path / "new.partial.json", {**_info(tmp_path), "machine": here})
     assert fresh.info["machine"] == here
+
+
+def test_a_federated_stage_stopped_mid_run_is_resumed_not_refused(tmp_path):
+    from fedprompt.fl.checkpoint import CHECKPOINT
+
+    run_dir = tmp_path / "post_sst2_student_epsinf"
+    assert not post_table.interrupted(run_dir)  # nothing there: a new run
+    run_dir.mkdir()
+    (run_dir / CHECKPOINT).write_text("{}")
+    assert post_table.interrupted(run_dir)  # `fedprompt run` would refuse it without resume=true
+    (run_dir / "result.json").write_text("{}")
+    assert not post_table.interrupted(run_dir)  # finished: run again from round 0 (its result is replaced)
 
 
 def test_the_label_word_ablation_has_its_own_row_name_and_old_transfer_rows_run_again(tmp_path):
