@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fedprompt.errors import ConfigError
+from fedprompt.privacy import lira
 from fedprompt.privacy.lira import balanced_halves, evaluate_attack, logit_confidence, online_scores, tpr_at_fpr
 from tests.conftest import write_task
 
@@ -69,6 +70,23 @@ def test_per_example_variance_also_works_and_a_constant_shadow_set_does_not_divi
     assert np.isfinite(scores).all()
 
 
+def test_pools_put_their_pairs_in_one_roc_and_narrow_the_interval():
+    pools = [synthetic(shift=0.7, shadows=8, n=64, seed=k) for k in range(4)]
+    alone = evaluate_attack(*pools[0], reps=300)
+    pooled = lira.evaluate_pools([p[0] for p in pools], [p[1] for p in pools], reps=300)
+    assert pooled.pairs == 4 * 8 * 64 and len(pooled.pool_aucs) == 4 and pooled.pool_aucs[0] == alone.auc
+    assert min(pooled.pool_aucs) <= pooled.auc <= max(pooled.pool_aucs)
+    width = lambda r: r.auc_ci95[1] - r.auc_ci95[0]  # noqa: E731
+    assert width(pooled) < 0.75 * width(alone)  # 4x the examples: about half the width
+    assert pooled.auc_ci95[0] > 0.5
+    # a single pool is exactly the one-pool attack
+    assert lira.evaluate_pools([pools[0][0]], [pools[0][1]], reps=300).auc_ci95 == alone.auc_ci95
+    with pytest.raises(ConfigError, match="same number of shadows"):
+        lira.evaluate_pools([pools[0][0], np.zeros((4, 10))], [pools[0][1], balanced_halves(4, 10, 0)])
+    with pytest.raises(ConfigError, match="one membership matrix per pool"):
+        lira.evaluate_pools([pools[0][0]], [])
+
+
 def test_tpr_at_fpr_reads_the_roc_below_the_bound():
     truth = np.array([0] * 100 + [1] * 100)
     scores = np.r_[np.arange(100), np.arange(100) + 98.5]  # one negative (99) above the lowest positive
@@ -109,15 +127,22 @@ def test_the_script_writes_the_result_and_resumes(tiny_model_dir, tmp_path):
     assert (tmp_path / "out" / "lira_toy_roc.png").stat().st_size > 0
     # resumed: every shadow is read back, none retrained, same numbers
     script_again = load_script()
-    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "lira_toy_work").iterdir()}
-    assert script_again.main(argv)["auc"] == record["auc"]
-    assert mtimes == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "lira_toy_work").iterdir()}
+    work = tmp_path / "out" / "lira_toy_work"
+    mtimes = {p: p.stat().st_mtime_ns for p in work.rglob("*.npz")}
+    assert len(mtimes) == 3 * 4 and script_again.main(argv)["auc"] == record["auc"]
+    assert mtimes == {p: p.stat().st_mtime_ns for p in work.rglob("*.npz")}
+    # a second pool: seed 0's shadows are read back, seed 1's trained; both pools' pairs in one ROC
+    pooled = load_script().main([*argv, "--seed", "0", "1", "--epsilons", "inf", "--overfit-steps", "0"])
+    assert mtimes == {p: p.stat().st_mtime_ns for p in (work / "seed_0").rglob("*.npz")}
+    assert len(list((work / "seed_1").glob("*.npz"))) == 4
+    assert pooled["pairs"]["inf"] == 2 * 4 * 16 and pooled["targets"] == 8 and pooled["seeds"] == [0, 1]
+    assert pooled["auc_per_pool"]["inf"][0] == record["auc"]["inf"] and len(pooled["auc_per_pool"]["inf"]) == 2
 
 
 def test_the_script_refuses_bad_arguments_before_loading_anything(capsys):
     script = load_script()
     for argv, message in ((["--shadows", "5"], "even"), (["--epsilons", "0"], "number > 0"),
-                          (["--pool", "8", "--batch-size", "8"], "Poisson rate")):
+                          (["--pool", "8", "--batch-size", "8"], "Poisson rate"), (["--seed", "1", "1"], "own seed")):
         with pytest.raises(SystemExit):
             script.parse_args(argv)
         assert message in capsys.readouterr().err

@@ -18,6 +18,11 @@ paper's "fixed variance" variant, which it recommends below 64 shadows); ``fixed
 per-example ones. A higher score says "member". Over all (target, example) pairs the attack's ROC gives
 AUC and TPR at 1% FPR; :func:`auc_interval` bootstraps the AUC over examples (a pool example's S pairs
 move together, so examples, not pairs, are the unit).
+
+Several pools. One client's pool of a few dozen examples gives a wide interval; :func:`evaluate_pools` runs the
+test within each of several independent pools (each with its own shadows) and puts all their (target, example)
+pairs into one ROC. A LiRA score is a log-likelihood ratio calibrated by its own pool's shadows, so scores from
+pools trained with the same recipe are on one scale. Its bootstrap resamples examples within each pool.
 """
 
 from __future__ import annotations
@@ -94,6 +99,7 @@ class AttackResult:
     pairs: int  # (target, example) pairs scored
     fpr: list[float]  # the ROC, for the plot
     tpr: list[float]
+    pool_aucs: list[float]  # each pool's own AUC (one entry for a single pool)
 
 
 def tpr_at_fpr(members: np.ndarray, scores: np.ndarray, fpr_max: float = 0.01) -> float:
@@ -103,13 +109,15 @@ def tpr_at_fpr(members: np.ndarray, scores: np.ndarray, fpr_max: float = 0.01) -
     return float(tpr[ok].max()) if ok.any() else 0.0
 
 
-def auc_interval(scores: np.ndarray, members: np.ndarray, reps: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the AUC, resampling pool examples (columns) with replacement."""
+def auc_interval(scores: np.ndarray, members: np.ndarray, reps: int = 1000, seed: int = 0,
+                 pools: np.ndarray | None = None) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the AUC, resampling pool examples (columns) with replacement;
+    with ``pools`` (one pool id per column), within each pool, so every replicate keeps each pool's size."""
     rng = np.random.default_rng(seed)
-    n = scores.shape[1]
+    groups = [np.arange(scores.shape[1])] if pools is None else [np.flatnonzero(pools == p) for p in np.unique(pools)]
     aucs = []
     for _ in range(reps):
-        cols = rng.integers(0, n, n)
+        cols = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
         s, m = scores[:, cols].ravel(), members[:, cols].ravel()
         keep = ~np.isnan(s)
         if m[keep].all() or not m[keep].any():
@@ -119,13 +127,33 @@ def auc_interval(scores: np.ndarray, members: np.ndarray, reps: int = 1000, seed
     return float(lo), float(hi)
 
 
-def evaluate_attack(phi: np.ndarray, members: np.ndarray, fixed_variance: bool = True, reps: int = 1000,
-                    seed: int = 0) -> AttackResult:
-    """LiRA over all (target, example) pairs of ``phi`` (S, N) with membership ``members`` (S, N)."""
-    scores = online_scores(phi, members, fixed_variance)
+def _auc(scores: np.ndarray, members: np.ndarray) -> float:
+    keep = ~np.isnan(scores)
+    return float(roc_auc_score(members[keep], scores[keep]))
+
+
+def evaluate_pools(phis: list[np.ndarray], memberships: list[np.ndarray], fixed_variance: bool = True,
+                   reps: int = 1000, seed: int = 0) -> AttackResult:
+    """LiRA within each pool (``phis[k]`` and ``memberships[k]``, both (S, N_k)), all pools' pairs in one ROC.
+    Every pool needs the same number of shadows S (each shadow plays the target once)."""
+    if not phis or len(phis) != len(memberships):
+        raise ConfigError(f"need one membership matrix per pool's confidences, got {len(phis)} and {len(memberships)}")
+    if len({np.shape(p)[0] for p in phis}) > 1:
+        raise ConfigError(f"pools must have the same number of shadows, got {[np.shape(p)[0] for p in phis]}")
+    scores = [online_scores(p, m, fixed_variance) for p, m in zip(phis, memberships)]
+    members = [np.asarray(m, dtype=bool) for m in memberships]
+    pool_aucs = [_auc(s, m) for s, m in zip(scores, members)]
+    pool_ids = np.repeat(np.arange(len(scores)), [s.shape[1] for s in scores])
+    scores, members = np.hstack(scores), np.hstack(members)
     keep = ~np.isnan(scores)
     truth, flat = members[keep], scores[keep]
     fpr, tpr, _ = roc_curve(truth, flat)
-    return AttackResult(auc=float(roc_auc_score(truth, flat)), tpr_at_1pct_fpr=tpr_at_fpr(truth, flat),
-                        auc_ci95=auc_interval(scores, members, reps, seed), pairs=int(keep.sum()),
-                        fpr=fpr.tolist(), tpr=tpr.tolist())
+    return AttackResult(auc=_auc(scores, members), tpr_at_1pct_fpr=tpr_at_fpr(truth, flat),
+                        auc_ci95=auc_interval(scores, members, reps, seed, pool_ids), pairs=int(keep.sum()),
+                        fpr=fpr.tolist(), tpr=tpr.tolist(), pool_aucs=pool_aucs)
+
+
+def evaluate_attack(phi: np.ndarray, members: np.ndarray, fixed_variance: bool = True, reps: int = 1000,
+                    seed: int = 0) -> AttackResult:
+    """LiRA over all (target, example) pairs of one pool's ``phi`` (S, N) with membership ``members`` (S, N)."""
+    return evaluate_pools([phi], [members], fixed_variance, reps, seed)
