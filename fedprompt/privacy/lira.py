@@ -140,11 +140,10 @@ def evaluate_pools(phis: list[np.ndarray], memberships: list[np.ndarray], fixed_
         raise ConfigError(f"need one membership matrix per pool's confidences, got {len(phis)} and {len(memberships)}")
     if len({np.shape(p)[0] for p in phis}) > 1:
         raise ConfigError(f"pools must have the same number of shadows, got {[np.shape(p)[0] for p in phis]}")
-    scores = [online_scores(p, m, fixed_variance) for p, m in zip(phis, memberships)]
-    members = [np.asarray(m, dtype=bool) for m in memberships]
-    pool_aucs = [_auc(s, m) for s, m in zip(scores, members)]
-    pool_ids = np.repeat(np.arange(len(scores)), [s.shape[1] for s in scores])
-    scores, members = np.hstack(scores), np.hstack(members)
+    per_pool = [(online_scores(p, m, fixed_variance), np.asarray(m, dtype=bool)) for p, m in zip(phis, memberships)]
+    pool_aucs = [_auc(s, m) for s, m in per_pool]
+    pool_ids = np.repeat(np.arange(len(per_pool)), [s.shape[1] for s, _ in per_pool])
+    scores, members = np.hstack([s for s, _ in per_pool]), np.hstack([m for _, m in per_pool])
     keep = ~np.isnan(scores)
     truth, flat = members[keep], scores[keep]
     fpr, tpr, _ = roc_curve(truth, flat)
